@@ -1,0 +1,40 @@
+"""Small helpers shared by the operator launchers."""
+from __future__ import annotations
+
+import os
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - triton is a hard dependency on Linux
+    triton = None
+    tl = None
+
+
+def poison_outputs() -> bool:
+    """When ``MMKERNELS_POISON_OUTPUTS=1`` (the test suite sets it) every kernel output is
+    allocated full of NaN instead of uninitialised, so an element a kernel forgot to write shows."""
+    return os.environ.get("MMKERNELS_POISON_OUTPUTS", "0") == "1"
+
+
+def new_output(shape, *, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    if poison_outputs():
+        if dtype.is_floating_point:
+            return torch.full(shape, float("nan"), dtype=dtype, device=device)
+        return torch.full(shape, -12345, dtype=dtype, device=device)
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+def triton_dtype(dtype: torch.dtype):
+    return {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}[dtype]
+
+
+def cdiv(a: int, b: int) -> int:
+    return (a + b - 1) // b
+
+
+def allow_tf32() -> bool:
+    """fp32 ``tl.dot`` follows torch's own matmul setting (off by default: exact fp32 like F.linear)."""
+    return bool(torch.backends.cuda.matmul.allow_tf32)

@@ -1,0 +1,1 @@
+"""One sub-package per operator: reference, kernels, launcher, autograd function, module."""

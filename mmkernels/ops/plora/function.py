@@ -1,0 +1,185 @@
+"""The PLoRA custom ops, their autograd formula, and the public functional API.
+
+Two ops in the ``mmkernels`` namespace (Triton kernels on CUDA, the Triton interpreter on CPU):
+
+* ``plora_forward(x, weight, bias, lora_a, lora_b, im_mask, tile_flags, scaling, dropout_p,
+  dropout_seed) -> (y, lora_hidden)`` with ``x [M, K]`` and ``im_mask [M]``;
+* ``plora_backward(...) -> (dx, dW0, db0, dA, dB)``.
+
+:class:`PLoRAFunction` is the single statement of the gradient; it is registered as the autograd
+formula of ``plora_forward`` so the op differentiates the same way in eager mode and under
+``torch.compile``, and ``torch.library.opcheck`` passes.
+"""
+from __future__ import annotations
+
+import torch
+
+from ..._library import define_op
+from ..._validation import (FLOAT_DTYPES, check_float, check_same_device, check_same_dtype, check_shape,
+                            check_tensor)
+from ...backend import require_triton, resolve_backend
+from . import launch
+from .reference import plora_linear_reference
+
+
+def _forward_impl(x, weight, bias, lora_a, lora_b, im_mask, tile_flags, scaling, dropout_p, dropout_seed):
+    require_triton(x.device, x.dtype)  # the op *is* the Triton path
+    return launch.plora_forward(x, weight, bias, lora_a, lora_b, im_mask, tile_flags, scaling, dropout_p,
+                                dropout_seed)
+
+
+def _forward_fake(x, weight, bias, lora_a, lora_b, im_mask, tile_flags, scaling, dropout_p, dropout_seed):
+    M = x.shape[0]
+    return x.new_empty((M, weight.shape[0])), x.new_empty((M, lora_a.shape[0]))
+
+
+def _backward_impl(grad_y, x, weight, lora_a, lora_b, lora_hidden, im_mask, tile_flags, scaling, dropout_p,
+                   dropout_seed, output_mask):
+    require_triton(x.device, x.dtype)  # the op *is* the Triton path
+    return launch.plora_backward(grad_y, x, weight, lora_a, lora_b, lora_hidden, im_mask, tile_flags, scaling,
+                                 dropout_p, dropout_seed, output_mask)
+
+
+def _backward_fake(grad_y, x, weight, lora_a, lora_b, lora_hidden, im_mask, tile_flags, scaling, dropout_p,
+                   dropout_seed, output_mask):
+    def maybe(flag, shape):
+        return x.new_empty(shape) if flag else x.new_empty(0)
+
+    N, K = weight.shape
+    R = lora_a.shape[0]
+    return (maybe(output_mask[0], x.shape), maybe(output_mask[1], (N, K)), maybe(output_mask[2], (N,)),
+            maybe(output_mask[3], (R, K)), maybe(output_mask[4], (N, R)))
+
+
+plora_forward_op = define_op(
+    "plora_forward",
+    "(Tensor x, Tensor weight, Tensor? bias, Tensor lora_a, Tensor lora_b, Tensor im_mask, "
+    "Tensor tile_flags, float scaling, float dropout_p, Tensor? dropout_seed) -> (Tensor, Tensor)",
+    _forward_impl, _forward_fake)
+
+plora_backward_op = define_op(
+    "plora_backward",
+    "(Tensor grad_y, Tensor x, Tensor weight, Tensor lora_a, Tensor lora_b, Tensor lora_hidden, "
+    "Tensor im_mask, Tensor tile_flags, float scaling, float dropout_p, Tensor? dropout_seed, "
+    "bool[5] output_mask) -> (Tensor, Tensor, Tensor, Tensor, Tensor)",
+    _backward_impl, _backward_fake)
+
+
+class PLoRAFunction(torch.autograd.Function):
+    """Autograd for the fused PLoRA forward (math in ``kernels.py``)::
+
+        S   = dropout(x[m]) @ A.T                 (saved; dropout redrawn from its seed)
+        dB  = s * dY[m].T @ S
+        dS  = s * dY[m] @ B
+        dA  = dS.T @ dropout(x[m])
+        dX  = dY @ W0;  dX[m] += (dS @ A) * keep / (1 - p)
+        dW0 = dY.T @ x;  db0 = dY.sum(0)
+    """
+
+    @staticmethod
+    def forward(x, weight, bias, lora_a, lora_b, im_mask, tile_flags, scaling, dropout_p, dropout_seed):
+        return plora_forward_op(x, weight, bias, lora_a, lora_b, im_mask, tile_flags, scaling, dropout_p,
+                                dropout_seed)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, weight, bias, lora_a, lora_b, im_mask, tile_flags, scaling, dropout_p, dropout_seed = inputs
+        _, lora_hidden = output
+        ctx.save_for_backward(x, weight, lora_a, lora_b, lora_hidden, im_mask, tile_flags, dropout_seed)
+        ctx.scaling = scaling
+        ctx.dropout_p = dropout_p
+        ctx.has_bias = bias is not None
+
+    @staticmethod
+    def backward(ctx, grad_y, grad_hidden):
+        x, weight, lora_a, lora_b, lora_hidden, im_mask, tile_flags, dropout_seed = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        output_mask = [need[0], need[1], bool(need[2] and ctx.has_bias), need[3], need[4]]
+        if not any(output_mask):
+            return (None,) * 10
+        dx, dw, db, da, dlb = plora_backward_op(grad_y, x, weight, lora_a, lora_b, lora_hidden, im_mask,
+                                                tile_flags, ctx.scaling, ctx.dropout_p, dropout_seed,
+                                                output_mask)
+        grads = [g if flag else None for g, flag in zip((dx, dw, db, da, dlb), output_mask)]
+        return (*grads, None, None, None, None, None)
+
+
+torch.library.register_autograd("mmkernels::plora_forward", PLoRAFunction.backward,
+                                setup_context=PLoRAFunction.setup_context)
+
+
+def _validate(x, weight, bias, lora_a, lora_b, im_mask, scaling, dropout_p, training):
+    check_tensor("x", x, min_ndim=1, dtypes=FLOAT_DTYPES)
+    check_tensor("weight", weight, ndim=2, dtypes=FLOAT_DTYPES)
+    check_tensor("lora_a", lora_a, ndim=2, dtypes=FLOAT_DTYPES)
+    check_tensor("lora_b", lora_b, ndim=2, dtypes=FLOAT_DTYPES)
+    if bias is not None:
+        check_tensor("bias", bias, ndim=1, dtypes=FLOAT_DTYPES)
+    check_tensor("im_mask", im_mask, dtypes=(torch.bool,))
+    K = x.shape[-1]
+    N = weight.shape[0]
+    if weight.shape[1] != K:
+        raise ValueError(f"weight must have shape (N, {K}) to match x's last dimension K={K}, "
+                         f"got {tuple(weight.shape)}")
+    r = lora_a.shape[0]
+    if r < 1:
+        raise ValueError(f"lora_a must have at least one row (rank r >= 1), got shape {tuple(lora_a.shape)}")
+    check_shape("lora_a", lora_a, (r, K), f"rank r={r}, in_features K={K}")
+    if lora_b.shape[1] != r:
+        raise ValueError(f"lora_b must have shape ({N}, {r}) to match lora_a's rank r={r}, "
+                         f"got {tuple(lora_b.shape)}")
+    check_shape("lora_b", lora_b, (N, r), f"out_features N={N}, rank r={r}")
+    if bias is not None:
+        check_shape("bias", bias, (N,), f"out_features N={N}")
+    check_shape("im_mask", im_mask, x.shape[:-1], "x.shape[:-1]")
+    tensors = [("x", x), ("weight", weight), ("bias", bias), ("lora_a", lora_a), ("lora_b", lora_b)]
+    check_same_dtype(tensors)
+    check_same_device(tensors + [("im_mask", im_mask)])
+    check_float("scaling", scaling)
+    check_float("dropout_p", dropout_p, low=0.0, high=1.0)
+    if not isinstance(training, bool):
+        raise TypeError(f"training must be a bool, got {type(training).__name__}")
+
+
+def plora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, lora_a: torch.Tensor,
+                 lora_b: torch.Tensor, im_mask: torch.Tensor, scaling: float = 1.0, dropout_p: float = 0.0,
+                 training: bool = False) -> torch.Tensor:
+    """Partial-LoRA linear (InternLM-XComposer2 ``PLoRA``)::
+
+        y = x @ weight.T + bias                                       (every row)
+        y[im_mask] += scaling * (dropout(x[im_mask]) @ lora_a.T) @ lora_b.T
+
+    Args:
+        x: ``[..., K]`` activations (float16, bfloat16, float32; float64 on the reference backend).
+        weight: ``[N, K]`` base weight W0.   bias: ``[N]`` or None.
+        lora_a: ``[r, K]`` (``Plora_A.weight``).   lora_b: ``[N, r]`` (``Plora_B.weight``).
+        im_mask: bool ``x.shape[:-1]``, True for visual (image) tokens.
+        scaling: ``lora_alpha / lora_r``.   dropout_p: LoRA dropout on visual rows, used when ``training``.
+
+    Returns ``[..., N]``.  Text rows equal the base linear exactly; with no visual row the gradients of
+    ``lora_a``/``lora_b`` are zero tensors.  The Triton backend draws its dropout mask from torch's
+    generator (one seed per call) and redraws it in the backward instead of storing it.
+
+    Example::
+
+        >>> x = torch.randn(2, 5, 64); m = torch.tensor([[0, 1, 1, 0, 0], [1, 1, 0, 0, 0]]).bool()
+        >>> w, a, b = torch.randn(32, 64), torch.randn(16, 64), torch.randn(32, 16)
+        >>> plora_linear(x, w, None, a, b, m).shape
+        torch.Size([2, 5, 32])
+    """
+    _validate(x, weight, bias, lora_a, lora_b, im_mask, scaling, dropout_p, training)
+    backend = resolve_backend(x.device, x.dtype)
+    if backend == "reference":
+        return plora_linear_reference(x, weight, bias, lora_a, lora_b, im_mask, scaling, dropout_p, training)
+    K, N = x.shape[-1], weight.shape[0]
+    x2 = x.reshape(-1, K)
+    if x2.numel() and x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    mask = im_mask.reshape(-1).contiguous()
+    flags = launch.tile_flags(mask)
+    p = float(dropout_p) if training else 0.0
+    seed = None
+    if p > 0:
+        seed = torch.randint(0, 2**31 - 1, (1,), dtype=torch.int64, device=x.device)
+    y, _ = plora_forward_op(x2, weight, bias, lora_a, lora_b, mask, flags, float(scaling), p, seed)
+    return y.view(*x.shape[:-1], N)

@@ -1,0 +1,203 @@
+"""Host launchers for the PLoRA kernels: tile flags, block sizes, grids.
+
+Block sizes are fixed per kernel (no autotuning, so the first call costs one compile and
+nothing else).  On the GPU they are tensor-core shaped; under the CPU interpreter they are the
+smallest legal ``tl.dot`` tiles (16/32) so tests stay fast.  Every BLOCK_M is a multiple of
+``FLAG_ROWS``.
+"""
+from __future__ import annotations
+
+import torch
+
+from ..._extension import has_op
+from ..._interpreter import interpreter_enabled
+from ..._utils import allow_tf32, cdiv, new_output
+from . import kernels
+from .kernels import FLAG_ROWS
+
+# name -> dict of block sizes and launch options, for (GPU, half precision) / (GPU, fp32) / interpreter
+_GPU_HALF = {
+    "shrink": dict(BLOCK_M=128, BLOCK_R=128, BLOCK_K=64, num_warps=8, num_stages=3),
+    "fwd": dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3),
+    "ds": dict(BLOCK_M=128, BLOCK_R=128, BLOCK_N=64, num_warps=8, num_stages=3),
+    "dlora_b": dict(BLOCK_N=128, BLOCK_R=64, BLOCK_M=64, num_warps=4, num_stages=3),
+    "dlora_a": dict(BLOCK_R=64, BLOCK_K=128, BLOCK_M=64, num_warps=4, num_stages=3),
+    "dx": dict(BLOCK_M=128, BLOCK_K=128, BLOCK_N=64, GROUP_M=8, num_warps=8, num_stages=3),
+    "dw": dict(BLOCK_N=128, BLOCK_K=128, BLOCK_M=64, num_warps=8, num_stages=3),
+}
+_GPU_FP32 = {k: dict(v, num_stages=2, **({"BLOCK_K": 32} if k in ("shrink", "fwd") else {}))
+             for k, v in _GPU_HALF.items()}
+_INTERPRETER = {
+    "shrink": dict(BLOCK_M=32, BLOCK_R=16, BLOCK_K=16),
+    "fwd": dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=16, GROUP_M=2),
+    "ds": dict(BLOCK_M=32, BLOCK_R=16, BLOCK_N=16),
+    "dlora_b": dict(BLOCK_N=32, BLOCK_R=16, BLOCK_M=16),
+    "dlora_a": dict(BLOCK_R=16, BLOCK_K=32, BLOCK_M=16),
+    "dx": dict(BLOCK_M=16, BLOCK_K=32, BLOCK_N=16, GROUP_M=2),
+    "dw": dict(BLOCK_N=32, BLOCK_K=32, BLOCK_M=16),
+}
+
+
+def _config(name: str, device: torch.device, dtype: torch.dtype) -> dict:
+    if device.type == "cpu":
+        return dict(_INTERPRETER[name])
+    table = _GPU_FP32 if dtype == torch.float32 else _GPU_HALF
+    return dict(table[name])
+
+
+def _dot_precision(dtype: torch.dtype) -> str:
+    return "tf32" if (dtype == torch.float32 and allow_tf32() and not interpreter_enabled()) else "ieee"
+
+
+def _tile_flags_torch(mask: torch.Tensor) -> torch.Tensor:
+    groups = cdiv(mask.numel(), FLAG_ROWS)
+    padded = mask.new_zeros(groups * FLAG_ROWS)
+    padded[: mask.numel()] = mask
+    return padded.view(groups, FLAG_ROWS).sum(1, dtype=torch.int32)
+
+
+def tile_flags(im_mask: torch.Tensor) -> torch.Tensor:
+    """Visual-row count per FLAG_ROWS-row group of the flattened mask, int32 ``[cdiv(M, 16)]``.
+
+    One small native op (``torch.ops.mmkernels.plora_tile_flags``; a torch fallback if the
+    extension is missing), no host synchronisation; computed once per call and shared by the
+    forward and every backward kernel.
+    """
+    if has_op("plora_tile_flags"):
+        return torch.ops.mmkernels.plora_tile_flags(im_mask, FLAG_ROWS)
+    return _tile_flags_torch(im_mask)
+
+
+def _keep_scale(dropout_p: float) -> float:
+    return 0.0 if dropout_p >= 1.0 else 1.0 / (1.0 - dropout_p)
+
+
+def plora_forward(x, weight, bias, lora_a, lora_b, im_mask, flags, scaling, dropout_p, dropout_seed):
+    """Fused forward.  ``x [M, K]``, ``im_mask [M]`` bool contiguous.  Returns ``(y [M, N], S [M, R])``."""
+    M, K = x.shape
+    N, R = weight.shape[0], lora_a.shape[0]
+    y = new_output((M, N), dtype=x.dtype, device=x.device)
+    s = new_output((M, R), dtype=x.dtype, device=x.device)
+    if M == 0:
+        return y, s
+    mask_u8 = im_mask.view(torch.uint8)
+    has_dropout = dropout_seed is not None and dropout_p > 0
+    seed = dropout_seed if has_dropout else mask_u8
+    precision = _dot_precision(x.dtype)
+    if R > 0:
+        cfg = _config("shrink", x.device, x.dtype)
+        grid = (cdiv(M, cfg["BLOCK_M"]), cdiv(R, cfg["BLOCK_R"]))
+        kernels._plora_shrink_kernel[grid](
+            x, lora_a, s, mask_u8, flags, seed,
+            M, K, R, flags.numel(),
+            x.stride(0), x.stride(1), lora_a.stride(0), lora_a.stride(1), s.stride(0), s.stride(1),
+            float(dropout_p), _keep_scale(dropout_p),
+            HAS_DROPOUT=has_dropout, FLAG_ROWS=FLAG_ROWS, DOT_PRECISION=precision, **cfg)
+    if N > 0:
+        cfg = _config("fwd", x.device, x.dtype)
+        grid = (cdiv(M, cfg["BLOCK_M"]) * cdiv(N, cfg["BLOCK_N"]),)
+        kernels._plora_fwd_kernel[grid](
+            x, weight, bias if bias is not None else x, s, lora_b, y, mask_u8, flags,
+            M, N, K, R, flags.numel(),
+            x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), s.stride(0), s.stride(1),
+            lora_b.stride(0), lora_b.stride(1), y.stride(0), y.stride(1),
+            float(scaling),
+            HAS_BIAS=bias is not None, HAS_LORA=R > 0, FLAG_ROWS=FLAG_ROWS,
+            DOT_PRECISION=precision, **cfg)
+    return y, s
+
+
+def plora_backward(grad_y, x, weight, lora_a, lora_b, lora_hidden, im_mask, flags, scaling,
+                   dropout_p, dropout_seed, output_mask):
+    """Gradients ``(dx, dW0, db0, dA, dB)``; an entry whose ``output_mask`` is False comes back as a
+    zero-size tensor (the op schema has fixed arity)."""
+    need_dx, need_dw, need_dbias, need_da, need_db = (bool(v) for v in output_mask)
+    M, K = x.shape
+    N, R = weight.shape[0], lora_a.shape[0]
+    dev, dt = x.device, x.dtype
+    grad_y = grad_y.contiguous() if grad_y.stride(-1) != 1 else grad_y
+    mask_u8 = im_mask.view(torch.uint8)
+    has_dropout = dropout_seed is not None and dropout_p > 0
+    seed = dropout_seed if has_dropout else mask_u8
+    keep_scale = _keep_scale(dropout_p)
+    precision = _dot_precision(dt)
+    nflags = flags.numel()
+    empty = x.new_empty(0)
+
+    ds = None
+    if (need_dx or need_da) and M > 0 and R > 0:
+        ds = new_output((M, R), dtype=dt, device=dev)
+        cfg = _config("ds", dev, dt)
+        grid = (cdiv(M, cfg["BLOCK_M"]), cdiv(R, cfg["BLOCK_R"]))
+        kernels._plora_bwd_ds_kernel[grid](
+            grad_y, lora_b, ds, mask_u8, flags, M, N, R, nflags,
+            grad_y.stride(0), grad_y.stride(1), lora_b.stride(0), lora_b.stride(1),
+            ds.stride(0), ds.stride(1), float(scaling),
+            FLAG_ROWS=FLAG_ROWS, DOT_PRECISION=precision, **cfg)
+
+    dx = empty
+    if need_dx:
+        dx = new_output((M, K), dtype=dt, device=dev)
+        if M > 0 and K > 0:
+            cfg = _config("dx", dev, dt)
+            grid = (cdiv(M, cfg["BLOCK_M"]) * cdiv(K, cfg["BLOCK_K"]),)
+            kernels._plora_bwd_dx_kernel[grid](
+                grad_y, weight, ds if ds is not None else grad_y, lora_a, dx, mask_u8, flags, seed,
+                M, N, K, R, nflags,
+                grad_y.stride(0), grad_y.stride(1), weight.stride(0), weight.stride(1),
+                ds.stride(0) if ds is not None else 0, ds.stride(1) if ds is not None else 0,
+                lora_a.stride(0), lora_a.stride(1), dx.stride(0), dx.stride(1),
+                float(dropout_p), keep_scale,
+                HAS_LORA=ds is not None, HAS_DROPOUT=has_dropout, FLAG_ROWS=FLAG_ROWS,
+                DOT_PRECISION=precision, **cfg)
+
+    dw, dbias = empty, empty
+    if need_dw or need_dbias:
+        dw = new_output((N, K), dtype=dt, device=dev) if need_dw else empty
+        dbias = new_output((N,), dtype=dt, device=dev) if need_dbias else empty
+        if N > 0 and (K > 0 or not need_dw):
+            cfg = _config("dw", dev, dt)
+            grid = (cdiv(N, cfg["BLOCK_N"]), cdiv(K, cfg["BLOCK_K"]) if need_dw else 1)
+            kernels._plora_bwd_dw_kernel[grid](
+                grad_y, x, dw if need_dw else grad_y, dbias if need_dbias else grad_y, M, N, K,
+                grad_y.stride(0), grad_y.stride(1), x.stride(0), x.stride(1),
+                dw.stride(0) if need_dw else 0, dw.stride(1) if need_dw else 0,
+                HAS_DW=need_dw, HAS_DBIAS=need_dbias, DOT_PRECISION=precision, **cfg)
+        if need_dbias and K == 0 and need_dw:  # the dW grid is empty: db0 still needs its sums
+            dbias.copy_(grad_y.sum(0, dtype=torch.float32))
+
+    da = empty
+    if need_da:
+        da = new_output((R, K), dtype=dt, device=dev)
+        if R > 0 and K > 0:
+            cfg = _config("dlora_a", dev, dt)
+            grid = (cdiv(R, cfg["BLOCK_R"]), cdiv(K, cfg["BLOCK_K"]))
+            kernels._plora_bwd_dlora_a_kernel[grid](
+                ds if ds is not None else grad_y, x, da, mask_u8, flags, seed,
+                M, K, R, nflags,
+                ds.stride(0) if ds is not None else 0, ds.stride(1) if ds is not None else 0,
+                x.stride(0), x.stride(1), da.stride(0), da.stride(1),
+                float(dropout_p), keep_scale,
+                HAS_DROPOUT=has_dropout, FLAG_ROWS=FLAG_ROWS, DOT_PRECISION=precision, **cfg)
+
+    dlb = empty
+    if need_db:
+        dlb = new_output((N, R), dtype=dt, device=dev)
+        if N > 0 and R > 0:
+            cfg = _config("dlora_b", dev, dt)
+            grid = (cdiv(N, cfg["BLOCK_N"]), cdiv(R, cfg["BLOCK_R"]))
+            kernels._plora_bwd_dlora_b_kernel[grid](
+                grad_y, lora_hidden, dlb, mask_u8, flags, M, N, R, nflags,
+                grad_y.stride(0), grad_y.stride(1), lora_hidden.stride(0), lora_hidden.stride(1),
+                dlb.stride(0), dlb.stride(1), float(scaling),
+                FLAG_ROWS=FLAG_ROWS, DOT_PRECISION=precision, **cfg)
+    return dx, dw, dbias, da, dlb
+
+
+def dropout_keep_mask(dropout_seed: torch.Tensor, M: int, K: int, dropout_p: float) -> torch.Tensor:
+    """The bool keep-mask ``[M, K]`` that the kernels draw from ``dropout_seed`` (for tests)."""
+    keep = new_output((M, K), dtype=torch.int8, device=dropout_seed.device)
+    if M and K:
+        grid = (cdiv(M, 32), cdiv(K, 32))
+        kernels._dropout_mask_kernel[grid](dropout_seed, keep, M, K, float(dropout_p), BLOCK_M=32, BLOCK_K=32)
+    return keep.bool()
