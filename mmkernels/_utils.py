@@ -23,7 +23,7 @@ def new_output(shape, *, dtype: torch.dtype, device: torch.device) -> torch.Tens
     if poison_outputs():
         if dtype.is_floating_point:
             return torch.full(shape, float("nan"), dtype=dtype, device=device)
-        return torch.full(shape, -12345, dtype=dtype, device=device)
+        return torch.full(shape, -123 if dtype == torch.int8 else -12345, dtype=dtype, device=device)
     return torch.empty(shape, dtype=dtype, device=device)
 
 

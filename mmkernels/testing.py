@@ -79,4 +79,4 @@ def poison_(t: torch.Tensor) -> torch.Tensor:
     """Fill ``t`` with NaN (floating) or an out-of-range value, so unwritten outputs are caught."""
     if t.is_floating_point():
         return t.fill_(float("nan"))
-    return t.fill_(-12345 if t.dtype != torch.bool else True)
+    return t.fill_(True if t.dtype == torch.bool else -123 if t.dtype in (torch.int8, torch.uint8) else -12345)

@@ -56,6 +56,15 @@ def _tile_flags_torch(mask: torch.Tensor) -> torch.Tensor:
     return padded.view(groups, FLAG_ROWS).sum(1, dtype=torch.int32)
 
 
+# Looked up once: the extension is loaded (or not) by the time this module is imported.
+_NATIVE_TILE_FLAGS = has_op("plora_tile_flags")
+
+if _NATIVE_TILE_FLAGS:
+    @torch.library.register_fake("mmkernels::plora_tile_flags")
+    def _tile_flags_fake(im_mask, group_rows):
+        return im_mask.new_empty(((im_mask.shape[0] + group_rows - 1) // group_rows,), dtype=torch.int32)
+
+
 def tile_flags(im_mask: torch.Tensor) -> torch.Tensor:
     """Visual-row count per FLAG_ROWS-row group of the flattened mask, int32 ``[cdiv(M, 16)]``.
 
@@ -63,7 +72,7 @@ def tile_flags(im_mask: torch.Tensor) -> torch.Tensor:
     extension is missing), no host synchronisation; computed once per call and shared by the
     forward and every backward kernel.
     """
-    if has_op("plora_tile_flags"):
+    if _NATIVE_TILE_FLAGS:
         return torch.ops.mmkernels.plora_tile_flags(im_mask, FLAG_ROWS)
     return _tile_flags_torch(im_mask)
 

@@ -1,0 +1,19 @@
+"""mmkernels: fused GPU kernels for multimodal LLMs.
+
+Operators (each in ``mmkernels/ops/<op>/``: reference, Triton kernels, launcher, autograd, module):
+
+* :func:`plora_linear` / :class:`PLoRALinear` -- Partial-LoRA linear (InternLM-XComposer2).
+
+Backends: ``reference`` (plain PyTorch) and ``triton``; see :mod:`mmkernels.backend`.
+"""
+from ._interpreter import interpreter_enabled  # noqa: F401  (applies the interpreter's bf16 fix first)
+from ._extension import HAS_C, build_info, has_op
+from .backend import get_backend, use_backend
+from .ops.plora import PLoRAFunction, PLoRALinear, plora_linear, plora_linear_reference
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "HAS_C", "build_info", "has_op", "get_backend", "use_backend", "interpreter_enabled",
+    "plora_linear", "plora_linear_reference", "PLoRALinear", "PLoRAFunction",
+]

@@ -1,0 +1,42 @@
+"""Test set-up shared by every test module.
+
+Triton picks compiled vs interpreted kernels when they are decorated, so ``TRITON_INTERPRET=1`` is
+set here, before any test module imports mmkernels, whenever there is no GPU: the Triton kernels
+then run on CPU tensors.  Kernel outputs are allocated full of NaN (``MMKERNELS_POISON_OUTPUTS``)
+so an element a kernel forgets to write fails the comparison.
+"""
+import os
+
+import pytest
+import torch
+
+HAS_CUDA = torch.cuda.is_available()
+if not HAS_CUDA:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+os.environ.setdefault("MMKERNELS_POISON_OUTPUTS", "1")
+
+import mmkernels  # noqa: E402  (after the environment is set)
+
+# Devices on which the Triton kernels can run in this process.
+KERNEL_DEVICES = []
+if mmkernels.interpreter_enabled():
+    KERNEL_DEVICES.append("cpu")
+if HAS_CUDA:
+    KERNEL_DEVICES.append(pytest.param("cuda", marks=pytest.mark.gpu))
+
+
+def pytest_collection_modifyitems(config, items):
+    if HAS_CUDA:
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True)
+def _fresh_seed(request):
+    """A different but reproducible seed per test: fresh random inputs, replayable failures."""
+    seed = abs(hash(request.node.nodeid)) % (2**31)
+    torch.manual_seed(seed)
+    yield
