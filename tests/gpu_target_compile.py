@@ -1,0 +1,106 @@
+"""Compile every Triton kernel launch of an operator for real GPU targets, on a machine without a GPU.
+
+The interpreter accepts programs a GPU compiler rejects (and vice versa), so passing on CPU is not
+enough.  This script (run in a subprocess *without* ``TRITON_INTERPRET``) replaces each
+``@triton.jit`` kernel in a kernels module with a recorder, runs the operator's launchers on CPU
+tensors with the GPU block configurations, and hands every recorded launch -- its argument types
+and constexprs -- to ``triton.compile`` for sm_80 and sm_90.  Usage::
+
+    python tests/gpu_target_compile.py plora
+"""
+import sys
+
+import torch
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+_PTR = {torch.float16: "*fp16", torch.bfloat16: "*bf16", torch.float32: "*fp32", torch.float64: "*fp64",
+        torch.int64: "*i64", torch.int32: "*i32", torch.int8: "*i8", torch.uint8: "*u8", torch.bool: "*i1"}
+_OPTIONS = ("num_warps", "num_stages", "num_ctas")
+
+
+class Recorder:
+    def __init__(self, fn, calls):
+        self.fn, self.calls = fn, calls
+
+    def __getitem__(self, grid):
+        def record(*args, **kwargs):
+            self.calls.append((self.fn, args, kwargs))
+        return record
+
+
+def signature(fn, args, kwargs):
+    sig, constexprs = {}, {}
+    for i, name in enumerate(fn.arg_names):
+        if name in kwargs:
+            sig[name] = "constexpr"
+            constexprs[(i,)] = kwargs[name]
+            continue
+        value = args[i]
+        if isinstance(value, torch.Tensor):
+            sig[name] = _PTR[value.dtype]
+        elif isinstance(value, bool):
+            sig[name] = "i1"
+        elif isinstance(value, int):
+            sig[name] = "i32" if -2**31 <= value < 2**31 else "i64"
+        elif isinstance(value, float):
+            sig[name] = "fp32"
+        else:
+            raise TypeError(f"{fn.__name__}: cannot type argument {name}={value!r}")
+    return sig, constexprs
+
+
+def compile_calls(calls, targets):
+    seen = set()
+    for fn, args, kwargs in calls:
+        sig, constexprs = signature(fn, args, kwargs)
+        options = {k: kwargs[k] for k in _OPTIONS if k in kwargs}
+        key = (fn.__name__, tuple(sorted(sig.items())), tuple(sorted(constexprs.items())), tuple(options.items()))
+        if key in seen:
+            continue
+        seen.add(key)
+        for target in targets:
+            const_kwargs = {k: v for k, v in kwargs.items() if k not in _OPTIONS}
+            sig2, consts2 = signature(fn, args, const_kwargs)
+            compiled = triton.compile(ASTSource(fn=fn, signature=sig2, constexprs=consts2),
+                                      target=target, options=options)
+            print(f"ok  sm_{target.arch}  {fn.__name__}  "
+                  f"{[v for v in sig2.values() if v.startswith('*')][0]}  shared={compiled.metadata.shared}")
+
+
+def plora_calls():
+    from mmkernels.ops.plora import kernels, launch
+
+    calls = []
+    for name in dir(kernels):
+        obj = getattr(kernels, name)
+        if isinstance(obj, triton.runtime.jit.JITFunction) and not name.startswith("_tile") \
+                and not name.startswith("_dropout_keep"):
+            setattr(kernels, name, Recorder(obj, calls))
+    for dtype in (torch.float16, torch.bfloat16, torch.float32):
+        table = launch._GPU_FP32 if dtype == torch.float32 else launch._GPU_HALF
+        launch._config = lambda name, device, dt, table=table: dict(table[name])
+        M, K, N, r = 100, 64, 48, 32
+        x = torch.randn(M, K, dtype=dtype)
+        w, b = torch.randn(N, K, dtype=dtype), torch.randn(N, dtype=dtype)
+        a, lb = torch.randn(r, K, dtype=dtype), torch.randn(N, r, dtype=dtype)
+        mask = torch.rand(M) < 0.5
+        flags = launch._tile_flags_torch(mask)
+        seed = torch.tensor([3], dtype=torch.int64)
+        launch.plora_forward(x, w, b, a, lb, mask, flags, 1.0, 0.1, seed)
+        s = torch.zeros(M, r, dtype=dtype)
+        launch.plora_backward(torch.randn(M, N, dtype=dtype), x, w, a, lb, s, mask, flags, 1.0, 0.1, seed,
+                              [True] * 5)
+        launch.plora_backward(torch.randn(M, N, dtype=dtype), x, w, a, lb, s, mask, flags, 1.0, 0.0, None,
+                              [False, False, True, False, False])
+    launch.dropout_keep_mask(torch.tensor([3], dtype=torch.int64), 40, 40, 0.1)
+    return calls
+
+
+OPERATORS = {"plora": plora_calls}
+
+if __name__ == "__main__":
+    ops = sys.argv[1:] or list(OPERATORS)
+    for op in ops:
+        compile_calls(OPERATORS[op](), [GPUTarget("cuda", 90, 32), GPUTarget("cuda", 80, 32)])

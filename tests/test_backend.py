@@ -1,0 +1,90 @@
+"""Backend selection (auto / reference / triton) and the interpreter's bf16 dot fix."""
+import pytest
+import torch
+import triton
+import triton.language as tl
+
+import mmkernels
+from mmkernels import backend
+from mmkernels._interpreter import patch_bf16_dot
+
+
+def test_default_is_auto_and_resolves_by_device():
+    assert mmkernels.get_backend() in ("auto", "reference", "triton")
+    with mmkernels.use_backend("auto"):
+        assert backend.resolve_backend(torch.device("cpu"), torch.float32) == "reference"
+        assert backend.resolve_backend(torch.device("cuda"), torch.bfloat16) == "triton"
+        assert backend.resolve_backend(torch.device("cuda"), torch.float64) == "reference"
+
+
+def test_context_manager_nests_and_restores():
+    before = mmkernels.get_backend()
+    with mmkernels.use_backend("reference"):
+        assert mmkernels.get_backend() == "reference"
+        with mmkernels.use_backend("TRITON"):
+            assert mmkernels.get_backend() == "triton"
+        assert mmkernels.get_backend() == "reference"
+    assert mmkernels.get_backend() == before
+
+
+def test_bad_backend_name():
+    with pytest.raises(ValueError, match="backend"):
+        with mmkernels.use_backend("cuda"):
+            pass
+
+
+def test_environment_variable(monkeypatch):
+    monkeypatch.setattr(backend, "_ENV_BACKEND", "reference")
+    assert mmkernels.get_backend() == "reference"
+    monkeypatch.setattr(backend, "_ENV_BACKEND", "bogus")
+    with pytest.raises(ValueError, match="MMKERNELS_BACKEND"):
+        mmkernels.get_backend()
+
+
+def test_triton_on_cpu_needs_the_interpreter(monkeypatch):
+    monkeypatch.setattr(backend, "interpreter_enabled", lambda: False)
+    with mmkernels.use_backend("triton"), pytest.raises(RuntimeError, match="TRITON_INTERPRET"):
+        backend.resolve_backend(torch.device("cpu"), torch.float32)
+
+
+def test_triton_rejects_float64():
+    with mmkernels.use_backend("triton"), pytest.raises(TypeError, match="float64"):
+        backend.resolve_backend(torch.device("cpu"), torch.float64)
+
+
+def test_reference_backend_runs_float64_on_any_machine():
+    x = torch.randn(5, 8, dtype=torch.float64)
+    w, a, b = torch.randn(6, 8, dtype=torch.float64), torch.randn(2, 8, dtype=torch.float64), \
+        torch.randn(6, 2, dtype=torch.float64)
+    m = torch.tensor([1, 0, 1, 0, 0], dtype=torch.bool)
+    with mmkernels.use_backend("reference"):
+        y = mmkernels.plora_linear(x, w, None, a, b, m, scaling=2.0)
+    expected = x @ w.T
+    expected[m] += 2.0 * (x[m] @ a.T) @ b.T
+    torch.testing.assert_close(y, expected)
+
+
+def test_build_info_keys():
+    info = mmkernels.build_info()
+    for key in ("torch_version", "triton_version", "c_extension_loaded", "cuda_kernels", "cuda_archs"):
+        assert key in info
+    assert info["torch_version"] == torch.__version__
+
+
+@triton.jit
+def _dot_kernel(a_ptr, b_ptr, c_ptr, N: tl.constexpr):
+    offs = tl.arange(0, N)
+    a = tl.load(a_ptr + offs[:, None] * N + offs[None, :])
+    b = tl.load(b_ptr + offs[:, None] * N + offs[None, :])
+    tl.store(c_ptr + offs[:, None] * N + offs[None, :], tl.dot(a, b))
+
+
+@pytest.mark.skipif(not mmkernels.interpreter_enabled(), reason="interpreter-only fix")
+def test_interpreter_bf16_dot_is_correct():
+    """triton-lang/triton#11584: without the patch a bf16 tl.dot multiplies raw bit patterns (~1e10)."""
+    assert patch_bf16_dot()
+    a = torch.randn(16, 16).bfloat16()
+    b = torch.randn(16, 16).bfloat16()
+    c = torch.empty(16, 16)
+    _dot_kernel[(1,)](a, b, c, N=16)
+    torch.testing.assert_close(c, a.float() @ b.float(), atol=1e-5, rtol=1e-5)
