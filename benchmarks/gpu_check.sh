@@ -1,0 +1,133 @@
+#!/usr/bin/env bash
+# One-shot GPU check of mmkernels on a CUDA machine (no internet needed), run from anywhere:
+#
+#   OUT=./gpu_out bash benchmarks/gpu_check.sh
+#
+# Steps (each under `timeout`, the whole script < 8 min on one H100/H200):
+#   1. nvidia-smi + versions                               -> $OUT/env.log
+#   2. build _C in place (setup.py build_ext --inplace)    -> $OUT/build.log  (failure is not fatal:
+#      mmkernels works without _C)
+#   3. GPU tests: pytest -q -x tests -m gpu                -> $OUT/tests.log
+#   4. benchmarks: python3 -m benchmarks.run --out $OUT    -> $OUT/bench.log, plora-<dev>-latest.{json,png}
+#   5. summary table                                       -> stdout and $OUT/summary.txt
+# $OUT stays flat and small (<= 8 files).
+#
+# Knobs: PYTHON (python3), OUT, QUICK=1 (bench --quick), SKIP_BUILD=1, SKIP_TESTS=1, SKIP_BENCH=1,
+#        BUILD_TIMEOUT (120), TESTS_TIMEOUT (180), BENCH_TIMEOUT (150), TORCH_CUDA_ARCH_LIST (9.0a).
+set -uo pipefail
+
+cd "$(dirname "${BASH_SOURCE[0]}")/.." || exit 1
+REPO="$(pwd)"
+PY="${PYTHON:-python3}"
+OUT="${OUT:-./gpu_out}"
+mkdir -p "$OUT"
+OUT="$(cd "$OUT" && pwd)"
+BUILD_TIMEOUT="${BUILD_TIMEOUT:-120}"
+TESTS_TIMEOUT="${TESTS_TIMEOUT:-180}"
+BENCH_TIMEOUT="${BENCH_TIMEOUT:-150}"
+export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"
+export PYTHONUNBUFFERED=1
+
+declare -a SUMMARY=()
+record() {  # step rc seconds note
+  local verdict
+  case "$2" in
+    0) verdict="OK" ;;
+    124|137) verdict="TIMEOUT" ;;
+    5) verdict="NO-TESTS" ;;
+    skip) verdict="SKIPPED" ;;
+    *) verdict="FAIL(rc=$2)" ;;
+  esac
+  SUMMARY+=("$(printf '%-8s %-12s %6ss  %s' "$1" "$verdict" "$3" "$4")")
+}
+
+T_ALL=$(date +%s)
+
+# ---------------------------------------------------------------- 1. environment
+{
+  echo "=== date: $(date -Is)  host: $(hostname)  repo: $REPO"
+  echo "=== git: $(git -C "$REPO" rev-parse --short HEAD 2>/dev/null || echo unknown)"
+  echo "=== nvidia-smi"
+  nvidia-smi 2>&1 || echo "(nvidia-smi failed)"
+  echo "=== versions"
+  "$PY" - <<'PY' 2>&1
+import sys, torch
+print("python", sys.version.split()[0])
+print("torch", torch.__version__, "cuda", torch.version.cuda, "available", torch.cuda.is_available())
+if torch.cuda.is_available():
+    print("device", torch.cuda.get_device_name(), "capability", torch.cuda.get_device_capability())
+try:
+    import triton; print("triton", triton.__version__)
+except Exception as e:
+    print("triton import failed:", e)
+PY
+  for tool in nvcc cmake ninja; do
+    printf '%-6s %s\n' "$tool" "$(command -v "$tool" >/dev/null && "$tool" --version 2>&1 | head -n 1 | tr -d '\n' || echo 'not on PATH')"
+  done
+} 2>&1 | tee "$OUT/env.log"
+
+# ---------------------------------------------------------------- 2. build _C in place
+if [ "${SKIP_BUILD:-0}" = "1" ]; then
+  record build skip 0 "SKIP_BUILD=1"
+else
+  t0=$(date +%s)
+  {
+    echo "=== MAX_JOBS=16 TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0a} $PY setup.py build_ext --inplace"
+    MAX_JOBS="${MAX_JOBS:-16}" TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0a}" \
+      timeout -k 10 "$BUILD_TIMEOUT" "$PY" setup.py build_ext --inplace
+    echo "build rc=$?"
+  } 2>&1 | tee "$OUT/build.log"
+  rc=$(grep -o '^build rc=[0-9]*' "$OUT/build.log" | tail -n 1 | cut -d= -f2)
+  info=$("$PY" -c "import json, mmkernels; i = mmkernels.build_info(); print('c_ext=%s cuda_kernels=%s archs=%s' % (i['c_extension_loaded'], i['cuda_kernels'], ','.join(i['cuda_archs'])))" 2>/dev/null | tail -n 1)
+  echo "build_info: $info" | tee -a "$OUT/build.log"
+  record build "${rc:-1}" $(( $(date +%s) - t0 )) "$info"
+fi
+
+# ---------------------------------------------------------------- 3. GPU tests
+if [ "${SKIP_TESTS:-0}" = "1" ]; then
+  record tests skip 0 "SKIP_TESTS=1"
+else
+  t0=$(date +%s)
+  timeout -k 10 "$TESTS_TIMEOUT" "$PY" -m pytest -v -x -p no:cacheprovider --durations=10 tests -m gpu 2>&1 | tee "$OUT/tests.log"
+  rc=${PIPESTATUS[0]}
+  record tests "$rc" $(( $(date +%s) - t0 )) "$(grep -E '[0-9]+ (passed|failed|error)' "$OUT/tests.log" | tail -n 1)"
+fi
+
+# ---------------------------------------------------------------- 4. benchmarks
+if [ "${SKIP_BENCH:-0}" = "1" ]; then
+  record bench skip 0 "SKIP_BENCH=1"
+else
+  t0=$(date +%s)
+  args=(--out "$OUT")
+  [ "${QUICK:-0}" = "1" ] && args+=(--quick)
+  timeout -k 10 "$BENCH_TIMEOUT" "$PY" -m benchmarks.run "${args[@]}" 2>&1 | tee "$OUT/bench.log"
+  rc=${PIPESTATUS[0]}
+  # keep $OUT small: the timestamped JSON duplicates the -latest one
+  find "$OUT" -maxdepth 1 -name '*-[0-9]*-[0-9]*.json' ! -name '*-latest.json' -delete 2>/dev/null
+  note="$(grep -cE 'NOT MET' "$OUT/bench.log") NOT MET, $(grep -cE '\[ *MET\]' "$OUT/bench.log") MET targets"
+  record bench "$rc" $(( $(date +%s) - t0 )) "$note"
+  TARGETS="$(grep -E '^[[:space:]]*\[( *MET|NOT MET)\]' "$OUT/bench.log" 2>/dev/null)"
+fi
+
+# ---------------------------------------------------------------- 5. summary
+{
+  echo
+  echo "=== gpu_check summary ($(( $(date +%s) - T_ALL ))s total; outputs in $OUT) ==="
+  printf '%-8s %-12s %7s  %s\n' step status time note
+  for line in "${SUMMARY[@]}"; do echo "$line"; done
+  if [ -n "${TARGETS:-}" ]; then
+    echo "--- plora targets"
+    echo "$TARGETS"
+  fi
+  echo "--- files"
+  ls -1 "$OUT"
+} 2>&1 | tee "$OUT/summary.txt"
+
+# exit status: failure of tests or bench (a failed build alone is not fatal)
+status=0
+for line in "${SUMMARY[@]}"; do
+  case "$line" in
+    tests*FAIL*|tests*TIMEOUT*|bench*FAIL*|bench*TIMEOUT*) status=1 ;;
+  esac
+done
+exit $status

@@ -1,0 +1,470 @@
+"""Shared benchmark harness for every mmkernels operator (``benchmarks/bench_<op>.py``).
+
+What lives here (operator-independent):
+
+* :func:`machine_header` -- device, torch / triton / CUDA versions, git commit, mmkernels build_info;
+* :func:`time_ms` -- ``triton.testing.do_bench`` on CUDA (median and 20/80 % quantiles), a simple
+  ``time.perf_counter`` median over a few repetitions on CPU;
+* :func:`peak_memory_mb` -- CUDA peak memory of one call, in MB above the memory held before it;
+* :func:`ceilings` -- nominal peaks of known cards and, on CUDA, a measured ceiling (one 8192^3 bf16
+  matmul, one 1 GiB device copy; cached per run);
+* :func:`write_results`, :func:`print_table`, :func:`plot_sweep` -- JSON, fixed-width table, PNG.
+
+An operator benchmark module exposes ``run(args) -> dict`` returning
+``{"rows": [...], "verification": [...], "ok": bool, "extra": {...}}``; :mod:`benchmarks.run` calls it.
+
+Nothing here imports mmkernels at module level: :mod:`benchmarks.run` must be able to set
+``TRITON_INTERPRET`` before mmkernels is imported.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import math
+import os
+import platform
+import re
+import statistics
+import subprocess
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterable, Sequence
+
+import torch
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+# do_bench budgets in *milliseconds* of GPU time (triton converts them to a repetition count from a
+# first estimate).  Small on purpose: the whole GPU sweep has to fit a few minutes.
+CUDA_WARMUP_MS = 10
+CUDA_REP_MS = 40
+
+
+def is_cuda() -> bool:
+    return bool(torch.cuda.is_available())
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda") if is_cuda() else torch.device("cpu")
+
+
+def synchronize() -> None:
+    if is_cuda():
+        torch.cuda.synchronize()
+
+
+# --------------------------------------------------------------------------- machine header
+
+def _git_commit() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO_ROOT, capture_output=True,
+                             text=True, timeout=10)
+        if out.returncode == 0 and out.stdout.strip():
+            dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO_ROOT,
+                                   capture_output=True, text=True, timeout=10)
+            suffix = "-dirty" if dirty.returncode == 0 and dirty.stdout.strip() else ""
+            return out.stdout.strip() + suffix
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return os.environ.get("GIT_COMMIT", "unknown")
+
+
+def device_name() -> str:
+    if is_cuda():
+        try:
+            return torch.cuda.get_device_name()
+        except Exception:  # pragma: no cover - defensive
+            return "cuda"
+    cpu = platform.processor() or platform.machine() or "cpu"
+    try:  # a nicer name on Linux
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return f"CPU {cpu} ({torch.get_num_threads()} threads)"
+
+
+def device_slug(name: str | None = None) -> str:
+    """Short file-name-safe device tag: 'h100', 'h200', 'a100', ... or 'cpu'."""
+    name = name or device_name()
+    low = name.lower()
+    if not is_cuda() or low.startswith("cpu"):
+        return "cpu"
+    for key in ("h200", "h100", "h800", "a100", "a800", "l40s", "l4", "a10g", "b200", "gh200"):
+        if key in low:
+            return key
+    return re.sub(r"[^a-z0-9]+", "-", low).strip("-")[:32] or "cuda"
+
+
+_HEADER: dict[str, Any] | None = None
+
+
+def machine_header() -> dict[str, Any]:
+    """Device, versions, commit, mmkernels.build_info() (computed once per process)."""
+    global _HEADER
+    if _HEADER is not None:
+        return _HEADER
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except Exception:
+        triton_version = None
+    header: dict[str, Any] = {
+        "device": device_name(),
+        "device_slug": device_slug(),
+        "cuda_available": is_cuda(),
+        "torch_version": torch.__version__,
+        "triton_version": triton_version,
+        "cuda_version": torch.version.cuda,
+        "python_version": platform.python_version(),
+        "git_commit": _git_commit(),
+        "hostname": platform.node(),
+        "timestamp": _dt.datetime.now().isoformat(timespec="seconds"),
+        "triton_interpret": os.environ.get("TRITON_INTERPRET", "0"),
+        "cpu_threads": torch.get_num_threads(),
+    }
+    if is_cuda():
+        props = torch.cuda.get_device_properties(torch.cuda.current_device())
+        header["sm_count"] = props.multi_processor_count
+        header["device_memory_gb"] = round(props.total_memory / 2**30, 1)
+        header["compute_capability"] = f"{props.major}.{props.minor}"
+    try:
+        import mmkernels
+
+        header["build_info"] = mmkernels.build_info()
+    except Exception as e:  # the harness must work even if mmkernels is broken
+        header["build_info"] = {"error": f"{type(e).__name__}: {e}"}
+    _HEADER = header
+    return header
+
+
+def format_header(header: dict[str, Any]) -> str:
+    keys = ["device", "torch_version", "triton_version", "cuda_version", "python_version", "git_commit",
+            "timestamp", "triton_interpret", "cpu_threads", "compute_capability", "sm_count",
+            "device_memory_gb"]
+    lines = [f"  {k:<18} {header[k]}" for k in keys if k in header]
+    bi = header.get("build_info") or {}
+    if bi:
+        lines.append("  build_info:")
+        lines.extend(f"    {k:<20} {v}" for k, v in bi.items())
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- timing
+
+def _quantiles(samples: Sequence[float], qs: Sequence[float]) -> list[float]:
+    s = sorted(samples)
+    out = []
+    for q in qs:  # linear interpolation, like torch.quantile
+        pos = q * (len(s) - 1)
+        lo, hi = math.floor(pos), math.ceil(pos)
+        out.append(s[lo] + (s[hi] - s[lo]) * (pos - lo))
+    return out
+
+
+def cpu_time_ms(fn: Callable[[], Any], warmup: int = 2, min_reps: int = 5, max_reps: int = 25,
+                min_time_s: float = 0.25, grad_to_none: Iterable[torch.Tensor] | None = None
+                ) -> tuple[float, float, float]:
+    """(p50, p20, p80) in ms of ``fn`` on CPU: ``warmup`` calls, then at least ``min_reps`` and until
+    ``min_time_s`` has passed (at most ``max_reps``)."""
+    grads = list(grad_to_none or [])
+
+    def clear():
+        for t in grads:
+            t.grad = None
+
+    for _ in range(warmup):
+        clear()
+        fn()
+    samples: list[float] = []
+    start = time.perf_counter()
+    while len(samples) < max_reps and (len(samples) < min_reps or time.perf_counter() - start < min_time_s):
+        clear()
+        t0 = time.perf_counter()
+        fn()
+        samples.append((time.perf_counter() - t0) * 1e3)
+    p50, p20, p80 = _quantiles(samples, (0.5, 0.2, 0.8))
+    return p50, p20, p80
+
+
+def cuda_time_ms(fn: Callable[[], Any], grad_to_none: Iterable[torch.Tensor] | None = None,
+                 warmup: int = CUDA_WARMUP_MS, rep: int = CUDA_REP_MS) -> tuple[float, float, float]:
+    """(p50, p20, p80) in ms via ``triton.testing.do_bench`` (triton 3.6 signature:
+    ``do_bench(fn, warmup=25, rep=100, grad_to_none=None, quantiles=None, return_mode="mean")``;
+    warmup and rep are budgets in ms).  do_bench synchronises and flushes L2 itself."""
+    from triton.testing import do_bench
+
+    grads = list(grad_to_none) if grad_to_none is not None else None
+    res = do_bench(fn, warmup=warmup, rep=rep, grad_to_none=grads, quantiles=[0.5, 0.2, 0.8])
+    p50, p20, p80 = (float(v) for v in res)
+    return p50, p20, p80
+
+
+def time_ms(fn: Callable[[], Any], grad_to_none: Iterable[torch.Tensor] | None = None,
+            **kwargs) -> tuple[float, float, float]:
+    """(p50, p20, p80) ms on the current device (CUDA: do_bench; CPU: perf_counter median)."""
+    if is_cuda():
+        return cuda_time_ms(fn, grad_to_none=grad_to_none, **kwargs)
+    return cpu_time_ms(fn, grad_to_none=grad_to_none, **kwargs)
+
+
+def peak_memory_mb(fn: Callable[[], Any], grad_to_none: Iterable[torch.Tensor] | None = None
+                   ) -> float | None:
+    """Peak CUDA memory of one call of ``fn`` (e.g. one fwd+bwd), in MB (1e6 bytes) above what was
+    allocated just before it (the inputs).  None on CPU.  Grads in ``grad_to_none`` are cleared
+    first, so the gradients the call allocates count."""
+    if not is_cuda():
+        return None
+    for t in grad_to_none or []:
+        t.grad = None
+    torch.cuda.synchronize()
+    baseline = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    fn()
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated() - baseline
+    for t in grad_to_none or []:
+        t.grad = None
+    return peak / 1e6
+
+
+# --------------------------------------------------------------------------- ceilings
+
+# Nominal dense peaks (no sparsity) keyed by a lower-case substring of the device name; first match
+# wins, so more specific keys come first.  bf16 TFLOP/s, HBM TB/s.
+CARD_CEILINGS: dict[str, dict[str, float]] = {
+    "h200": {"bf16_tflops": 989.0, "hbm_tbps": 4.8},
+    "h100 pcie": {"bf16_tflops": 756.0, "hbm_tbps": 2.0},
+    "h100": {"bf16_tflops": 989.0, "hbm_tbps": 3.35},  # SXM
+    "a100": {"bf16_tflops": 312.0, "hbm_tbps": 2.0},
+}
+
+
+def nominal_ceiling(name: str | None = None) -> dict[str, float] | None:
+    low = (name or device_name()).lower()
+    for key, value in CARD_CEILINGS.items():
+        if key in low:
+            return dict(value, source=f"nominal ({key})")
+    return None
+
+
+_MEASURED: dict[str, float] | None = None
+
+
+def measured_ceiling() -> dict[str, float] | None:
+    """On CUDA: achieved bf16 TFLOP/s of one 8192^3 matmul and GB/s of a 1 GiB device-to-device
+    copy (read + write counted), best of the do_bench repetitions, measured once per process (a
+    tuned GEMM can still land slightly above 100 %).  None on CPU."""
+    global _MEASURED
+    if not is_cuda():
+        return None
+    if _MEASURED is not None:
+        return _MEASURED
+    n = 8192
+    a = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+    from triton.testing import do_bench
+
+    # best time, not the median: a ceiling should be the most the card did (clocks vary run to run)
+    mm_ms = float(do_bench(lambda: torch.matmul(a, b), warmup=25, rep=150, return_mode="min"))
+    del a, b
+    nbytes = 2**30
+    src = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    cp_ms = float(do_bench(lambda: dst.copy_(src), warmup=25, rep=100, return_mode="min"))
+    del src, dst
+    torch.cuda.empty_cache()
+    _MEASURED = {
+        "bf16_tflops": 2 * n**3 / (mm_ms * 1e-3) / 1e12,
+        "hbm_tbps": 2 * nbytes / (cp_ms * 1e-3) / 1e12,
+        "matmul_8192_ms": mm_ms,
+        "copy_1GiB_ms": cp_ms,
+    }
+    return _MEASURED
+
+
+def ceilings(measure: bool = True) -> dict[str, Any]:
+    """{"nominal": {...} | None, "measured": {...} | None, "reference": the one % is taken against}."""
+    nominal = nominal_ceiling()
+    measured = measured_ceiling() if measure else None
+    ref = None
+    if measured:
+        ref = dict(bf16_tflops=measured["bf16_tflops"], hbm_tbps=measured["hbm_tbps"], source="measured")
+    elif nominal:
+        ref = nominal
+    return {"nominal": nominal, "measured": measured, "reference": ref}
+
+
+def pct_of(value: float | None, ceiling: float | None) -> float | None:
+    if value is None or not ceiling:
+        return None
+    return 100.0 * value / ceiling
+
+
+# --------------------------------------------------------------------------- rows, table, files
+
+def tflops(flops: float, ms: float) -> float:
+    return flops / (ms * 1e-3) / 1e12 if ms > 0 else float("nan")
+
+
+def gbps(nbytes: float, ms: float) -> float:
+    return nbytes / (ms * 1e-3) / 1e9 if ms > 0 else float("nan")
+
+
+def _fmt(value: Any, fmt: str | None) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        if math.isnan(value):
+            return "nan"
+        return format(value, fmt or ".3g")
+    return str(value)
+
+
+def format_table(rows: Sequence[dict[str, Any]], columns: Sequence[tuple[str, str, str | None]]) -> str:
+    """Fixed-width table.  ``columns``: (key, header, format spec or None)."""
+    cells = [[_fmt(r.get(k), f) for k, _, f in columns] for r in rows]
+    widths = [max([len(h)] + [len(c[i]) for c in cells]) for i, (_, h, _) in enumerate(columns)]
+    numeric = [all(isinstance(r.get(k), (int, float)) or r.get(k) is None for r in rows) for k, _, _ in columns]
+
+    def line(values):
+        return "  ".join(v.rjust(w) if num else v.ljust(w) for v, w, num in zip(values, widths, numeric)).rstrip()
+
+    out = [line([h for _, h, _ in columns]), "  ".join("-" * w for w in widths)]
+    out.extend(line(c) for c in cells)
+    return "\n".join(out)
+
+
+def print_table(title: str, rows: Sequence[dict[str, Any]], columns: Sequence[tuple[str, str, str | None]]) -> None:
+    print(f"\n== {title} ==")
+    print(format_table(rows, columns) if rows else "(no rows)", flush=True)
+
+
+def _jsonable(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, torch.dtype):
+        return str(obj).replace("torch.", "")
+    if isinstance(obj, float) and (math.isnan(obj) or math.isinf(obj)):
+        return None
+    if isinstance(obj, (str, int, float, bool)) or obj is None:
+        return obj
+    return str(obj)
+
+
+def result_paths(op: str, out_dir: str | Path | None = None, stamp: str | None = None) -> dict[str, Path]:
+    out = Path(out_dir) if out_dir else RESULTS_DIR
+    slug = device_slug()
+    stamp = stamp or _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    return {
+        "json": out / f"{op}-{slug}-{stamp}.json",
+        "json_latest": out / f"{op}-{slug}-latest.json",
+        "png_latest": out / f"{op}-{slug}-latest.png",
+    }
+
+
+def write_results(op: str, payload: dict[str, Any], out_dir: str | Path | None = None,
+                  keep_timestamped: bool = True) -> list[Path]:
+    """Write ``{"op", "machine", **payload}`` to ``<op>-<slug>-<timestamp>.json`` and
+    ``<op>-<slug>-latest.json`` under ``out_dir`` (default benchmarks/results).  Returns the paths."""
+    paths = result_paths(op, out_dir)
+    paths["json"].parent.mkdir(parents=True, exist_ok=True)
+    doc = _jsonable({"op": op, "machine": machine_header(), **payload})
+    text = json.dumps(doc, indent=1, sort_keys=False) + "\n"
+    written = []
+    targets = [paths["json"], paths["json_latest"]] if keep_timestamped else [paths["json_latest"]]
+    for p in targets:
+        p.write_text(text)
+        written.append(p)
+    return written
+
+
+def plot_sweep(op: str, rows: Sequence[dict[str, Any]], *, panel_keys: Sequence[str], x_key: str, y_key: str,
+               series_key: str, title: str, y_label: str, x_label: str | None = None,
+               hlines: dict[str, float] | None = None, out_dir: str | Path | None = None,
+               panel_title: Callable[[tuple], str] | None = None) -> Path | None:
+    """One PNG per operator sweep: a grid of panels (one per distinct value of ``panel_keys``; the
+    first key picks the grid row), ``x_key`` on the x axis, one line per ``series_key``.  ``hlines``
+    maps a label to a y value drawn in every panel whose first panel key matches the label prefix
+    before ':' (or every panel if the label has no ':').  Returns the path, or None without matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except Exception as e:  # pragma: no cover
+        print(f"(no plot: matplotlib unavailable: {e})")
+        return None
+    rows = [r for r in rows if r.get(y_key) is not None]
+    if not rows:
+        return None
+    first_vals = list(dict.fromkeys(r[panel_keys[0]] for r in rows))
+    rest = list(dict.fromkeys(tuple(r[k] for k in panel_keys[1:]) for r in rows))
+    nrows, ncols = len(first_vals), max(1, len(rest))
+    fig, axes = plt.subplots(nrows, ncols, figsize=(max(8.0, 4.2 * ncols + 0.6), 3.2 * nrows + 1.6),
+                             squeeze=False)
+    series_vals = list(dict.fromkeys(r[series_key] for r in rows))
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for i, fv in enumerate(first_vals):
+        for j, rv in enumerate(rest):
+            ax = axes[i][j]
+            key = (fv, *rv)
+            sub = [r for r in rows if tuple(r[k] for k in panel_keys) == key]
+            xs_all = sorted(dict.fromkeys(r[x_key] for r in sub), key=lambda v: (isinstance(v, str), v))
+            for s_idx, sv in enumerate(series_vals):
+                pts = sorted(((r[x_key], r[y_key]) for r in sub if r[series_key] == sv),
+                             key=lambda p: (isinstance(p[0], str), p[0]))
+                if not pts:
+                    continue
+                xs = [xs_all.index(p[0]) for p in pts]
+                ax.plot(xs, [p[1] for p in pts], marker="o", label=str(sv), color=colors[s_idx % len(colors)])
+            ax.set_xticks(range(len(xs_all)))
+            ax.set_xticklabels([str(x) for x in xs_all], fontsize=8)
+            for label, y in (hlines or {}).items():
+                prefix, _, text = label.partition(":")
+                if text and prefix != str(fv):
+                    continue
+                ax.axhline(y, color="gray", linestyle="--", linewidth=1)
+                ax.annotate(text or label, (1, y), xycoords=("axes fraction", "data"), xytext=(-2, 2),
+                            textcoords="offset points", ha="right", fontsize=7, color="gray")
+            ax.set_title(panel_title(key) if panel_title else ", ".join(map(str, key)), fontsize=9)
+            ax.grid(True, alpha=0.3)
+            ax.tick_params(labelsize=8)
+            if j == 0:
+                ax.set_ylabel(y_label, fontsize=9)
+            if i == nrows - 1:
+                ax.set_xlabel(x_label or x_key, fontsize=9)
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    for a in axes.flat:
+        h, l = a.get_legend_handles_labels()
+        for hh, ll in zip(h, l):
+            if ll not in labels:
+                handles.append(hh)
+                labels.append(ll)
+    fig.legend(handles, labels, loc="lower center", fontsize=8, ncol=max(1, min(6, len(labels))), frameon=False)
+    hdr = machine_header()
+    fig.suptitle(f"{title}\n{hdr['device']} | torch {hdr['torch_version']} | triton {hdr['triton_version']} "
+                 f"| commit {hdr['git_commit']}", fontsize=9)
+    height = fig.get_size_inches()[1]
+    fig.tight_layout(rect=(0, 0.45 / height, 1, 1 - 0.5 / height))
+    path = result_paths(op, out_dir)["png_latest"]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def median(values: Iterable[float]) -> float:
+    return statistics.median(list(values))
+
+
+def geomean(values: Iterable[float]) -> float:
+    vals = [v for v in values if v and v > 0]
+    return math.exp(sum(math.log(v) for v in vals) / len(vals)) if vals else float("nan")
