@@ -85,7 +85,7 @@ def _plora_fwd_kernel(
     stride_xm, stride_xk, stride_wn, stride_wk, stride_sm, stride_sr,
     stride_bn, stride_br, stride_ym, stride_yn,
     scaling,
-    HAS_BIAS: tl.constexpr, HAS_LORA: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_LORA: tl.constexpr, EVEN_K: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     FLAG_ROWS: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
@@ -123,14 +123,24 @@ def _plora_fwd_kernel(
                             mask=col_ok[None, :] & r_ok[:, None], other=0.0)
                 acc = tl.dot(s, b, acc, input_precision=DOT_PRECISION)
             acc = acc * scaling
-    for k0 in range(0, K, BLOCK_K):
-        ks = k0 + tl.arange(0, BLOCK_K)
-        k_ok = ks < K
-        x = tl.load(x_ptr + rows[:, None].to(tl.int64) * stride_xm + ks[None, :] * stride_xk,
-                    mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-        w = tl.load(w_ptr + cols[None, :].to(tl.int64) * stride_wn + ks[:, None] * stride_wk,
-                    mask=col_ok[None, :] & k_ok[:, None], other=0.0)
+    # Base K loop.  Row / column indices wrap (% M, % N) so the loads need no row or column mask
+    # (the wrapped rows are computed and then dropped by the masked store); only a ragged K tail
+    # is masked, and not at all when EVEN_K.
+    rows_w = tl.max_contiguous(tl.multiple_of(rows % M, BLOCK_M), BLOCK_M)
+    cols_w = tl.max_contiguous(tl.multiple_of(cols % N, BLOCK_N), BLOCK_N)
+    ks = tl.arange(0, BLOCK_K)
+    x_ptrs = x_ptr + rows_w[:, None].to(tl.int64) * stride_xm + ks[None, :] * stride_xk
+    w_ptrs = w_ptr + cols_w[None, :].to(tl.int64) * stride_wn + ks[:, None] * stride_wk
+    for k in range(0, tl.cdiv(K, BLOCK_K)):
+        if EVEN_K:
+            x = tl.load(x_ptrs)
+            w = tl.load(w_ptrs)
+        else:
+            x = tl.load(x_ptrs, mask=ks[None, :] < K - k * BLOCK_K, other=0.0)
+            w = tl.load(w_ptrs, mask=ks[:, None] < K - k * BLOCK_K, other=0.0)
         acc = tl.dot(x, w, acc, input_precision=DOT_PRECISION)
+        x_ptrs += BLOCK_K * stride_xk
+        w_ptrs += BLOCK_K * stride_wk
     if HAS_BIAS:
         bias = tl.load(bias_ptr + cols, mask=col_ok, other=0.0)
         acc = acc + bias.to(tl.float32)[None, :]
@@ -257,7 +267,7 @@ def _plora_bwd_dx_kernel(
     stride_dym, stride_dyn, stride_wn, stride_wk, stride_dsm, stride_dsr,
     stride_ar, stride_ak, stride_dxm, stride_dxk,
     dropout_p, keep_scale,
-    HAS_LORA: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+    HAS_LORA: tl.constexpr, HAS_DROPOUT: tl.constexpr, EVEN_N: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr,
     FLAG_ROWS: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
@@ -282,14 +292,22 @@ def _plora_bwd_dx_kernel(
     row_ok = rows < M
     k_ok = ks < K
     acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
-    for n0 in range(0, N, BLOCK_N):
-        ns = n0 + tl.arange(0, BLOCK_N)
-        n_ok = ns < N
-        dy = tl.load(dy_ptr + rows[:, None].to(tl.int64) * stride_dym + ns[None, :] * stride_dyn,
-                     mask=row_ok[:, None] & n_ok[None, :], other=0.0)
-        w = tl.load(w_ptr + ns[:, None].to(tl.int64) * stride_wn + ks[None, :] * stride_wk,
-                    mask=n_ok[:, None] & k_ok[None, :], other=0.0)
+    # Base reduction over N, tutorial style: wrapped row/column indices, N tail masked only.
+    rows_w = tl.max_contiguous(tl.multiple_of(rows % M, BLOCK_M), BLOCK_M)
+    ks_w = tl.max_contiguous(tl.multiple_of(ks % K, BLOCK_K), BLOCK_K)
+    ns = tl.arange(0, BLOCK_N)
+    dy_ptrs = dy_ptr + rows_w[:, None].to(tl.int64) * stride_dym + ns[None, :] * stride_dyn
+    w_ptrs = w_ptr + ns[:, None].to(tl.int64) * stride_wn + ks_w[None, :] * stride_wk
+    for n in range(0, tl.cdiv(N, BLOCK_N)):
+        if EVEN_N:
+            dy = tl.load(dy_ptrs)
+            w = tl.load(w_ptrs)
+        else:
+            dy = tl.load(dy_ptrs, mask=ns[None, :] < N - n * BLOCK_N, other=0.0)
+            w = tl.load(w_ptrs, mask=ns[:, None] < N - n * BLOCK_N, other=0.0)
         acc = tl.dot(dy, w, acc, input_precision=DOT_PRECISION)
+        dy_ptrs += BLOCK_N * stride_dyn
+        w_ptrs += BLOCK_N * stride_wn
     if HAS_LORA:
         if _tile_is_visual(flags_ptr, n_flags, pid_m, BLOCK_M, FLAG_ROWS):
             visual = (tl.load(mask_ptr + rows, mask=row_ok, other=0) != 0) & row_ok
@@ -316,7 +334,7 @@ def _plora_bwd_dw_kernel(
     dy_ptr, x_ptr, dw_ptr, dbias_ptr,
     M, N, K,
     stride_dym, stride_dyn, stride_xm, stride_xk, stride_dwn, stride_dwk,
-    HAS_DW: tl.constexpr, HAS_DBIAS: tl.constexpr,
+    HAS_DW: tl.constexpr, HAS_DBIAS: tl.constexpr, EVEN_M: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_M: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
@@ -333,17 +351,27 @@ def _plora_bwd_dw_kernel(
     k_ok = ks < K
     acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
     bias_acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    for m0 in range(0, M, BLOCK_M):
-        rows = m0 + tl.arange(0, BLOCK_M)
-        row_ok = rows < M
-        dy_t = tl.load(dy_ptr + rows[None, :].to(tl.int64) * stride_dym + ns[:, None] * stride_dyn,
-                       mask=row_ok[None, :] & n_ok[:, None], other=0.0)
+    # Reduction over rows with wrapped N / K indices; only a ragged M tail is masked.
+    ns_w = tl.max_contiguous(tl.multiple_of(ns % N, BLOCK_N), BLOCK_N)
+    ks_w = tl.max_contiguous(tl.multiple_of(ks % K, BLOCK_K), BLOCK_K)
+    ms = tl.arange(0, BLOCK_M)
+    dy_ptrs = dy_ptr + ms[None, :].to(tl.int64) * stride_dym + ns_w[:, None] * stride_dyn
+    x_ptrs = x_ptr + ms[:, None].to(tl.int64) * stride_xm + ks_w[None, :] * stride_xk
+    for m in range(0, tl.cdiv(M, BLOCK_M)):
+        if EVEN_M:
+            dy_t = tl.load(dy_ptrs)
+        else:
+            dy_t = tl.load(dy_ptrs, mask=ms[None, :] < M - m * BLOCK_M, other=0.0)
         if HAS_DW:
-            x = tl.load(x_ptr + rows[:, None].to(tl.int64) * stride_xm + ks[None, :] * stride_xk,
-                        mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+            if EVEN_M:
+                x = tl.load(x_ptrs)
+            else:
+                x = tl.load(x_ptrs, mask=ms[:, None] < M - m * BLOCK_M, other=0.0)
             acc = tl.dot(dy_t, x, acc, input_precision=DOT_PRECISION)
         if HAS_DBIAS:
             bias_acc += tl.sum(dy_t.to(tl.float32), axis=1)
+        dy_ptrs += BLOCK_M * stride_dym
+        x_ptrs += BLOCK_M * stride_xm
     if HAS_DW:
         tl.store(dw_ptr + ns[:, None].to(tl.int64) * stride_dwn + ks[None, :] * stride_dwk,
                  acc.to(dw_ptr.dtype.element_ty), mask=n_ok[:, None] & k_ok[None, :])

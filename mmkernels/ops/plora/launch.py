@@ -111,7 +111,7 @@ def plora_forward(x, weight, bias, lora_a, lora_b, im_mask, flags, scaling, drop
             x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), s.stride(0), s.stride(1),
             lora_b.stride(0), lora_b.stride(1), y.stride(0), y.stride(1),
             float(scaling),
-            HAS_BIAS=bias is not None, HAS_LORA=R > 0, FLAG_ROWS=FLAG_ROWS,
+            HAS_BIAS=bias is not None, HAS_LORA=R > 0, EVEN_K=K % cfg["BLOCK_K"] == 0, FLAG_ROWS=FLAG_ROWS,
             DOT_PRECISION=precision, **cfg)
     return y, s
 
@@ -157,7 +157,8 @@ def plora_backward(grad_y, x, weight, lora_a, lora_b, lora_hidden, im_mask, flag
                 ds.stride(0) if ds is not None else 0, ds.stride(1) if ds is not None else 0,
                 lora_a.stride(0), lora_a.stride(1), dx.stride(0), dx.stride(1),
                 float(dropout_p), keep_scale,
-                HAS_LORA=ds is not None, HAS_DROPOUT=has_dropout, FLAG_ROWS=FLAG_ROWS,
+                HAS_LORA=ds is not None, HAS_DROPOUT=has_dropout, EVEN_N=N % cfg["BLOCK_N"] == 0,
+                FLAG_ROWS=FLAG_ROWS,
                 DOT_PRECISION=precision, **cfg)
 
     dw, dbias = empty, empty
@@ -171,7 +172,8 @@ def plora_backward(grad_y, x, weight, lora_a, lora_b, lora_hidden, im_mask, flag
                 grad_y, x, dw if need_dw else grad_y, dbias if need_dbias else grad_y, M, N, K,
                 grad_y.stride(0), grad_y.stride(1), x.stride(0), x.stride(1),
                 dw.stride(0) if need_dw else 0, dw.stride(1) if need_dw else 0,
-                HAS_DW=need_dw, HAS_DBIAS=need_dbias, DOT_PRECISION=precision, **cfg)
+                HAS_DW=need_dw, HAS_DBIAS=need_dbias, EVEN_M=M % cfg["BLOCK_M"] == 0,
+                DOT_PRECISION=precision, **cfg)
         if need_dbias and K == 0 and need_dw:  # the dW grid is empty: db0 still needs its sums
             dbias.copy_(grad_y.sum(0, dtype=torch.float32))
 
