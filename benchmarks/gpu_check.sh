@@ -4,16 +4,19 @@
 #   OUT=./gpu_out bash benchmarks/gpu_check.sh
 #
 # Steps (each under `timeout`, the whole script < 8 min on one H100/H200):
-#   1. nvidia-smi + versions                               -> $OUT/env.log
+#   1. nvidia-smi + versions                               -> $OUT/build.log (head)
 #   2. build _C in place (setup.py build_ext --inplace)    -> $OUT/build.log  (failure is not fatal:
-#      mmkernels works without _C)
-#   3. GPU tests: pytest -q -x tests -m gpu                -> $OUT/tests.log
+#      mmkernels works without _C), in the background while
+#   2b. the PLoRA block-size sweep (benchmarks.tune_plora)  -> $OUT/tune.log, plora_configs.json,
+#      plora_configs-sweep.json; later steps run with MMKERNELS_PLORA_CONFIGS pointing at the winners
+#   3. GPU tests: pytest -x tests -m gpu (xdist if there)  -> $OUT/tests.log
 #   4. benchmarks: python3 -m benchmarks.run --out $OUT    -> $OUT/bench.log, plora-<dev>-latest.{json,png}
-#   5. summary table                                       -> stdout and $OUT/summary.txt
+#   5. summary table                                       -> stdout
 # $OUT stays flat and small (<= 8 files).
 #
-# Knobs: PYTHON (python3), OUT, QUICK=1 (bench --quick), SKIP_BUILD=1, SKIP_TESTS=1, SKIP_BENCH=1,
-#        BUILD_TIMEOUT (120), TESTS_TIMEOUT (180), BENCH_TIMEOUT (150), TORCH_CUDA_ARCH_LIST (9.0a).
+# Knobs: PYTHON (python3), OUT, QUICK=1 (bench --quick), SKIP_BUILD=1, SKIP_TUNE=1, SKIP_TESTS=1,
+#        SKIP_BENCH=1, BUILD_TIMEOUT (120), TUNE_TIMEOUT (110), TESTS_TIMEOUT (180), BENCH_TIMEOUT (150),
+#        TORCH_CUDA_ARCH_LIST (9.0a).
 set -uo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.." || exit 1
@@ -24,6 +27,7 @@ mkdir -p "$OUT"
 OUT="$(cd "$OUT" && pwd)"
 BUILD_TIMEOUT="${BUILD_TIMEOUT:-120}"
 TESTS_TIMEOUT="${TESTS_TIMEOUT:-180}"
+TUNE_TIMEOUT="${TUNE_TIMEOUT:-110}"
 BENCH_TIMEOUT="${BENCH_TIMEOUT:-150}"
 export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONUNBUFFERED=1
@@ -64,23 +68,45 @@ PY
   for tool in nvcc cmake ninja; do
     printf '%-6s %s\n' "$tool" "$(command -v "$tool" >/dev/null && "$tool" --version 2>&1 | head -n 1 | tr -d '\n' || echo 'not on PATH')"
   done
-} 2>&1 | tee "$OUT/env.log"
+} 2>&1 | tee "$OUT/env.txt"
 
-# ---------------------------------------------------------------- 2. build _C in place
+# ---------------------------------------------------------------- 2. build _C in place (background)
 if [ "${SKIP_BUILD:-0}" = "1" ]; then
   record build skip 0 "SKIP_BUILD=1"
+  cat "$OUT/env.txt" > "$OUT/build.log"
 else
-  t0=$(date +%s)
+  t_build=$(date +%s)
   {
-    echo "=== MAX_JOBS=16 TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0a} $PY setup.py build_ext --inplace"
-    MAX_JOBS="${MAX_JOBS:-16}" TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0a}" \
+    cat "$OUT/env.txt"
+    echo "=== MAX_JOBS=8 TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0a} $PY setup.py build_ext --inplace"
+    MAX_JOBS="${MAX_JOBS:-8}" TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0a}" \
       timeout -k 10 "$BUILD_TIMEOUT" "$PY" setup.py build_ext --inplace
     echo "build rc=$?"
-  } 2>&1 | tee "$OUT/build.log"
+  } > "$OUT/build.log" 2>&1 &
+  BUILD_PID=$!
+fi
+rm -f "$OUT/env.txt"
+
+# ---------------------------------------------------------------- 2b. PLoRA block-size sweep
+if [ "${SKIP_TUNE:-0}" = "1" ]; then
+  record tune skip 0 "SKIP_TUNE=1"
+else
+  t0=$(date +%s)
+  timeout -k 10 "$TUNE_TIMEOUT" "$PY" -m benchmarks.tune_plora --out "$OUT/plora_configs.json" 2>&1 | tee "$OUT/tune.log"
+  rc=${PIPESTATUS[0]}
+  record tune "$rc" $(( $(date +%s) - t0 )) "$(grep -c ': best' "$OUT/tune.log") kernels tuned"
+  if [ "$rc" = "0" ] && [ -s "$OUT/plora_configs.json" ]; then
+    export MMKERNELS_PLORA_CONFIGS="$OUT/plora_configs.json"
+  fi
+fi
+
+if [ -n "${BUILD_PID:-}" ]; then
+  wait "$BUILD_PID"
+  tail -n 5 "$OUT/build.log"
   rc=$(grep -o '^build rc=[0-9]*' "$OUT/build.log" | tail -n 1 | cut -d= -f2)
   info=$("$PY" -c "import json, mmkernels; i = mmkernels.build_info(); print('c_ext=%s cuda_kernels=%s archs=%s' % (i['c_extension_loaded'], i['cuda_kernels'], ','.join(i['cuda_archs'])))" 2>/dev/null | tail -n 1)
   echo "build_info: $info" | tee -a "$OUT/build.log"
-  record build "${rc:-1}" $(( $(date +%s) - t0 )) "$info"
+  record build "${rc:-1}" $(( $(date +%s) - t_build )) "$info"
 fi
 
 # ---------------------------------------------------------------- 3. GPU tests
@@ -88,7 +114,9 @@ if [ "${SKIP_TESTS:-0}" = "1" ]; then
   record tests skip 0 "SKIP_TESTS=1"
 else
   t0=$(date +%s)
-  timeout -k 10 "$TESTS_TIMEOUT" "$PY" -m pytest -v -x -p no:cacheprovider --durations=10 tests -m gpu 2>&1 | tee "$OUT/tests.log"
+  xdist=()
+  "$PY" -c "import xdist" 2>/dev/null && xdist=(-n 8)
+  timeout -k 10 "$TESTS_TIMEOUT" "$PY" -m pytest -q -x -p no:cacheprovider "${xdist[@]}" --durations=10 tests -m gpu 2>&1 | tee "$OUT/tests.log"
   rc=${PIPESTATUS[0]}
   record tests "$rc" $(( $(date +%s) - t0 )) "$(grep -E '[0-9]+ (passed|failed|error)' "$OUT/tests.log" | tail -n 1)"
 fi
@@ -121,7 +149,7 @@ fi
   fi
   echo "--- files"
   ls -1 "$OUT"
-} 2>&1 | tee "$OUT/summary.txt"
+} 2>&1
 
 # exit status: failure of tests or bench (a failed build alone is not fatal)
 status=0

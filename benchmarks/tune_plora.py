@@ -1,87 +1,144 @@
-"""Block-size sweep for the three large PLoRA GEMM kernels on one InternLM2-7B shape (GPU only).
+"""Block-size sweep for every PLoRA kernel on one InternLM2-7B shape (GPU; a tiny CPU smoke mode).
 
-Prints, per kernel and configuration, the median time and TFLOP/s next to cuBLAS doing the same
-GEMM, so the fixed configurations in ``mmkernels/ops/plora/launch.py`` can be chosen from data.
-Run: ``python -m benchmarks.tune_plora [--tokens 16384] [--out results.json]``.
+Kernels are tuned one after another (each keeps the winners found before it), timing the launcher
+that contains the kernel, next to cuBLAS doing the same base GEMM.  The winners are written as
+JSON; ``MMKERNELS_PLORA_CONFIGS=<that file>`` makes the launchers use them, and the tables in
+``mmkernels/ops/plora/launch.py`` are updated from it.
+
+    python -m benchmarks.tune_plora --out plora_configs.json [--tokens 16384 --K 4096 --N 6144]
 """
 import argparse
 import json
+import time
 
 import torch
-import triton
 
-from mmkernels.ops.plora import launch
+W8S3, W8S4, W4S4, W4S3 = (dict(num_warps=8, num_stages=3), dict(num_warps=8, num_stages=4),
+                          dict(num_warps=4, num_stages=4), dict(num_warps=4, num_stages=3))
+# Output-tile x reduction-block candidates, spelled in each kernel's own block names.
+CANDIDATES = {
+    "shrink": [dict(BLOCK_M=128, BLOCK_R=128, BLOCK_K=64, **W8S3), dict(BLOCK_M=64, BLOCK_R=128, BLOCK_K=64, **W4S4),
+               dict(BLOCK_M=128, BLOCK_R=256, BLOCK_K=64, **W8S3), dict(BLOCK_M=64, BLOCK_R=256, BLOCK_K=64, **W8S3)],
+    "fwd": [dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, **c) for c in (W8S3, W4S4, W8S4)]
+    + [dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, GROUP_M=8, **c) for c in (W8S3, W8S4)]
+    + [dict(BLOCK_M=256, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, **W8S3)],
+    "ds": [dict(BLOCK_M=128, BLOCK_R=128, BLOCK_N=64, **W8S3), dict(BLOCK_M=64, BLOCK_R=128, BLOCK_N=64, **W4S4),
+           dict(BLOCK_M=128, BLOCK_R=256, BLOCK_N=64, **W8S3), dict(BLOCK_M=64, BLOCK_R=256, BLOCK_N=64, **W8S3)],
+    "dx": [dict(BLOCK_M=128, BLOCK_K=128, BLOCK_N=64, GROUP_M=8, **c) for c in (W8S3, W4S4, W8S4)]
+    + [dict(BLOCK_M=128, BLOCK_K=256, BLOCK_N=64, GROUP_M=8, **c) for c in (W8S3, W8S4)]
+    + [dict(BLOCK_M=256, BLOCK_K=128, BLOCK_N=64, GROUP_M=8, **W8S3)],
+    "dw": [dict(BLOCK_N=128, BLOCK_K=128, BLOCK_M=64, **c) for c in (W8S3, W4S4, W8S4)]
+    + [dict(BLOCK_N=128, BLOCK_K=256, BLOCK_M=64, **c) for c in (W8S3, W8S4)]
+    + [dict(BLOCK_N=256, BLOCK_K=128, BLOCK_M=64, **W8S3)],
+    "dlora_a": [dict(BLOCK_R=64, BLOCK_K=128, BLOCK_M=64, **W4S3), dict(BLOCK_R=128, BLOCK_K=128, BLOCK_M=64, **W8S3),
+                dict(BLOCK_R=64, BLOCK_K=64, BLOCK_M=64, **W4S4), dict(BLOCK_R=32, BLOCK_K=128, BLOCK_M=64, **W4S4)],
+    "dlora_b": [dict(BLOCK_N=128, BLOCK_R=64, BLOCK_M=64, **W4S3), dict(BLOCK_N=128, BLOCK_R=128, BLOCK_M=64, **W8S3),
+                dict(BLOCK_N=64, BLOCK_R=64, BLOCK_M=64, **W4S4), dict(BLOCK_N=64, BLOCK_R=128, BLOCK_M=64, **W4S3)],
+}
 
-CANDIDATES = [
-    dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=3),
-    dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, num_warps=4, num_stages=4),
-    dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, num_warps=8, num_stages=3),
-    dict(BLOCK_M=256, BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=3),
-    dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=4),
-    dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, num_warps=4, num_stages=4),
-]
+
+def _timer(device):
+    if device.type == "cuda":
+        import triton
+
+        return lambda fn: triton.testing.do_bench(fn, warmup=10, rep=40)
+
+    def cpu(fn):
+        fn()
+        t = time.perf_counter()
+        fn()
+        return (time.perf_counter() - t) * 1e3
+    return cpu
 
 
-def _rename(cfg, kernel):
-    # the dx kernel tiles [M, K] and reduces over N; the dw kernel tiles [N, K] and reduces over M
-    if kernel == "fwd":
-        return dict(cfg, GROUP_M=8)
-    if kernel == "dx":
-        return dict(BLOCK_M=cfg["BLOCK_M"], BLOCK_K=cfg["BLOCK_N"], BLOCK_N=cfg["BLOCK_K"], GROUP_M=8,
-                    num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
-    return dict(BLOCK_N=cfg["BLOCK_M"], BLOCK_K=cfg["BLOCK_N"], BLOCK_M=cfg["BLOCK_K"],
-                num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
-
-
-def main():
+def main(argv=None):
     parser = argparse.ArgumentParser()
     parser.add_argument("--tokens", type=int, default=16384)
     parser.add_argument("--K", type=int, default=4096)
     parser.add_argument("--N", type=int, default=6144)
-    parser.add_argument("--out", default=None)
-    args = parser.parse_args()
-    M, K, N, r = args.tokens, args.K, args.N, 256
-    dev, dt = "cuda", torch.bfloat16
-    x = torch.randn(M, K, device=dev, dtype=dt)
-    w = torch.randn(N, K, device=dev, dtype=dt) / K**0.5
-    a = torch.randn(r, K, device=dev, dtype=dt) / K**0.5
-    b = torch.randn(N, r, device=dev, dtype=dt) / r**0.5
-    mask = torch.zeros(M, dtype=torch.bool, device=dev)
+    parser.add_argument("--rank", type=int, default=256)
+    parser.add_argument("--out", default=None, help="write the winning configs here (JSON)")
+    args = parser.parse_args(argv)
+
+    from mmkernels.ops.plora import launch
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.type == "cpu":  # smoke mode for the script itself: tiny shapes under the interpreter
+        args.tokens, args.K, args.N, args.rank = 64, 64, 64, 32
+        for name, cands in CANDIDATES.items():
+            CANDIDATES[name] = [{k: (min(v, 32) if k.startswith("BLOCK") else v) for k, v in c.items()}
+                                for c in cands[:2]]
+    M, K, N, r = args.tokens, args.K, args.N, args.rank
+    dt = torch.bfloat16
+    x = torch.randn(M, K, device=device, dtype=dt)
+    w = torch.randn(N, K, device=device, dtype=dt) / K**0.5
+    a = torch.randn(r, K, device=device, dtype=dt) / K**0.5
+    b = torch.randn(N, r, device=device, dtype=dt) / r**0.5
+    mask = torch.zeros(M, dtype=torch.bool, device=device)
     mask[M // 4: 3 * M // 4] = True
     flags = launch.tile_flags(mask)
     _, s = launch.plora_forward(x, w, None, a, b, mask, flags, 1.0, 0.0, None)
-    dy = torch.randn(M, N, device=dev, dtype=dt)
-    base_flops = 2.0 * M * N * K
-    cublas = {
-        "fwd": triton.testing.do_bench(lambda: torch.nn.functional.linear(x, w), warmup=10, rep=50),
-        "dx": triton.testing.do_bench(lambda: dy @ w, warmup=10, rep=50),
-        "dw": triton.testing.do_bench(lambda: dy.t() @ x, warmup=10, rep=50),
-    }
-    rows = []
+    dy = torch.randn(M, N, device=device, dtype=dt)
+    bench = _timer(device)
+
+    def fwd():
+        launch.plora_forward(x, w, None, a, b, mask, flags, 1.0, 0.0, None)
+
+    def bwd(mask5):
+        return lambda: launch.plora_backward(dy, x, w, a, b, s, mask, flags, 1.0, 0.0, None, mask5)
+
+    runs = {"shrink": fwd, "fwd": fwd, "ds": bwd([False, False, False, True, False]),
+            "dx": bwd([True, False, False, False, False]), "dw": bwd([False, True, False, False, False]),
+            "dlora_a": bwd([False, False, False, True, False]), "dlora_b": bwd([False, False, False, False, True])}
+    flops = {"fwd": 2.0 * M * N * K, "dx": 2.0 * M * N * K, "dw": 2.0 * M * N * K,
+             "shrink": 2.0 * M * K * r / 2, "ds": 2.0 * M * N * r / 2, "dlora_a": 2.0 * M * K * r / 2,
+             "dlora_b": 2.0 * M * N * r / 2}
+    if device.type == "cuda":
+        cublas = {"fwd": bench(lambda: torch.nn.functional.linear(x, w)), "dx": bench(lambda: dy @ w),
+                  "dw": bench(lambda: dy.t() @ x)}
+        print(f"device {torch.cuda.get_device_name()}  M={M} K={K} N={N} r={r} bf16, 50% visual span")
+        for k, ms in cublas.items():
+            print(f"cuBLAS {k}: {ms:.3f} ms = {flops[k] / ms / 1e9:.0f} TFLOP/s")
+
     original = launch._config
-    for kernel in ("fwd", "dx", "dw"):
-        print(f"{kernel}: cuBLAS {cublas[kernel]:.3f} ms = {base_flops / cublas[kernel] / 1e9:.0f} TFLOP/s")
-        for cfg in CANDIDATES:
-            cfg = _rename(cfg, kernel)
-            launch._config = lambda name, device, dtype, k=kernel, c=cfg: dict(c) if name == k else original(
-                name, device, dtype)
-            if kernel == "fwd":
-                fn = lambda: launch.plora_forward(x, w, None, a, b, mask, flags, 1.0, 0.0, None)  # noqa: E731
+    chosen: dict[str, dict] = {}
+
+    def config(name, dev, dtype):
+        cfg = original(name, dev, dtype)
+        cfg.update(chosen.get(name, {}))
+        return cfg
+
+    launch._config = config
+    rows = []
+    try:
+        for name, cands in CANDIDATES.items():
+            best = None
+            for cand in cands:
+                chosen[name] = cand
+                try:
+                    ms = bench(runs[name])
+                except Exception as e:  # e.g. out of shared memory on a smaller card
+                    print(f"  {name} {cand}: failed {type(e).__name__}: {str(e)[:100]}")
+                    continue
+                rows.append(dict(kernel=name, config=cand, ms=ms))
+                print(f"  {name} {cand}: {ms:.3f} ms ({flops[name] / ms / 1e9:.0f} TFLOP/s of its own FLOPs, "
+                      f"launcher total)", flush=True)
+                if best is None or ms < best[0]:
+                    best = (ms, cand)
+            if best is None:
+                chosen.pop(name, None)
             else:
-                om = [kernel == "dx", kernel == "dw", False, False, False]
-                fn = lambda om=om: launch.plora_backward(dy, x, w, a, b, s, mask, flags, 1.0, 0.0, None, om)  # noqa
-            try:
-                ms = triton.testing.do_bench(fn, warmup=10, rep=50)
-            except Exception as e:  # e.g. out of shared memory
-                print(f"  {cfg}: failed {type(e).__name__}: {str(e)[:80]}")
-                continue
-            rows.append(dict(kernel=kernel, config=cfg, ms=ms, cublas_ms=cublas[kernel]))
-            print(f"  {cfg}: {ms:.3f} ms = {base_flops / ms / 1e9:.0f} TFLOP/s (base GEMM FLOPs), "
-                  f"{ms / cublas[kernel]:.2f}x cuBLAS")
+                chosen[name] = best[1]
+                print(f"{name}: best {best[1]} {best[0]:.3f} ms", flush=True)
+    finally:
         launch._config = original
     if args.out:
         with open(args.out, "w") as f:
-            json.dump(dict(device=torch.cuda.get_device_name(), M=M, K=K, N=N, rows=rows), f, indent=1)
+            json.dump(chosen, f, indent=1)
+        with open(args.out.replace(".json", "") + "-sweep.json", "w") as f:
+            json.dump(dict(device=str(torch.cuda.get_device_name() if device.type == "cuda" else "cpu"),
+                           M=M, K=K, N=N, r=r, rows=rows), f, indent=1)
+    return chosen
 
 
 if __name__ == "__main__":

@@ -1,11 +1,16 @@
 """Host launchers for the PLoRA kernels: tile flags, block sizes, grids.
 
-Block sizes are fixed per kernel (no autotuning, so the first call costs one compile and
-nothing else).  On the GPU they are tensor-core shaped; under the CPU interpreter they are the
-smallest legal ``tl.dot`` tiles (16/32) so tests stay fast.  Every BLOCK_M is a multiple of
-``FLAG_ROWS``.
+Block sizes are fixed per kernel and GPU generation (no autotuning at run time, so the first
+call costs one compile and nothing else); ``benchmarks/tune_plora.py`` measures the candidates on
+a GPU and writes the winners as JSON, which ``MMKERNELS_PLORA_CONFIGS=<file>`` applies to
+half-precision launches.  Under the CPU interpreter the blocks are the smallest legal ``tl.dot``
+tiles (16/32) so tests stay fast.  Every BLOCK_M is a multiple of ``FLAG_ROWS``.
 """
 from __future__ import annotations
+
+import functools
+import json
+import os
 
 import torch
 
@@ -27,6 +32,28 @@ _GPU_HALF = {
 }
 _GPU_FP32 = {k: dict(v, num_stages=2, **({"BLOCK_K": 32} if k in ("shrink", "fwd") else {}))
              for k, v in _GPU_HALF.items()}
+# Hopper (sm_90): more shared memory, so deeper pipelines (measured with benchmarks/tune_plora.py).
+_GPU_HALF_SM90 = dict(_GPU_HALF)
+
+
+def _load_overrides(path: str | None) -> dict:
+    if not path:
+        return {}
+    with open(path) as f:
+        table = json.load(f)
+    unknown = set(table) - set(_GPU_HALF)
+    if unknown:
+        raise ValueError(f"MMKERNELS_PLORA_CONFIGS: unknown kernel(s) {sorted(unknown)}; "
+                         f"expected some of {sorted(_GPU_HALF)}")
+    return table
+
+
+_OVERRIDES = _load_overrides(os.environ.get("MMKERNELS_PLORA_CONFIGS"))
+
+
+@functools.lru_cache(maxsize=None)
+def _capability(index: int) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(index)
 _INTERPRETER = {
     "shrink": dict(BLOCK_M=32, BLOCK_R=16, BLOCK_K=16),
     "fwd": dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=16, GROUP_M=2),
@@ -41,8 +68,12 @@ _INTERPRETER = {
 def _config(name: str, device: torch.device, dtype: torch.dtype) -> dict:
     if device.type == "cpu":
         return dict(_INTERPRETER[name])
-    table = _GPU_FP32 if dtype == torch.float32 else _GPU_HALF
-    return dict(table[name])
+    if dtype == torch.float32:
+        return dict(_GPU_FP32[name])
+    major = _capability(device.index if device.index is not None else torch.cuda.current_device())[0]
+    cfg = dict((_GPU_HALF_SM90 if major >= 9 else _GPU_HALF)[name])
+    cfg.update(_OVERRIDES.get(name, {}))
+    return cfg
 
 
 def _dot_precision(dtype: torch.dtype) -> str:
