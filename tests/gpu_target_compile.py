@@ -69,17 +69,32 @@ def compile_calls(calls, targets):
                   f"{[v for v in sig2.values() if v.startswith('*')][0]}  shared={compiled.metadata.shared}")
 
 
+SM90, SM80 = GPUTarget("cuda", 90, 32), GPUTarget("cuda", 80, 32)
+
+
 def plora_calls():
+    """PLoRA launches recorded twice: with the sm_90 block table (compiled for sm_90) and with the
+    generic table (compiled for sm_80)."""
+    from mmkernels.ops.plora import launch
+
+    all_dtypes = (torch.float16, torch.bfloat16, torch.float32)
+    return [(_plora_record(launch._GPU_HALF_SM90, all_dtypes), [SM90]),
+            (_plora_record(launch._GPU_HALF, (torch.bfloat16,)), [SM80])]
+
+
+def _plora_record(half_table, dtypes):
     from mmkernels.ops.plora import kernels, launch
 
     calls = []
     for name in dir(kernels):
         obj = getattr(kernels, name)
+        if isinstance(obj, Recorder):
+            obj = obj.fn
         if isinstance(obj, triton.runtime.jit.JITFunction) and not name.startswith("_tile") \
                 and not name.startswith("_dropout_keep"):
             setattr(kernels, name, Recorder(obj, calls))
-    for dtype in (torch.float16, torch.bfloat16, torch.float32):
-        table = launch._GPU_FP32 if dtype == torch.float32 else launch._GPU_HALF
+    for dtype in dtypes:
+        table = launch._GPU_FP32 if dtype == torch.float32 else half_table
         launch._config = lambda name, device, dt, table=table: dict(table[name])
         M, K, N, r = 100, 64, 48, 32
         x = torch.randn(M, K, dtype=dtype)
@@ -98,9 +113,60 @@ def plora_calls():
     return calls
 
 
-OPERATORS = {"plora": plora_calls}
+def hyper_attention_calls():
+    """Hyper Attention launches with the GPU block table: every kernel in bf16 at D = 128 (the
+    model's shapes) plus the forward in fp16 at D = 64 and fp32 at D = 128 (the largest shared-memory
+    footprint), all for sm_90; the three forwards again for sm_80.  Kept small: each compile takes
+    seconds."""
+    return [(_hyper_attention_record(full=True), [SM90]), (_hyper_attention_record(full=False), [SM80])]
+
+
+def _hyper_attention_record(full):
+    from mmkernels.ops.hyper_attention import kernels, launch
+
+    calls = []
+    for name in dir(kernels):
+        obj = getattr(kernels, name)
+        if isinstance(obj, Recorder):
+            obj = obj.fn
+        if isinstance(obj, triton.runtime.jit.JITFunction) and name.endswith("_kernel"):
+            setattr(kernels, name, Recorder(obj, calls))
+    if not hasattr(launch, "_cpu_config"):
+        launch._cpu_config = launch._config
+        launch._config = lambda name, device, dt, head_dim: launch._cpu_config(name, torch.device("cuda"), dt,
+                                                                                head_dim)
+        launch.DECODE_SPLIT_KEYS = dict(launch.DECODE_SPLIT_KEYS, cpu=launch.DECODE_SPLIT_KEYS["gpu"])
+    for dtype, D, every_kernel in ((torch.bfloat16, 128, full), (torch.float16, 64, False),
+                                   (torch.float32, 128, False)):
+        B, L, H, Hkv, N, T = 2, 40, 4, 2, 3, 9
+        q = torch.randn(B, L, H, D, dtype=dtype)
+        k, v = torch.randn(B, L, Hkv, D, dtype=dtype), torch.randn(B, L, Hkv, D, dtype=dtype)
+        kv, vv = torch.randn(N, T, Hkv, D, dtype=dtype), torch.randn(N, T, Hkv, D, dtype=dtype)
+        pos = torch.tensor([1, 5, 3], dtype=torch.int32)
+        cu = torch.tensor([0, 2, 3], dtype=torch.int32)
+        gate = torch.randn(H * D, dtype=dtype)
+        kpm = torch.rand(B, L) > 0.2
+        for gated, inclusive, mask in ((True, False, kpm), (False, True, None))[:2 if every_kernel else 1]:
+            g = gate if gated else None
+            out, o_t, o_v, lse = launch.hyper_forward(q, k, v, kv, vv, pos, cu, g, mask, gated, inclusive,
+                                                      D ** -0.5, True)
+            if not every_kernel:
+                continue
+            launch.hyper_forward(q[:, -1:], k, v, kv, vv, pos, cu, g, mask, gated, inclusive, D ** -0.5, False)
+            launch.hyper_backward(torch.randn_like(q), q, k, v, kv, vv, pos, cu, g, mask, out, o_t, o_v, lse,
+                                  gated, inclusive, D ** -0.5)
+        if every_kernel:
+            inv_freq = torch.rand(D // 2)
+            kvis, vvis = launch.visual_kv_rope(torch.randn(N * T, 2 * Hkv * D, dtype=dtype), pos, inv_freq, T,
+                                               Hkv, 1)
+            launch.visual_kv_rope_backward(kvis, vvis, pos, inv_freq, T, 1)
+    return calls
+
+
+OPERATORS = {"plora": plora_calls, "hyper_attention": hyper_attention_calls}
 
 if __name__ == "__main__":
     ops = sys.argv[1:] or list(OPERATORS)
     for op in ops:
-        compile_calls(OPERATORS[op](), [GPUTarget("cuda", 90, 32), GPUTarget("cuda", 80, 32)])
+        for calls, targets in OPERATORS[op]():
+            compile_calls(calls, targets)

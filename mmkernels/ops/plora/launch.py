@@ -33,7 +33,15 @@ _GPU_HALF = {
 _GPU_FP32 = {k: dict(v, num_stages=2, **({"BLOCK_K": 32} if k in ("shrink", "fwd") else {}))
              for k, v in _GPU_HALF.items()}
 # Hopper (sm_90): more shared memory, so deeper pipelines (measured with benchmarks/tune_plora.py).
-_GPU_HALF_SM90 = dict(_GPU_HALF)
+_GPU_HALF_SM90 = {  # winners of benchmarks/tune_plora.py on an H200 (benchmarks/results/plora-h200-tuned-configs.json)
+    "shrink": dict(BLOCK_M=64, BLOCK_R=128, BLOCK_K=64, num_warps=4, num_stages=4),
+    "fwd": dict(BLOCK_M=256, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3),
+    "ds": dict(BLOCK_M=64, BLOCK_R=128, BLOCK_N=64, num_warps=4, num_stages=4),
+    "dx": dict(BLOCK_M=128, BLOCK_K=128, BLOCK_N=64, GROUP_M=8, num_warps=8, num_stages=4),
+    "dw": dict(BLOCK_N=128, BLOCK_K=256, BLOCK_M=64, num_warps=8, num_stages=3),
+    "dlora_a": dict(BLOCK_R=64, BLOCK_K=64, BLOCK_M=64, num_warps=4, num_stages=4),
+    "dlora_b": dict(BLOCK_N=64, BLOCK_R=128, BLOCK_M=64, num_warps=4, num_stages=3),
+}
 
 
 def _load_overrides(path: str | None) -> dict:
@@ -162,7 +170,9 @@ def plora_backward(grad_y, x, weight, lora_a, lora_b, lora_hidden, im_mask, flag
     keep_scale = _keep_scale(dropout_p)
     precision = _dot_precision(dt)
     nflags = flags.numel()
-    empty = x.new_empty(0)
+
+    def empty():  # a fresh zero-size tensor per unrequested output (outputs must not alias)
+        return x.new_empty(0)
 
     ds = None
     if (need_dx or need_da) and M > 0 and R > 0:
@@ -175,7 +185,7 @@ def plora_backward(grad_y, x, weight, lora_a, lora_b, lora_hidden, im_mask, flag
             ds.stride(0), ds.stride(1), float(scaling),
             FLAG_ROWS=FLAG_ROWS, DOT_PRECISION=precision, **cfg)
 
-    dx = empty
+    dx = empty()
     if need_dx:
         dx = new_output((M, K), dtype=dt, device=dev)
         if M > 0 and K > 0:
@@ -192,10 +202,10 @@ def plora_backward(grad_y, x, weight, lora_a, lora_b, lora_hidden, im_mask, flag
                 FLAG_ROWS=FLAG_ROWS,
                 DOT_PRECISION=precision, **cfg)
 
-    dw, dbias = empty, empty
+    dw, dbias = empty(), empty()
     if need_dw or need_dbias:
-        dw = new_output((N, K), dtype=dt, device=dev) if need_dw else empty
-        dbias = new_output((N,), dtype=dt, device=dev) if need_dbias else empty
+        dw = new_output((N, K), dtype=dt, device=dev) if need_dw else empty()
+        dbias = new_output((N,), dtype=dt, device=dev) if need_dbias else empty()
         if N > 0 and (K > 0 or not need_dw):
             cfg = _config("dw", dev, dt)
             grid = (cdiv(N, cfg["BLOCK_N"]), cdiv(K, cfg["BLOCK_K"]) if need_dw else 1)
@@ -208,7 +218,7 @@ def plora_backward(grad_y, x, weight, lora_a, lora_b, lora_hidden, im_mask, flag
         if need_dbias and K == 0 and need_dw:  # the dW grid is empty: db0 still needs its sums
             dbias.copy_(grad_y.sum(0, dtype=torch.float32))
 
-    da = empty
+    da = empty()
     if need_da:
         da = new_output((R, K), dtype=dt, device=dev)
         if R > 0 and K > 0:
@@ -222,7 +232,7 @@ def plora_backward(grad_y, x, weight, lora_a, lora_b, lora_hidden, im_mask, flag
                 float(dropout_p), keep_scale,
                 HAS_DROPOUT=has_dropout, FLAG_ROWS=FLAG_ROWS, DOT_PRECISION=precision, **cfg)
 
-    dlb = empty
+    dlb = empty()
     if need_db:
         dlb = new_output((N, R), dtype=dt, device=dev)
         if N > 0 and R > 0:
