@@ -31,7 +31,10 @@ class Recorder:
 
 
 def signature(fn, args, kwargs):
-    sig, constexprs = {}, {}
+    """Argument types, constexprs and alignment attributes as Triton's JIT would specialise them:
+    an integer equal to 1 becomes a constant, pointers and integers divisible by 16 are marked so
+    (which is what lets the pipeliner use 16-byte async copies)."""
+    sig, constexprs, attrs = {}, {}, {}
     for i, name in enumerate(fn.arg_names):
         if name in kwargs:
             sig[name] = "constexpr"
@@ -40,33 +43,48 @@ def signature(fn, args, kwargs):
         value = args[i]
         if isinstance(value, torch.Tensor):
             sig[name] = _PTR[value.dtype]
+            attrs[(i,)] = [["tt.divisibility", 16]]
         elif isinstance(value, bool):
             sig[name] = "i1"
         elif isinstance(value, int):
+            if value == 1:
+                sig[name] = "constexpr"
+                constexprs[(i,)] = 1
+                continue
             sig[name] = "i32" if -2**31 <= value < 2**31 else "i64"
+            if value % 16 == 0:
+                attrs[(i,)] = [["tt.divisibility", 16]]
         elif isinstance(value, float):
             sig[name] = "fp32"
         else:
             raise TypeError(f"{fn.__name__}: cannot type argument {name}={value!r}")
-    return sig, constexprs
+    return sig, constexprs, attrs
+
+
+# Shared memory a block may use (bytes): sm_80 (A100) 163 KB, sm_90 (H100/H200) 227 KB.
+SHARED_LIMIT = {80: 166912, 90: 232448}
 
 
 def compile_calls(calls, targets):
     seen = set()
     for fn, args, kwargs in calls:
-        sig, constexprs = signature(fn, args, kwargs)
+        const_kwargs = {k: v for k, v in kwargs.items() if k not in _OPTIONS}
+        sig, constexprs, attrs = signature(fn, args, const_kwargs)
         options = {k: kwargs[k] for k in _OPTIONS if k in kwargs}
-        key = (fn.__name__, tuple(sorted(sig.items())), tuple(sorted(constexprs.items())), tuple(options.items()))
+        key = (fn.__name__, tuple(sorted(sig.items())), tuple(sorted(constexprs.items())),
+               tuple(sorted(attrs)), tuple(options.items()))
         if key in seen:
             continue
         seen.add(key)
         for target in targets:
-            const_kwargs = {k: v for k, v in kwargs.items() if k not in _OPTIONS}
-            sig2, consts2 = signature(fn, args, const_kwargs)
-            compiled = triton.compile(ASTSource(fn=fn, signature=sig2, constexprs=consts2),
+            compiled = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=constexprs, attrs=attrs),
                                       target=target, options=options)
-            print(f"ok  sm_{target.arch}  {fn.__name__}  "
-                  f"{[v for v in sig2.values() if v.startswith('*')][0]}  shared={compiled.metadata.shared}")
+            shared = compiled.metadata.shared
+            pointer = [v for v in sig.values() if v.startswith("*")][0]
+            if shared > SHARED_LIMIT[target.arch]:
+                raise RuntimeError(f"sm_{target.arch} {fn.__name__} {pointer} {options}: needs {shared} bytes of "
+                                   f"shared memory, the limit is {SHARED_LIMIT[target.arch]}")
+            print(f"ok  sm_{target.arch}  {fn.__name__}  {pointer}  shared={shared}")
 
 
 SM90, SM80 = GPUTarget("cuda", 90, 32), GPUTarget("cuda", 80, 32)
@@ -114,10 +132,10 @@ def _plora_record(half_table, dtypes):
 
 
 def hyper_attention_calls():
-    """Hyper Attention launches with the GPU block table: every kernel in bf16 at D = 128 (the
-    model's shapes) plus the forward in fp16 at D = 64 and fp32 at D = 128 (the largest shared-memory
-    footprint), all for sm_90; the three forwards again for sm_80.  Kept small: each compile takes
-    seconds."""
+    """Hyper Attention launches with the GPU block table: every kernel (gated mode, strict, padding
+    mask) in bf16 at D = 128 (the model's shapes), the joint forward, and the forward in fp32 at
+    D = 128 (the largest shared-memory footprint), for sm_90; the bf16 and fp32 forwards for sm_80.
+    Kept small: each compile takes seconds on a CPU."""
     return [(_hyper_attention_record(full=True), [SM90]), (_hyper_attention_record(full=False), [SM80])]
 
 
@@ -136,8 +154,7 @@ def _hyper_attention_record(full):
         launch._config = lambda name, device, dt, head_dim: launch._cpu_config(name, torch.device("cuda"), dt,
                                                                                 head_dim)
         launch.DECODE_SPLIT_KEYS = dict(launch.DECODE_SPLIT_KEYS, cpu=launch.DECODE_SPLIT_KEYS["gpu"])
-    for dtype, D, every_kernel in ((torch.bfloat16, 128, full), (torch.float16, 64, False),
-                                   (torch.float32, 128, False)):
+    for dtype, D, every_kernel in ((torch.bfloat16, 128, full), (torch.float32, 128, False)):
         B, L, H, Hkv, N, T = 2, 40, 4, 2, 3, 9
         q = torch.randn(B, L, H, D, dtype=dtype)
         k, v = torch.randn(B, L, Hkv, D, dtype=dtype), torch.randn(B, L, Hkv, D, dtype=dtype)
@@ -146,7 +163,9 @@ def _hyper_attention_record(full):
         cu = torch.tensor([0, 2, 3], dtype=torch.int32)
         gate = torch.randn(H * D, dtype=dtype)
         kpm = torch.rand(B, L) > 0.2
-        for gated, inclusive, mask in ((True, False, kpm), (False, True, None))[:2 if every_kernel else 1]:
+        if every_kernel:
+            launch.hyper_forward(q, k, v, kv, vv, pos, cu, None, None, False, True, D ** -0.5, False)
+        for gated, inclusive, mask in ((True, False, kpm),):
             g = gate if gated else None
             out, o_t, o_v, lse = launch.hyper_forward(q, k, v, kv, vv, pos, cu, g, mask, gated, inclusive,
                                                       D ** -0.5, True)
@@ -160,10 +179,57 @@ def _hyper_attention_record(full):
             kvis, vvis = launch.visual_kv_rope(torch.randn(N * T, 2 * Hkv * D, dtype=dtype), pos, inv_freq, T,
                                                Hkv, 1)
             launch.visual_kv_rope_backward(kvis, vvis, pos, inv_freq, T, 1)
+            launch.rope(q, torch.arange(L).expand(B, L), inv_freq, False)
     return calls
 
 
-OPERATORS = {"plora": plora_calls, "hyper_attention": hyper_attention_calls}
+def moe_calls():
+    """MoE launches with the GPU block tables: every kernel variant (both activations, forward and
+    backward, grouped_gemm) in bf16 for sm_90; the fp32 forward for sm_90; the bf16 forward for sm_80."""
+    return [(_moe_record(torch.bfloat16, backward=True), [SM90]), (_moe_record(torch.float32, backward=False), [SM90]),
+            (_moe_record(torch.bfloat16, backward=False), [SM80])]
+
+
+def _moe_record(dtype, backward):
+    from mmkernels.ops.moe import kernels, launch
+    from mmkernels.ops.moe.reference import route_reference
+
+    calls = []
+    for name in dir(kernels):
+        obj = getattr(kernels, name)
+        if isinstance(obj, Recorder):
+            obj = obj.fn
+        if isinstance(obj, triton.runtime.jit.JITFunction) and name.endswith("_kernel"):
+            setattr(kernels, name, Recorder(obj, calls))
+    table = launch._GPU_FP32 if dtype == torch.float32 else launch._GPU_HALF
+    launch._config = lambda name, device, dt, table=table: dict(table[name])
+    S, H, F, E, k = 50, 64, 48, 4, 2
+    x = torch.randn(S, H, dtype=dtype)
+    d = route_reference(torch.randn(S, E), k, 30, None)
+    w = torch.rand(S, k)
+    for act in ("gelu_tanh", "swiglu"):
+        F1 = 2 * F if act == "swiglu" else F
+        w1, w2 = torch.randn(E, F1, H, dtype=dtype), torch.randn(E, H, F, dtype=dtype)
+        b1, b2 = None, None
+        if act == "gelu_tanh":
+            b1, b2 = torch.randn(E, F1, dtype=dtype), torch.randn(E, H, dtype=dtype)
+        y, z, h, o = launch.moe_ffn_forward(x, w, d.keep, d.sorted_slots, d.expert_offsets, w1, b1, w2, b2, act)
+        if backward:
+            launch.moe_ffn_backward(torch.randn(S, H, dtype=dtype), x, w, d.keep, d.sorted_slots, d.expert_offsets,
+                                    w1, w2, z, h, o, act, [True, True, True, b1 is not None, True, b2 is not None])
+    d1 = route_reference(torch.randn(S, E), 1, 15, None)   # k = 1: combine fused into the second GEMM
+    w1, w2 = torch.randn(E, F, H, dtype=dtype), torch.randn(E, H, F, dtype=dtype)
+    launch.moe_ffn_forward(x, torch.rand(S, 1), d1.keep, d1.sorted_slots, d1.expert_offsets, w1, None, w2, None,
+                           "gelu_tanh")
+    if backward:
+        offs = torch.tensor([0, 10, 10, 40, 50], dtype=torch.int32)
+        b = torch.randn(E, F, H, dtype=dtype)
+        launch.grouped_gemm_forward(x, b, None, offs)
+        launch.grouped_gemm_backward(torch.randn(S, F, dtype=dtype), x, b, offs, [True, True, True])
+    return calls
+
+
+OPERATORS = {"plora": plora_calls, "hyper_attention": hyper_attention_calls, "moe": moe_calls}
 
 if __name__ == "__main__":
     ops = sys.argv[1:] or list(OPERATORS)
