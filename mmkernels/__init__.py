@@ -3,6 +3,8 @@
 Operators (each in ``mmkernels/ops/<op>/``: reference, Triton kernels, launcher, autograd, module):
 
 * :func:`plora_linear` / :class:`PLoRALinear` -- Partial-LoRA linear (InternLM-XComposer2).
+* :func:`hyper_attention` / :func:`visual_kv` / :class:`HyperAttention` -- mPLUG-Owl3 hyper attention
+  (gated / joint cross-attention with MI-RoPE).
 
 Backends: ``reference`` (plain PyTorch) and ``triton``; see :mod:`mmkernels.backend`.
 """
@@ -10,10 +12,14 @@ from ._interpreter import interpreter_enabled  # noqa: F401  (applies the interp
 from ._extension import HAS_C, build_info, has_op
 from .backend import get_backend, use_backend
 from .ops.plora import PLoRAFunction, PLoRALinear, plora_linear, plora_linear_reference
+from .ops.hyper_attention import (HyperAttention, HyperAttentionCache, hyper_attention,
+                                  hyper_attention_reference, visual_kv, visual_kv_reference)
 
 __version__ = "0.1.0"
 
 __all__ = [
     "HAS_C", "build_info", "has_op", "get_backend", "use_backend", "interpreter_enabled",
     "plora_linear", "plora_linear_reference", "PLoRALinear", "PLoRAFunction",
+    "hyper_attention", "hyper_attention_reference", "visual_kv", "visual_kv_reference", "HyperAttention",
+    "HyperAttentionCache",
 ]

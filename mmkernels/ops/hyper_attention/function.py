@@ -1,0 +1,440 @@
+"""The Hyper Attention custom ops, their autograd formula, and the public functional API.
+
+Two ops in the ``mmkernels`` namespace (Triton kernels on CUDA, the Triton interpreter on CPU):
+
+* ``hyper_attention_fwd(q, k, v, k_vis, v_vis, image_positions, cu_images, gate, key_padding_mask,
+  gated, inclusive, scale, save_parts) -> (out, o_text, o_vis, lse)``;
+* ``hyper_attention_bwd(grad_out, ..., out, o_text, o_vis, lse, gated, inclusive, scale)
+  -> (dq, dk, dv, dk_vis, dv_vis, dgate)``.
+
+:class:`HyperAttentionFunction` states the gradient once; it is registered as the autograd formula
+of ``hyper_attention_fwd`` so eager mode, ``torch.compile`` and ``torch.library.opcheck`` agree.
+"""
+from __future__ import annotations
+
+import torch
+
+from ..._library import define_op
+from ..._validation import FLOAT_DTYPES, check_float, check_same_device, check_same_dtype, check_tensor
+from ...backend import get_backend, require_triton, resolve_backend
+from . import launch
+from .reference import MODES, VISIBILITIES, hyper_attention_reference
+
+INDEX_DTYPES = (torch.int32, torch.int64)
+TRITON_HEAD_DIMS = (16, 32, 64, 128, 256)
+
+
+def _forward_impl(q, k, v, k_vis, v_vis, image_positions, cu_images, gate, key_padding_mask, gated, inclusive,
+                  scale, save_parts):
+    require_triton(q.device, q.dtype)
+    return launch.hyper_forward(q, k, v, k_vis, v_vis, image_positions, cu_images, gate, key_padding_mask,
+                                gated, inclusive, scale, save_parts)
+
+
+def _forward_fake(q, k, v, k_vis, v_vis, image_positions, cu_images, gate, key_padding_mask, gated, inclusive,
+                  scale, save_parts):
+    B, Lq, H, _ = q.shape
+    parts = (lambda: q.new_empty(q.shape)) if (save_parts and gated) else (lambda: q.new_empty(0))
+    return (q.new_empty(q.shape), parts(), parts(),
+            q.new_empty((2 if gated else 1, B, H, Lq), dtype=torch.float32))
+
+
+def _backward_impl(grad_out, q, k, v, k_vis, v_vis, image_positions, cu_images, gate, key_padding_mask, out, o_t,
+                   o_v, lse, gated, inclusive, scale):
+    require_triton(q.device, q.dtype)
+    return launch.hyper_backward(grad_out, q, k, v, k_vis, v_vis, image_positions, cu_images, gate,
+                                 key_padding_mask, out, o_t, o_v, lse, gated, inclusive, scale)
+
+
+def _backward_fake(grad_out, q, k, v, k_vis, v_vis, image_positions, cu_images, gate, key_padding_mask, out, o_t,
+                   o_v, lse, gated, inclusive, scale):
+    dgate = gate.new_empty(gate.shape) if (gated and gate is not None) else q.new_empty(0)
+    return (q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), k_vis.new_empty(k_vis.shape),
+            v_vis.new_empty(v_vis.shape), dgate)
+
+
+hyper_attention_fwd_op = define_op(
+    "hyper_attention_fwd",
+    "(Tensor q, Tensor k, Tensor v, Tensor k_vis, Tensor v_vis, Tensor image_positions, Tensor cu_images, "
+    "Tensor? gate, Tensor? key_padding_mask, bool gated, bool inclusive, float scale, bool save_parts) "
+    "-> (Tensor, Tensor, Tensor, Tensor)",
+    _forward_impl, _forward_fake)
+
+hyper_attention_bwd_op = define_op(
+    "hyper_attention_bwd",
+    "(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor k_vis, Tensor v_vis, Tensor image_positions, "
+    "Tensor cu_images, Tensor? gate, Tensor? key_padding_mask, Tensor out, Tensor o_text, Tensor o_vis, "
+    "Tensor lse, bool gated, bool inclusive, float scale) "
+    "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)",
+    _backward_impl, _backward_fake)
+
+
+class HyperAttentionFunction(torch.autograd.Function):
+    """Autograd of the fused Hyper Attention (math in ``kernels.py``, backward section)::
+
+        per part x:  dV = P^T dO_x,  dS = P * (dO_x V^T - rowsum(dO_x * O_x)),  dQ = s dS K,  dK = s dS^T Q
+        gated:       dO_t = (1 - sigmoid(g)) dO,  dO_v = sigmoid(g) dO,  dg = dO (o_v - o_t) sigmoid'(g)
+                     (on rows that see an image; elsewhere dO_t = dO, dO_v = dg = 0)
+        joint:       one part over [visual ; text] keys with the joint lse.
+    """
+
+    @staticmethod
+    def forward(q, k, v, k_vis, v_vis, image_positions, cu_images, gate, key_padding_mask, gated, inclusive, scale,
+                save_parts):
+        return hyper_attention_fwd_op(q, k, v, k_vis, v_vis, image_positions, cu_images, gate, key_padding_mask,
+                                      gated, inclusive, scale, save_parts)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        (q, k, v, k_vis, v_vis, image_positions, cu_images, gate, key_padding_mask, gated, inclusive, scale,
+         save_parts) = inputs
+        out, o_t, o_v, lse = output
+        ctx.save_for_backward(q, k, v, k_vis, v_vis, image_positions, cu_images, gate, key_padding_mask, out, o_t,
+                              o_v, lse)
+        ctx.gated, ctx.inclusive, ctx.scale = gated, inclusive, scale
+
+    @staticmethod
+    def backward(ctx, grad_out, grad_ot, grad_ov, grad_lse):
+        (q, k, v, k_vis, v_vis, image_positions, cu_images, gate, key_padding_mask, out, o_t, o_v,
+         lse) = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        if grad_out is None or not any(need[:5] + (need[7],)):
+            return (None,) * 13
+        dq, dk, dv, dkv, dvv, dg = hyper_attention_bwd_op(
+            grad_out, q, k, v, k_vis, v_vis, image_positions, cu_images, gate, key_padding_mask, out, o_t, o_v,
+            lse, ctx.gated, ctx.inclusive, ctx.scale)
+        grads = [g if flag else None for g, flag in zip((dq, dk, dv, dkv, dvv), need[:5])]
+        dgate = dg if (ctx.gated and need[7]) else None
+        return (*grads, None, None, dgate, None, None, None, None, None)
+
+
+torch.library.register_autograd("mmkernels::hyper_attention_fwd", HyperAttentionFunction.backward,
+                                setup_context=HyperAttentionFunction.setup_context)
+
+
+# --------------------------------------------------------------------------- validation
+
+def _check_metadata_values(image_positions: torch.Tensor, cu_images: torch.Tensor, N: int, Lk: int) -> None:
+    """Value checks of the image layout (one host sync; skipped while torch.compile traces)."""
+    cu = cu_images.detach().to("cpu", torch.int64)
+    pos = image_positions.detach().to("cpu", torch.int64)
+    if cu.numel() and int(cu[0]) != 0:
+        raise ValueError(f"cu_images must start at 0, got cu_images[0]={int(cu[0])}")
+    if cu.numel() > 1 and bool((cu[1:] < cu[:-1]).any()):
+        raise ValueError(f"cu_images must be monotone non-decreasing, got {cu.tolist()}")
+    if cu.numel() and int(cu[-1]) != N:
+        raise ValueError(f"cu_images must end at the number of images N={N} (k_vis.shape[0]), got {int(cu[-1])}")
+    if pos.numel():
+        if int(pos.min()) < 0 or int(pos.max()) >= Lk:
+            raise ValueError(f"image_positions must lie inside the sample, in [0, L_k={Lk}), got min "
+                             f"{int(pos.min())}, max {int(pos.max())}")
+        for b in range(cu.numel() - 1):
+            p = pos[int(cu[b]):int(cu[b + 1])]
+            if p.numel() > 1 and bool((p[1:] <= p[:-1]).any()):
+                raise ValueError(f"image_positions must be strictly increasing within a sample; sample {b} has "
+                                 f"{p.tolist()}")
+
+
+def _validate(q, k, v, k_vis, v_vis, image_positions, cu_images, mode, gate, visibility, key_padding_mask, scale,
+              check_metadata=True):
+    for name, t in (("q", q), ("k", k), ("v", v), ("k_vis", k_vis), ("v_vis", v_vis)):
+        check_tensor(name, t, ndim=4, dtypes=FLOAT_DTYPES)
+    check_tensor("image_positions", image_positions, ndim=1, dtypes=INDEX_DTYPES)
+    check_tensor("cu_images", cu_images, ndim=1, dtypes=INDEX_DTYPES)
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    if visibility not in VISIBILITIES:
+        raise ValueError(f"visibility must be one of {VISIBILITIES}, got {visibility!r}")
+    B, Lq, H, D = q.shape
+    if k.shape[0] != B or k.shape[3] != D:
+        raise ValueError(f"k must have shape (B={B}, L_k, H_kv, D={D}) to match q, got {tuple(k.shape)}")
+    Lk, Hkv = k.shape[1], k.shape[2]
+    if tuple(v.shape) != tuple(k.shape):
+        raise ValueError(f"v must have the shape of k {tuple(k.shape)}, got {tuple(v.shape)}")
+    if Hkv < 1 or H % Hkv != 0:
+        raise ValueError(f"the number of query heads H={H} must be a multiple of the key/value heads H_kv={Hkv}")
+    if Lq > Lk:
+        raise ValueError(f"q has L_q={Lq} rows but k only L_k={Lk}: the queries must be the last L_q of the keys")
+    if k_vis.shape[2] != Hkv or k_vis.shape[3] != D:
+        raise ValueError(f"k_vis must have shape (N, T, H_kv={Hkv}, D={D}), got {tuple(k_vis.shape)}")
+    if tuple(v_vis.shape) != tuple(k_vis.shape):
+        raise ValueError(f"v_vis must have the shape of k_vis {tuple(k_vis.shape)}, got {tuple(v_vis.shape)}")
+    N = k_vis.shape[0]
+    if image_positions.shape[0] != N:
+        raise ValueError(f"image_positions must have shape ({N},) (one per image of k_vis), "
+                         f"got {tuple(image_positions.shape)}")
+    if cu_images.shape[0] != B + 1:
+        raise ValueError(f"cu_images must have shape ({B + 1},) (B+1 offsets), got {tuple(cu_images.shape)}")
+    floats = [("q", q), ("k", k), ("v", v), ("k_vis", k_vis), ("v_vis", v_vis)]
+    if mode == "gated":
+        if gate is None:
+            raise ValueError("gate is required in mode='gated' (a [H*D] vector or a tensor broadcastable to "
+                             "[B, L_q, H, D])")
+        check_tensor("gate", gate, dtypes=FLOAT_DTYPES)
+        shape = (H, D) if (gate.dim() == 1 and gate.numel() == H * D) else tuple(gate.shape)
+        try:
+            ok = torch.broadcast_shapes(shape, (B, Lq, H, D)) == (B, Lq, H, D)
+        except RuntimeError:
+            ok = False
+        if not ok:
+            raise ValueError(f"gate must be a [H*D]={H * D} vector or broadcastable to [B, L_q, H, D]="
+                             f"{(B, Lq, H, D)}, got shape {tuple(gate.shape)}")
+        floats.append(("gate", gate))
+    if key_padding_mask is not None:
+        check_tensor("key_padding_mask", key_padding_mask, ndim=2, dtypes=(torch.bool,))
+        if tuple(key_padding_mask.shape) != (B, Lk):
+            raise ValueError(f"key_padding_mask must have shape (B={B}, L_k={Lk}), got "
+                             f"{tuple(key_padding_mask.shape)}")
+    check_same_dtype(floats)
+    check_same_device(floats + [("image_positions", image_positions), ("cu_images", cu_images),
+                                ("key_padding_mask", key_padding_mask)])
+    if scale is not None:
+        check_float("scale", scale, low=0.0)
+    if check_metadata and not torch.compiler.is_compiling():
+        _check_metadata_values(image_positions, cu_images, N, Lk)
+
+
+def _needs_grad(*tensors) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+def hyper_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_vis: torch.Tensor, v_vis: torch.Tensor,
+                    image_positions: torch.Tensor, cu_images: torch.Tensor, *, mode: str = "gated",
+                    gate: torch.Tensor | None = None, visibility: str = "strict",
+                    key_padding_mask: torch.Tensor | None = None, scale: float | None = None,
+                    check_metadata: bool = True) -> torch.Tensor:
+    """mPLUG-Owl3 Hyper Attention: causal text attention plus cross-attention to earlier images.
+
+    Args:
+        q: ``[B, L_q, H, D]`` text queries (already RoPE'd); they are the last ``L_q`` of the ``L_k``
+            positions (so decoding and chunked prefill work).
+        k, v: ``[B, L_k, H_kv, D]`` text keys (RoPE'd) and values; ``H % H_kv == 0`` (GQA, never repeated).
+        k_vis, v_vis: ``[N, T, H_kv, D]`` visual keys (MI-RoPE'd, see :func:`visual_kv`) and values of all
+            images of the batch, sample-major, each sample's images in sequence order.
+        image_positions: int ``[N]``, sequence index of each image's ``<|image|>`` token in its sample
+            (strictly increasing within a sample, in ``[0, L_k)``).
+        cu_images: int32 ``[B+1]``: sample b's images are ``cu_images[b]:cu_images[b+1]`` (may be empty).
+        mode: ``"gated"`` (v1: 240728/1B/2B) or ``"joint"`` (v2: 241101).
+        gate: gated mode only: a ``[H*D]`` vector (the checkpoints' ``gate``) or any tensor broadcastable to
+            ``[B, L_q, H, D]`` (e.g. a per-token ``W_gate h``); ``sigmoid(gate)`` weighs the visual part.
+        visibility: ``"strict"`` (row t sees image j iff ``p_j < t``) or ``"inclusive"`` (``p_j <= t``).
+        key_padding_mask: bool ``[B, L_k]``, True = keep (text keys only).
+        scale: softmax scale, default ``D ** -0.5``.
+        check_metadata: check the *values* of ``cu_images``/``image_positions`` (monotone, in range,
+            increasing): one host synchronisation.  Pass False when the layout is known to be valid
+            (e.g. decode steps reusing a layout checked at prefill); shapes and dtypes are always checked.
+
+    Returns ``[B, L_q, H, D]``.  Rows that see no image get plain causal attention (bit-identical in
+    gated mode); a row with no visible key at all gets 0.
+
+    Example::
+
+        >>> q = torch.randn(2, 10, 4, 32); k = v = torch.randn(2, 10, 2, 32)
+        >>> kv = vv = torch.randn(3, 20, 2, 32)                 # 3 images of 20 tokens
+        >>> pos = torch.tensor([1, 6, 0]); cu = torch.tensor([0, 2, 3], dtype=torch.int32)
+        >>> hyper_attention(q, k, v, kv, vv, pos, cu, gate=torch.zeros(4 * 32)).shape
+        torch.Size([2, 10, 4, 32])
+    """
+    _validate(q, k, v, k_vis, v_vis, image_positions, cu_images, mode, gate, visibility, key_padding_mask, scale,
+              check_metadata)
+    D = q.shape[-1]
+    scale = D ** -0.5 if scale is None else float(scale)
+    backend = resolve_backend(q.device, q.dtype)
+    if backend == "triton" and D not in TRITON_HEAD_DIMS:
+        if get_backend() == "triton":
+            raise ValueError(f"the triton backend supports head dims {TRITON_HEAD_DIMS}, got D={D}; "
+                             "use the reference backend")
+        backend = "reference"  # auto: other head dims take the reference path
+    if backend == "reference":
+        return hyper_attention_reference(q, k, v, k_vis, v_vis, image_positions, cu_images, mode=mode,
+                                         gate=gate if mode == "gated" else None, visibility=visibility,
+                                         key_padding_mask=key_padding_mask, scale=scale)
+    gated = mode == "gated"
+    g = gate if gated else None
+    save = gated and _needs_grad(q, k, v, k_vis, v_vis, g)
+    out, _, _, _ = hyper_attention_fwd_op(q, k, v, k_vis, v_vis, image_positions, cu_images, g, key_padding_mask,
+                                          gated, visibility == "inclusive", scale, save)
+    return out
+
+
+# =========================================================================== visual K/V producer
+
+def _rope_impl(kv_proj, rstd, bias, image_positions, inv_freq, T, num_kv_heads, position_offset):
+    require_triton(kv_proj.device, kv_proj.dtype)
+    return launch.visual_kv_rope(kv_proj, rstd, bias, image_positions, inv_freq, T, num_kv_heads, position_offset)
+
+
+def _rope_fake(kv_proj, rstd, bias, image_positions, inv_freq, T, num_kv_heads, position_offset):
+    M, C = kv_proj.shape
+    D = C // (2 * num_kv_heads)
+    return kv_proj.new_empty((M, num_kv_heads, D)), kv_proj.new_empty((M, num_kv_heads, D))
+
+
+def _rope_bwd_impl(dk_vis, dv_vis, image_positions, inv_freq, T, position_offset):
+    require_triton(dk_vis.device, dk_vis.dtype)
+    return launch.visual_kv_rope_backward(dk_vis, dv_vis, image_positions, inv_freq, T, position_offset)
+
+
+def _rope_bwd_fake(dk_vis, dv_vis, image_positions, inv_freq, T, position_offset):
+    M, Hkv, D = dk_vis.shape
+    return dk_vis.new_empty((M, 2 * Hkv * D))
+
+
+visual_kv_rope_op = define_op(
+    "visual_kv_rope",
+    "(Tensor kv_proj, Tensor? rstd, Tensor? bias, Tensor image_positions, Tensor inv_freq, int T, "
+    "int num_kv_heads, int position_offset) -> (Tensor, Tensor)",
+    _rope_impl, _rope_fake)
+
+visual_kv_rope_bwd_op = define_op(
+    "visual_kv_rope_bwd",
+    "(Tensor dk_vis, Tensor dv_vis, Tensor image_positions, Tensor inv_freq, int T, int position_offset) -> Tensor",
+    _rope_bwd_impl, _rope_bwd_fake)
+
+
+def _rope_setup_context(ctx, inputs, output):
+    kv_proj, rstd, bias, image_positions, inv_freq, T, num_kv_heads, position_offset = inputs
+    ctx.save_for_backward(kv_proj if rstd is not None else None, rstd, image_positions, inv_freq)
+    ctx.T, ctx.position_offset, ctx.has_bias = T, position_offset, bias is not None
+
+
+def _rope_backward(ctx, dk_vis, dv_vis):
+    """``y = rstd * kv_proj + bias`` -> split/rotate: dy by the inverse rotation (kernel), then
+    ``d kv_proj = rstd * dy``, ``d rstd = rowsum(dy * kv_proj)``, ``d bias = colsum(dy)``."""
+    kv_proj, rstd, image_positions, inv_freq = ctx.saved_tensors
+    if dk_vis is None:
+        dk_vis = torch.zeros_like(dv_vis)
+    if dv_vis is None:
+        dv_vis = torch.zeros_like(dk_vis)
+    dy = visual_kv_rope_bwd_op(dk_vis, dv_vis, image_positions, inv_freq, ctx.T, ctx.position_offset)
+    need = ctx.needs_input_grad
+    dproj = drstd = dbias = None
+    if rstd is None:
+        dproj = dy if need[0] else None
+    else:
+        dyf = dy.float()
+        dproj = (dyf * rstd[:, None]).to(dy.dtype) if need[0] else None
+        drstd = (dyf * kv_proj.float()).sum(-1) if need[1] else None
+    if ctx.has_bias and need[2]:
+        dbias = dy.sum(0, dtype=torch.float32).to(dy.dtype)
+    return dproj, drstd, dbias, None, None, None, None, None
+
+
+torch.library.register_autograd("mmkernels::visual_kv_rope", _rope_backward, setup_context=_rope_setup_context)
+
+
+def visual_kv(image_embeds: torch.Tensor, norm_weight: torch.Tensor | None, v_kv_weight: torch.Tensor,
+              v_kv_bias: torch.Tensor | None, image_positions: torch.Tensor, *, num_kv_heads: int,
+              rope_theta: float, position_offset: int, eps: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor]:
+    """mPLUG-Owl3's visual K/V producer: RMSNorm -> ``v_kv_proj`` -> MI-RoPE.
+
+    Args:
+        image_embeds: ``[N, T, Dm]`` projector outputs of all images of the batch.
+        norm_weight: ``[Dm]`` the decoder layer's ``input_layernorm.weight`` (RMSNorm in float32, eps
+            ``eps``), or None when ``image_embeds`` is already normalised.
+        v_kv_weight, v_kv_bias: ``v_kv_proj`` = ``Linear(Dm, 2*H_kv*D, bias=True)``; output channels laid
+            out ``(kv_head, {K, V}, D)`` (K and V interleaved per head).
+        image_positions: int ``[N]`` sequence index of each image's ``<|image|>`` token.
+        num_kv_heads: ``H_kv``.   rope_theta: the model's RoPE base (1e6 for Qwen2).
+        position_offset: MI-RoPE position = ``image_positions + position_offset``: 1 for the gated
+            (v1) checkpoints, 0 for the joint (v2, 241101) one.
+
+    Returns ``(k_vis, v_vis)``, each ``[N, T, H_kv, D]``, ``D = v_kv_weight.shape[0] // (2 * H_kv)``:
+    K rotated in float32 (rotate-half) at one position per image and cast back; V unrotated.
+
+    Triton backend: the norm weight is folded into the projection (``RMSNorm(x) @ W.T =
+    rstd * (x @ (W * w).T)``), so the work is one fp32 row reduction for ``rstd``, one GEMM (cuBLAS)
+    and one fused kernel that applies ``rstd``, the bias, the K/V split and MI-RoPE in fp32 with a
+    single rounding (its backward is the exact inverse rotation).
+    """
+    check_tensor("image_embeds", image_embeds, ndim=3, dtypes=FLOAT_DTYPES)
+    check_tensor("v_kv_weight", v_kv_weight, ndim=2, dtypes=FLOAT_DTYPES)
+    check_tensor("image_positions", image_positions, ndim=1, dtypes=INDEX_DTYPES)
+    if norm_weight is not None:
+        check_tensor("norm_weight", norm_weight, ndim=1, dtypes=FLOAT_DTYPES)
+    if v_kv_bias is not None:
+        check_tensor("v_kv_bias", v_kv_bias, ndim=1, dtypes=FLOAT_DTYPES)
+    if isinstance(num_kv_heads, bool) or not isinstance(num_kv_heads, int) or num_kv_heads < 1:
+        raise ValueError(f"num_kv_heads must be a positive int, got {num_kv_heads!r}")
+    if isinstance(position_offset, bool) or not isinstance(position_offset, int):
+        raise TypeError(f"position_offset must be an int (1 for gated/v1, 0 for joint/v2), got {position_offset!r}")
+    check_float("rope_theta", rope_theta, low=1.0)
+    check_float("eps", eps, low=0.0)
+    N, T, Dm = image_embeds.shape
+    C = v_kv_weight.shape[0]
+    if v_kv_weight.shape[1] != Dm:
+        raise ValueError(f"v_kv_weight must have shape (2*H_kv*D, Dm={Dm}), got {tuple(v_kv_weight.shape)}")
+    if C % (2 * num_kv_heads) != 0 or (C // (2 * num_kv_heads)) % 2 != 0:
+        raise ValueError(f"v_kv_weight.shape[0]={C} must be 2*num_kv_heads*D with an even head dim D "
+                         f"(num_kv_heads={num_kv_heads})")
+    D = C // (2 * num_kv_heads)
+    if v_kv_bias is not None and tuple(v_kv_bias.shape) != (C,):
+        raise ValueError(f"v_kv_bias must have shape ({C},), got {tuple(v_kv_bias.shape)}")
+    if norm_weight is not None and tuple(norm_weight.shape) != (Dm,):
+        raise ValueError(f"norm_weight must have shape ({Dm},), got {tuple(norm_weight.shape)}")
+    if image_positions.shape[0] != N:
+        raise ValueError(f"image_positions must have shape ({N},) (one per image), got {tuple(image_positions.shape)}")
+    floats = [("image_embeds", image_embeds), ("norm_weight", norm_weight), ("v_kv_weight", v_kv_weight),
+              ("v_kv_bias", v_kv_bias)]
+    check_same_dtype(floats)
+    check_same_device(floats + [("image_positions", image_positions)])
+    backend = resolve_backend(image_embeds.device, image_embeds.dtype)
+    if backend == "reference" or D not in TRITON_HEAD_DIMS:
+        from .reference import visual_kv_reference
+        return visual_kv_reference(image_embeds, norm_weight, v_kv_weight, v_kv_bias, image_positions,
+                                   num_kv_heads=num_kv_heads, rope_theta=rope_theta,
+                                   position_offset=position_offset, eps=eps)
+    from .reference import rope_inv_freq
+    x = image_embeds.reshape(N * T, Dm)
+    rstd = None
+    weight = v_kv_weight
+    if norm_weight is not None:
+        # RMSNorm(x) @ W.T = rstd * (x @ (W * w).T): one fp32 reduction here, the scale in the kernel
+        rstd = torch.rsqrt(torch.linalg.vector_norm(x, dim=-1, dtype=torch.float32).square() / Dm + eps)
+        weight = v_kv_weight * norm_weight
+    y = torch.nn.functional.linear(x, weight)
+    inv_freq = rope_inv_freq(D, float(rope_theta), image_embeds.device)
+    k_vis, v_vis = visual_kv_rope_op(y, rstd, v_kv_bias, image_positions, inv_freq, T, num_kv_heads,
+                                     position_offset)
+    return k_vis.view(N, T, num_kv_heads, D), v_vis.view(N, T, num_kv_heads, D)
+
+
+# =========================================================================== text RoPE for the module
+
+def _text_rope_impl(x, positions, inv_freq, inverse):
+    require_triton(x.device, x.dtype)
+    return launch.rope(x, positions, inv_freq, inverse)
+
+
+def _text_rope_fake(x, positions, inv_freq, inverse):
+    return x.new_empty(x.shape)
+
+
+rope_op = define_op("hyper_attention_rope", "(Tensor x, Tensor positions, Tensor inv_freq, bool inverse) -> Tensor",
+                    _text_rope_impl, _text_rope_fake)
+
+
+def _text_rope_setup_context(ctx, inputs, output):
+    _, positions, inv_freq, inverse = inputs
+    ctx.save_for_backward(positions, inv_freq)
+    ctx.inverse = inverse
+
+
+def _text_rope_backward(ctx, grad):
+    positions, inv_freq = ctx.saved_tensors
+    return rope_op(grad, positions, inv_freq, not ctx.inverse), None, None, None
+
+
+torch.library.register_autograd("mmkernels::hyper_attention_rope", _text_rope_backward,
+                                setup_context=_text_rope_setup_context)
+
+
+def text_rope(x: torch.Tensor, position_ids: torch.Tensor, theta: float) -> torch.Tensor:
+    """Qwen2 text RoPE of ``x [B, L, H, D]`` at ``position_ids [B, L]`` (rotate-half, float32, cast
+    back): one Triton launch on the triton backend, :func:`reference.apply_rope` otherwise."""
+    from .reference import apply_rope, rope_inv_freq
+
+    D = x.shape[-1]
+    if resolve_backend(x.device, x.dtype) == "reference" or D not in TRITON_HEAD_DIMS:
+        return apply_rope(x, position_ids[..., None], theta)
+    return rope_op(x, position_ids, rope_inv_freq(D, float(theta), x.device), False)

@@ -1,0 +1,310 @@
+"""Host launchers for the Hyper Attention kernels: block sizes, grids, output allocation.
+
+Block sizes are fixed per kernel and head dim (no autotuning: the first call costs one compile).
+On the GPU they are tensor-core shaped; under the CPU interpreter they are the smallest legal
+``tl.dot`` tiles (16) so the tests stay fast.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ..._interpreter import interpreter_enabled
+from ..._utils import allow_tf32, cdiv, new_output
+from . import kernels
+
+# (GPU, half precision) by head dim; fp32 halves BLOCK_N.  name -> block sizes + launch options.
+_GPU_HALF = {
+    "fwd": {64: dict(BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=3),
+            128: dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3)},
+    "bwd_dq": {64: dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2),
+               128: dict(BLOCK_M=64, BLOCK_N=64, num_warps=8, num_stages=2)},
+    "bwd_dkv": {64: dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2),
+                128: dict(BLOCK_M=64, BLOCK_N=64, num_warps=8, num_stages=2)},
+    # decode is bandwidth-bound: 2 stages keep shared memory near 100 KB, so two programs share an SM
+    "decode": {64: dict(BLOCK_M=16, BLOCK_N=128, num_warps=4, num_stages=2),
+               128: dict(BLOCK_M=16, BLOCK_N=64, num_warps=4, num_stages=2)},
+}
+_INTERPRETER = {
+    "fwd": dict(BLOCK_M=16, BLOCK_N=16),
+    "bwd_dq": dict(BLOCK_M=16, BLOCK_N=16),
+    "bwd_dkv": dict(BLOCK_M=16, BLOCK_N=16),
+    "decode": dict(BLOCK_M=16, BLOCK_N=16),
+}
+DECODE_SPLIT_KEYS = {"gpu": (128, 1024), "cpu": (32, 32)}  # (min, max) keys per split-K program
+# Shared memory (the compile check in tests/gpu_target_compile.py holds every config under the sm_80
+# limit of 163 KB): per pipeline stage a K and a V tile, BLOCK_N * D * 2 bytes each.
+DECODE_TARGET_PROGRAMS = 512  # enough split programs to fill an H100 (132 SMs) a few times over
+
+
+def decode_chunk(total_keys: int, groups: int, device: torch.device) -> int:
+    """Keys per split of the decode path: a power of two between the device's bounds, small enough
+    that ``groups * splits`` reaches DECODE_TARGET_PROGRAMS (a few CHUNK values, so few compiles)."""
+    lo, hi = DECODE_SPLIT_KEYS["cpu" if device.type == "cpu" else "gpu"]
+    want = cdiv(total_keys * max(groups, 1), DECODE_TARGET_PROGRAMS)
+    chunk = 1 << max(0, (want - 1).bit_length())
+    return max(lo, min(hi, chunk))
+
+
+def _config(name: str, device: torch.device, dtype: torch.dtype, head_dim: int) -> dict:
+    if device.type == "cpu":
+        return dict(_INTERPRETER[name])
+    table = _GPU_HALF[name]
+    cfg = dict(table[64] if head_dim <= 64 else table[128])
+    if dtype == torch.float32:
+        cfg["BLOCK_N"] = max(16, cfg["BLOCK_N"] // 2)
+        cfg["num_stages"] = min(cfg["num_stages"], 2)
+    if head_dim > 128:
+        cfg.update(BLOCK_M=min(cfg["BLOCK_M"], 64), BLOCK_N=32, num_stages=1)
+    return cfg
+
+
+def _dot_precision(dtype: torch.dtype) -> str:
+    return "tf32" if (dtype == torch.float32 and allow_tf32() and not interpreter_enabled()) else "ieee"
+
+
+def flat_visual(x: torch.Tensor) -> torch.Tensor:
+    """``[N, T, H_kv, D] -> [N*T, H_kv, D]`` (a view whenever N and T are mergeable)."""
+    N, T, Hkv, D = x.shape
+    return x.reshape(N * T, Hkv, D)
+
+
+def expand_gate(gate: torch.Tensor | None, q: torch.Tensor) -> torch.Tensor:
+    """The gate as a ``[B, L_q, H, D]`` view (zero strides on broadcast dims; ``[H*D]`` -> ``[H, D]``)."""
+    B, Lq, H, D = q.shape
+    if gate is None:
+        return q.new_zeros(1).expand(B, Lq, H, D)
+    if gate.dim() == 1 and gate.numel() == H * D:
+        gate = gate.view(H, D)
+    return gate.expand(B, Lq, H, D)
+
+
+def hyper_forward(q, k, v, k_vis, v_vis, image_positions, cu_images, gate, key_padding_mask,
+                  gated: bool, inclusive: bool, scale: float, save_parts: bool):
+    """Fused forward.  Returns ``(out, o_text, o_vis, lse)``; ``o_text``/``o_vis`` are the two gated
+    partial outputs when ``save_parts`` (else zero-size tensors)."""
+    B, Lq, H, D = q.shape
+    Lk, Hkv = k.shape[1], k.shape[2]
+    T = k_vis.shape[1]
+    dev, dt = q.device, q.dtype
+    S = 2 if gated else 1
+    out = new_output((B, Lq, H, D), dtype=dt, device=dev)
+    lse = new_output((S, B, H, Lq), dtype=torch.float32, device=dev)
+    if save_parts and gated:
+        o_t = new_output((B, Lq, H, D), dtype=dt, device=dev)
+        o_v = new_output((B, Lq, H, D), dtype=dt, device=dev)
+    else:
+        o_t, o_v = q.new_empty(0), q.new_empty(0)
+    if out.numel() == 0:
+        return out, o_t, o_v, lse
+    kv, vv = flat_visual(k_vis), flat_visual(v_vis)
+    g = expand_gate(gate, q)
+    kpm = key_padding_mask.view(torch.uint8) if key_padding_mask is not None else cu_images
+    if use_decode_path(Lq, H // Hkv):
+        _decode_forward(q, k, v, kv, vv, image_positions, cu_images, g, key_padding_mask, kpm, out, o_t, o_v, lse,
+                        gated, inclusive, scale, save_parts, T)
+        return out, o_t, o_v, lse
+    cfg = _config("fwd", dev, dt, D)
+    grid = (cdiv(Lq, cfg["BLOCK_M"]), B * H)
+    kernels._hyper_fwd_kernel[grid](
+        q, k, v, kv, vv, image_positions, cu_images, g, kpm,
+        out, o_t if o_t.numel() else out, o_v if o_v.numel() else out, lse,
+        Lq, Lk, H, H // Hkv, T,
+        *q.stride(), *k.stride(), *v.stride(), *kv.stride(), *vv.stride(), *g.stride(),
+        *(key_padding_mask.stride() if key_padding_mask is not None else (0, 0)),
+        out.stride(0), out.stride(1), out.stride(2),
+        lse.stride(0), lse.stride(1), lse.stride(2),
+        float(scale) * kernels.LOG2E,
+        GATED=gated, INCLUSIVE=inclusive, HAS_KPM=key_padding_mask is not None,
+        SAVE_PARTS=bool(save_parts and gated), BLOCK_D=D, DOT_PRECISION=_dot_precision(dt), **cfg)
+    return out, o_t, o_v, lse
+
+
+def hyper_backward(grad_out, q, k, v, k_vis, v_vis, image_positions, cu_images, gate, key_padding_mask,
+                   out, o_t, o_v, lse, gated: bool, inclusive: bool, scale: float):
+    """Gradients ``(dq, dk, dv, dk_vis, dv_vis, dgate)``; ``dgate`` has the gate's shape (zero-size
+    in joint mode).  Deterministic: every element is written by one program, no atomics."""
+    B, Lq, H, D = q.shape
+    Lk, Hkv = k.shape[1], k.shape[2]
+    N, T = k_vis.shape[0], k_vis.shape[1]
+    G = H // Hkv
+    dev, dt = q.device, q.dtype
+    S = 2 if gated else 1
+    dq = new_output(q.shape, dtype=dt, device=dev)
+    dk = new_output(k.shape, dtype=dt, device=dev)
+    dv = new_output(v.shape, dtype=dt, device=dev)
+    dk_vis = new_output(k_vis.shape, dtype=dt, device=dev)
+    dv_vis = new_output(v_vis.shape, dtype=dt, device=dev)
+    dgate = q.new_empty(0)
+    if Lq == 0 or B == 0 or H == 0:
+        for t in (dq, dk, dv, dk_vis, dv_vis):
+            t.zero_()
+        if gated:
+            dgate = torch.zeros_like(gate)
+        return dq, dk, dv, dk_vis, dv_vis, dgate
+    if gated and (o_t.numel() == 0 or o_v.numel() == 0):
+        raise RuntimeError("the gated backward needs the forward's partial outputs: call hyper_attention_fwd "
+                           "with save_parts=True when gradients are required")
+    precision = _dot_precision(dt)
+    qk_scale = float(scale) * kernels.LOG2E
+    kv, vv = flat_visual(k_vis), flat_visual(v_vis)
+    g = expand_gate(gate if gated else None, q)
+    has_kpm = key_padding_mask is not None
+    kpm = key_padding_mask.view(torch.uint8) if has_kpm else cu_images
+    kpm_strides = key_padding_mask.stride() if has_kpm else (0, 0)
+
+    # 1. row statistics (and the gated part gradients + elementwise d(gate))
+    delta = new_output((S, B, H, Lq), dtype=torch.float32, device=dev)
+    if gated:
+        do_t = new_output((B, Lq, H, D), dtype=dt, device=dev)
+        do_v = new_output((B, Lq, H, D), dtype=dt, device=dev)
+        dg_full = new_output((B, Lq, H, D), dtype=torch.float32, device=dev)
+    else:
+        do_t = do_v = grad_out
+        dg_full = delta
+    cfg = _config("bwd_dq", dev, dt, D)
+    grid = (cdiv(Lq, cfg["BLOCK_M"]), B * H)
+    o_ref = out if not gated else o_t
+    kernels._hyper_bwd_pre_kernel[grid](
+        grad_out, o_ref, o_t if gated else out, o_v if gated else out, g, image_positions, cu_images,
+        do_t, do_v, delta, dg_full,
+        Lq, Lk, H, *grad_out.stride(), *g.stride(), o_ref.stride(0), o_ref.stride(1), o_ref.stride(2),
+        delta.stride(0), delta.stride(1), delta.stride(2),
+        GATED=gated, INCLUSIVE=inclusive, BLOCK_M=cfg["BLOCK_M"], BLOCK_D=D,
+        num_warps=cfg.get("num_warps", 4))
+    if gated:
+        dgate = dg_full.sum_to_size(expand_gate_shape(gate, q)).reshape(gate.shape).to(gate.dtype)
+
+    # 2. dQ over both key sets
+    kernels._hyper_bwd_dq_kernel[grid](
+        q, k, v, kv, vv, image_positions, cu_images, kpm, do_t, do_v, lse, delta, dq,
+        Lq, Lk, H, G, T,
+        *q.stride(), *k.stride(), *v.stride(), *kv.stride(), *vv.stride(), *kpm_strides,
+        *do_t.stride(), lse.stride(0), lse.stride(1), lse.stride(2), dq.stride(0), dq.stride(1), dq.stride(2),
+        qk_scale, float(scale),
+        GATED=gated, INCLUSIVE=inclusive, HAS_KPM=has_kpm, BLOCK_D=D, DOT_PRECISION=precision, **cfg)
+
+    # 3. dK, dV: text keys, then visual keys (image = the batch dim of k_vis)
+    cfg = _config("bwd_dkv", dev, dt, D)
+    if Lk > 0:
+        grid = (cdiv(Lk, cfg["BLOCK_N"]), B * Hkv)
+        kernels._hyper_bwd_dkv_kernel[grid](
+            q, k, v, kpm, image_positions, cu_images, do_t, lse[0], delta[0], dk, dv,
+            Lq, Lk, H, G, T, B,
+            *q.stride(), *k.stride(), *v.stride(), *kpm_strides, *do_t.stride(),
+            lse.stride(1), lse.stride(2), dk.stride(0), dk.stride(1), dk.stride(2),
+            qk_scale, float(scale),
+            VISUAL=False, INCLUSIVE=inclusive, HAS_KPM=has_kpm, BLOCK_D=D, DOT_PRECISION=precision, **cfg)
+    if N > 0 and T > 0:
+        p = 1 if gated else 0
+        grid = (cdiv(T, cfg["BLOCK_N"]), N * Hkv)
+        kernels._hyper_bwd_dkv_kernel[grid](
+            q, k_vis, v_vis, kpm, image_positions, cu_images, do_v, lse[p], delta[p], dk_vis, dv_vis,
+            Lq, Lk, H, G, T, B,
+            *q.stride(), k_vis.stride(0), k_vis.stride(1), k_vis.stride(2), k_vis.stride(3),
+            *v_vis.stride(), 0, 0, *do_v.stride(),
+            lse.stride(1), lse.stride(2), dk_vis.stride(0), dk_vis.stride(1), dk_vis.stride(2),
+            qk_scale, float(scale),
+            VISUAL=True, INCLUSIVE=inclusive, HAS_KPM=False, BLOCK_D=D, DOT_PRECISION=precision, **cfg)
+    return dq, dk, dv, dk_vis, dv_vis, dgate
+
+
+def expand_gate_shape(gate: torch.Tensor, q: torch.Tensor) -> tuple:
+    """The shape the gate broadcasts from, as used by :func:`expand_gate` (``[H*D]`` -> ``(H, D)``)."""
+    H, D = q.shape[2], q.shape[3]
+    if gate.dim() == 1 and gate.numel() == H * D:
+        return (H, D)
+    return tuple(gate.shape)
+
+
+def visual_kv_rope(kv_proj: torch.Tensor, rstd: torch.Tensor | None, bias: torch.Tensor | None,
+                   image_positions: torch.Tensor, inv_freq: torch.Tensor, T: int, num_kv_heads: int,
+                   position_offset: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``kv_proj [N*T, 2*H_kv*D]`` (row stride free, unit channel stride), optional ``rstd [N*T]``
+    float32 and ``bias [2*H_kv*D]`` -> ``(k_vis, v_vis)`` ``[N*T, H_kv, D]`` with MI-RoPE on K."""
+    M, C = kv_proj.shape
+    D = C // (2 * num_kv_heads)
+    k_vis = new_output((M, num_kv_heads, D), dtype=kv_proj.dtype, device=kv_proj.device)
+    v_vis = new_output((M, num_kv_heads, D), dtype=kv_proj.dtype, device=kv_proj.device)
+    if M and num_kv_heads:
+        block_m = 16 if kv_proj.device.type == "cpu" else 32
+        grid = (cdiv(M, block_m), num_kv_heads)
+        kernels._visual_kv_rope_kernel[grid](
+            kv_proj, rstd if rstd is not None else kv_proj, bias if bias is not None else kv_proj,
+            image_positions, inv_freq, k_vis, v_vis, M, T, float(position_offset),
+            kv_proj.stride(0), k_vis.stride(0), k_vis.stride(1),
+            FORWARD=True, HAS_RSTD=rstd is not None, HAS_BIAS=bias is not None, HALF_D=D // 2, BLOCK_M=block_m)
+    return k_vis, v_vis
+
+
+def visual_kv_rope_backward(dk_vis: torch.Tensor, dv_vis: torch.Tensor, image_positions: torch.Tensor,
+                            inv_freq: torch.Tensor, T: int, position_offset: int) -> torch.Tensor:
+    """``dy [N*T, 2*H_kv*D]``, the gradient of ``y = rstd * kv_proj + bias`` (interleaved layout)."""
+    M, Hkv, D = dk_vis.shape
+    dk_vis, dv_vis = dk_vis.contiguous(), dv_vis.contiguous()
+    dx = new_output((M, 2 * Hkv * D), dtype=dk_vis.dtype, device=dk_vis.device)
+    if M and Hkv:
+        block_m = 16 if dk_vis.device.type == "cpu" else 32
+        grid = (cdiv(M, block_m), Hkv)
+        kernels._visual_kv_rope_kernel[grid](
+            dx, dx, dx, image_positions, inv_freq, dk_vis, dv_vis, M, T, float(position_offset),
+            dx.stride(0), dk_vis.stride(0), dk_vis.stride(1),
+            FORWARD=False, HAS_RSTD=False, HAS_BIAS=False, HALF_D=D // 2, BLOCK_M=block_m)
+    return dx
+
+
+DECODE_MAX_ROWS = 64  # G * L_q rows per split program
+
+
+def use_decode_path(Lq: int, G: int) -> bool:
+    """Few query rows (decode steps, tiny chunks): split the keys across programs instead of rows."""
+    return 0 < Lq * G <= DECODE_MAX_ROWS and Lq <= 16
+
+
+def _decode_forward(q, k, v, kv, vv, image_positions, cu_images, g, key_padding_mask, kpm, out, o_t, o_v, lse,
+                    gated, inclusive, scale, save_parts, T):
+    """Split-K forward: partials per (split, sample, K/V head), then one merge program per row."""
+    B, Lq, H, D = q.shape
+    Lk, Hkv = k.shape[1], k.shape[2]
+    G = H // Hkv
+    N = kv.shape[0] // max(T, 1) if T else 0
+    dev, dt = q.device, q.dtype
+    chunk = decode_chunk(N * T + Lk, B * Hkv, dev)
+    # Upper bound on the splits of any sample without reading cu_images on the host (no sync):
+    # all N images could belong to one sample.
+    n_splits = cdiv(N * T, chunk) + cdiv(Lk, chunk)
+    cfg = _config("decode", dev, dt, D)
+    cfg["BLOCK_M"] = max(cfg["BLOCK_M"], 1 << max(0, (G * Lq - 1).bit_length()))
+    acc = torch.empty((B, H, Lq, n_splits, D), dtype=torch.float32, device=dev)
+    m = torch.empty((B, H, Lq, n_splits), dtype=torch.float32, device=dev)
+    l = torch.empty_like(m)
+    qk_scale = float(scale) * kernels.LOG2E
+    kernels._hyper_decode_split_kernel[(n_splits, B * Hkv)](
+        q, k, v, kv, vv, image_positions, cu_images, kpm, acc, m, l,
+        Lq, Lk, H, G, T,
+        *q.stride(), *k.stride(), *v.stride(), *kv.stride(), *vv.stride(),
+        *(key_padding_mask.stride() if key_padding_mask is not None else (0, 0)),
+        *m.stride(), qk_scale,
+        INCLUSIVE=inclusive, HAS_KPM=key_padding_mask is not None, CHUNK=chunk, BLOCK_D=D,
+        DOT_PRECISION=_dot_precision(dt), **cfg)
+    kernels._hyper_decode_merge_kernel[(Lq, B * H)](
+        acc, m, l, image_positions, cu_images, g,
+        out, o_t if o_t.numel() else out, o_v if o_v.numel() else out, lse,
+        Lq, Lk, H, T, *m.stride(), *g.stride(),
+        out.stride(0), out.stride(1), out.stride(2), lse.stride(0), lse.stride(1), lse.stride(2),
+        GATED=gated, INCLUSIVE=inclusive, SAVE_PARTS=bool(save_parts and gated), CHUNK=chunk, BLOCK_D=D,
+        num_warps=1 if dev.type == "cpu" else 4)
+
+
+def rope(x: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor, inverse: bool) -> torch.Tensor:
+    """RoPE of ``x [B, L, H, D]`` at ``positions [B, L]`` (any strides); returns a contiguous tensor."""
+    B, L, Hx, D = x.shape
+    out = new_output((B, L, Hx, D), dtype=x.dtype, device=x.device)
+    if out.numel():
+        block_r = 16 if x.device.type == "cpu" else 32
+        kernels._rope_kernel[(cdiv(B * L, block_r), Hx)](
+            x, positions, inv_freq, out, B * L, L, *x.stride(), *positions.stride(),
+            out.stride(0), out.stride(1), out.stride(2),
+            SIGN=-1.0 if inverse else 1.0, HALF_D=D // 2, BLOCK_R=block_r)
+    return out
