@@ -176,8 +176,8 @@ def _hyper_attention_record(full):
                                   gated, inclusive, D ** -0.5)
         if every_kernel:
             inv_freq = torch.rand(D // 2)
-            kvis, vvis = launch.visual_kv_rope(torch.randn(N * T, 2 * Hkv * D, dtype=dtype), pos, inv_freq, T,
-                                               Hkv, 1)
+            kvis, vvis = launch.visual_kv_rope(torch.randn(N * T, 2 * Hkv * D, dtype=dtype), torch.rand(N * T),
+                                               torch.randn(2 * Hkv * D, dtype=dtype), pos, inv_freq, T, Hkv, 1)
             launch.visual_kv_rope_backward(kvis, vvis, pos, inv_freq, T, 1)
             launch.rope(q, torch.arange(L).expand(B, L), inv_freq, False)
     return calls
