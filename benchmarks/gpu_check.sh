@@ -16,7 +16,7 @@
 #
 # Knobs: PYTHON (python3), OUT, QUICK=1 (bench --quick), SKIP_BUILD=1, SKIP_TUNE=1, SKIP_TESTS=1,
 #        SKIP_BENCH=1, BUILD_TIMEOUT (120), TUNE_TIMEOUT (110), TESTS_TIMEOUT (180), BENCH_TIMEOUT (150),
-#        TORCH_CUDA_ARCH_LIST (9.0a).
+#        TORCH_CUDA_ARCH_LIST (9.0a), BENCH_OPS ("plora moe ..."; default all), TEST_PATHS (default tests).
 set -uo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.." || exit 1
@@ -116,7 +116,7 @@ else
   t0=$(date +%s)
   xdist=()
   "$PY" -c "import xdist" 2>/dev/null && xdist=(-n 8)
-  timeout -k 10 "$TESTS_TIMEOUT" "$PY" -m pytest -q -x -p no:cacheprovider "${xdist[@]}" --durations=10 tests -m gpu 2>&1 | tee "$OUT/tests.log"
+  timeout -k 10 "$TESTS_TIMEOUT" "$PY" -m pytest -q -x -p no:cacheprovider "${xdist[@]}" --durations=10 ${TEST_PATHS:-tests} -m gpu 2>&1 | tee "$OUT/tests.log"
   rc=${PIPESTATUS[0]}
   record tests "$rc" $(( $(date +%s) - t0 )) "$(grep -E '[0-9]+ (passed|failed|error)' "$OUT/tests.log" | tail -n 1)"
 fi
@@ -128,6 +128,7 @@ else
   t0=$(date +%s)
   args=(--out "$OUT")
   [ "${QUICK:-0}" = "1" ] && args+=(--quick)
+  for op in ${BENCH_OPS:-}; do args+=(--op "$op"); done
   timeout -k 10 "$BENCH_TIMEOUT" "$PY" -m benchmarks.run "${args[@]}" 2>&1 | tee "$OUT/bench.log"
   rc=${PIPESTATUS[0]}
   # keep $OUT small: the timestamped JSON duplicates the -latest one
