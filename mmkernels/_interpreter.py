@@ -8,13 +8,18 @@ The fix: the interpreter keeps bfloat16 tensors as their raw ``uint16`` bit patt
 (triton-lang/triton#11584, closed upstream without a fix).  :func:`patch_bf16_dot` wraps
 ``InterpreterBuilder.create_dot`` so bf16 operands are widened to float32 first (bf16 is the top
 half of an IEEE float32, so the widening is exact); every other dtype goes through untouched.
-The patch is applied only when the interpreter is enabled and never touches compiled GPU kernels.
+The second fix: the interpreter casts float32 -> bfloat16 by truncation, while GPUs round to
+nearest even, which doubles the rounding error of every bf16 store (two chained bf16 GEMMs then sit
+at the edge of the bf16 tolerance).  :func:`patch_bf16_cast` rounds to nearest even, as the GPU does.
+
+Both patches are applied only when the interpreter is enabled and never touch compiled GPU kernels.
 """
 from __future__ import annotations
 
 import os
 
 _PATCHED = False
+_CAST_PATCHED = False
 # Read once at import: kernels decorated after this point are interpreted iff this is True.
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "on", "yes")
 
@@ -54,5 +59,33 @@ def patch_bf16_dot() -> bool:
     return True
 
 
+def patch_bf16_cast() -> bool:
+    """Make the interpreter's float32 -> bfloat16 cast round to nearest even (NaN stays NaN)."""
+    global _CAST_PATCHED
+    if _CAST_PATCHED:
+        return True
+    try:
+        import numpy as np
+        import triton.language as tl
+        from triton.runtime.interpreter import InterpreterBuilder, TensorHandle
+    except Exception:
+        return False
+    original = InterpreterBuilder.cast_impl
+
+    def cast_impl(self, src, dst_type):
+        if src.dtype.scalar == tl.float32 and dst_type.scalar == tl.bfloat16:
+            bits = np.ascontiguousarray(src.data, dtype=np.float32).view(np.uint32).astype(np.uint64)
+            rounded = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).astype(np.uint16)
+            nan = np.isnan(src.data)
+            rounded[nan] = ((bits[nan] >> 16) | 0x40).astype(np.uint16)
+            return TensorHandle(rounded, dst_type.scalar)
+        return original(self, src, dst_type)
+
+    InterpreterBuilder.cast_impl = cast_impl
+    _CAST_PATCHED = True
+    return True
+
+
 if interpreter_enabled():
     patch_bf16_dot()
+    patch_bf16_cast()

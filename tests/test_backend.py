@@ -88,3 +88,19 @@ def test_interpreter_bf16_dot_is_correct():
     c = torch.empty(16, 16)
     _dot_kernel[(1,)](a, b, c, N=16)
     torch.testing.assert_close(c, a.float() @ b.float(), atol=1e-5, rtol=1e-5)
+
+
+@triton.jit
+def _cast_kernel(x_ptr, y_ptr, N: tl.constexpr):
+    offs = tl.arange(0, N)
+    tl.store(y_ptr + offs, tl.load(x_ptr + offs).to(tl.bfloat16))
+
+
+@pytest.mark.skipif(not mmkernels.interpreter_enabled(), reason="interpreter-only fix")
+def test_interpreter_bf16_cast_rounds_to_nearest_even():
+    x = torch.randn(64)
+    x[0] = float("nan")
+    y = torch.empty(64, dtype=torch.bfloat16)
+    _cast_kernel[(1,)](x, y, N=64)
+    expected = x.bfloat16()  # torch rounds to nearest even, like the GPU
+    assert torch.equal(y[1:], expected[1:]) and torch.isnan(y[0])
