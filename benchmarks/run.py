@@ -22,6 +22,7 @@ import torch
 # operators (MoE, attention, ...) add a line here.
 REGISTRY: dict[str, str] = {
     "plora": "benchmarks.bench_plora",
+    "moe": "benchmarks.bench_moe",
     "hyper_attention": "benchmarks.bench_hyper_attention",
 }
 

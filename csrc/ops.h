@@ -8,6 +8,8 @@
 #pragma once
 
 #include <cstdint>
+#include <optional>
+#include <tuple>
 
 #include <ATen/core/Tensor.h>
 
@@ -23,5 +25,21 @@ at::Tensor plora_tile_flags_cuda(const at::Tensor& im_mask, int64_t group_rows);
 
 // Shared argument checks (defined in csrc/plora/tile_flags.cpp).
 void check_plora_tile_flags_args(const at::Tensor& im_mask, int64_t group_rows);
+
+// moe_route(Tensor logits, int k, int capacity, Tensor? noise, Tensor? token_order)
+//   -> (indices [S,k] i64, keep [S,k] bool, exp_counts [E] i64, top1_counts [E] i64,
+//       sorted_slots [S*k] i32, expert_offsets [E+1] i32)
+// DeepSpeed top-k gating decisions for float32 logits [S, E]; capacity -1 = dropless.  Semantics in
+// csrc/moe/route.cpp; the CUDA version (csrc/cuda/moe_routing.cu) never synchronises with the host.
+using MoERouteResult = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+MoERouteResult moe_route_cpu(const at::Tensor& logits, int64_t k, int64_t capacity,
+                             const std::optional<at::Tensor>& noise, const std::optional<at::Tensor>& token_order);
+#ifdef MMKERNELS_WITH_CUDA
+MoERouteResult moe_route_cuda(const at::Tensor& logits, int64_t k, int64_t capacity,
+                              const std::optional<at::Tensor>& noise, const std::optional<at::Tensor>& token_order);
+#endif
+// Shared argument checks (defined in csrc/moe/route.cpp).
+void check_moe_route_args(const at::Tensor& logits, int64_t k, int64_t capacity,
+                          const std::optional<at::Tensor>& noise, const std::optional<at::Tensor>& token_order);
 
 }  // namespace mmkernels

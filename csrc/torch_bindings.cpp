@@ -22,15 +22,20 @@ TORCH_LIBRARY(mmkernels, m) {
   // No tensor arguments: registered as a catch-all kernel so it dispatches anywhere.
   m.def("build_config() -> str", &mmkernels::build_config);
   m.def("plora_tile_flags(Tensor im_mask, int group_rows) -> Tensor");
+  m.def(
+      "moe_route(Tensor logits, int k, int capacity, Tensor? noise, Tensor? token_order) -> "
+      "(Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(mmkernels, CPU, m) {
   m.impl("plora_tile_flags", &mmkernels::plora_tile_flags_cpu);
+  m.impl("moe_route", &mmkernels::moe_route_cpu);
 }
 
 #ifdef MMKERNELS_WITH_CUDA
 TORCH_LIBRARY_IMPL(mmkernels, CUDA, m) {
   m.impl("plora_tile_flags", &mmkernels::plora_tile_flags_cuda);
+  m.impl("moe_route", &mmkernels::moe_route_cuda);
 }
 #endif
 

@@ -10,7 +10,7 @@ HERE = Path(__file__).resolve().parent
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("op", ["plora", "hyper_attention"])
+@pytest.mark.parametrize("op", ["plora", "hyper_attention", "moe"])
 def test_kernels_compile_for_gpu_targets(op):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = os.pathsep.join([str(HERE.parent), env.get("PYTHONPATH", "")])

@@ -1,0 +1,250 @@
+"""Host launchers for the MoE kernels: routing op lookup, block sizes, grids.
+
+Block sizes are fixed per kernel (no autotuning).  On the GPU they are tensor-core shaped; under
+the CPU interpreter they are the smallest legal ``tl.dot`` tiles (16) so tests stay fast.  No
+launcher reads a device value on the host (the grouped GEMM grid is an upper bound, see
+``kernels.py``), so the Triton path needs no host synchronisation.
+"""
+from __future__ import annotations
+
+import torch
+
+from ..._extension import has_op
+from ..._interpreter import interpreter_enabled
+from ..._utils import allow_tf32, cdiv, new_output
+from . import kernels
+from .reference import route_reference
+
+_GPU_HALF = {
+    "mm": dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3),
+    "mm_swiglu": dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3),
+    "wgrad": dict(BLOCK_N=128, BLOCK_K=128, BLOCK_M=64, num_warps=8, num_stages=3),
+    "combine": dict(BLOCK_S=16, BLOCK_H=256, num_warps=4),
+    "combine_bwd": dict(BLOCK_S=16, BLOCK_H=256, num_warps=4),
+}
+_GPU_FP32 = {name: dict(cfg, **({"BLOCK_K": 32, "num_stages": 2} if name.startswith("mm") else {}))
+             for name, cfg in _GPU_HALF.items()}
+_GPU_FP32["wgrad"] = dict(BLOCK_N=64, BLOCK_K=64, BLOCK_M=32, num_warps=4, num_stages=2)
+_INTERPRETER = {
+    "mm": dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, GROUP_M=2),
+    "mm_swiglu": dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, GROUP_M=2),
+    "wgrad": dict(BLOCK_N=16, BLOCK_K=16, BLOCK_M=16),
+    "combine": dict(BLOCK_S=16, BLOCK_H=32),
+    "combine_bwd": dict(BLOCK_S=16, BLOCK_H=32),
+}
+
+ACT_CODES = {"gelu_tanh": (kernels.EPI_GELU, kernels.EPI_GELU_BWD),
+             "swiglu": (kernels.EPI_SWIGLU, kernels.EPI_SWIGLU_BWD)}
+
+
+def _config(name: str, device: torch.device, dtype: torch.dtype) -> dict:
+    if device.type == "cpu":
+        return dict(_INTERPRETER[name])
+    table = _GPU_FP32 if dtype == torch.float32 else _GPU_HALF
+    return dict(table[name])
+
+
+def _dot_precision(dtype: torch.dtype) -> str:
+    return "tf32" if (dtype == torch.float32 and allow_tf32() and not interpreter_enabled()) else "ieee"
+
+
+# ----------------------------------------------------------------------------------------- routing
+
+# Looked up once at import (torch.compile cannot trace has_op).
+NATIVE_ROUTE = has_op("moe_route")
+
+if NATIVE_ROUTE:
+    @torch.library.register_fake("mmkernels::moe_route")
+    def _moe_route_fake(logits, k, capacity, noise, token_order):
+        S, E = logits.shape
+        i64 = dict(dtype=torch.int64)
+        return (logits.new_empty((S, k), **i64), logits.new_empty((S, k), dtype=torch.bool),
+                logits.new_empty((E,), **i64), logits.new_empty((E,), **i64),
+                logits.new_empty((S * k,), dtype=torch.int32), logits.new_empty((E + 1,), dtype=torch.int32))
+
+
+def route(logits: torch.Tensor, k: int, capacity: int, noise, token_order):
+    """Routing decisions ``(indices, keep, exp_counts, top1_counts, sorted_slots, expert_offsets)``;
+    ``capacity < 0`` means dropless.  The native op (C++ on CPU, CUDA kernels on GPU, no host sync)
+    when the extension has it, else the torch reference."""
+    if NATIVE_ROUTE:
+        return torch.ops.mmkernels.moe_route(logits, k, capacity, noise, token_order)
+    d = route_reference(logits, k, None if capacity < 0 else capacity, noise, token_order)
+    return d.indices, d.keep, d.exp_counts, d.top1_counts, d.sorted_slots, d.expert_offsets
+
+
+# ----------------------------------------------------------------------------------------- launchers
+
+def grouped_mm(a, b, bias, offsets, m_alloc, c, *, N, K, z=None, a_idx=None, a_div=1, c_idx=None,
+               epilogue=kernels.EPI_PLAIN, half_n=0, b_strides=None, y=None, y_weights=None):
+    """``c[crow(r)] = epilogue(a[arow(r)] @ b[e].T + bias[e])`` over the ``m_alloc`` sorted rows.
+
+    ``b`` is addressed as ``[E, N, K]`` through ``b_strides`` (default: its own strides), so a
+    transposed expert weight needs no copy."""
+    E = offsets.numel() - 1
+    if m_alloc == 0 or N == 0 or E == 0:
+        return
+    swiglu = epilogue in (kernels.EPI_SWIGLU, kernels.EPI_SWIGLU_BWD)
+    cfg = _config("mm_swiglu" if swiglu else "mm", a.device, a.dtype)
+    sbe, sbn, sbk = b_strides if b_strides is not None else b.stride()
+    grid = ((cdiv(m_alloc, cfg["BLOCK_M"]) + E) * cdiv(N, cfg["BLOCK_N"]),)
+    zt = z if z is not None else c
+    yt = y if y is not None else c
+    kernels._grouped_mm_kernel[grid](
+        a, b, bias if bias is not None else a, c, zt,
+        a_idx if a_idx is not None else offsets, c_idx if c_idx is not None else offsets, offsets,
+        yt, y_weights if y_weights is not None else offsets,
+        m_alloc, N, K, E, a_div, half_n,
+        a.stride(0), a.stride(1), sbe, sbn, sbk,
+        bias.stride(0) if bias is not None else 0, bias.stride(1) if bias is not None else 0,
+        c.stride(0), c.stride(1), zt.stride(0), zt.stride(1), yt.stride(0), yt.stride(1),
+        EPILOGUE=epilogue, GATHER_A=a_idx is not None, SCATTER_C=c_idx is not None, HAS_BIAS=bias is not None,
+        WEIGHTED_Y=y is not None, DOT_PRECISION=_dot_precision(a.dtype), **cfg)
+
+
+def grouped_wgrad(g, a, offsets, *, N, K, need_db, need_dbias, g_idx=None, g_div=1, a_idx=None, a_div=1):
+    """``(dB [E, N, K], dbias [E, N])`` (empty tensors where not wanted) for ``c = a @ B[e].T``."""
+    E = offsets.numel() - 1
+    dev, dt = g.device, g.dtype
+    db = new_output((E, N, K), dtype=dt, device=dev) if need_db else g.new_empty(0)
+    dbias = new_output((E, N), dtype=dt, device=dev) if need_dbias else g.new_empty(0)
+    if not (need_db or need_dbias) or E == 0 or N == 0:
+        return db, dbias
+    if need_db and K == 0:  # nothing to write in dB; dbias alone
+        need_db = False
+    cfg = _config("wgrad", dev, dt)
+    num_k = cdiv(K, cfg["BLOCK_K"]) if need_db else 1
+    if not need_db and not need_dbias:
+        return db, dbias
+    grid = (E * cdiv(N, cfg["BLOCK_N"]) * num_k,)
+    kernels._grouped_wgrad_kernel[grid](
+        g, a, db if need_db else g, dbias if need_dbias else g,
+        g_idx if g_idx is not None else offsets, a_idx if a_idx is not None else offsets, offsets,
+        N, K, num_k, g_div, a_div,
+        g.stride(0), g.stride(1), a.stride(0), a.stride(1),
+        *(db.stride() if need_db else (0, 0, 0)), *(dbias.stride() if need_dbias else (0, 0)),
+        HAS_DB=need_db, HAS_DBIAS=need_dbias, GATHER_G=g_idx is not None, GATHER_A=a_idx is not None,
+        DOT_PRECISION=_dot_precision(dt), **cfg)
+    return db, dbias
+
+
+def combine(o, weights, keep_u8, S, H, out_dtype):
+    """``y[s] = sum_j keep * w * o[s*k+j]`` (``weights=None``: unweighted sum of the kept slots)."""
+    k = keep_u8.shape[1] if keep_u8.dim() == 2 else 1
+    y = new_output((S, H), dtype=out_dtype, device=o.device)
+    if S == 0 or H == 0:
+        return y
+    if k == 0:
+        return y.zero_()
+    cfg = _config("combine", o.device, o.dtype)
+    grid = (cdiv(S, cfg["BLOCK_S"]), cdiv(H, cfg["BLOCK_H"]))
+    kernels._moe_combine_kernel[grid](
+        o, weights if weights is not None else o, keep_u8, y, S, H, k,
+        o.stride(0), o.stride(1), y.stride(0), y.stride(1),
+        HAS_WEIGHT=weights is not None, **cfg)
+    return y
+
+
+def combine_backward(dy, o, weights, keep_u8, need_dw):
+    """``(do [S*k, H] slot space, dweights [S, k] fp32 or empty)``."""
+    S, H = dy.shape
+    k = keep_u8.shape[1]
+    do = new_output((S * k, H), dtype=o.dtype, device=o.device)
+    dw = new_output((S, k), dtype=torch.float32, device=o.device) if need_dw else dy.new_empty(0)
+    if S == 0 or k == 0:
+        return do, dw
+    if H == 0:
+        if need_dw:
+            dw.zero_()
+        return do, dw
+    cfg = _config("combine_bwd", o.device, o.dtype)
+    grid = (cdiv(S, cfg["BLOCK_S"]),)
+    kernels._moe_combine_bwd_kernel[grid](
+        dy, o, weights, keep_u8, do, dw if need_dw else weights, S, H, k,
+        dy.stride(0), dy.stride(1), o.stride(0), o.stride(1), do.stride(0), do.stride(1),
+        HAS_DW=need_dw, **cfg)
+    return do, dw
+
+
+def _swap_last(t):
+    return (t.stride(0), t.stride(2), t.stride(1))
+
+
+def moe_ffn_forward(x, weights, keep, sorted_slots, offsets, w1, b1, w2, b2, activation):
+    """Permute -> grouped GEMM + activation -> grouped GEMM -> un-permute -> weighted combine (k = 1:
+    fused into the second GEMM's epilogue).
+
+    Returns ``(y [S, H], z [S*k, F1] pre-activation, h [S*k, F] activation (sorted space),
+    o [S*k, H] expert outputs (slot space))``; ``z``, ``h`` and ``o`` are saved for the backward."""
+    S, H = x.shape
+    k = weights.shape[1]
+    F1, F = w1.shape[1], w2.shape[2]
+    M = S * k
+    dev, dt = x.device, x.dtype
+    weights, keep = weights.contiguous(), keep.contiguous()
+    z = new_output((M, F1), dtype=dt, device=dev)
+    h = new_output((M, F), dtype=dt, device=dev)
+    o = new_output((M, H), dtype=dt, device=dev)
+    epi, _ = ACT_CODES[activation]
+    grouped_mm(x, w1, b1, offsets, M, h, N=F, K=H, z=z, a_idx=sorted_slots, a_div=k, epilogue=epi, half_n=F)
+    if k == 1:  # weighted scatter fused into the second GEMM's epilogue; dropped rows stay 0
+        y = torch.zeros((S, H), dtype=dt, device=dev)
+        grouped_mm(h, w2, b2, offsets, M, o, N=H, K=F, c_idx=sorted_slots, y=y, y_weights=weights)
+        return y, z, h, o
+    grouped_mm(h, w2, b2, offsets, M, o, N=H, K=F, c_idx=sorted_slots)
+    y = combine(o, weights, keep.view(torch.uint8), S, H, dt)
+    return y, z, h, o
+
+
+def moe_ffn_backward(dy, x, weights, keep, sorted_slots, offsets, w1, w2, z, h, o, activation, output_mask):
+    """Gradients ``(dx, dweights, dw1, db1, dw2, db2)``; entries not in ``output_mask`` are empty."""
+    need_dx, need_dwts, need_dw1, need_db1, need_dw2, need_db2 = (bool(v) for v in output_mask)
+    S, H = x.shape
+    k = weights.shape[1]
+    F1, F = w1.shape[1], w2.shape[2]
+    M = S * k
+    dev, dt = x.device, x.dtype
+    empty = x.new_empty(0)
+    dy, weights, keep = dy.contiguous(), weights.contiguous(), keep.contiguous()
+    keep_u8 = keep.view(torch.uint8)
+    _, epi_bwd = ACT_CODES[activation]
+    do, dwts = combine_backward(dy, o, weights, keep_u8, need_dwts)
+    dz = None
+    if need_dx or need_dw1 or need_db1:
+        dz = new_output((M, F1), dtype=dt, device=dev)
+        grouped_mm(do, w2, None, offsets, M, dz, N=F, K=H, z=z, a_idx=sorted_slots, a_div=1,
+                   epilogue=epi_bwd, half_n=F, b_strides=_swap_last(w2))
+    dx = empty
+    if need_dx:
+        dxp = new_output((M, H), dtype=dt, device=dev)
+        grouped_mm(dz, w1, None, offsets, M, dxp, N=H, K=F1, c_idx=sorted_slots, b_strides=_swap_last(w1))
+        dx = combine(dxp, None, keep_u8, S, H, dt)
+    dw2, db2 = grouped_wgrad(do, h, offsets, N=H, K=F, need_db=need_dw2, need_dbias=need_db2,
+                             g_idx=sorted_slots, g_div=1)
+    dw1, db1 = empty, empty
+    if need_dw1 or need_db1:
+        dw1, db1 = grouped_wgrad(dz, x, offsets, N=F1, K=H, need_db=need_dw1, need_dbias=need_db1,
+                                 a_idx=sorted_slots, a_div=k)
+    return dx, dwts if need_dwts else empty, dw1, db1, dw2, db2
+
+
+def grouped_gemm_forward(a, b, bias, offsets):
+    """``c[r] = a[r] @ b[e].T + bias[e]`` for rows r of group e; rows outside every group are 0."""
+    M, K = a.shape
+    N = b.shape[1]
+    c = torch.zeros((M, N), dtype=a.dtype, device=a.device)
+    grouped_mm(a, b, bias, offsets, M, c, N=N, K=K)
+    return c
+
+
+def grouped_gemm_backward(dc, a, b, offsets, output_mask):
+    need_da, need_db, need_dbias = (bool(v) for v in output_mask)
+    M, K = a.shape
+    N = b.shape[1]
+    dc = dc.contiguous()
+    da = a.new_empty(0)
+    if need_da:
+        da = torch.zeros((M, K), dtype=a.dtype, device=a.device)
+        grouped_mm(dc, b, None, offsets, M, da, N=K, K=N, b_strides=_swap_last(b))
+    db, dbias = grouped_wgrad(dc, a, offsets, N=N, K=K, need_db=need_db, need_dbias=need_dbias)
+    return da, db, dbias
