@@ -386,13 +386,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     H.print_table(f"{OP} timing", rows, TIMING_COLUMNS)
 
     targets = evaluate_targets(rows, on_cuda)
-    print(f"\n== {OP} targets ==")
-    if on_cuda:
-        for t in targets:
-            print(f"  [{'MET' if t['met'] else 'NOT MET':>7}] {t['target']}: {t['value']}")
-    else:
-        print("  targets are GPU-only (CPU timings compare the reference path with the mPLUG-Owl3-style baseline)")
+    H.print_targets(OP, targets, on_cuda, "CPU timings compare the reference path with the mPLUG-Owl3-style baseline")
+    plot = H.plot_sweep(
+        OP, [r for r in rows if r["provider"] in ("mmkernels", "owl3_baseline")], panel_keys=("case", "mode", "L"),
+        x_key="images", y_key="ms", series_key="provider", out_dir=getattr(args, "out", None),
+        title=f"Hyper attention layer time, {str(cfg['dtype']).replace('torch.', '')} (lower is better)",
+        y_label="ms", x_label="images", panel_title=lambda k: f"{k[0]} {k[1]} L={k[2]}")
     return {
+        "plot": str(plot) if plot else None,
         "ok": ver_ok,
         "verification_ok": ver_ok,
         "verification": ver_rows,

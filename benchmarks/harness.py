@@ -468,3 +468,13 @@ def median(values: Iterable[float]) -> float:
 def geomean(values: Iterable[float]) -> float:
     vals = [v for v in values if v and v > 0]
     return math.exp(sum(math.log(v) for v in vals) / len(vals)) if vals else float("nan")
+
+
+def print_targets(op: str, targets: list[dict], on_cuda: bool, cpu_note: str) -> None:
+    """The MET / NOT MET lines of an operator's GPU targets (gpu_check.sh greps them)."""
+    print(f"\n== {op} targets ==")
+    if on_cuda:
+        for t in targets:
+            print(f"  [{'MET' if t['met'] else 'NOT MET':>7}] {t['target']}: {t['value']}")
+    else:
+        print(f"  targets are GPU-only ({cpu_note})")

@@ -9,6 +9,7 @@ from torch import nn
 import mmkernels
 from mmkernels import PLoRALinear, plora_linear, plora_linear_reference, use_backend
 from mmkernels.ops.plora import launch
+from mmkernels.ops.plora.baseline import XComposerPLoRA
 from mmkernels.ops.plora.function import plora_forward_op
 from mmkernels.testing import assert_close
 
@@ -191,28 +192,6 @@ def test_torch_compile_fullgraph(device):
     torch.testing.assert_close(compiled, eager)
     compiled.sum().backward()
     assert layer.Plora_A.weight.grad is not None and x.grad is not None
-
-
-class XComposerPLoRA(nn.Linear):
-    """A copy of InternLM-XComposer2's PLoRA module (the checkpoint layout to load)."""
-
-    def __init__(self, in_features, out_features, bias=True, lora_r=8, lora_alpha=16, lora_dropout=0.05):
-        super().__init__(in_features, out_features, bias)
-        self.lora_dropout = nn.Dropout(p=lora_dropout)
-        self.lora_scaling = lora_alpha / lora_r
-        self.Plora_A = nn.Linear(in_features, lora_r, bias=False)
-        self.Plora_B = nn.Linear(lora_r, out_features, bias=False)
-
-    def forward(self, x, im_mask=None):
-        res = super().forward(x)
-        if im_mask is not None:
-            if torch.sum(im_mask) > 0:
-                part_x = x[im_mask]
-                res[im_mask] += self.Plora_B(self.Plora_A(self.lora_dropout(part_x))) * self.lora_scaling
-            else:
-                part_x = x[:, :1]
-                res[:, :1] += self.Plora_B(self.Plora_A(self.lora_dropout(part_x))) * 0
-        return res
 
 
 def test_state_dict_roundtrip_with_xcomposer_keys():
