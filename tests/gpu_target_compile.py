@@ -30,6 +30,19 @@ class Recorder:
         return record
 
 
+def record_launches(kernels_module) -> list:
+    """Swap every launchable kernel (``*_kernel``) of a kernels module for a Recorder; return the list
+    its launches will be appended to."""
+    calls = []
+    for name in dir(kernels_module):
+        obj = getattr(kernels_module, name)
+        if isinstance(obj, Recorder):
+            obj = obj.fn
+        if isinstance(obj, triton.runtime.jit.JITFunction) and name.endswith("_kernel"):
+            setattr(kernels_module, name, Recorder(obj, calls))
+    return calls
+
+
 def signature(fn, args, kwargs):
     """Argument types, constexprs and alignment attributes as Triton's JIT would specialise them:
     an integer equal to 1 becomes a constant, pointers and integers divisible by 16 are marked so
@@ -103,14 +116,7 @@ def plora_calls():
 def _plora_record(half_table, dtypes):
     from mmkernels.ops.plora import kernels, launch
 
-    calls = []
-    for name in dir(kernels):
-        obj = getattr(kernels, name)
-        if isinstance(obj, Recorder):
-            obj = obj.fn
-        if isinstance(obj, triton.runtime.jit.JITFunction) and not name.startswith("_tile") \
-                and not name.startswith("_dropout_keep"):
-            setattr(kernels, name, Recorder(obj, calls))
+    calls = record_launches(kernels)
     for dtype in dtypes:
         table = launch._GPU_FP32 if dtype == torch.float32 else half_table
         launch._config = lambda name, device, dt, table=table: dict(table[name])
@@ -142,13 +148,7 @@ def hyper_attention_calls():
 def _hyper_attention_record(full):
     from mmkernels.ops.hyper_attention import kernels, launch
 
-    calls = []
-    for name in dir(kernels):
-        obj = getattr(kernels, name)
-        if isinstance(obj, Recorder):
-            obj = obj.fn
-        if isinstance(obj, triton.runtime.jit.JITFunction) and name.endswith("_kernel"):
-            setattr(kernels, name, Recorder(obj, calls))
+    calls = record_launches(kernels)
     if not hasattr(launch, "_cpu_config"):
         launch._cpu_config = launch._config
         launch._config = lambda name, device, dt, head_dim: launch._cpu_config(name, torch.device("cuda"), dt,
@@ -194,13 +194,7 @@ def _moe_record(dtype, backward):
     from mmkernels.ops.moe import kernels, launch
     from mmkernels.ops.moe.reference import route_reference
 
-    calls = []
-    for name in dir(kernels):
-        obj = getattr(kernels, name)
-        if isinstance(obj, Recorder):
-            obj = obj.fn
-        if isinstance(obj, triton.runtime.jit.JITFunction) and name.endswith("_kernel"):
-            setattr(kernels, name, Recorder(obj, calls))
+    calls = record_launches(kernels)
     table = launch._GPU_FP32 if dtype == torch.float32 else launch._GPU_HALF
     launch._config = lambda name, device, dt, table=table: dict(table[name])
     S, H, F, E, k = 50, 64, 48, 4, 2
