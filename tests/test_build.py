@@ -126,6 +126,14 @@ def test_missing_extension_falls_back_with_one_warning():
         assert info["cuda_kernels"] is False and info["cuda_archs"] == []
         assert "blocked for the test" in info["load_error"]
         assert not has_op("plora_tile_flags")
+        # the ops' Python paths take over the native ones
+        import torch
+        from mmkernels.ops.plora import launch as plora_launch
+        from mmkernels.ops.moe import launch as moe_launch
+        mask = torch.tensor([True] * 20 + [False] * 13)
+        assert plora_launch.tile_flags(mask).tolist() == [16, 4, 0]
+        idx, keep, counts, top1, slots, offsets = moe_launch.route(torch.randn(10, 4), 2, -1, None, None)
+        assert int(counts.sum()) == 20 and bool(keep.all()) and int(offsets[-1]) == 20
         print("OK")
         """
     )
