@@ -15,7 +15,8 @@ from __future__ import annotations
 import torch
 
 from ..._library import define_op
-from ..._validation import FLOAT_DTYPES, check_float, check_same_device, check_same_dtype, check_tensor
+from ..._validation import (FLOAT_DTYPES, check_float, check_same_device, check_same_dtype, check_shape,
+                             check_tensor)
 from ...backend import get_backend, require_triton, resolve_backend
 from . import launch
 from .reference import MODES, VISIBILITIES, hyper_attention_reference
@@ -149,16 +150,14 @@ def _validate(q, k, v, k_vis, v_vis, image_positions, cu_images, mode, gate, vis
     if k.shape[0] != B or k.shape[3] != D:
         raise ValueError(f"k must have shape (B={B}, L_k, H_kv, D={D}) to match q, got {tuple(k.shape)}")
     Lk, Hkv = k.shape[1], k.shape[2]
-    if tuple(v.shape) != tuple(k.shape):
-        raise ValueError(f"v must have the shape of k {tuple(k.shape)}, got {tuple(v.shape)}")
+    check_shape("v", v, k.shape, "the shape of k")
     if Hkv < 1 or H % Hkv != 0:
         raise ValueError(f"the number of query heads H={H} must be a multiple of the key/value heads H_kv={Hkv}")
     if Lq > Lk:
         raise ValueError(f"q has L_q={Lq} rows but k only L_k={Lk}: the queries must be the last L_q of the keys")
     if k_vis.shape[2] != Hkv or k_vis.shape[3] != D:
         raise ValueError(f"k_vis must have shape (N, T, H_kv={Hkv}, D={D}), got {tuple(k_vis.shape)}")
-    if tuple(v_vis.shape) != tuple(k_vis.shape):
-        raise ValueError(f"v_vis must have the shape of k_vis {tuple(k_vis.shape)}, got {tuple(v_vis.shape)}")
+    check_shape("v_vis", v_vis, k_vis.shape, "the shape of k_vis")
     N = k_vis.shape[0]
     if image_positions.shape[0] != N:
         raise ValueError(f"image_positions must have shape ({N},) (one per image of k_vis), "
@@ -182,9 +181,7 @@ def _validate(q, k, v, k_vis, v_vis, image_positions, cu_images, mode, gate, vis
         floats.append(("gate", gate))
     if key_padding_mask is not None:
         check_tensor("key_padding_mask", key_padding_mask, ndim=2, dtypes=(torch.bool,))
-        if tuple(key_padding_mask.shape) != (B, Lk):
-            raise ValueError(f"key_padding_mask must have shape (B={B}, L_k={Lk}), got "
-                             f"{tuple(key_padding_mask.shape)}")
+        check_shape("key_padding_mask", key_padding_mask, (B, Lk), f"B={B}, L_k={Lk}")
     check_same_dtype(floats)
     check_same_device(floats + [("image_positions", image_positions), ("cu_images", cu_images),
                                 ("key_padding_mask", key_padding_mask)])

@@ -20,7 +20,7 @@ from typing import Optional
 import torch
 
 from ..._library import define_op
-from ..._validation import FLOAT_DTYPES, check_same_device, check_same_dtype, check_tensor
+from ..._validation import FLOAT_DTYPES, check_same_device, check_same_dtype, check_shape, check_tensor
 from ...backend import require_triton, resolve_backend
 from . import launch
 from .reference import ACTIVATIONS, combine_weights_and_aux, moe_ffn_reference
@@ -104,9 +104,7 @@ def moe_route(logits: torch.Tensor, k: int, capacity: Optional[int] = None,
     noise = None
     if second_expert_noise is not None and k >= 2:
         check_tensor("second_expert_noise", second_expert_noise, ndim=2, dtypes=FLOAT_DTYPES)
-        if tuple(second_expert_noise.shape) != (S, E):
-            raise ValueError(f"second_expert_noise must have shape {(S, E)} like logits, "
-                             f"got {tuple(second_expert_noise.shape)}")
+        check_shape("second_expert_noise", second_expert_noise, (S, E), "like logits")
         check_same_device([("logits", logits), ("second_expert_noise", second_expert_noise)])
         noise = second_expert_noise.detach().float().contiguous()
     if token_order is not None:
@@ -218,17 +216,13 @@ def _check_ffn_weights(H, w1, b1, w2, b2, activation, num_experts=None):
     F = F1 // 2 if activation == "swiglu" else F1
     if activation == "swiglu" and F1 % 2:
         raise ValueError(f"w1 for swiglu must stack [gate; up] with an even row count 2F, got {tuple(w1.shape)}")
-    if tuple(w2.shape) != (E, H, F):
-        raise ValueError(f"w2 must have shape {(E, H, F)} (E, H, F) to match w1 {tuple(w1.shape)}, "
-                         f"got {tuple(w2.shape)}")
+    check_shape("w2", w2, (E, H, F), f"(E, H, F) to match w1 {tuple(w1.shape)}")
     if b1 is not None:
         check_tensor("b1", b1, ndim=2, dtypes=FLOAT_DTYPES)
-        if tuple(b1.shape) != (E, F1):
-            raise ValueError(f"b1 must have shape {(E, F1)}, got {tuple(b1.shape)}")
+        check_shape("b1", b1, (E, F1))
     if b2 is not None:
         check_tensor("b2", b2, ndim=2, dtypes=FLOAT_DTYPES)
-        if tuple(b2.shape) != (E, H):
-            raise ValueError(f"b2 must have shape {(E, H)}, got {tuple(b2.shape)}")
+        check_shape("b2", b2, (E, H))
     if num_experts is not None and E != num_experts:
         raise ValueError(f"w1 has {E} experts but the routing has {num_experts}")
 
@@ -370,8 +364,7 @@ def grouped_gemm(a: torch.Tensor, b: torch.Tensor, group_offsets: torch.Tensor,
                          f"got {tuple(group_offsets.shape)}")
     if bias is not None:
         check_tensor("bias", bias, ndim=2, dtypes=FLOAT_DTYPES)
-        if tuple(bias.shape) != (E, N):
-            raise ValueError(f"bias must have shape {(E, N)}, got {tuple(bias.shape)}")
+        check_shape("bias", bias, (E, N))
     check_same_dtype([("a", a), ("b", b), ("bias", bias)])
     check_same_device([("a", a), ("b", b), ("bias", bias), ("group_offsets", group_offsets)])
     backend = resolve_backend(a.device, a.dtype)
