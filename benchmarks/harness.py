@@ -478,3 +478,24 @@ def print_targets(op: str, targets: list[dict], on_cuda: bool, cpu_note: str) ->
             print(f"  [{'MET' if t['met'] else 'NOT MET':>7}] {t['target']}: {t['value']}")
     else:
         print(f"  targets are GPU-only ({cpu_note})")
+
+
+def cpu_benchmark_case(benchmark, forward, mode: str, dy, leaves, rounds: int):
+    """Time ``forward`` (``"fwd"``: under no_grad; ``"fwd+bwd"``: with ``backward(dy)``) with
+    pytest-benchmark, clearing the leaves' gradients before each round; return one more output
+    (gradients fresh) for the caller's correctness check."""
+    def clear():
+        for t in leaves:
+            t.grad = None
+
+    def fn():
+        if mode == "fwd":
+            with torch.no_grad():
+                return forward()
+        y = forward()
+        y.backward(dy)
+        return y
+
+    benchmark.pedantic(fn, setup=clear, rounds=rounds, iterations=1, warmup_rounds=1)
+    clear()
+    return fn()

@@ -15,6 +15,7 @@ import torch
 import mmkernels
 from mmkernels.ops.moe.reference import deepspeed_einsum_moe
 
+from . import harness as H
 from .bench_moe import K_TOP, expert_loop_moe, make_layer
 
 SIZES = [(128, 64, 128), (512, 128, 256)]  # (S, H, F)
@@ -46,23 +47,7 @@ def test_moe_cpu(benchmark, size, mode, provider):
             return deepspeed_einsum_moe(x, moe.gate_weight, experts, K_TOP, cap, noise)[0]
         return expert_loop_moe(x, moe.gate_weight, experts, cap, noise)[0]
 
-    def clear():
-        for t in leaves:
-            t.grad = None
-
-    if mode == "fwd":
-        def fn():
-            with torch.no_grad():
-                return forward()
-    else:
-        def fn():
-            y = forward()
-            y.backward(dy)
-            return y
-
-    benchmark.pedantic(fn, setup=clear, rounds=5, iterations=1, warmup_rounds=1)
-    clear()
-    y = fn()
+    y = H.cpu_benchmark_case(benchmark, forward, mode, dy, leaves, rounds=5)
     with torch.no_grad():
         want = deepspeed_einsum_moe(x, moe.gate_weight, experts, K_TOP, cap, noise)[0]
     torch.testing.assert_close(y, want, rtol=1e-4, atol=1e-5)

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 import mmkernels
 from mmkernels.testing import compare
 
+from . import harness as H
 from .bench_plora import XComposerPLoRA, make_mask
 
 SIZES = [(64, 64, 96, 16), (256, 128, 192, 32)]  # (M, K, N, r)
@@ -62,25 +63,8 @@ def test_plora_cpu(benchmark, size, fraction, mode, provider):
     benchmark.extra_info.update(dict(op="plora", provider=provider, mode=mode, M=M, K=K, N=N, r=r,
                                      visual_fraction=fraction, dtype="float32"))
 
-    def clear():
-        for t in leaves:
-            t.grad = None
-
-    if mode == "fwd":
-        def fn():
-            with torch.no_grad():
-                return _forward(provider, xc, x, mask)
-    else:
-        def fn():
-            y = _forward(provider, xc, x, mask)
-            y.backward(dy)
-            return y
-
-    benchmark.pedantic(fn, setup=clear, rounds=8, iterations=1, warmup_rounds=1)
-
+    y = H.cpu_benchmark_case(benchmark, lambda: _forward(provider, xc, x, mask), mode, dy, leaves, rounds=8)
     # Correctness of what was timed (the base linear is only the floor: checked on text rows).
-    clear()
-    y = fn()
     ref = mmkernels.plora_linear_reference(
         x.detach().double(), xc.weight.detach().double(), xc.bias.detach().double(),
         xc.Plora_A.weight.detach().double(), xc.Plora_B.weight.detach().double(), mask, scaling=SCALING)
