@@ -11,10 +11,20 @@ Two implementations exist for each op:
 ``auto`` (the default) picks ``triton`` for CUDA tensors and ``reference`` for CPU tensors.  The
 choice comes from, in order: the innermost :func:`use_backend` context, the
 ``MMKERNELS_BACKEND`` environment variable (read at import), ``auto``.
+
+:func:`use_backend` is scoped like a :mod:`contextvars` variable: per thread and per asyncio task.
+A block in one thread (or task) never changes what another one sees; a new thread starts from the
+environment default, and a task starts from the context it was created in.
+
+``torch.compile`` traces the lookup.  Where Dynamo can guard on a ``ContextVar`` (torch >= 2.14), a
+compiled function recompiles when it runs under a different backend.  On older torch (2.11-2.13)
+the backend is read once, when the function is traced: call ``torch.compiler.reset()`` after
+switching the backend around a function that was already compiled.
 """
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import os
 
 import torch
@@ -23,10 +33,30 @@ from ._interpreter import interpreter_enabled
 
 BACKENDS = ("auto", "reference", "triton")
 
-# Read once at import (like TRITON_INTERPRET, which Triton reads when kernels are decorated); a
-# module-level stack rather than thread-local state keeps the lookup traceable by torch.compile.
+# Read once at import (like TRITON_INTERPRET, which Triton reads when kernels are decorated).
 _ENV_BACKEND = os.environ.get("MMKERNELS_BACKEND") or None
-_STACK: list[str] = []
+# The innermost use_backend() of this thread / task; None outside every block.
+_CURRENT: contextvars.ContextVar = contextvars.ContextVar("mmkernels_backend", default=None)
+
+
+# Dynamo traces ContextVar.get() with a guard from torch 2.14 on (version, not feature, detection:
+# importing torch._dynamo at import time would cost seconds).
+_DYNAMO_GUARDS_CONTEXTVARS = tuple(int(p) for p in torch.__version__.split(".")[:2]) >= (2, 14)
+
+
+def _read_current_as_constant():
+    return _CURRENT.get()
+
+
+# What torch.compiler.assume_constant_result sets, without importing Dynamo: older Dynamo calls the
+# function once while tracing and uses its result as a constant (no guard; see the module docstring).
+_read_current_as_constant._dynamo_marked_constant = True
+
+
+def _read_current():
+    if _DYNAMO_GUARDS_CONTEXTVARS or not torch.compiler.is_compiling():
+        return _CURRENT.get()
+    return _read_current_as_constant()
 
 
 def _check_name(name: str, source: str) -> str:
@@ -37,8 +67,9 @@ def _check_name(name: str, source: str) -> str:
 
 def get_backend() -> str:
     """The backend requested right now: ``'auto'``, ``'reference'`` or ``'triton'``."""
-    if _STACK:
-        return _STACK[-1]
+    current = _read_current()
+    if current is not None:
+        return current
     if _ENV_BACKEND:
         return _check_name(_ENV_BACKEND, "MMKERNELS_BACKEND")
     return "auto"
@@ -47,12 +78,11 @@ def get_backend() -> str:
 @contextlib.contextmanager
 def use_backend(name: str):
     """Run the enclosed code with the given backend (``auto``, ``reference`` or ``triton``)."""
-    name = _check_name(name, "backend")
-    _STACK.append(name)
+    token = _CURRENT.set(_check_name(name, "backend"))
     try:
         yield
     finally:
-        _STACK.pop()
+        _CURRENT.reset(token)
 
 
 def resolve_backend(device: torch.device, dtype: torch.dtype | None = None) -> str:

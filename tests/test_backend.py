@@ -104,3 +104,85 @@ def test_interpreter_bf16_cast_rounds_to_nearest_even():
     _cast_kernel[(1,)](x, y, N=64)
     expected = x.bfloat16()  # torch rounds to nearest even, like the GPU
     assert torch.equal(y[1:], expected[1:]) and torch.isnan(y[0])
+
+
+# --------------------------------------------------------------------- use_backend is per thread/task
+
+def test_use_backend_is_per_thread():
+    """Thread A's block must not change what thread B sees, before, during or after it (issue 11.6)."""
+    import threading
+
+    a_inside, b_checked, a_exited = threading.Event(), threading.Event(), threading.Event()
+    seen = {}
+
+    def thread_a():
+        with mmkernels.use_backend("triton"):
+            a_inside.set()
+            b_checked.wait(5)
+        a_exited.set()
+
+    def thread_b():
+        seen["before"] = mmkernels.get_backend()
+        with mmkernels.use_backend("reference"):
+            a_inside.wait(5)
+            seen["while_a_inside"] = mmkernels.get_backend()
+            b_checked.set()
+            a_exited.wait(5)
+            seen["after_a_exited"] = mmkernels.get_backend()
+
+    default = mmkernels.get_backend()
+    threads = [threading.Thread(target=thread_a), threading.Thread(target=thread_b)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(10)
+    assert seen == {"before": default, "while_a_inside": "reference", "after_a_exited": "reference"}
+    assert mmkernels.get_backend() == default
+
+
+def test_thread_outside_any_block_sees_the_default():
+    import threading
+
+    seen = []
+    with mmkernels.use_backend("triton"):
+        t = threading.Thread(target=lambda: seen.append(mmkernels.get_backend()))
+        t.start()
+        t.join(10)
+    assert seen == [backend.get_backend()]  # the default, not the other thread's "triton"
+
+
+def test_use_backend_is_per_asyncio_task():
+    import asyncio
+
+    async def worker(name, gate, log):
+        with mmkernels.use_backend(name):
+            await gate.wait()
+            log.append((name, mmkernels.get_backend()))
+
+    async def main():
+        gate, log = asyncio.Event(), []
+        tasks = [asyncio.create_task(worker(n, gate, log)) for n in ("reference", "triton")]
+        await asyncio.sleep(0)          # both tasks are now inside their blocks
+        outside = mmkernels.get_backend()
+        gate.set()
+        await asyncio.gather(*tasks)
+        return outside, sorted(log)
+
+    default = mmkernels.get_backend()
+    outside, log = asyncio.run(main())
+    assert outside == default
+    assert log == [("reference", "reference"), ("triton", "triton")]
+
+
+def test_torch_compile_traces_the_backend_choice():
+    """fullgraph tracing of get_backend(); on torch >= 2.14 a different backend recompiles."""
+    def f(x):
+        return x + 1 if mmkernels.get_backend() == "reference" else x - 1
+
+    cf = torch.compile(f, fullgraph=True, backend="eager")
+    x = torch.ones(3)
+    with mmkernels.use_backend("reference"):
+        assert torch.equal(cf(x), x + 1)
+    if backend._DYNAMO_GUARDS_CONTEXTVARS:
+        with mmkernels.use_backend("triton"):
+            assert torch.equal(cf(x), x - 1)

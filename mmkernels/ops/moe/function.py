@@ -163,7 +163,7 @@ moe_ffn_backward_op = define_op(
     "(Tensor dy, Tensor x, Tensor weights, Tensor keep, Tensor sorted_slots, Tensor expert_offsets, "
     "Tensor w1, Tensor w2, Tensor z, Tensor h, Tensor o, str activation, bool[6] output_mask) "
     "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)",
-    _ffn_bwd_impl, _ffn_bwd_fake)
+    _ffn_bwd_impl, _ffn_bwd_fake, backward_of="moe_ffn")
 
 
 class MoEFFNFunction(torch.autograd.Function):
@@ -294,7 +294,7 @@ grouped_gemm_forward_op = define_op(
 grouped_gemm_backward_op = define_op(
     "grouped_gemm_backward",
     "(Tensor dc, Tensor a, Tensor b, Tensor group_offsets, bool[3] output_mask) -> (Tensor, Tensor, Tensor)",
-    _gg_bwd_impl, _gg_bwd_fake)
+    _gg_bwd_impl, _gg_bwd_fake, backward_of="grouped_gemm")
 
 
 class GroupedGemmFunction(torch.autograd.Function):
