@@ -1,22 +1,31 @@
 # mmkernels developer entry points.  Each target does the whole set-up on a
 # fresh Linux machine: creates .venv, installs torch + tools, builds _C.
 #
-#   make test    build + run the test suite (tests/ and benchmarks/ pytest files)
-#   make bench   build + run benchmarks (python -m benchmarks.run)
-#   make wheel   build dist/mmkernels-*.whl (with CUDA kernels when nvcc is usable)
+#   make test    build + run the test suite (tests/ and benchmarks/ pytest files; the
+#                pytest-benchmark cases run once as smoke tests, without timing tables)
+#   make bench   build + verify every kernel and time it (python -m benchmarks.run)
+#   make wheel   build dist/mmkernels-*.whl, manylinux-tagged (with CUDA kernels when nvcc is usable)
 #   make build   just (re)build the editable install
-#   make info    print mmkernels.build_info()
+#   make info    python -m mmkernels info (versions, build, device, backends, native ops)
 #   make clean   remove build outputs (keeps .venv); make distclean also removes .venv
+#
+# Requirement lists (the torch pin, runtime deps, extras) live in pyproject.toml only;
+# tools/requirements.py prints them for this Makefile.
 #
 # Overridable: PYTHON, TORCH_SPEC, VENV, PYTEST_ARGS, MAX_JOBS, and the build
 # knobs MMKERNELS_REQUIRE_CUDA / MMKERNELS_DISABLE_CUDA / TORCH_CUDA_ARCH_LIST / CUDACXX.
 
 SHELL := /bin/bash
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
-TORCH_SPEC ?= torch==2.14.1
+ifeq ($(origin TORCH_SPEC),undefined)
+TORCH_SPEC := $(shell $(PYTHON) tools/requirements.py torch)
+endif
 VENV ?= .venv
 PYTEST_ARGS ?= -q
-DEV_DEPS := numpy pytest pytest-benchmark hypothesis ninja pybind11 'cmake>=3.26' matplotlib 'setuptools>=64' wheel
+# pytest-benchmark cases are smoke tests in `make test`; timing is `make bench`'s job.
+PYTEST_BENCH_ARGS ?= --benchmark-disable
+# Libraries the wheel must NOT bundle: torch's own and CUDA's (they come with the torch wheel).
+WHEEL_EXCLUDE := 'libtorch*.so*' 'libc10*.so*' 'libcudart.so*' 'libcuda.so*' 'libnvrtc*.so*' 'libnvToolsExt*.so*' 'libgomp*.so*'
 
 VPY := $(VENV)/bin/python
 PIP := $(VPY) -m pip
@@ -37,13 +46,15 @@ $(VPY):
 	@test -n "$(PYTHON)" || { echo "error: no python3.11/python3 found; set PYTHON=..." >&2; exit 1; }
 	$(PYTHON) -m venv $(VENV)
 
-$(DEPS_STAMP): $(VPY) Makefile
-	$(PIP) install '$(TORCH_SPEC)' $(DEV_DEPS)
+$(DEPS_STAMP): $(VPY) Makefile pyproject.toml tools/requirements.py
+	@test -n "$(TORCH_SPEC)" || { echo "error: no torch pin found in pyproject.toml" >&2; exit 1; }
+	$(VPY) tools/requirements.py dev > $(VENV)/.mmkernels-dev-requirements.txt
+	$(PIP) install '$(TORCH_SPEC)' -r $(VENV)/.mmkernels-dev-requirements.txt
 	@touch $@
 
 $(BUILD_STAMP): $(DEPS_STAMP) $(NATIVE_INPUTS) $(BUILD_ENV_FILE)
 	@start=$$(date +%s); \
-	$(PIP) install --no-build-isolation --no-deps -e . && \
+	$(PIP) install -v --no-build-isolation --no-deps -e . && \
 	echo "mmkernels: editable build took $$(( $$(date +%s) - start ))s"
 	@$(VPY) -c "from mmkernels._extension import build_info; print('mmkernels build_info:', build_info())"
 	@touch $@
@@ -51,23 +62,27 @@ $(BUILD_STAMP): $(DEPS_STAMP) $(NATIVE_INPUTS) $(BUILD_ENV_FILE)
 build: $(BUILD_STAMP)
 
 info: $(BUILD_STAMP)
-	@$(VPY) -c "import json; from mmkernels._extension import build_info; print(json.dumps(build_info(), indent=2))"
+	@$(VPY) -m mmkernels info
 
 test: $(BUILD_STAMP)
-	$(VPY) -m pytest $(PYTEST_ARGS) $(TEST_DIRS)
+	$(VPY) -m pytest $(PYTEST_ARGS) $(PYTEST_BENCH_ARGS) $(TEST_DIRS)
 
 bench: $(BUILD_STAMP)
 	$(VPY) -m benchmarks.run
 
+# pip wheel gives a linux_x86_64 wheel; auditwheel checks it against the manylinux policies and
+# retags it (plat "auto": the most compatible policy this build satisfies), bundling nothing
+# from torch or CUDA (WHEEL_EXCLUDE).
 wheel: $(DEPS_STAMP)
-	rm -f dist/mmkernels-*.whl
+	rm -rf dist/mmkernels-*.whl build/wheel-raw
 	@start=$$(date +%s); \
-	$(PIP) wheel --no-build-isolation --no-deps -w dist . && \
+	$(PIP) wheel -v --no-build-isolation --no-deps -w build/wheel-raw . && \
 	echo "mmkernels: wheel build took $$(( $$(date +%s) - start ))s"
+	$(VENV)/bin/auditwheel repair $(addprefix --exclude ,$(WHEEL_EXCLUDE)) -w dist build/wheel-raw/mmkernels-*.whl
 	@ls -l dist/mmkernels-*.whl
 
 clean:
-	rm -rf build dist *.egg-info mmkernels/_C*.so $(BUILD_STAMP)
+	rm -rf build dist *.egg-info mmkernels/_C*.so mmkernels/_build_meta.json $(BUILD_STAMP)
 
 distclean: clean
 	rm -rf $(VENV)

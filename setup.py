@@ -1,10 +1,22 @@
 """Thin setuptools driver for the CMake build of ``mmkernels._C``.
 
-All native sources and flags live in CMakeLists.txt.  Build against the
-installed torch:
+All native sources and flags live in CMakeLists.txt; metadata lives in pyproject.toml.
 
-    pip install --no-build-isolation -e .          # editable, _C lands in mmkernels/
+    pip install .                                   # isolated build: brings cmake, ninja, torch==<pin>
+    pip install --no-build-isolation .              # build against the torch already installed
+    pip install --no-build-isolation -e .           # editable, _C lands in mmkernels/
     pip wheel --no-build-isolation --no-deps -w dist .
+
+What this file adds to the static metadata in pyproject.toml:
+
+* the torch requirement of the wheel: ``torch==<release>`` of the torch ``_C`` is compiled against
+  (libtorch's C++ ABI is only stable within a release), plus ``[tool.mmkernels] dependencies``;
+* a CMake >= 3.26 and ninja: the ``cmake``/``ninja`` pip packages when installed (the build
+  requirements), else PATH; if neither has a recent enough CMake, they are installed into
+  ``build/_tools`` with pip (``MMKERNELS_NO_TOOL_INSTALL=1`` turns that off);
+* progress: CMake/ninja output goes to stdout (``pip -v`` and ``make`` show it); when pip captures
+  it and a terminal is attached, the CMake summary and ninja ``[i/n]`` steps are also written to
+  the terminal (``MMKERNELS_BUILD_PROGRESS=0`` turns that off).
 
 Environment knobs (read by CMakeLists.txt, forwarded explicitly here):
     MMKERNELS_REQUIRE_CUDA=1   missing/broken CUDA toolchain is a build error
@@ -19,19 +31,80 @@ Environment knobs (read by CMakeLists.txt, forwarded explicitly here):
 
 from __future__ import annotations
 
-import hashlib
 import os
+import re
+import shlex
 import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import NoReturn
 
 from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
 
 ROOT = Path(__file__).resolve().parent
 MIN_CMAKE = (3, 26)
+TOOLS_DIR = ROOT / "build" / "_tools"
 
+
+def _load_pyproject() -> dict:
+    try:
+        import tomllib
+    except ModuleNotFoundError:  # Python 3.10
+        try:
+            import tomli as tomllib  # type: ignore[no-redef]
+        except ModuleNotFoundError:
+            from setuptools._vendor import tomli as tomllib  # type: ignore[no-redef]
+    with open(ROOT / "pyproject.toml", "rb") as f:
+        return tomllib.load(f)
+
+
+PYPROJECT = _load_pyproject()
+
+
+def _pinned_torch_requirement() -> str:
+    """The one torch pin, stated in pyproject.toml's [build-system] requires."""
+    for req in PYPROJECT["build-system"]["requires"]:
+        if re.match(r"torch\s*==", req):
+            return req.replace(" ", "")
+    raise RuntimeError("pyproject.toml: [build-system] requires has no 'torch==...' pin")
+
+
+TORCH_PIN = _pinned_torch_requirement()
+
+
+def _fail(*lines: str) -> NoReturn:
+    """Stop the build with a message whose LAST line says what to run."""
+    print("\n".join(["", "mmkernels: build failed:", *lines]), file=sys.stderr, flush=True)
+    raise SystemExit(1)
+
+
+def _import_torch():
+    try:
+        import torch
+        import torch.utils.cpp_extension  # noqa: F401
+    except Exception as e:
+        _fail(
+            f"  cannot import torch ({type(e).__name__}: {e}).",
+            "  _C is compiled against the installed torch when building with --no-build-isolation;",
+            "  without that flag, pip installs the pinned torch into the isolated build environment.",
+            f"run: pip install '{TORCH_PIN}'   (then repeat the command), or drop --no-build-isolation",
+        )
+    return torch
+
+
+def _torch_requirement() -> str:
+    """``torch==<release>`` of the torch this build compiles against (the pin when not importable,
+    e.g. while making an sdist)."""
+    try:
+        import torch
+    except Exception:
+        return TORCH_PIN
+    return f"torch=={torch.__version__.split('+', 1)[0]}"
+
+
+# --------------------------------------------------------------------------- build tools
 
 class CMakeExtension(Extension):
     """An extension whose sources and flags are owned by CMakeLists.txt."""
@@ -49,42 +122,93 @@ def _cmake_version(cmake: str) -> tuple[int, ...]:
         return (0,)
 
 
-def _find_cmake() -> str:
-    """A CMake >= 3.26: the one next to this Python (pip's cmake), the cmake module, or PATH."""
-    candidates = [str(Path(sys.executable).parent / "cmake")]
-    try:
-        import cmake  # PyPI cmake
+def _executable(path: str | None) -> bool:
+    return bool(path) and os.path.isfile(path) and os.access(path, os.X_OK)
 
-        candidates.append(os.path.join(cmake.CMAKE_BIN_DIR, "cmake"))
+
+def _cmake_candidates() -> list[str]:
+    cands = [str(Path(sys.executable).parent / "cmake")]
+    try:
+        import cmake  # PyPI cmake (a build requirement)
+
+        cands.append(os.path.join(cmake.CMAKE_BIN_DIR, "cmake"))
     except Exception:
         pass
-    if shutil.which("cmake"):
-        candidates.append(shutil.which("cmake"))
-    seen = []
-    for c in candidates:
-        if c and os.path.isfile(c) and os.access(c, os.X_OK) and c not in seen:
-            seen.append(c)
+    cands.append(shutil.which("cmake") or "")
+    cands.extend(str(p) for p in sorted(TOOLS_DIR.glob("cmake/data/bin/cmake")))
+    return [c for c in dict.fromkeys(cands) if _executable(c)]
+
+
+def _ninja_candidates() -> list[str]:
+    cands = [str(Path(sys.executable).parent / "ninja")]
+    try:
+        import ninja  # PyPI ninja (a build requirement)
+
+        cands.append(os.path.join(ninja.BIN_DIR, "ninja"))
+    except Exception:
+        pass
+    cands.append(shutil.which("ninja") or "")
+    cands.extend(str(p) for p in sorted(TOOLS_DIR.glob("ninja/data/bin/ninja")))
+    return [c for c in dict.fromkeys(cands) if _executable(c)]
+
+
+def _tool_requirements() -> list[str]:
+    """cmake and ninja as stated in pyproject.toml's build requirements."""
+    reqs = [r for r in PYPROJECT["build-system"]["requires"] if re.match(r"(cmake|ninja)\b", r)]
+    return reqs or ["cmake>=%d.%d" % MIN_CMAKE, "ninja"]
+
+
+def _install_tools() -> None:
+    """pip-install cmake and ninja into build/_tools (not into the user's environment)."""
+    reqs = _tool_requirements()
+    cmd = [sys.executable, "-m", "pip", "install", "--disable-pip-version-check", "--no-input",
+           "--upgrade", "--target", str(TOOLS_DIR), *reqs]
+    print(f"mmkernels: no CMake >= {MIN_CMAKE[0]}.{MIN_CMAKE[1]} found; installing {' '.join(reqs)} into "
+          f"{TOOLS_DIR} ({' '.join(shlex.quote(c) for c in cmd)})", flush=True)
+    try:
+        subprocess.run(cmd, check=True, stdout=sys.stdout, stderr=sys.stderr)
+    except (OSError, subprocess.CalledProcessError) as e:
+        print(f"mmkernels: installing the build tools failed: {e}", file=sys.stderr, flush=True)
+
+
+def _find_cmake() -> str:
+    """A CMake >= 3.26: the cmake pip package, PATH, or one installed into build/_tools."""
+    for c in _cmake_candidates():
+        if _cmake_version(c) >= MIN_CMAKE:
+            return c
+    found = ", ".join(f"{c} ({'.'.join(map(str, _cmake_version(c)))})" for c in _cmake_candidates()) or "none"
+    if os.environ.get("MMKERNELS_NO_TOOL_INSTALL", "0").strip().lower() not in ("1", "on", "true", "yes"):
+        _install_tools()
+        for c in _cmake_candidates():
             if _cmake_version(c) >= MIN_CMAKE:
                 return c
-    raise RuntimeError(
-        "mmkernels needs CMake >= %d.%d (found: %s); run: pip install 'cmake>=3.26'"
-        % (*MIN_CMAKE, ", ".join(f"{c} {_cmake_version(c)}" for c in seen) or "none")
+    reqs = " ".join(shlex.quote(r) for r in _tool_requirements())
+    _fail(
+        f"  mmkernels needs CMake >= {MIN_CMAKE[0]}.{MIN_CMAKE[1]}; found: {found}.",
+        f"run: pip install {reqs}   (then repeat the command)",
     )
 
 
 def _find_ninja() -> str | None:
-    candidates = [str(Path(sys.executable).parent / "ninja")]
-    try:
-        import ninja  # PyPI ninja
+    cands = _ninja_candidates()
+    return cands[0] if cands else None
 
-        candidates.append(os.path.join(ninja.BIN_DIR, "ninja"))
-    except Exception:
-        pass
-    candidates.append(shutil.which("ninja") or "")
-    for c in candidates:
-        if c and os.path.isfile(c) and os.access(c, os.X_OK):
-            return c
-    return None
+
+# --------------------------------------------------------------------------- progress
+
+_PROGRESS_RE = re.compile(r"^(\[\d+/\d+\] |-- mmkernels:|CMake (Warning|Error)| mmkernels:|mmkernels:|FAILED:)")
+
+
+def _progress_tty():
+    """The terminal to echo progress to when pip captures our output, else None."""
+    if os.environ.get("MMKERNELS_BUILD_PROGRESS", "auto").strip().lower() in ("0", "off", "false", "no"):
+        return None
+    if sys.stdout.isatty():
+        return None  # the output already reaches the terminal
+    try:
+        return open("/dev/tty", "w", buffering=1)  # noqa: SIM115
+    except OSError:  # no controlling terminal (CI, pip in a pipe): pip -v / logs show the output
+        return None
 
 
 class CMakeBuild(build_ext):
@@ -92,7 +216,7 @@ class CMakeBuild(build_ext):
         if not isinstance(ext, CMakeExtension):
             return super().build_extension(ext)
 
-        import torch.utils  # the installed torch (--no-build-isolation)
+        torch = _import_torch()
 
         ext_path = Path(self.get_ext_fullpath(ext.name)).resolve()
         out_dir = ext_path.parent
@@ -148,31 +272,52 @@ class CMakeBuild(build_ext):
             cmake_args += ["-G", "Ninja", f"-DCMAKE_MAKE_PROGRAM={ninja}"]
         if fresh:
             cmake_args.append("--fresh")
-        cmake_args += shlex_split(os.environ.get("MMKERNELS_CMAKE_ARGS", ""))
+        cmake_args += shlex.split(os.environ.get("MMKERNELS_CMAKE_ARGS", ""))
 
         jobs = os.environ.get("MAX_JOBS") or str(os.cpu_count() or 1)
+        tty = _progress_tty()
 
-        def run(cmd: list[str]) -> None:
-            print("mmkernels:", " ".join(cmd), flush=True)
-            subprocess.run(cmd, cwd=build_temp, check=True)
+        def echo(line: str) -> None:
+            print(line, flush=True)
+            if tty is not None and _PROGRESS_RE.match(line):
+                try:
+                    tty.write(f"\r{line}\n")
+                except OSError:
+                    pass
 
-        if fresh and sig_file.exists():
-            sig_file.unlink()
-        run([cmake, "-S", ext.source_dir, "-B", str(build_temp), *cmake_args])
-        sig_file.write_text(signature)
-        run([cmake, "--build", str(build_temp), "--config", build_type, "--parallel", jobs])
+        def run(cmd: list[str], what: str) -> None:
+            echo(f"mmkernels: {what}: " + " ".join(shlex.quote(c) for c in cmd))
+            proc = subprocess.Popen(cmd, cwd=build_temp, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                    text=True, errors="replace", bufsize=1)
+            assert proc.stdout is not None
+            for line in proc.stdout:
+                echo(line.rstrip("\n"))
+            if proc.wait() != 0:
+                _fail(
+                    f"  CMake {what} failed (exit code {proc.returncode}); see the output above.",
+                    f"  build tree: {build_temp}",
+                    "run: pip install -v --no-build-isolation .   (full build log), or `make build` in a checkout",
+                )
+
+        try:
+            if fresh and sig_file.exists():
+                sig_file.unlink()
+            run([cmake, "-S", ext.source_dir, "-B", str(build_temp), *cmake_args], "configure")
+            sig_file.write_text(signature)
+            run([cmake, "--build", str(build_temp), "--config", build_type, "--parallel", jobs], "build")
+        finally:
+            if tty is not None:
+                tty.close()
 
         if not ext_path.exists():
-            raise RuntimeError(f"mmkernels: CMake did not produce {ext_path}")
-
-
-def shlex_split(s: str) -> list[str]:
-    import shlex
-
-    return shlex.split(s)
+            _fail(f"  CMake did not produce {ext_path}.", "run: pip install -v --no-build-isolation .   (full build log)")
+        if not (out_dir / "_build_meta.json").exists():
+            _fail(f"  CMake did not write {out_dir / '_build_meta.json'}.",
+                  "run: pip install -v --no-build-isolation .   (full build log)")
 
 
 setup(
     ext_modules=[CMakeExtension("mmkernels._C")],
     cmdclass={"build_ext": CMakeBuild},
+    install_requires=[_torch_requirement(), *PYPROJECT["tool"]["mmkernels"]["dependencies"]],
 )
