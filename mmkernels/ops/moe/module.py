@@ -10,14 +10,21 @@ into per-expert stacked weights for the grouped GEMMs:
 * ``w1``, ``w2``, ``c_proj`` (Qwen): ``c_proj(w1 x * silu(w2 x))``; w1 = [w2; w1] (w2 is the gate),
   w2 = c_proj.
 
-All children are ``nn.Linear``; the SwiGLU forms must be bias-free.  An ``act`` / ``act_fn`` /
-``activation_fn`` child, if present, must be a tanh GELU (GELU form) or SiLU.
+The children's names only say which linears to pack.  What the expert computes is *verified*: at
+construction its own ``forward`` runs on a probe input (float64 on the CPU, seeded random weights in
+its linears) and must equal the packed form (:func:`~.reference.expert_ffn`) to 3e-6 relative.  An
+expert that calls ``torch.relu`` or exact ``F.gelu`` in ``forward``, has extra parameters, or mixes up
+gate and up is rejected with a ``ValueError`` that names its class and says what its output matches
+instead.  (For the SwiGLU forms the probe also decides which linear is the gate.)
 
 Parameters: ``gate_weight [E, H]`` (float32, DeepSpeed's ``gate.wg``), ``w1 [E, F or 2F, H]``,
 ``b1 [E, F]`` (GELU form only, if fc1 has a bias), ``w2 [E, H, F]``, ``b2 [E, H]``.  ``load_state_dict``
 also accepts DeepSpeed's key layout (``deepspeed_moe.gate.wg.weight``,
 ``deepspeed_moe.experts.deepspeed_experts.{i}.<name>.weight``), so MoE-LLaVA checkpoints load, and
-:meth:`MoE.deepspeed_state_dict` writes it.
+:meth:`MoE.deepspeed_state_dict` writes it.  Loading is as strict as ``nn.Module``'s, key by key in the
+checkpoint's own names: missing and unexpected DeepSpeed keys are reported (``strict=True`` raises,
+``strict=False`` returns them and loads the rest), and a wrong shape is a size-mismatch error naming
+the key.
 """
 from __future__ import annotations
 
@@ -29,7 +36,7 @@ from torch import nn
 
 from ..._validation import check_float
 from .function import moe_ffn, moe_route
-from .reference import capacity_for
+from .reference import capacity_for, expert_ffn
 
 _FORMS = {  # form -> (first-layer names stacked in order, second-layer name, activation)
     "fc1/fc2": (("fc1",), "fc2", "gelu_tanh"),
@@ -39,7 +46,16 @@ _FORMS = {  # form -> (first-layer names stacked in order, second-layer name, ac
 _DS_PREFIX = "deepspeed_moe."
 _DS_GATE = "deepspeed_moe.gate.wg.weight"
 _DS_EXPERT = "deepspeed_moe.experts.deepspeed_experts."
-_ACT_ATTRS = ("act", "act_fn", "activation_fn", "activation")
+_NOISY_GATE_POLICIES = (None, "None", "Jitter", "RSample")
+_DROP_POLICIES = ("probs", "position")
+
+# The probe: rows of a float64 input through the expert's own forward, with these weight scales
+# (first-layer pre-activations ~ N(0, 1.5^2 + 0.5^2): the range where GELU-tanh and exact GELU differ
+# most: 6e-5 to 2e-4 of the output), compared at a relative tolerance between that difference and the
+# 5e-8 of an expert that computes its activation in float32 internally.
+_PROBE_ROWS = 8
+_PROBE_SEED = 20240607
+_PROBE_RTOL = 3e-6
 
 
 def _linear(module: nn.Module, name: str) -> Optional[nn.Linear]:
@@ -47,68 +63,231 @@ def _linear(module: nn.Module, name: str) -> Optional[nn.Linear]:
     return child if isinstance(child, nn.Linear) else None
 
 
-def _check_activation(expert: nn.Module, activation: str) -> None:
-    for attr in _ACT_ATTRS:
-        act = getattr(expert, attr, None)
-        if act is None or not isinstance(act, nn.Module):
-            continue
-        cls = type(act).__name__
-        if activation == "gelu_tanh":
-            ok = (isinstance(act, nn.GELU) and act.approximate == "tanh") or any(
-                s in cls for s in ("NewGELU", "GELUTanh", "FastGELU", "GeluTanh"))
-        else:
-            ok = isinstance(act, nn.SiLU) or "SiLU" in cls
-        if not ok:
-            need = ("a tanh-approximated GELU (gelu_new / nn.GELU(approximate='tanh'))"
-                    if activation == "gelu_tanh" else "SiLU")
-            raise ValueError(f"unsupported expert activation {attr}={cls}: the {activation} form needs {need}")
+def _check_routing_policy(k: int, num_experts: int, drop_policy: Optional[str]) -> None:
+    """k >= 3 with drops: ``NotImplementedError`` naming ``drop_policy`` unless the routing op implements
+    DeepSpeed ``topkgating``'s policy (asked with one tiny call, so this follows the routing op)."""
+    policy = drop_policy or "probs"
+    try:
+        moe_route(torch.zeros(2, num_experts, device="cpu"), k, 1, drop_policy=policy)
+    except (TypeError, NotImplementedError) as e:   # TypeError: a routing op without drop_policy
+        raise NotImplementedError(
+            f"drop_policy={policy!r} with k={k} and drop_tokens=True is not implemented: DeepSpeed's topkgating "
+            f"drops by {'gate probability' if policy == 'probs' else 'position over all k choices'}, which the "
+            "routing op does not reproduce; use drop_tokens=False (dropless, matches DeepSpeed) or k <= 2") from e
+
+
+def _check_int(name: str, value, low: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
+    if value < low:
+        raise ValueError(f"{name} must be >= {low}, got {value}")
+    return value
+
+
+def _check_bool(name: str, value) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool, got {type(value).__name__} {value!r}")
+    return value
 
 
 def expert_form(expert: nn.Module) -> str:
-    """Which supported FFN form ``expert`` is; ``ValueError`` naming the expected children otherwise."""
+    """Which supported FFN form ``expert``'s children name; ``ValueError`` naming the expected children
+    otherwise.  This is only the naming: :class:`MoE` then verifies what ``forward`` computes."""
+    if not isinstance(expert, nn.Module):
+        raise TypeError(f"expert must be an nn.Module, got {type(expert).__name__}")
     for form, (firsts, second, activation) in _FORMS.items():
         if all(_linear(expert, n) is not None for n in (*firsts, second)):
             if activation == "swiglu" and any(_linear(expert, n).bias is not None for n in (*firsts, second)):
                 raise ValueError(f"unsupported expert {type(expert).__name__}: the {form} (SwiGLU) form must "
                                  "have bias-free linears")
-            _check_activation(expert, activation)
             return form
-    if not isinstance(expert, nn.Module):
-        raise TypeError(f"expert must be an nn.Module, got {type(expert).__name__}")
     raise ValueError(
         f"unsupported expert module {type(expert).__name__} (children: {[n for n, _ in expert.named_children()]}): "
         "expected nn.Linear children fc1/fc2 (GELU MLP), gate_proj/up_proj/down_proj or w1/w2/c_proj (SwiGLU)")
 
 
-def _pack(layers: dict, form: str):
-    """(w1, b1, w2, b2) of one expert from its linears' weight/bias tensors by name."""
+def _describe(firsts, second, activation) -> str:
+    if activation == "swiglu":
+        return f"{second}(silu({firsts[0]} x) * {firsts[1]} x)"
+    return f"{second}({activation}({firsts[0]} x))"
+
+
+def _packed(params, layout, activation, x):
+    """:func:`~.reference.expert_ffn` (what the kernels compute) on ``params`` packed as ``layout``."""
+    firsts, second = layout
+    w1 = params[f"{firsts[0]}.weight"] if len(firsts) == 1 else torch.cat([params[f"{n}.weight"] for n in firsts], 0)
+    b1 = params.get(f"{firsts[0]}.bias") if len(firsts) == 1 else None
+    return expert_ffn(x, w1, b1, params[f"{second}.weight"], params.get(f"{second}.bias"), activation)
+
+
+def _candidates(firsts, second, activation):
+    """(description, fn(params, x) -> y, layout or None) for what the expert might compute.  A layout
+    ``(firsts, second)`` marks a form mmkernels runs (fn is then the packed form itself); None, one it
+    can only name in the error."""
+    def lin(params, name, x):
+        return F.linear(x, params[f"{name}.weight"], params.get(f"{name}.bias"))
+
+    out = []
+    if activation == "gelu_tanh":
+        (f1,) = firsts
+        out.append((_describe(firsts, second, activation),
+                    lambda p, x: _packed(p, (firsts, second), activation, x), (firsts, second)))
+        acts = {"gelu (exact erf)": F.gelu, "relu": F.relu, "silu": F.silu,
+                "quick_gelu": lambda z: z * torch.sigmoid(1.702 * z), "identity": lambda z: z}
+        for name, act in acts.items():
+            out.append((f"{second}({name}({f1} x))", lambda p, x, act=act: lin(p, second, act(lin(p, f1, x))), None))
+        return out
+    for gate, up in (firsts, firsts[::-1]):   # which linear is the gate is verified, not assumed
+        out.append((_describe((gate, up), second, activation),
+                    lambda p, x, gate=gate, up=up: _packed(p, ((gate, up), second), activation, x), ((gate, up), second)))
+        acts = {"gelu_tanh": lambda z: F.gelu(z, approximate="tanh"), "gelu (exact erf)": F.gelu, "relu": F.relu}
+        for name, act in acts.items():
+            out.append((f"{second}({name}({gate} x) * {up} x)",
+                        lambda p, x, act=act, gate=gate, up=up: lin(p, second, act(lin(p, gate, x)) * lin(p, up, x)),
+                        None))
+    return out
+
+
+def _probe_tensor(shape, name, firsts, gen) -> torch.Tensor:
+    """A float64 probe value for parameter ``name``: N(0, 1) rows scaled by 1/sqrt(fan_in) (x1.5 in the
+    first layer), 0.5 * N(0, 1) for a bias.  Only the first 67 rows (a prime, so the period aligns with
+    no gate/up split) are drawn and then repeated: drawing every element of a phi-2-sized expert costs
+    seconds, copying rows costs a memory write."""
+    layer, kind = name.rsplit(".", 1)
+    if kind == "weight" and len(shape) == 2:
+        std = (1.5 if layer in firsts else 1.0) / max(shape[1], 1) ** 0.5
+    else:
+        std = 0.5
+    rows = min(shape[0], 67) if shape else 0
+    if not shape or rows == shape[0]:
+        return torch.randn(shape, generator=gen, dtype=torch.float64) * std
+    base = torch.randn((rows, *shape[1:]), generator=gen, dtype=torch.float64) * std
+    return base.repeat(-(-shape[0] // rows), *([1] * (len(shape) - 1)))[:shape[0]]
+
+
+def _check_widths(expert: nn.Module, form: str, hidden_size: int) -> None:
+    """The linears chain: H -> F (each first-layer linear) -> H, with H = hidden_size."""
     firsts, second, _ = _FORMS[form]
-    w1 = torch.cat([layers[n]["weight"] for n in firsts], 0)
-    b1 = layers[firsts[0]].get("bias") if len(firsts) == 1 else None
-    return w1, b1, layers[second]["weight"], layers[second].get("bias")
+    cls = type(expert).__name__
+    for n in firsts:
+        out_f, in_f = _linear(expert, n).weight.shape
+        if in_f != hidden_size:
+            raise ValueError(f"expert {cls}'s {n} must take hidden_size={hidden_size} inputs, got weight "
+                             f"{(out_f, in_f)}")
+    widths = {n: _linear(expert, n).weight.shape[0] for n in firsts}
+    out_s, in_s = _linear(expert, second).weight.shape
+    if out_s != hidden_size:
+        raise ValueError(f"expert {cls}'s {second} must give hidden_size={hidden_size} outputs, got weight "
+                         f"{(out_s, in_s)}")
+    if any(w != in_s for w in widths.values()):
+        raise ValueError(f"expert {cls}'s linears do not chain: {second} takes {in_s} inputs but "
+                         + ", ".join(f"{n} gives {w}" for n, w in widths.items()))
+
+
+def _verify_expert(expert: nn.Module, form: str, hidden_size: int):
+    """Run ``expert``'s own forward on a probe and return the layout ``(firsts, second)`` whose packed
+    form (:func:`~.reference.expert_ffn`) it equals; ``ValueError`` naming the expert class and what
+    differed otherwise.
+
+    The probe is float64 on the CPU with seeded random weights in the expert's linears (its own
+    weights may be on another device, in a low-precision dtype, on ``meta``, or degenerate, e.g. all
+    zeros), through ``torch.func.functional_call``, so the expert module itself is not touched and
+    torch's global generator is not advanced."""
+    cls = type(expert).__name__
+    firsts, second, activation = _FORMS[form]
+    linears = (*firsts, second)
+    packable = {f"{n}.{kind}" for n in linears for kind in ("weight", "bias")}
+    params = dict(expert.named_parameters())
+    extra = sorted(n for n in params if n not in packable)
+    if extra:
+        raise ValueError(f"unsupported expert {cls}: parameters {extra} are outside the {form} linears that "
+                         f"mmkernels.MoE packs ({', '.join(linears)}); its output would not be reproduced")
+    with torch.device("cpu"):   # the probe runs on the CPU even under a `with torch.device(...)` block
+        gen = torch.Generator(device="cpu").manual_seed(_PROBE_SEED)
+        probe = {name: _probe_tensor(tuple(p.shape), name, firsts, gen) for name, p in params.items()}
+        for name, b in expert.named_buffers():
+            if b.device.type == "meta":
+                raise ValueError(f"cannot verify expert {cls}: buffer {name!r} is on the meta device (the probe "
+                                 "that checks what forward() computes needs its values)")
+            probe[name] = b.detach().to("cpu", torch.float64 if b.is_floating_point() else b.dtype)
+        x = torch.randn(_PROBE_ROWS, hidden_size, generator=gen, dtype=torch.float64)
+        try:
+            with torch.no_grad():
+                got = torch.func.functional_call(expert, probe, (x,))
+        except Exception as e:
+            raise ValueError(f"cannot verify expert {cls}: its forward() failed on a float64 CPU probe input "
+                             f"[{_PROBE_ROWS}, {hidden_size}] ({type(e).__name__}: {e}); mmkernels.MoE runs an expert "
+                             f"as {_describe(firsts, second, activation)} only after checking that it computes that") from e
+        if isinstance(got, tuple) and got:   # DeepSpeed's Experts keep the first element of a tuple output
+            got = got[0]
+        if not isinstance(got, torch.Tensor) or tuple(got.shape) != tuple(x.shape):
+            raise ValueError(f"unsupported expert {cls}: on a probe input of shape {tuple(x.shape)} its forward() "
+                             f"returned {getattr(got, 'shape', type(got).__name__)}, expected a tensor of the same shape")
+        got = got.double()
+        scale = max(float(got.abs().max()), 1e-30)
+        results = []
+        with torch.no_grad():
+            # the packed forms come first: the usual case costs one packed forward; the rest only names
+            # what a rejected expert computes
+            for description, fn, layout in _candidates(firsts, second, activation):
+                try:
+                    err = float((fn(probe, x) - got).abs().max()) / scale
+                except RuntimeError:   # a diagnostic form that does not fit these shapes
+                    err = float("inf")
+                if layout is not None and err <= _PROBE_RTOL:
+                    return layout
+                results.append((err, description, layout))
+    err, description, layout = min(results, key=lambda r: r[0])
+    want = _describe(firsts, second, activation)
+    want_err = next(e for e, d, _ in results if d == want)
+    if err <= _PROBE_RTOL:
+        found = f"it computes {description} instead"
+    else:
+        found = (f"it matches none of the forms tried (closest: {description}, relative difference {err:.1e}; "
+                 "an expert that computes in reduced precision internally, or uses dropout in training mode, "
+                 "cannot be verified either)")
+    raise ValueError(
+        f"unsupported expert {cls}: its forward() differs from the packed form {want} (its activation or "
+        f"structure) by {want_err:.1e} relative (> {_PROBE_RTOL:.0e}) on a probe input: {found}; mmkernels.MoE "
+        f"implements the {activation} activation for {form} experts")
 
 
 class MoE(nn.Module):
     """Sparse mixture-of-experts layer with DeepSpeed ``MoE`` semantics (see :mod:`mmkernels.ops.moe`).
 
     Args (DeepSpeed 0.19 names and defaults):
-        hidden_size: H.   expert: template FFN (copied into every expert).   num_experts: E.
-        k: experts per token (1, 2, or general top-k).
+        hidden_size: H.   expert: template FFN (copied into every expert; what its ``forward`` computes is
+            verified on a probe input, see the module docstring).   num_experts: E.
+        k: experts per token, ``1 <= k <= E``.
         capacity_factor / eval_capacity_factor: capacity ``max(ceil(S/E * cf * k), min_capacity)``
-            in training / eval (k = 1: no factor k).   min_capacity: lower bound of the capacity.
+            in training / eval (k = 1: no factor k).   min_capacity: lower bound of the capacity; for
+            k = 1 the token count S must be >= min_capacity (DeepSpeed's ``top1gating`` asserts it).
         drop_tokens: False = dropless.   use_rts: k = 1 random token selection (randomness from torch's
             generator); False keeps token order.
         top2_2nd_expert_sampling: k = 2 samples the second expert with Gumbel noise (train and eval,
             as DeepSpeed does).
-        ep_size > 1, use_residual, noisy_gate_policy ('Jitter', 'RSample'), use_tutel and
-        enable_expert_tensor_parallelism raise ``NotImplementedError``.
+        noisy_gate_policy: None / 'None'; 'RSample' is accepted for k >= 2, where DeepSpeed ignores it
+            (only its ``top1gating`` reads it).  'Jitter', and 'RSample' with k = 1, raise
+            ``NotImplementedError``.
+        drop_policy (mmkernels only; DeepSpeed's ``MoE`` has no such argument and always runs
+            ``topkgating``'s default ``'probs'``): which choices k >= 3 drops at capacity, None meaning
+            DeepSpeed's.  k >= 3 with ``drop_tokens=True`` raises ``NotImplementedError`` naming it: the
+            routing op does not implement ``topkgating``'s policies yet (dropless k >= 3 matches DeepSpeed).
+        ep_size > 1, use_residual, use_tutel and enable_expert_tensor_parallelism raise
+        ``NotImplementedError``; a value of the wrong type or range raises ``TypeError`` / ``ValueError``
+        naming the argument.
 
     ``forward(hidden_states [..., H], used_token=None) -> (output [..., H], l_aux, exp_counts [E])``.
 
     Example::
 
-        >>> ffn = nn.Sequential(); ffn.fc1 = nn.Linear(64, 256); ffn.fc2 = nn.Linear(256, 64)
-        >>> moe = MoE(64, ffn, num_experts=4, k=2, capacity_factor=1.5, eval_capacity_factor=2.0,
+        >>> class PhiMLP(nn.Module):          # phi-2's MLP: fc2(gelu_tanh(fc1 x))
+        ...     def __init__(self, h, f):
+        ...         super().__init__()
+        ...         self.fc1, self.fc2 = nn.Linear(h, f), nn.Linear(f, h)
+        ...     def forward(self, x):
+        ...         return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
+        >>> moe = MoE(64, PhiMLP(64, 256), num_experts=4, k=2, capacity_factor=1.5, eval_capacity_factor=2.0,
         ...           min_capacity=0)
         >>> y, l_aux, counts = moe(torch.randn(2, 10, 64))
     """
@@ -117,40 +296,63 @@ class MoE(nn.Module):
                  capacity_factor: float = 1.0, eval_capacity_factor: float = 1.0, min_capacity: int = 4,
                  use_residual: bool = False, noisy_gate_policy: Optional[str] = None, drop_tokens: bool = True,
                  use_rts: bool = True, use_tutel: bool = False, enable_expert_tensor_parallelism: bool = False,
-                 top2_2nd_expert_sampling: bool = True) -> None:
+                 top2_2nd_expert_sampling: bool = True, drop_policy: Optional[str] = None) -> None:
         super().__init__()
-        for name, value in (("hidden_size", hidden_size), ("num_experts", num_experts), ("ep_size", ep_size),
-                            ("k", k), ("min_capacity", min_capacity)):
-            if isinstance(value, bool) or not isinstance(value, int):
-                raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-        if hidden_size < 1 or num_experts < 1:
-            raise ValueError(f"hidden_size and num_experts must be >= 1, got {hidden_size}, {num_experts}")
-        if num_experts % max(ep_size, 1):
+        # types and ranges first (ValueError / TypeError), then what is not implemented
+        _check_int("hidden_size", hidden_size, 1)
+        _check_int("num_experts", num_experts, 1)
+        _check_int("ep_size", ep_size, 1)
+        _check_int("k", k, 1)
+        _check_int("min_capacity", min_capacity, 0)
+        if k > num_experts:
+            raise ValueError(f"k must be in [1, num_experts={num_experts}], got k={k}")
+        if num_experts % ep_size:
             raise ValueError(f"num_experts ({num_experts}) must be divisible by ep_size ({ep_size})")
-        if ep_size != 1:
+        capacity_factor = check_float("capacity_factor", capacity_factor)
+        eval_capacity_factor = check_float("eval_capacity_factor", eval_capacity_factor)
+        for name, value in (("capacity_factor", capacity_factor), ("eval_capacity_factor", eval_capacity_factor)):
+            if value <= 0:
+                raise ValueError(f"{name} must be > 0, got {value}")
+        for name, value in (("use_residual", use_residual), ("drop_tokens", drop_tokens), ("use_rts", use_rts),
+                            ("use_tutel", use_tutel),
+                            ("enable_expert_tensor_parallelism", enable_expert_tensor_parallelism),
+                            ("top2_2nd_expert_sampling", top2_2nd_expert_sampling)):
+            _check_bool(name, value)
+        if noisy_gate_policy is not None and not isinstance(noisy_gate_policy, str):
+            raise TypeError(f"noisy_gate_policy must be None or a str, got {type(noisy_gate_policy).__name__}")
+        if noisy_gate_policy not in _NOISY_GATE_POLICIES:
+            raise ValueError("noisy_gate_policy must be None, 'None', 'Jitter' or 'RSample', "
+                             f"got {noisy_gate_policy!r}")
+        if drop_policy is not None:
+            if not isinstance(drop_policy, str):
+                raise TypeError(f"drop_policy must be None or a str, got {type(drop_policy).__name__}")
+            if drop_policy not in _DROP_POLICIES:
+                raise ValueError(f"drop_policy must be None, 'probs' or 'position', got {drop_policy!r}")
+            if k <= 2:
+                raise ValueError(f"drop_policy={drop_policy!r} only applies to k >= 3 (DeepSpeed's topkgating); "
+                                 f"k={k} uses DeepSpeed's top{k}gating, which has one fixed priority rule")
+        if ep_size > 1:
             raise NotImplementedError(f"ep_size={ep_size}: expert parallelism (ep_size > 1) is not implemented")
         if use_residual:
             raise NotImplementedError("use_residual=True (residual MoE) is not implemented")
-        if noisy_gate_policy not in (None, "None"):
-            if noisy_gate_policy in ("Jitter", "RSample"):
-                raise NotImplementedError(f"noisy_gate_policy={noisy_gate_policy!r} is not implemented")
-            raise ValueError("noisy_gate_policy must be None, 'None', 'Jitter' or 'RSample', "
-                             f"got {noisy_gate_policy!r}")
+        if noisy_gate_policy == "Jitter":
+            raise NotImplementedError("noisy_gate_policy='Jitter' (multiplicative input jitter in training) "
+                                      "is not implemented")
+        if noisy_gate_policy == "RSample" and k == 1:
+            raise NotImplementedError("noisy_gate_policy='RSample' with k=1 (Gumbel noise on the top-1 choice "
+                                      "in training) is not implemented; DeepSpeed ignores it for k >= 2")
         if use_tutel:
             raise NotImplementedError("use_tutel=True is not implemented (the grouped-GEMM path replaces Tutel)")
         if enable_expert_tensor_parallelism:
             raise NotImplementedError("enable_expert_tensor_parallelism=True is not implemented")
-        if not 1 <= k <= num_experts:
-            raise ValueError(f"k must be in [1, num_experts={num_experts}], got k={k}")
-        check_float("capacity_factor", capacity_factor)
-        check_float("eval_capacity_factor", eval_capacity_factor)
-        if capacity_factor <= 0 or eval_capacity_factor <= 0:
-            raise ValueError(f"capacity_factor and eval_capacity_factor must be > 0, got {capacity_factor}, "
-                             f"{eval_capacity_factor}")
-        if min_capacity < 0:
-            raise ValueError(f"min_capacity must be >= 0, got {min_capacity}")
+        if k >= 3 and drop_tokens:
+            _check_routing_policy(k, num_experts, drop_policy)
+
         self.form = expert_form(expert)
         self.activation = _FORMS[self.form][2]
+        _check_widths(expert, self.form, hidden_size)
+        firsts, second = _verify_expert(expert, self.form, hidden_size)
+        self._firsts, self._second = tuple(firsts), second   # packing order (gate first for SwiGLU)
         self.hidden_size = hidden_size
         self.num_experts = num_experts
         self.ep_size = ep_size
@@ -159,22 +361,22 @@ class MoE(nn.Module):
         self.capacity_factor = float(capacity_factor)
         self.eval_capacity_factor = float(eval_capacity_factor)
         self.min_capacity = int(min_capacity)
-        self.drop_tokens = bool(drop_tokens)
-        self.use_rts = bool(use_rts)
-        self.top2_2nd_expert_sampling = bool(top2_2nd_expert_sampling)
-        self.noisy_gate_policy = None
+        self.drop_tokens = drop_tokens
+        self.use_rts = use_rts
+        self.top2_2nd_expert_sampling = top2_2nd_expert_sampling
+        self.noisy_gate_policy = noisy_gate_policy if noisy_gate_policy != "None" else None
+        self.drop_policy = drop_policy
 
-        layers = {n: {"weight": m.weight.detach(), **({"bias": m.bias.detach()} if m.bias is not None else {})}
-                  for n, m in expert.named_children() if isinstance(m, nn.Linear)}
-        w1, b1, w2, b2 = _pack(layers, self.form)
-        if w1.shape[-1] != hidden_size or w2.shape[0] != hidden_size:
-            raise ValueError(f"expert's input/output width must be hidden_size={hidden_size}, got "
-                             f"{w1.shape[-1]} and {w2.shape[0]}")
+        lin = {n: _linear(expert, n) for n in (*self._firsts, self._second)}
+        w1 = torch.cat([lin[n].weight.detach() for n in self._firsts], 0) if len(self._firsts) > 1 else \
+            lin[self._firsts[0]].weight.detach()
+        b1 = lin[self._firsts[0]].bias
+        w2, b2 = lin[self._second].weight.detach(), lin[self._second].bias
         E = num_experts
         self.w1 = nn.Parameter(w1.unsqueeze(0).repeat(E, 1, 1))
-        self.b1 = nn.Parameter(b1.unsqueeze(0).repeat(E, 1)) if b1 is not None else None
+        self.b1 = nn.Parameter(b1.detach().unsqueeze(0).repeat(E, 1)) if b1 is not None else None
         self.w2 = nn.Parameter(w2.unsqueeze(0).repeat(E, 1, 1))
-        self.b2 = nn.Parameter(b2.unsqueeze(0).repeat(E, 1)) if b2 is not None else None
+        self.b2 = nn.Parameter(b2.detach().unsqueeze(0).repeat(E, 1)) if b2 is not None else None
         wg = nn.Linear(hidden_size, E, bias=False, device=w1.device, dtype=torch.float32)  # DeepSpeed's init
         self.gate_weight = nn.Parameter(wg.weight.detach())
 
@@ -196,12 +398,19 @@ class MoE(nn.Module):
               token_order: Optional[torch.Tensor] = None):
         """Routing for ``x2 [S, H]``; noise / token order are drawn from torch's generator when not given."""
         S = x2.shape[0]
+        if self.k == 1 and S < self.min_capacity:
+            # DeepSpeed's top1gating: assert logits.shape[0] >= min_capacity (whether or not it drops)
+            raise ValueError(f"k=1 needs at least min_capacity={self.min_capacity} tokens, got {S}: DeepSpeed's "
+                             "top1gating asserts this; set min_capacity=0 or pass more tokens")
         logits = F.linear(x2.float(), self.gate_weight.float())
         if second_expert_noise is None and self.k == 2 and self.top2_2nd_expert_sampling:
             u = torch.rand(S, self.num_experts, device=x2.device).clamp_(min=1e-20, max=1.0 - 1e-7)
             second_expert_noise = -torch.log(-torch.log(u))                       # Gumbel(0, 1)
         if token_order is None and self.k == 1 and self.use_rts and self.drop_tokens:
             token_order = torch.argsort(torch.rand(S, device=x2.device), descending=True)
+        if self.k >= 3 and self.drop_tokens:   # topkgating's policy (None: its default, 'probs')
+            return moe_route(logits, self.k, self.capacity(S), second_expert_noise, token_order,
+                             drop_policy=self.drop_policy or "probs")
         return moe_route(logits, self.k, self.capacity(S), second_expert_noise, token_order)
 
     def forward(self, hidden_states: torch.Tensor, used_token: Optional[torch.Tensor] = None,
@@ -218,49 +427,108 @@ class MoE(nn.Module):
 
     # ------------------------------------------------------------------ DeepSpeed interop
 
+    def _deepspeed_expert_keys(self) -> dict:
+        """DeepSpeed expert key (relative to the MoE module) -> (packed parameter, expert, row slice)."""
+        F1 = self.w1.shape[1] // len(self._firsts)
+        keys = {}
+        for i in range(self.num_experts):
+            base = f"{_DS_EXPERT}{i}."
+            for j, name in enumerate(self._firsts):
+                keys[f"{base}{name}.weight"] = ("w1", i, slice(j * F1, (j + 1) * F1))
+            if self.b1 is not None:
+                keys[f"{base}{self._firsts[0]}.bias"] = ("b1", i, slice(None))
+            keys[f"{base}{self._second}.weight"] = ("w2", i, slice(None))
+            if self.b2 is not None:
+                keys[f"{base}{self._second}.bias"] = ("b2", i, slice(None))
+        return keys
+
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
-        ds_keys = [key for key in state_dict if key.startswith(prefix + _DS_PREFIX)]
-        if ds_keys:
-            layers: dict[int, dict] = {}
-            for key in ds_keys:
-                rest = key[len(prefix):]
-                if rest == _DS_GATE:
-                    state_dict[prefix + "gate_weight"] = state_dict.pop(key)
-                elif rest.startswith(_DS_EXPERT):
-                    idx, name, kind = rest[len(_DS_EXPERT):].split(".", 2)
-                    layers.setdefault(int(idx), {}).setdefault(name, {})[kind] = state_dict.pop(key)
-            if layers:
-                if sorted(layers) != list(range(self.num_experts)):
-                    error_msgs.append(f"DeepSpeed state dict has experts {sorted(layers)}, expected "
-                                      f"0..{self.num_experts - 1}")
-                else:
-                    packed = [_pack(layers[i], self.form) for i in range(self.num_experts)]
-                    for j, name in enumerate(("w1", "b1", "w2", "b2")):
-                        if packed[0][j] is not None:
-                            state_dict[prefix + name] = torch.stack([p[j] for p in packed], 0)
+        """Translate DeepSpeed's key layout into the packed parameters, key by key.
+
+        Every expected DeepSpeed key that is absent goes to ``missing_keys`` under its DeepSpeed name
+        (the packed slice keeps its current value, as ``nn.Module`` leaves a missing parameter alone);
+        a present key of the wrong shape is a size-mismatch error naming it; a key under
+        ``deepspeed_moe.`` that this layer does not have (another linear, an expert index >= E, a bias
+        the form has not) stays in ``state_dict``, so ``nn.Module`` reports it as unexpected.
+        """
+        if any(key.startswith(prefix + _DS_PREFIX) for key in state_dict):
+            self._translate_deepspeed_keys(state_dict, prefix, strict, missing_keys, error_msgs)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
 
+    def _translate_deepspeed_keys(self, state_dict, prefix, strict, missing_keys, error_msgs):
+        gate_key, native_gate = prefix + _DS_GATE, prefix + "gate_weight"
+        if gate_key in state_dict:
+            if native_gate in state_dict:
+                error_msgs.append(f"state dict has both {gate_key} (DeepSpeed layout) and {native_gate}; "
+                                  "give the router weight once")
+                state_dict.pop(gate_key)
+            else:
+                state_dict[native_gate] = state_dict.pop(gate_key)
+        elif native_gate not in state_dict:
+            if strict:
+                missing_keys.append(gate_key)
+            state_dict[native_gate] = self.gate_weight.detach()   # not reported a second time as gate_weight
+
+        expected = {prefix + key: target for key, target in self._deepspeed_expert_keys().items()}
+        if not any(key.startswith(prefix + _DS_EXPERT) for key in state_dict):
+            return   # only the gate is in DeepSpeed's layout; the experts (if any) in the packed one
+        native = [n for n in ("w1", "b1", "w2", "b2") if getattr(self, n) is not None]
+        both = [prefix + n for n in native if prefix + n in state_dict]
+        if both:
+            error_msgs.append(f"state dict has DeepSpeed expert keys ({prefix}{_DS_EXPERT}...) and the packed "
+                              f"key(s) {both}; give the expert weights in one layout")
+            return
+        pieces, complete = {}, True
+        for key, (pname, i, rows) in expected.items():
+            if key not in state_dict:
+                complete = False
+                if strict:
+                    missing_keys.append(key)
+                continue
+            value = state_dict.pop(key)
+            want = getattr(self, pname)[i, rows].shape
+            if not isinstance(value, torch.Tensor) or value.shape != want:
+                complete = False
+                error_msgs.append(f"size mismatch for {key}: copying a param with shape "
+                                  f"{tuple(getattr(value, 'shape', ())) if isinstance(value, torch.Tensor) else type(value).__name__} "
+                                  f"from checkpoint, the shape in current model is {tuple(want)} "
+                                  f"(expert {i}'s part of the packed {pname} {tuple(getattr(self, pname).shape)}).")
+                continue
+            pieces[key] = value
+        if complete:
+            # every piece present: build the packed tensors from the checkpoint's own tensors (works with
+            # assign=True and with a layer constructed on the meta device)
+            by_param = {n: [[] for _ in range(self.num_experts)] for n in native}
+            for key, (pname, i, _) in expected.items():
+                by_param[pname][i].append(pieces[key])
+            for n in native:
+                state_dict[prefix + n] = torch.stack([torch.cat(parts, 0) for parts in by_param[n]], 0)
+            return
+        # partial (strict=False, or errors reported above): current values with the given pieces copied in
+        packed = {n: getattr(self, n).detach().clone() for n in native}
+        with torch.no_grad():
+            for key, value in pieces.items():
+                pname, i, rows = expected[key]
+                packed[pname][i, rows].copy_(value)
+        for n in native:
+            state_dict[prefix + n] = packed[n]
+
     def deepspeed_state_dict(self) -> dict:
         """This layer's weights in DeepSpeed's key layout (relative to the MoE module)."""
-        firsts, second, _ = _FORMS[self.form]
         out = {_DS_GATE: self.gate_weight.detach().clone()}
-        F1 = self.w1.shape[1] // len(firsts)
-        for i in range(self.num_experts):
-            base = f"{_DS_EXPERT}{i}."
-            for j, name in enumerate(firsts):
-                out[f"{base}{name}.weight"] = self.w1[i, j * F1:(j + 1) * F1].detach().clone()
-            if self.b1 is not None:
-                out[f"{base}{firsts[0]}.bias"] = self.b1[i].detach().clone()
-            out[f"{base}{second}.weight"] = self.w2[i].detach().clone()
-            if self.b2 is not None:
-                out[f"{base}{second}.bias"] = self.b2[i].detach().clone()
+        for key, (pname, i, rows) in self._deepspeed_expert_keys().items():
+            out[key] = getattr(self, pname)[i, rows].detach().clone()
         return out
 
     @classmethod
     def from_deepspeed(cls, ds_moe: nn.Module) -> "MoE":
-        """The equivalent layer of a ``deepspeed.moe.layer.MoE`` (same config, same weights)."""
+        """The equivalent layer of a ``deepspeed.moe.layer.MoE`` (same config, same weights).
+
+        Every DeepSpeed option is passed through, so one this layer does not compute as DeepSpeed does
+        raises (``NotImplementedError`` naming it); the template expert is verified like a constructor
+        argument, and the weights load strictly."""
         try:
             inner = ds_moe.deepspeed_moe
             gate = inner.gate
@@ -268,15 +536,22 @@ class MoE(nn.Module):
         except AttributeError as e:
             raise TypeError(f"ds_moe must be a deepspeed.moe.layer.MoE (deepspeed_moe.gate / "
                             f"deepspeed_moe.experts.deepspeed_experts), got {type(ds_moe).__name__}") from e
+        if not experts:
+            raise ValueError("ds_moe has no experts (deepspeed_moe.experts.deepspeed_experts is empty)")
+        kinds = {type(ex).__name__ for ex in experts}
+        if len(kinds) != 1:
+            raise ValueError(f"ds_moe's experts must all be copies of one template, got classes {sorted(kinds)}")
         wg = gate.wg.weight
         layer = cls(
             hidden_size=wg.shape[1], expert=experts[0], num_experts=getattr(ds_moe, "num_experts", len(experts)),
             ep_size=getattr(ds_moe, "ep_size", 1), k=gate.k, capacity_factor=gate.capacity_factor,
             eval_capacity_factor=gate.eval_capacity_factor, min_capacity=int(gate.min_capacity),
-            use_residual=getattr(ds_moe, "use_residual", False),
+            use_residual=bool(getattr(ds_moe, "use_residual", False)),
             noisy_gate_policy=getattr(gate, "noisy_gate_policy", None),
-            drop_tokens=getattr(gate, "drop_tokens", True), use_rts=getattr(gate, "use_rts", True),
-            top2_2nd_expert_sampling=getattr(gate, "top2_2nd_expert_sampling", True))
+            drop_tokens=bool(getattr(gate, "drop_tokens", True)), use_rts=bool(getattr(gate, "use_rts", True)),
+            enable_expert_tensor_parallelism=bool(getattr(ds_moe, "enable_expert_tensor_parallelism", False)),
+            top2_2nd_expert_sampling=bool(getattr(gate, "top2_2nd_expert_sampling", True)),
+            drop_policy=getattr(gate, "drop_policy", None) if gate.k >= 3 else None)
         sd = {key: value for key, value in ds_moe.state_dict().items() if key.startswith(_DS_PREFIX)}
         layer.load_state_dict(sd)
         layer.train(ds_moe.training)
