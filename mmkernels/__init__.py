@@ -11,6 +11,7 @@ Backends: ``reference`` (plain PyTorch) and ``triton``; see :mod:`mmkernels.back
 """
 from ._interpreter import interpreter_enabled  # noqa: F401  (applies the interpreter's bf16 fix first)
 from ._extension import HAS_C, build_info, has_op
+from ._library import DoubleBackwardError
 from .backend import get_backend, use_backend
 from .ops.plora import PLoRAFunction, PLoRALinear, plora_linear, plora_linear_reference
 from .ops.moe import MoE, MoERouting, grouped_gemm, moe_ffn, moe_route
@@ -20,7 +21,7 @@ from .ops.hyper_attention import (HyperAttention, HyperAttentionCache, hyper_att
 __version__ = "0.1.0"
 
 __all__ = [
-    "HAS_C", "build_info", "has_op", "get_backend", "use_backend", "interpreter_enabled",
+    "HAS_C", "build_info", "has_op", "get_backend", "use_backend", "interpreter_enabled", "DoubleBackwardError",
     "plora_linear", "plora_linear_reference", "PLoRALinear", "PLoRAFunction",
     "MoE", "MoERouting", "grouped_gemm", "moe_ffn", "moe_route",
     "hyper_attention", "hyper_attention_reference", "visual_kv", "visual_kv_reference", "HyperAttention",
