@@ -162,8 +162,9 @@ def test_route_priority_rules():
     order = torch.tensor([5, 4, 3, 2, 1, 0])
     r = moe_route(logits, 2, C, token_order=order)
     assert r.keep[:, 0].tolist() == [False, True, True, True, True, True]
-    # k = 1: raw gate value, no renormalisation (DeepSpeed top1gating); dropped rows weigh 0
-    r = moe_route(logits, 1, 2)
+    # k = 1: raw gate value, no renormalisation (DeepSpeed top1gating); dropped rows weigh 0.  Token order
+    # is drop_policy="choice" (the default for k = 1 is DeepSpeed's torch.topk tie order, "topk_ties")
+    r = moe_route(logits, 1, 2, drop_policy="choice")
     p = torch.softmax(logits, 1)
     torch.testing.assert_close(r.weights[:, 0], p.max(1).values * r.keep[:, 0])
     assert r.keep[:, 0].tolist() == [True, True, False, False, True, True]

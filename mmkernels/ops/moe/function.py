@@ -14,6 +14,7 @@ The gate's differentiable part (softmax, renormalised combine weights, ``l_aux``
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Optional
 
@@ -23,7 +24,7 @@ from ..._library import define_op
 from ..._validation import FLOAT_DTYPES, check_same_device, check_same_dtype, check_shape, check_tensor
 from ...backend import require_triton, resolve_backend
 from . import launch
-from .reference import ACTIVATIONS, combine_weights_and_aux, moe_ffn_reference
+from .reference import ACTIVATIONS, combine_weights_and_aux, moe_ffn_reference, resolve_drop_policy
 
 # --------------------------------------------------------------------------------------- routing
 
@@ -38,6 +39,9 @@ class MoERouting:
     sorted_slots [S*k] int32 and expert_offsets [E+1] int32: the kept slots ``s*k + j`` grouped by
     expert (group e is ``sorted_slots[expert_offsets[e]:expert_offsets[e+1]]``, in slot order; dropped
     slots follow ``expert_offsets[E]``); capacity (int, or None when dropless).
+
+    A routing built by hand (or one whose index tensors were modified after :func:`moe_route`
+    returned it) is checked by :func:`moe_ffn` before a kernel trusts it (see its ``check_metadata``).
     """
     indices: torch.Tensor
     weights: torch.Tensor
@@ -58,28 +62,91 @@ class MoERouting:
     def num_experts(self) -> int:
         return self.expert_offsets.shape[0] - 1
 
+    # moe_route "seals" what it returns: the identity and version counter of each index tensor.  A
+    # routing that still holds the same, unmodified tensors (no re-assignment, no in-place write) was
+    # built by moe_route and needs no value check -- so MoE's own forward stays free of host syncs.
+    # (Inference tensors have no version counter: for them only the identity is compared.)
+    _INDEX_FIELDS = ("indices", "keep", "sorted_slots", "expert_offsets")
+
+    def _seal(self) -> None:
+        self._sealed = tuple((t, _version(t)) for t in (getattr(self, f) for f in self._INDEX_FIELDS))
+
+    def _is_sealed(self) -> bool:
+        sealed = getattr(self, "_sealed", None)
+        return sealed is not None and all(getattr(self, f) is t and _version(t) == v
+                                          for f, (t, v) in zip(self._INDEX_FIELDS, sealed))
+
+
+def _version(t: torch.Tensor) -> Optional[int]:
+    return None if t.is_inference() else t._version
+
+
+def _check_token_order_values(token_order: torch.Tensor, S: int) -> None:
+    """token_order must be a permutation of range(S) (one host sync)."""
+    order = token_order.detach().to("cpu", torch.int64)
+    if S == 0:
+        return
+    lo, hi = int(order.min()), int(order.max())
+    if lo < 0 or hi >= S:
+        raise ValueError(f"token_order must be a permutation of range(S={S}): its values must lie in [0, {S}), "
+                         f"got min {lo}, max {hi}")
+    seen = torch.zeros(S, dtype=torch.bool).scatter_(0, order, True)
+    if not bool(seen.all()):
+        missing = int((~seen).nonzero()[0])
+        raise ValueError(f"token_order must be a permutation of range(S={S}): {int((~seen).sum())} value(s) "
+                         f"are repeated and e.g. {missing} is missing")
+
 
 def moe_route(logits: torch.Tensor, k: int, capacity: Optional[int] = None,
               second_expert_noise: Optional[torch.Tensor] = None,
-              token_order: Optional[torch.Tensor] = None) -> MoERouting:
+              token_order: Optional[torch.Tensor] = None, *, drop_policy: Optional[str] = None,
+              check_metadata: bool = True) -> MoERouting:
     """DeepSpeed top-k gating on router logits (``x.float() @ Wg.T``).
 
     Args:
         logits: ``[S, E]`` router logits (computed in float32; other float dtypes are upcast).
         k: choices per row, ``1 <= k <= E``.
         capacity: per-expert capacity C (DeepSpeed: ``max(ceil(S/E * cf * k), min_capacity)``, see
-            :func:`mmkernels.ops.moe.reference.capacity_for`); ``None`` is dropless.
+            :func:`mmkernels.ops.moe.reference.capacity_for`); ``None`` is dropless.  May be a
+            ``torch.SymInt`` under torch.compile.
         second_expert_noise: optional ``[S, E]`` noise added to the logits for choices 2..k (DeepSpeed's
-            Gumbel sampling of the second expert; pass the sample to make it reproducible).
-        token_order: optional permutation ``[S]`` giving the order in which rows claim capacity
-            (default: row order); k = 1 random token selection is ``argsort(-uniform)``.
+            Gumbel sampling of the second expert; pass the sample to make it reproducible).  Only the
+            ``"choice"`` policy takes it.
+        token_order: optional permutation of ``range(S)`` giving the order in which rows claim capacity
+            (default: row order); k = 1 random token selection is ``argsort(-uniform)``.  Only the
+            ``"choice"`` and ``"position"`` policies take it.
+        drop_policy: which choices an over-full expert keeps (names follow DeepSpeed):
 
-    Returns a :class:`MoERouting`.  The first choice is ``argmax(logits)`` (DeepSpeed's
-    ``argmax(softmax(logits))``: the same index unless two different logits round to one
+            * ``None`` (default): what DeepSpeed's ``TopKGate`` runs for this k -- k = 1
+              ``top1gating`` (``"choice"`` when ``token_order`` is given, i.e. random token selection,
+              else ``"topk_ties"``, i.e. ``use_rts=False``); k = 2 ``top2gating`` (``"choice"``);
+              k >= 3 ``topkgating`` with its default ``drop_policy='probs'`` (``"probs"``).
+            * ``"choice"``: every first choice before every second choice (and so on), then
+              ``token_order`` (``top2gating``'s rule; the native op's).
+            * ``"position"``: ``topkgating(drop_policy='position')``: an expert keeps the first C rows
+              in ``token_order`` that chose it, *whichever* of their k choices it was.  For k = 1 the
+              same as ``"choice"``.
+            * ``"probs"``: ``topkgating(drop_policy='probs')``: an expert keeps its C choices of largest
+              probability (``torch.topk`` over the rows; ties as torch breaks them).
+            * ``"topk_ties"`` (k = 1 only): ``top1gating(use_rts=False)``: DeepSpeed picks the kept
+              rows with ``torch.topk`` over the 0/1 one-hot mask, so *which* rows of an over-full
+              expert survive is torch.topk's tie order -- implementation-defined, not token order,
+              and different on CPU and CUDA.  It is reproduced by making the same call on the same
+              device.  Use ``"choice"`` for a documented order (first rows win).
+
+            ``"position"`` and ``"probs"`` choose the experts as ``topk(softmax(logits), k)`` and
+            compute ``l_aux`` as ``topkgating`` does (all k choices, ``/ k``), like every k >= 3.
+        check_metadata: check that ``token_order`` is a permutation of ``range(S)`` (one host
+            synchronisation; skipped while torch.compile traces).  Pass False when it is one by
+            construction (e.g. ``argsort`` of random numbers); an invalid order is then undefined
+            behaviour.
+
+    Returns a :class:`MoERouting`.  With ``"choice"``, the first choice is ``argmax(logits)``
+    (DeepSpeed's ``argmax(softmax(logits))``: the same index unless two different logits round to one
     probability); choice j >= 2 is the argmax of ``logits + noise`` over the experts not chosen yet
-    (k > 2 without noise is plain top-k).  Priority: all first choices before all second choices, then
-    ``token_order`` (for k > 2 this is DeepSpeed ``topkgating``'s ``drop_policy='position'``).  Weights: ``p[s, e_j] keep / max(sum_j p[s, e_j] keep, eps)`` for k >= 2, the raw
-    gate value ``p[s, e_1] keep`` for k = 1 (DeepSpeed ``top1gating``).
+    (k > 2 without noise is plain top-k).  Weights: ``p[s, e_j] keep / max(sum_j p[s, e_j] keep, eps)``
+    for k >= 2, the raw gate value ``p[s, e_1] keep`` for k = 1 (DeepSpeed ``top1gating``).
+    ``"choice"`` runs the native op (no host sync); the other policies run torch ops (no host sync).
 
     Example::
 
@@ -96,28 +163,40 @@ def moe_route(logits: torch.Tensor, k: int, capacity: Optional[int] = None,
     if not 1 <= k <= E:
         raise ValueError(f"k must be in [1, num_experts={E}], got k={k}")
     if capacity is not None:
-        if isinstance(capacity, bool) or not isinstance(capacity, int):
+        if isinstance(capacity, bool) or not isinstance(capacity, (int, torch.SymInt)):
             raise TypeError(f"capacity must be an int or None, got {type(capacity).__name__}")
         if capacity < 0:
             raise ValueError(f"capacity must be >= 0 (or None for dropless), got {capacity}")
+    policy = resolve_drop_policy(drop_policy, k, token_order is not None)
     logits32 = logits.float()
     noise = None
     if second_expert_noise is not None and k >= 2:
+        if policy != "choice":
+            raise ValueError(f"second_expert_noise applies to drop_policy='choice' (DeepSpeed top2gating), "
+                             f"not to {policy!r}")
         check_tensor("second_expert_noise", second_expert_noise, ndim=2, dtypes=FLOAT_DTYPES)
         check_shape("second_expert_noise", second_expert_noise, (S, E), "like logits")
         check_same_device([("logits", logits), ("second_expert_noise", second_expert_noise)])
         noise = second_expert_noise.detach().float().contiguous()
     if token_order is not None:
+        if policy not in ("choice", "position"):
+            raise ValueError(f"token_order applies to drop_policy 'choice' or 'position', not to {policy!r}")
         check_tensor("token_order", token_order, ndim=1, dtypes=(torch.int64, torch.int32))
         if token_order.shape[0] != S:
             raise ValueError(f"token_order must have shape ({S},), got {tuple(token_order.shape)}")
         check_same_device([("logits", logits), ("token_order", token_order)])
+        if check_metadata and not torch.compiler.is_compiling():
+            _check_token_order_values(token_order, S)
         token_order = token_order.to(torch.int64).contiguous()
-    cap = -1 if capacity is None else int(capacity)
+    cap = -1 if capacity is None else capacity
     idx, keep, exp_counts, top1, slots, offsets = launch.route(logits32.detach().contiguous(), k, cap, noise,
-                                                                token_order)
-    probs, weights, l_aux = combine_weights_and_aux(logits32, idx, keep, top1, exp_counts)
-    return MoERouting(idx, weights, keep, exp_counts, top1, l_aux, probs, slots, offsets, capacity)
+                                                                token_order, policy)
+    probs, weights, l_aux = combine_weights_and_aux(logits32, idx, keep, top1, exp_counts,
+                                                    topkgating=k >= 3 or policy in ("position", "probs"))
+    routing = MoERouting(idx, weights, keep, exp_counts, top1, l_aux, probs, slots, offsets, capacity)
+    if not torch.compiler.is_compiling():
+        routing._seal()
+    return routing
 
 
 # --------------------------------------------------------------------------------------- moe_ffn ops
@@ -227,8 +306,71 @@ def _check_ffn_weights(H, w1, b1, w2, b2, activation, num_experts=None):
         raise ValueError(f"w1 has {E} experts but the routing has {num_experts}")
 
 
+def _check_offset_list(name: str, bounds: list, total: int, what: str) -> None:
+    """Group offsets (already on the host): start at 0, non-negative, non-decreasing, end <= total."""
+    if bounds[0] != 0:
+        raise ValueError(f"{name} must start at 0, got {name}[0]={bounds[0]}")
+    for e in range(1, len(bounds)):
+        if bounds[e] < 0:
+            raise ValueError(f"{name} must be non-negative, got {name}[{e}]={bounds[e]}")
+        if bounds[e] < bounds[e - 1]:
+            raise ValueError(f"{name} must be non-decreasing, got {name}[{e}]={bounds[e]} < "
+                             f"{name}[{e - 1}]={bounds[e - 1]}")
+    if bounds[-1] > total:
+        raise ValueError(f"{name} must end at most at {what}={total}, got {name}[-1]={bounds[-1]}")
+
+
+def _check_routing(routing: MoERouting, x: torch.Tensor, S: int, num_experts: int) -> None:
+    """Shapes, dtypes and devices of the routing tensors the kernels read (no host sync)."""
+    if routing.indices.dim() != 2 or routing.indices.shape[0] != S:
+        raise ValueError(f"routing was computed for {routing.indices.shape[0] if routing.indices.dim() else 0} "
+                         f"rows but x has {S} rows")
+    k = routing.indices.shape[1]
+    check_tensor("routing.indices", routing.indices, dtypes=(torch.int64,))
+    check_tensor("routing.weights", routing.weights, dtypes=FLOAT_DTYPES)
+    check_shape("routing.weights", routing.weights, (S, k), "like routing.indices")
+    check_tensor("routing.keep", routing.keep, dtypes=(torch.bool,))
+    check_shape("routing.keep", routing.keep, (S, k), "like routing.indices")
+    check_tensor("routing.sorted_slots", routing.sorted_slots, dtypes=(torch.int32, torch.int64))
+    check_shape("routing.sorted_slots", routing.sorted_slots, (S * k,), "S*k slots")
+    check_tensor("routing.expert_offsets", routing.expert_offsets, ndim=1, dtypes=(torch.int32, torch.int64))
+    if routing.expert_offsets.shape[0] != num_experts + 1:
+        raise ValueError(f"w1 has {num_experts} experts but the routing has {routing.num_experts} "
+                         f"(routing.expert_offsets has shape {tuple(routing.expert_offsets.shape)})")
+    check_same_device([("x", x), ("routing.indices", routing.indices), ("routing.weights", routing.weights),
+                       ("routing.keep", routing.keep), ("routing.sorted_slots", routing.sorted_slots),
+                       ("routing.expert_offsets", routing.expert_offsets)])
+
+
+def _check_routing_values(routing: MoERouting, S: int) -> None:
+    """The values the kernels trust (host syncs): the offsets are valid group bounds of the S*k slots,
+    the kept slots ``sorted_slots[:expert_offsets[-1]]`` are distinct slots in range, ``keep`` is True
+    exactly there, and ``indices`` names each kept slot's group."""
+    k = routing.indices.shape[1]
+    M = S * k
+    E = routing.num_experts
+    bounds = routing.expert_offsets.tolist()
+    _check_offset_list("routing.expert_offsets", bounds, M, "the number of slots S*k")
+    n = bounds[-1]
+    slots = routing.sorted_slots.detach()[:n].to("cpu", torch.int64)
+    if n and (int(slots.min()) < 0 or int(slots.max()) >= M):
+        raise ValueError(f"routing.sorted_slots[:{n}] (the kept slots) must lie in [0, S*k={M}), got min "
+                         f"{int(slots.min())}, max {int(slots.max())}")
+    kept = torch.zeros(M, dtype=torch.bool).scatter_(0, slots, True)
+    if int(kept.sum()) != n:
+        raise ValueError(f"routing.sorted_slots[:{n}] (the kept slots) must be distinct; {n - int(kept.sum())} "
+                         "repeat")
+    if not torch.equal(routing.keep.detach().to("cpu").reshape(-1), kept):
+        raise ValueError("routing.keep must be True exactly at the kept slots "
+                         "routing.sorted_slots[:routing.expert_offsets[-1]]")
+    groups = torch.repeat_interleave(torch.arange(E), torch.tensor(bounds).diff())
+    if not torch.equal(routing.indices.detach().to("cpu").reshape(-1)[slots], groups):
+        raise ValueError("routing.indices disagrees with routing.sorted_slots/expert_offsets: a kept slot is "
+                         "grouped under another expert than the one it chose")
+
+
 def moe_ffn(x: torch.Tensor, routing: MoERouting, w1: torch.Tensor, b1: Optional[torch.Tensor], w2: torch.Tensor,
-            b2: Optional[torch.Tensor], activation: str = "gelu_tanh") -> torch.Tensor:
+            b2: Optional[torch.Tensor], activation: str = "gelu_tanh", *, check_metadata: bool = True) -> torch.Tensor:
     """The expert half of the MoE layer: ``y[s] = sum_j routing.weights[s, j] * Expert_{e_j}(x[s])``.
 
     Args:
@@ -237,6 +379,14 @@ def moe_ffn(x: torch.Tensor, routing: MoERouting, w1: torch.Tensor, b1: Optional
         w1: ``[E, F, H]`` (``gelu_tanh``: fc1) or ``[E, 2F, H]`` (``swiglu``: gate rows then up rows).
         b1: ``[E, F]`` / ``[E, 2F]`` or None.   w2: ``[E, H, F]`` (fc2 / down).   b2: ``[E, H]`` or None.
         activation: ``"gelu_tanh"`` (``fc2(gelu_tanh(fc1 x))``) or ``"swiglu"`` (``down(silu(gate x) * up x)``).
+        check_metadata: check the *values* of the routing's index tensors before the kernels trust them
+            (``expert_offsets`` are group bounds of the S*k slots, the kept ``sorted_slots`` are distinct
+            and in range, ``keep`` and ``indices`` agree with them): host synchronisations.  A routing
+            returned by :func:`moe_route` whose index tensors were not replaced or modified in place is
+            known to be valid and is never checked, so the usual ``moe_route`` -> ``moe_ffn`` path (and
+            :class:`MoE`) has no sync.  Pass False to skip the check for a hand-built routing known to be
+            valid (an invalid one is then undefined behaviour).  Skipped while torch.compile traces.
+            Shapes, dtypes and devices are always checked.
 
     Returns ``[..., H]`` in x's dtype; a row whose choices were all dropped is 0.  Differentiable in x,
     the routing weights (hence the router) and every weight and bias.  Triton backend: no host sync,
@@ -246,13 +396,15 @@ def moe_ffn(x: torch.Tensor, routing: MoERouting, w1: torch.Tensor, b1: Optional
     if not isinstance(routing, MoERouting):
         raise TypeError(f"routing must be a MoERouting from moe_route, got {type(routing).__name__}")
     H = x.shape[-1]
-    x2 = x.reshape(-1, H)
-    S = x2.shape[0]
-    if routing.indices.shape[0] != S:
-        raise ValueError(f"routing was computed for {routing.indices.shape[0]} rows but x has {S} rows")
+    S = math.prod(x.shape[:-1])
+    x2 = x.reshape(S, H)
+    check_tensor("w1", w1, ndim=3, dtypes=FLOAT_DTYPES)
+    _check_routing(routing, x, S, w1.shape[0])
     _check_ffn_weights(H, w1, b1, w2, b2, activation, routing.num_experts)
     check_same_dtype([("x", x), ("w1", w1), ("b1", b1), ("w2", w2), ("b2", b2)])
     check_same_device([("x", x), ("w1", w1), ("b1", b1), ("w2", w2), ("b2", b2), ("routing", routing.indices)])
+    if check_metadata and not torch.compiler.is_compiling() and not routing._is_sealed():
+        _check_routing_values(routing, S)
     backend = resolve_backend(x.device, x.dtype)
     if backend == "reference":
         y = moe_ffn_reference(x2, routing.weights, routing.sorted_slots, routing.expert_offsets, w1, b1, w2, b2,
@@ -260,8 +412,10 @@ def moe_ffn(x: torch.Tensor, routing: MoERouting, w1: torch.Tensor, b1: Optional
         return y.view(x.shape)
     if x2.numel() and x2.stride(-1) != 1:
         x2 = x2.contiguous()
-    y, _, _, _ = moe_ffn_forward_op(x2, routing.weights.contiguous(), routing.keep.contiguous(),
-                                    routing.sorted_slots, routing.expert_offsets, w1, b1, w2, b2, activation)
+    slots = routing.sorted_slots.to(torch.int32).contiguous()
+    offsets = routing.expert_offsets.to(torch.int32).contiguous()
+    y, _, _, _ = moe_ffn_forward_op(x2, routing.weights.float().contiguous(), routing.keep.contiguous(),
+                                    slots, offsets, w1, b1, w2, b2, activation)
     return y.view(x.shape)
 
 
@@ -327,8 +481,10 @@ torch.library.register_autograd("mmkernels::grouped_gemm_forward", GroupedGemmFu
 
 
 def grouped_gemm_reference(a, b, group_offsets, bias=None):
-    """Loop over groups: ``c[lo:hi] = a[lo:hi] @ b[e].T (+ bias[e])``; rows outside every group are 0."""
+    """Loop over groups: ``c[lo:hi] = a[lo:hi] @ b[e].T (+ bias[e])``; rows outside every group are 0.
+    Reads the offsets on the host, so it always checks them (``ValueError`` naming ``group_offsets``)."""
     bounds = group_offsets.tolist()
+    _check_offset_list("group_offsets", bounds, a.shape[0], "the number of rows M")
     parts = [torch.nn.functional.linear(a[bounds[e]:bounds[e + 1]], b[e], None if bias is None else bias[e])
              for e in range(b.shape[0])]
     parts.append(a.new_zeros((a.shape[0] - bounds[-1], b.shape[1])))
@@ -336,16 +492,22 @@ def grouped_gemm_reference(a, b, group_offsets, bias=None):
 
 
 def grouped_gemm(a: torch.Tensor, b: torch.Tensor, group_offsets: torch.Tensor,
-                 bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+                 bias: Optional[torch.Tensor] = None, *, check_metadata: bool = True) -> torch.Tensor:
     """Grouped GEMM: ``c[r] = a[r] @ b[e].T (+ bias[e])`` for ``group_offsets[e] <= r < group_offsets[e+1]``.
 
     Args:
         a: ``[M, K]``, rows grouped by expert.   b: ``[E, N, K]``.   bias: ``[E, N]`` or None.
         group_offsets: int32/int64 ``[E+1]``, non-decreasing, ``group_offsets[0] = 0``,
             ``group_offsets[E] <= M`` (rows past it come out as 0).  An empty group is fine.
+        check_metadata: check those rules on the *values* of ``group_offsets`` (``ValueError`` naming
+            it): one host synchronisation on the Triton backend.  Pass False when the offsets are valid
+            by construction (e.g. a cumulative sum of counts that add up to at most M) to keep the call
+            sync-free; invalid offsets are then undefined behaviour (out-of-bounds memory access).
+            Skipped while torch.compile traces.  The reference backend reads the offsets on the host
+            anyway and always checks them.
 
     Returns ``[M, N]``; differentiable in a, b and bias.  Triton backend: one launch for all groups,
-    no host sync; the offsets are read on the device.
+    no host sync (with ``check_metadata=False``); the offsets are read on the device.
 
     Example::
 
@@ -370,8 +532,9 @@ def grouped_gemm(a: torch.Tensor, b: torch.Tensor, group_offsets: torch.Tensor,
     backend = resolve_backend(a.device, a.dtype)
     if backend == "reference":
         return grouped_gemm_reference(a, b, group_offsets, bias)
+    if check_metadata and not torch.compiler.is_compiling():
+        _check_offset_list("group_offsets", group_offsets.tolist(), a.shape[0], "the number of rows M")
     offs = group_offsets.to(torch.int32).contiguous()
     if a.numel() and a.stride(-1) != 1:
         a = a.contiguous()
     return grouped_gemm_forward_op(a, b, bias, offs)
-

@@ -63,13 +63,14 @@ if NATIVE_ROUTE:
                 logits.new_empty((S * k,), dtype=torch.int32), logits.new_empty((E + 1,), dtype=torch.int32))
 
 
-def route(logits: torch.Tensor, k: int, capacity: int, noise, token_order):
+def route(logits: torch.Tensor, k: int, capacity, noise, token_order, drop_policy: str = "choice"):
     """Routing decisions ``(indices, keep, exp_counts, top1_counts, sorted_slots, expert_offsets)``;
-    ``capacity < 0`` means dropless.  The native op (C++ on CPU, CUDA kernels on GPU, no host sync)
-    when the extension has it, else the torch reference."""
-    if NATIVE_ROUTE:
+    ``capacity < 0`` means dropless.  ``drop_policy="choice"`` runs the native op (C++ on CPU, CUDA
+    kernels on GPU, no host sync) when the extension has it; the other policies (and ``"choice"``
+    without the extension) run the torch reference, which needs no host sync either."""
+    if NATIVE_ROUTE and drop_policy == "choice":
         return torch.ops.mmkernels.moe_route(logits, k, capacity, noise, token_order)
-    d = route_reference(logits, k, None if capacity < 0 else capacity, noise, token_order)
+    d = route_reference(logits, k, None if capacity < 0 else capacity, noise, token_order, drop_policy)
     return d.indices, d.keep, d.exp_counts, d.top1_counts, d.sorted_slots, d.expert_offsets
 
 

@@ -47,14 +47,81 @@ ACTIVATIONS = ("gelu_tanh", "swiglu")
 
 def capacity_for(num_tokens: int, num_experts: int, capacity_factor: float, k: int, min_capacity: int) -> int:
     """DeepSpeed's ``_capacity``: ``max(ceil(S / E * capacity_factor * k), min_capacity)`` (k = 1 for
-    top-1), evaluated in float32 exactly as DeepSpeed does."""
-    # fp32 x fp32 is exact in double, so rounding the double product to fp32 is the fp32 multiply
-    product = _f32(_f32(num_tokens / num_experts) * _f32(float(capacity_factor) * (k if k >= 2 else 1)))
-    return max(int(math.ceil(product)), int(min_capacity))
+    top-1), evaluated in float32 exactly as DeepSpeed does.
+
+    DeepSpeed computes ``ceil(float(S / E) * torch.tensor(cf * k))``: the double ``S / E`` and the
+    double ``cf * k`` are rounded to float32 and multiplied in float32.  Here the two roundings are
+    done in exact integer arithmetic (:func:`_round_f32`), so ``num_tokens`` may be a ``torch.SymInt``
+    (torch.compile with dynamic shapes): the result is then a SymInt, and the only guards are on the
+    power-of-two range of ``S / E`` (a recompile when S crosses a power of two), never on S itself.
+    (The double rounding of ``S / E`` equals a single rounding to float32 for E < 2**29.)
+
+    k = 1 with ``min_capacity > num_tokens`` raises ``ValueError``: DeepSpeed's ``top1gating``
+    asserts ``S >= min_capacity``.
+    """
+    if k == 1 and min_capacity > num_tokens:
+        raise ValueError(f"min_capacity={min_capacity} is larger than the number of tokens S={num_tokens}: "
+                         "DeepSpeed's top1gating requires S >= min_capacity (set min_capacity=0 or use more "
+                         "tokens)")
+    factor = _exact_f32(float(capacity_factor) * (k if k >= 2 else 1))
+    if factor <= 0 or num_tokens == 0:
+        # fp32(S/E) * factor <= 0, whose ceil is 0 (-0.0 rounds to 0)
+        return _sym_max(0, int(min_capacity))
+    # fp32(S / E) = m1 * 2**s1, then fp32(m1 * 2**s1 * factor) = m2 * 2**s2, then its ceiling
+    f_num, f_den = factor.as_integer_ratio()              # f_den is a power of two
+    f_shift = f_den.bit_length() - 1
+    m1, s1 = _round_f32(num_tokens, num_experts)
+    shift = s1 - f_shift
+    if shift >= 0:
+        m2, s2 = _round_f32(m1 * f_num * 2 ** shift, 1)
+    else:
+        m2, s2 = _round_f32(m1 * f_num, 2 ** -shift)
+    ceil = m2 * 2 ** s2 if s2 >= 0 else -((-m2) // 2 ** -s2)
+    return _sym_max(ceil, int(min_capacity))
 
 
-def _f32(value: float) -> float:
+def _exact_f32(value: float) -> float:
+    """``value`` rounded to float32 (a concrete Python float, never symbolic)."""
     return struct.unpack("f", struct.pack("f", value))[0]
+
+
+def _sym_max(a, b):
+    return torch.sym_max(a, b) if isinstance(a, torch.SymInt) or isinstance(b, torch.SymInt) else max(a, b)
+
+
+def _sym_min(a, b):
+    return torch.sym_min(a, b) if isinstance(a, torch.SymInt) or isinstance(b, torch.SymInt) else min(a, b)
+
+
+def _round_f32(num, den: int):
+    """float32 round-to-nearest-even of the positive rational ``num / den`` as ``(m, s)`` with value
+    ``m * 2**s``, in integer arithmetic (``num`` may be a SymInt; ``den`` is a positive int).
+
+    With ``2**e <= num/den < 2**(e+1)`` the float32 spacing there is ``2**(e-23)``, so
+    ``m = RNE(num / den / 2**(e-23))`` (24 significant bits; the carry to ``2**24`` is fine).  Only the
+    search for ``e`` compares ``num`` (a guard on its power-of-two range when symbolic); the rounding
+    itself is branch-free (``min``/``max`` on integers).
+    """
+    e = 0
+    while not _below_pow2(num, den, e + 1):
+        e += 1
+    while _below_pow2(num, den, e):
+        e -= 1
+    s = e - 23
+    if s <= 0:
+        n, d = num * 2 ** -s, den
+    else:
+        n, d = num, den * 2 ** s
+    q = n // d
+    twice_r = 2 * (n - q * d)
+    above = _sym_min(1, _sym_max(0, twice_r - d))                         # remainder > 1/2
+    tie = 1 - _sym_min(1, _sym_max(twice_r - d, d - twice_r))           # remainder == 1/2
+    return q + above + tie * (q % 2), s
+
+
+def _below_pow2(num, den: int, e: int):
+    """``num / den < 2**e`` in integers."""
+    return num * 2 ** -e < den if e < 0 else num < den * 2 ** e
 
 
 @dataclass
@@ -84,54 +151,141 @@ def topk_indices_reference(logits: torch.Tensor, k: int, noise: Optional[torch.T
     return idx
 
 
+DROP_POLICIES = ("choice", "position", "probs", "topk_ties")
+
+
+def resolve_drop_policy(drop_policy: Optional[str], k: int, token_order_given: bool) -> str:
+    """The concrete policy :func:`route_reference` runs; ``None`` is what DeepSpeed's ``TopKGate`` runs for
+    this k: k = 1 ``top1gating`` (``token_order`` given, i.e. random token selection: ``"choice"``;
+    else ``"topk_ties"``), k = 2 ``top2gating`` (``"choice"``), k >= 3 ``topkgating`` (``"probs"``)."""
+    if drop_policy is None:
+        if k == 1:
+            return "choice" if token_order_given else "topk_ties"
+        return "choice" if k == 2 else "probs"
+    if drop_policy not in DROP_POLICIES:
+        raise ValueError(f"drop_policy must be None or one of {DROP_POLICIES}, got {drop_policy!r}")
+    if drop_policy == "topk_ties" and k != 1:
+        raise ValueError(f"drop_policy='topk_ties' is DeepSpeed's top1gating rule and needs k = 1, got k={k}")
+    if drop_policy == "position" and k == 1:
+        return "choice"            # one choice per row: the same rule
+    return drop_policy
+
+
+def _group_starts(sorted_values: torch.Tensor, n: int) -> torch.Tensor:
+    """``starts[i]`` = number of values < i for i in 0..n, from sorted values (no host sync, no atomics)."""
+    bounds = torch.arange(n + 1, device=sorted_values.device, dtype=sorted_values.dtype)
+    return torch.searchsorted(sorted_values, bounds)
+
+
+def _counts(values: torch.Tensor, n: int) -> torch.Tensor:
+    """``bincount(values, minlength=n)`` for values in [0, n), without bincount's host sync on CUDA."""
+    return _group_starts(torch.sort(values.reshape(-1)).values, n).diff()
+
+
 def route_reference(logits: torch.Tensor, k: int, capacity: Optional[int],
                     noise: Optional[torch.Tensor] = None,
-                    token_order: Optional[torch.Tensor] = None) -> RouteDecisions:
-    """Routing decisions in plain torch (see the module docstring).  ``capacity=None`` is dropless."""
+                    token_order: Optional[torch.Tensor] = None, drop_policy: str = "choice") -> RouteDecisions:
+    """Routing decisions in plain torch, for a concrete ``drop_policy`` (see :func:`mmkernels.moe_route`;
+    ``capacity=None`` is dropless).  No host synchronisation: it is the fallback of the native op and
+    the path of the policies the native op does not implement.
+
+    * ``"choice"`` (the native op's rule; DeepSpeed ``top2gating``): choice j of every row claims
+      capacity before choice j + 1 of any row; within a choice, rows in ``token_order``.  The first
+      choice is ``argmax(logits)``, choice j >= 2 ``argmax(logits + noise)`` over the unchosen experts.
+    * ``"position"`` (DeepSpeed ``topkgating(drop_policy='position')``): choices are
+      ``topk(softmax(logits), k)``; an expert keeps the first C rows (in ``token_order``) that chose it,
+      whichever choice j it was for them.
+    * ``"probs"`` (DeepSpeed ``topkgating(drop_policy='probs')``): choices as for ``"position"``; an
+      expert keeps its C choices of largest probability (``torch.topk`` over the rows, as DeepSpeed).
+    * ``"topk_ties"`` (k = 1, DeepSpeed ``top1gating(use_rts=False)``): an over-full expert keeps the C
+      rows that ``torch.topk`` returns from the tied entries of the 0/1 one-hot mask -- torch's
+      implementation-defined tie order (not token order; it differs between CPU and CUDA), reproduced
+      by making the same call.
+    """
     S, E = logits.shape
     dev = logits.device
-    idx = topk_indices_reference(logits, k, noise)
-    order = token_order if token_order is not None else torch.arange(S, device=dev)
-    # Positions: walk the choices j-major (all first choices, then all second ...), rows in `order`.
-    seq = idx[order].t().reshape(-1)                                   # [k*S]
-    onehot = F.one_hot(seq, E)                                         # [k*S, E] (no capacity axis)
-    pos_seq = (onehot.cumsum(0) - 1).gather(1, seq[:, None]).squeeze(1)
-    pos = torch.empty(S, k, dtype=torch.int64, device=dev)
-    pos[order] = pos_seq.view(k, S).t()
-    keep = pos < capacity if capacity is not None else torch.ones_like(pos, dtype=torch.bool)
-    exp_counts = torch.bincount(idx.reshape(-1), minlength=E)
-    top1_counts = torch.bincount(idx[:, 0], minlength=E)
+    if drop_policy in ("position", "probs"):
+        probs = torch.softmax(logits, dim=1)
+        top_p, idx = torch.topk(probs, k, dim=1)
+        mask = torch.zeros_like(probs, dtype=torch.bool).scatter_(1, idx, True)          # [S, E]
+        if capacity is None:
+            kept_se = mask
+        elif drop_policy == "position":
+            order = token_order if token_order is not None else torch.arange(S, device=dev)
+            loc = torch.cumsum(mask[order].long(), dim=0) - 1          # rank among the rows in order
+            kept_se = torch.empty_like(mask)
+            kept_se[order] = mask[order] & (loc < capacity)
+        else:
+            gated = torch.zeros_like(probs).scatter(1, idx, top_p)
+            sel = torch.topk(gated, k=_sym_min(capacity, S), dim=0, sorted=False).indices
+            kept_se = mask & torch.zeros_like(mask).scatter_(0, sel, True)
+        keep = kept_se.gather(1, idx)
+    elif drop_policy == "topk_ties":
+        idx = topk_indices_reference(logits, 1, None)
+        onehot = F.one_hot(idx[:, 0], E)                                 # int64 [S, E], as DeepSpeed
+        if capacity is None:
+            keep = torch.ones_like(idx, dtype=torch.bool)
+        else:
+            sel = torch.topk(onehot, k=_sym_min(capacity, S), dim=0).indices
+            keep = (onehot * torch.zeros_like(onehot).scatter_(0, sel, 1)).gather(1, idx).bool()
+    elif drop_policy == "choice":
+        idx = topk_indices_reference(logits, k, noise)
+        order = token_order if token_order is not None else torch.arange(S, device=dev)
+        # Positions: walk the choices j-major (all first choices, then all second ...), rows in `order`.
+        seq = idx[order].t().reshape(-1)                                   # [k*S]
+        onehot = F.one_hot(seq, E)                                         # [k*S, E] (no capacity axis)
+        pos_seq = (onehot.cumsum(0) - 1).gather(1, seq[:, None]).squeeze(1)
+        pos = torch.empty(S, k, dtype=torch.int64, device=dev)
+        pos[order] = pos_seq.view(k, S).t()
+        keep = pos < capacity if capacity is not None else torch.ones_like(pos, dtype=torch.bool)
+    else:
+        raise ValueError(f"drop_policy must be one of {DROP_POLICIES}, got {drop_policy!r}")
+    exp_counts = _counts(idx, E)
+    top1_counts = _counts(idx[:, 0], E)
     key = torch.where(keep, idx, torch.full_like(idx, E)).reshape(-1)  # dropped slots sort last
-    sorted_slots = torch.sort(key, stable=True).indices.to(torch.int32)
-    kept_counts = torch.bincount(key, minlength=E + 1)[:E]
-    offsets = torch.zeros(E + 1, dtype=torch.int32, device=dev)
-    offsets[1:] = kept_counts.cumsum(0)
-    return RouteDecisions(idx, keep, exp_counts, top1_counts, sorted_slots, offsets)
+    sorted_key, perm = torch.sort(key, stable=True)
+    offsets = _group_starts(sorted_key, E).to(torch.int32)
+    return RouteDecisions(idx, keep, exp_counts, top1_counts, perm.to(torch.int32), offsets)
 
 
 def combine_weights_and_aux(logits: torch.Tensor, indices: torch.Tensor, keep: torch.Tensor,
-                            top1_counts: torch.Tensor, exp_counts: torch.Tensor):
+                            top1_counts: torch.Tensor, exp_counts: torch.Tensor,
+                            topkgating: Optional[bool] = None):
     """Differentiable gate outputs: ``(probs [S, E], weights [S, k] fp32, l_aux)``; gradients flow to
-    ``logits`` through the softmax only (DeepSpeed's ``me``)."""
+    ``logits`` through the softmax only (DeepSpeed's ``me``).
+
+    ``topkgating`` (default: k >= 3) uses DeepSpeed ``topkgating``'s formulas: ``l_aux =
+    mean(me * ce) * E * E / k`` with ``ce`` over all k choices, and the renormalising sum taken over
+    the dense ``[S, E]`` masked probabilities; otherwise ``top1gating`` / ``top2gating``'s: ``l_aux =
+    E * sum(me * ce)`` (k = 2: ``mean(me * ce) * E * E``) with ``ce`` over the first choices.  Each
+    is written as DeepSpeed writes it, so the values are bit-identical to DeepSpeed's."""
     S, E = logits.shape
     k = indices.shape[1]
+    if topkgating is None:
+        topkgating = k >= 3
     probs = torch.softmax(logits.float(), dim=1)
     picked = probs.gather(1, indices) * keep
     if k == 1:
         weights = picked
     else:
-        denom = picked.sum(1, keepdim=True).clamp(min=torch.finfo(torch.float32).eps)
-        weights = picked / denom
+        if topkgating:  # DeepSpeed sums gates * mask over the experts
+            total = torch.zeros_like(probs).scatter(1, indices, picked).sum(1, keepdim=True)
+        else:
+            total = picked.sum(1, keepdim=True)
+        weights = picked / total.clamp(min=torch.finfo(torch.float32).eps)
     if S == 0:
         l_aux = probs.sum() * 0.0
     else:
         me = probs.mean(0)
-        if k <= 2:
-            ce = top1_counts.to(torch.float32) / S
-            l_aux = (me * ce).sum() * E
-        else:
+        if topkgating:
             ce = exp_counts.to(torch.float32) / S
-            l_aux = (me * ce).sum() * E / k
+            l_aux = torch.mean(me * ce) * E * E / k
+        elif k == 1:
+            ce = top1_counts.to(torch.float32) / S
+            l_aux = torch.sum(me * ce) * E                 # top1gating
+        else:
+            ce = top1_counts.to(torch.float32) / S
+            l_aux = torch.mean(me * ce) * E * E            # top2gating (the same value, DeepSpeed's rounding)
     return probs, weights, l_aux
 
 
@@ -201,8 +355,10 @@ def deepspeed_einsum_moe(x: torch.Tensor, wg: torch.Tensor, experts, k: int, cap
         exp_counts = mask1.sum(0)
         l_aux = (me * ce).sum() * E
         C = capacity if capacity is not None else int(exp_counts.max())
+        # top1gating (use_rts=False) keeps what torch.topk over the 0/1 mask returns (its tie order)
+        top_idx = torch.topk(mask1, k=min(C, S), dim=0)[1]
+        mask1 = mask1 * torch.zeros_like(mask1).scatter_(0, top_idx, 1)
         loc1 = mask1.cumsum(0) - 1
-        mask1 = mask1 * (loc1 < C)
         loc1_s = (loc1 * mask1).sum(1)
         g = gates * mask1.float()
         combine = torch.einsum("se,sc->sec", g, F.one_hot(loc1_s, C).float())
@@ -212,7 +368,7 @@ def deepspeed_einsum_moe(x: torch.Tensor, wg: torch.Tensor, experts, k: int, cap
         mask2 = F.one_hot(idx2, E)
         loc1 = mask1.cumsum(0) - 1
         loc2 = mask2.cumsum(0) - 1 + mask1.sum(0, keepdim=True)
-        l_aux = (me * ce).mean() * E * E
+        l_aux = torch.mean(me * ce) * E * E
         exp_counts = (mask1 + mask2).sum(0)
         C = capacity if capacity is not None else int(exp_counts.max())
         mask1 = mask1 * (loc1 < C)
