@@ -402,6 +402,9 @@ class MoE(nn.Module):
             # DeepSpeed's top1gating: assert logits.shape[0] >= min_capacity (whether or not it drops)
             raise ValueError(f"k=1 needs at least min_capacity={self.min_capacity} tokens, got {S}: DeepSpeed's "
                              "top1gating asserts this; set min_capacity=0 or pass more tokens")
+        if second_expert_noise is not None and self.k != 2:
+            raise ValueError(f"second_expert_noise is the Gumbel sample of DeepSpeed's top2gating (k=2); this layer "
+                             f"has k={self.k}, whose DeepSpeed gating takes no noise")
         logits = F.linear(x2.float(), self.gate_weight.float())
         if second_expert_noise is None and self.k == 2 and self.top2_2nd_expert_sampling:
             u = torch.rand(S, self.num_experts, device=x2.device).clamp_(min=1e-20, max=1.0 - 1e-7)

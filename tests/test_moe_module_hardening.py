@@ -1,0 +1,439 @@
+"""Hardening of ``mmkernels.MoE`` (issue 11): what the template expert computes is verified, DeepSpeed-layout
+checkpoints load strictly, every constructor argument is checked, and the layer refuses DeepSpeed
+configurations it would compute differently.
+
+Module logic runs on the reference backend on CPU (tiny shapes).  The parity tests against the real
+DeepSpeed run when ``deepspeed`` is importable (``pip install deepspeed==0.19.8``) and skip with that
+reason otherwise; the mirror-based checks (``test_moe.py``, ``benchmarks/test_bench_moe.py``) always run.
+"""
+import copy
+import math
+import re
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mmkernels import MoE, use_backend
+from mmkernels.ops.moe.module import _DS_EXPERT, _DS_GATE
+
+from test_moe import FakeDeepSpeedMoE, PhiMLP, QwenMLP, StableLMMLP, gumbel
+
+H, F_, E = 16, 24, 4
+
+
+class FnMLP(nn.Module):
+    """fc1/fc2 expert whose activation is a plain function called in forward (no module attribute)."""
+
+    def __init__(self, act, h=H, f=F_):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(h, f), nn.Linear(f, h)
+        self.fn = act
+
+    def forward(self, x):
+        return self.fc2(self.fn(self.fc1(x)))
+
+
+def new_gelu(x):  # HF's NewGELUActivation (phi-2's gelu_new), written out
+    return 0.5 * x * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * torch.pow(x, 3.0))))
+
+
+def dense_check(moe, ffn, S=13):
+    """No drops and identical experts: the layer is the dense FFN (the packed form is what ffn computes)."""
+    moe = moe.double().eval()
+    moe.gate_weight.data = moe.gate_weight.data.float()
+    x = torch.randn(S, moe.hidden_size, dtype=torch.float64)
+    with use_backend("reference"):
+        y, _, _ = moe(x)
+    torch.testing.assert_close(y, ffn.double()(x))
+
+
+# ------------------------------------------------------------------------------ item 4: the expert's activation
+
+@pytest.mark.parametrize("act,found", [(torch.relu, "relu"), (F.gelu, "gelu (exact erf)"), (F.silu, "silu"),
+                                       (lambda z: z, "identity")], ids=["relu", "exact_gelu", "silu", "identity"])
+def test_activation_called_in_forward_is_verified(act, found):
+    """Was accepted as GELU-tanh (ReLU output off by 0.09): now a ValueError naming the class and what it is."""
+    with pytest.raises(ValueError, match=rf"FnMLP.*differs from the packed form fc2\(gelu_tanh\(fc1 x\)\).*"
+                                         rf"computes fc2\({re.escape(found)}\(fc1 x\)\)"):
+        MoE(H, FnMLP(act), num_experts=E)
+
+
+@pytest.mark.parametrize("act", [lambda z: F.gelu(z, approximate="tanh"), new_gelu], ids=["F.gelu_tanh", "new_gelu"])
+def test_tanh_gelu_in_forward_is_accepted(act):
+    ffn = FnMLP(act)
+    dense_check(MoE(H, ffn, num_experts=E, k=2, eval_capacity_factor=2.0, min_capacity=0), ffn)
+
+
+def test_activation_attribute_is_not_trusted():
+    """An ``act`` attribute that forward() does not use neither accepts nor rejects the expert."""
+    relu_attr = FnMLP(lambda z: F.gelu(z, approximate="tanh"))
+    relu_attr.act = nn.ReLU()          # unused by forward
+    MoE(H, relu_attr, num_experts=E)
+    gelu_attr = FnMLP(torch.relu)
+    gelu_attr.act = nn.GELU(approximate="tanh")   # unused: forward calls relu
+    with pytest.raises(ValueError, match="relu"):
+        MoE(H, gelu_attr, num_experts=E)
+
+
+def test_swiglu_gate_is_verified_not_assumed():
+    """Qwen-named linears with the other convention (silu on w1): recognised, packed gate-first, and round trips."""
+    class SwappedQwen(QwenMLP):
+        def forward(self, x):
+            return self.c_proj(F.silu(self.w1(x)) * self.w2(x))
+
+    ffn = SwappedQwen(H, F_)
+    moe = MoE(H, ffn, num_experts=E, k=2, eval_capacity_factor=2.0, min_capacity=0)
+    dense_check(moe, ffn)
+    again = MoE(H, SwappedQwen(H, F_), num_experts=E, k=2)
+    again.load_state_dict(moe.deepspeed_state_dict())
+    for name, p in moe.named_parameters():
+        assert torch.equal(p, getattr(again, name)), name
+
+    class ReluGLU(StableLMMLP):
+        def forward(self, x):
+            return self.down_proj(F.relu(self.gate_proj(x)) * self.up_proj(x))
+
+    with pytest.raises(ValueError, match=r"ReluGLU.*computes down_proj\(relu\(gate_proj x\) \* up_proj x\)"):
+        MoE(H, ReluGLU(H, F_), num_experts=E)
+
+
+def test_expert_structure_is_verified():
+    class WithNorm(PhiMLP):
+        def __init__(self):
+            super().__init__(H, F_)
+            self.ln = nn.LayerNorm(H)
+
+        def forward(self, x):
+            return super().forward(self.ln(x))
+
+    with pytest.raises(ValueError, match=r"WithNorm.*ln\.weight.*outside"):
+        MoE(H, WithNorm(), num_experts=E)
+
+    class Residual(PhiMLP):
+        def forward(self, x):
+            return x + super().forward(x)
+
+    with pytest.raises(ValueError, match="Residual.*matches none"):
+        MoE(H, Residual(H, F_), num_experts=E)
+
+    class Broken(PhiMLP):
+        def forward(self, x):
+            raise RuntimeError("boom")
+
+    with pytest.raises(ValueError, match="cannot verify expert Broken.*boom"):
+        MoE(H, Broken(H, F_), num_experts=E)
+
+    class Megatron(PhiMLP):   # (output, bias) like Megatron / DeepSpeed experts: the first element counts
+        def forward(self, x):
+            return super().forward(x), None
+
+    MoE(H, Megatron(H, F_), num_experts=E)
+    with pytest.raises(ValueError, match="hidden_size=20"):
+        MoE(20, PhiMLP(H, F_), num_experts=E)
+    narrow = PhiMLP(H, F_)
+    narrow.fc2 = nn.Linear(F_ - 1, H)
+    with pytest.raises(ValueError, match="do not chain"):
+        MoE(H, narrow, num_experts=E)
+
+
+def test_meta_and_low_precision_experts_are_verified():
+    """The probe does not need the expert's own values: meta and bf16 templates are verified too."""
+    with torch.device("meta"):
+        moe = MoE(H, FnMLP(lambda z: F.gelu(z, approximate="tanh")), num_experts=E, k=2)
+        with pytest.raises(ValueError, match="relu"):
+            MoE(H, FnMLP(torch.relu), num_experts=E)
+    assert moe.w1.device.type == "meta"
+    with pytest.raises(ValueError, match="exact erf"):
+        MoE(H, FnMLP(F.gelu).to(torch.bfloat16), num_experts=E)
+    zeros = PhiMLP(H, F_)
+    torch.nn.init.zeros_(zeros.fc2.weight)   # degenerate weights do not hide the activation either
+    zeros.act = nn.ReLU()
+    with pytest.raises(ValueError, match="relu"):
+        MoE(H, zeros, num_experts=E)
+
+
+def test_from_deepspeed_verifies_the_template():
+    ds = FakeDeepSpeedMoE(H, FnMLP(torch.relu), E, 2, 1.5, 2.0, 0)
+    with pytest.raises(ValueError, match="FnMLP.*relu"):
+        MoE.from_deepspeed(ds)
+
+
+# ------------------------------------------------------------------------------ item 9: strict DeepSpeed loading
+
+def ds_checkpoint(form="phi"):
+    cls = {"phi": PhiMLP, "stablelm": StableLMMLP, "qwen": QwenMLP}[form]
+    src = MoE(H, cls(H, F_), num_experts=E, k=2)
+    with torch.no_grad():
+        for p in src.parameters():
+            p.add_(torch.randn_like(p))
+    return src, cls, src.deepspeed_state_dict()
+
+
+def expert_key(i, name):
+    return f"{_DS_EXPERT}{i}.{name}"
+
+
+def test_unexpected_expert_key_is_reported():
+    src, cls, sd = ds_checkpoint()
+    sd[expert_key(0, "fc3.weight")] = torch.randn(F_, H)
+    sd[expert_key(E, "fc1.weight")] = torch.randn(F_, H)       # an expert the layer does not have
+    dst = MoE(H, cls(H, F_), num_experts=E, k=2)
+    with pytest.raises(RuntimeError, match=r"Unexpected key\(s\).*experts\.0\.fc3\.weight"):
+        dst.load_state_dict(sd)
+    res = dst.load_state_dict(sd, strict=False)
+    assert sorted(res.unexpected_keys) == sorted([expert_key(0, "fc3.weight"), expert_key(E, "fc1.weight")])
+    assert res.missing_keys == []
+    for name, p in src.named_parameters():
+        assert torch.equal(p, getattr(dst, name)), name
+
+
+@pytest.mark.parametrize("drop", ["1.fc1.weight", "2.fc2.bias", "3.fc1.bias"])
+def test_missing_expert_key_is_reported(drop):
+    """Was KeyError: 'weight' / a raw TypeError from torch.stack."""
+    src, cls, sd = ds_checkpoint()
+    del sd[expert_key(*drop.split(".", 1))]
+    dst = MoE(H, cls(H, F_), num_experts=E, k=2)
+    before = {n: p.detach().clone() for n, p in dst.named_parameters()}
+    with pytest.raises(RuntimeError, match=rf"Missing key\(s\).*deepspeed_experts\.{drop.replace('.', '[.]')}"):
+        dst.load_state_dict(sd)
+    dst = MoE(H, cls(H, F_), num_experts=E, k=2)
+    dst.load_state_dict({n: p for n, p in before.items()})
+    res = dst.load_state_dict(sd, strict=False)
+    assert res.missing_keys == [expert_key(*drop.split(".", 1))] and res.unexpected_keys == []
+    # nn.Module semantics: the missing slice keeps its value, everything else is loaded
+    i, name, kind = drop.split(".")
+    packed = {"fc1.weight": "w1", "fc1.bias": "b1", "fc2.weight": "w2", "fc2.bias": "b2"}[f"{name}.{kind}"]
+    for n, p in dst.named_parameters():
+        want = getattr(src, n).detach().clone()
+        if n == packed:
+            want[int(i)] = before[n][int(i)]
+        assert torch.equal(p, want), n
+
+
+def test_wrong_expert_shape_names_the_key():
+    """Was a raw torch.stack error."""
+    _, cls, sd = ds_checkpoint()
+    sd[expert_key(2, "fc1.weight")] = torch.randn(F_ + 1, H)
+    for strict in (True, False):
+        with pytest.raises(RuntimeError, match=r"size mismatch for deepspeed_moe\.experts\.deepspeed_experts\.2\."
+                                               r"fc1\.weight.*\(25, 16\).*\(24, 16\)"):
+            MoE(H, cls(H, F_), num_experts=E, k=2).load_state_dict(sd, strict=strict)
+
+
+def test_gate_key_and_layout_mixups_are_reported():
+    src, cls, sd = ds_checkpoint()
+    del sd[_DS_GATE]
+    with pytest.raises(RuntimeError, match=r"Missing key\(s\).*deepspeed_moe\.gate\.wg\.weight"):
+        MoE(H, cls(H, F_), num_experts=E, k=2).load_state_dict(sd)
+    res = MoE(H, cls(H, F_), num_experts=E, k=2).load_state_dict(sd, strict=False)
+    assert res.missing_keys == [_DS_GATE]
+    _, _, sd = ds_checkpoint()
+    sd["w1"] = src.w1.detach()
+    with pytest.raises(RuntimeError, match="one layout"):
+        MoE(H, cls(H, F_), num_experts=E, k=2).load_state_dict(sd)
+    _, _, sd = ds_checkpoint("stablelm")
+    sd[expert_key(0, "gate_proj.bias")] = torch.randn(F_)    # the SwiGLU form has no biases
+    with pytest.raises(RuntimeError, match=r"Unexpected key\(s\).*experts\.0\.gate_proj\.bias"):
+        MoE(H, StableLMMLP(H, F_), num_experts=E, k=2).load_state_dict(sd)
+
+
+@pytest.mark.parametrize("form", ["phi", "qwen"])
+def test_deepspeed_layout_under_a_prefix_and_assign(form):
+    src, cls, sd = ds_checkpoint(form)
+    parent = nn.Module()
+    parent.mlp = MoE(H, cls(H, F_), num_experts=E, k=2)
+    sd = {f"mlp.{k}": v for k, v in sd.items()}
+    sd["mlp." + expert_key(1, "extra.weight")] = torch.zeros(1)
+    res = parent.load_state_dict(sd, strict=False)
+    assert res.unexpected_keys == ["mlp." + expert_key(1, "extra.weight")] and res.missing_keys == []
+    for name, p in src.named_parameters():
+        assert torch.equal(p, getattr(parent.mlp, name)), name
+    # a layer built on the meta device takes the checkpoint's tensors with assign=True
+    with torch.device("meta"):
+        meta = MoE(H, cls(H, F_), num_experts=E, k=2)
+    meta.load_state_dict(src.deepspeed_state_dict(), assign=True)
+    for name, p in src.named_parameters():
+        assert torch.equal(p, getattr(meta, name)), name
+
+
+# ------------------------------------------------------------------------------ constructor arguments
+
+@pytest.mark.parametrize("kw,exc,match", [
+    (dict(ep_size=0), ValueError, "ep_size must be >= 1"),
+    (dict(ep_size=-1), ValueError, "ep_size must be >= 1"),
+    (dict(ep_size=1.0), TypeError, "ep_size must be an int"),
+    (dict(ep_size=3), ValueError, "divisible by ep_size"),
+    (dict(ep_size=2), NotImplementedError, "ep_size=2"),
+    (dict(num_experts=0), ValueError, "num_experts must be >= 1"),
+    (dict(k=0), ValueError, "k must be >= 1"),
+    (dict(k=True), TypeError, "k must be an int"),
+    (dict(k=5), ValueError, r"k must be in \[1, num_experts=4\]"),
+    (dict(hidden_size=0), ValueError, "hidden_size must be >= 1"),
+    (dict(min_capacity=-1), ValueError, "min_capacity must be >= 0"),
+    (dict(min_capacity=2.0), TypeError, "min_capacity must be an int"),
+    (dict(capacity_factor=float("nan")), ValueError, "capacity_factor must be finite"),
+    (dict(eval_capacity_factor=float("inf")), ValueError, "eval_capacity_factor must be finite"),
+    (dict(eval_capacity_factor=0.0), ValueError, "eval_capacity_factor must be > 0"),
+    (dict(capacity_factor="1.5"), TypeError, "capacity_factor must be a float"),
+    (dict(drop_tokens="False"), TypeError, "drop_tokens must be a bool"),
+    (dict(use_rts=None), TypeError, "use_rts must be a bool"),
+    (dict(use_residual=1), TypeError, "use_residual must be a bool"),
+    (dict(top2_2nd_expert_sampling="yes"), TypeError, "top2_2nd_expert_sampling must be a bool"),
+    (dict(use_tutel=0), TypeError, "use_tutel must be a bool"),
+    (dict(enable_expert_tensor_parallelism=None), TypeError, "enable_expert_tensor_parallelism must be a bool"),
+    (dict(noisy_gate_policy=1), TypeError, "noisy_gate_policy must be None or a str"),
+    (dict(noisy_gate_policy="Gumbel"), ValueError, "noisy_gate_policy must be"),
+    (dict(noisy_gate_policy="Jitter", k=2), NotImplementedError, "noisy_gate_policy='Jitter'"),
+    (dict(noisy_gate_policy="RSample", k=1), NotImplementedError, "noisy_gate_policy='RSample' with k=1"),
+    (dict(drop_policy="position", k=2), ValueError, "drop_policy='position' only applies to k >= 3"),
+    (dict(drop_policy="random", k=3), ValueError, "drop_policy must be None, 'probs' or 'position'"),
+    (dict(drop_policy=1, k=3), TypeError, "drop_policy must be None or a str"),
+], ids=lambda v: str(v) if not isinstance(v, type) else v.__name__)
+def test_constructor_arguments_are_checked(kw, exc, match):
+    kw = {"hidden_size": H, "num_experts": E, **kw}
+    with pytest.raises(exc, match=match):
+        MoE(kw.pop("hidden_size"), PhiMLP(H, F_), **kw)
+
+
+def test_rsample_with_k2_is_what_deepspeed_computes():
+    """DeepSpeed reads noisy_gate_policy only in top1gating: for k = 2 'RSample' changes nothing."""
+    a = MoE(H, PhiMLP(H, F_), num_experts=E, k=2, min_capacity=0, noisy_gate_policy="RSample")
+    b = MoE(H, PhiMLP(H, F_), num_experts=E, k=2, min_capacity=0)
+    b.load_state_dict(a.state_dict())
+    x, noise = torch.randn(20, H), gumbel(20, E)
+    with use_backend("reference"):
+        assert torch.equal(a(x, second_expert_noise=noise)[0], b(x, second_expert_noise=noise)[0])
+
+
+def test_noise_only_for_k2():
+    for k in (1, 3):
+        moe = MoE(H, PhiMLP(H, F_), num_experts=E, k=k, min_capacity=0, drop_tokens=False)
+        with pytest.raises(ValueError, match="second_expert_noise.*k=2"):
+            moe(torch.randn(6, H), second_expert_noise=gumbel(6, E))
+
+
+def test_k1_min_capacity_above_tokens_is_an_error():
+    """DeepSpeed's top1gating asserts S >= min_capacity (with or without drops); this ran before."""
+    for drop_tokens in (True, False):
+        moe = MoE(H, PhiMLP(H, F_), num_experts=E, k=1, min_capacity=8, drop_tokens=drop_tokens)
+        with pytest.raises(ValueError, match="min_capacity=8 tokens, got 5"):
+            moe(torch.randn(5, H))
+        moe(torch.randn(8, H))
+    MoE(H, PhiMLP(H, F_), num_experts=E, k=2, min_capacity=8)(torch.randn(5, H))   # top2gating: no such rule
+
+
+def test_k3_is_dropless_deepspeed_or_the_routing_ops_policy():
+    """k >= 3 with drops runs DeepSpeed topkgating's policy through the routing op (or refuses, naming
+    drop_policy); dropless k = 3 equals topkgating's formulas."""
+    try:
+        moe = MoE(H, PhiMLP(H, F_), num_experts=E, k=3, min_capacity=0)
+    except NotImplementedError as e:
+        assert "drop_policy='probs'" in str(e)
+    else:
+        assert moe.drop_policy is None
+    moe = MoE(H, PhiMLP(H, F_), num_experts=E, k=3, min_capacity=0, drop_tokens=False).double()
+    with torch.no_grad():
+        moe.w1.add_(torch.randn_like(moe.w1) * 0.3)
+    moe.gate_weight.data = moe.gate_weight.data.float()
+    x = torch.randn(17, H, dtype=torch.float64)
+    with use_backend("reference"):
+        y, l_aux, counts = moe(x)
+    # topkgating, drop_tokens=False (DeepSpeed 0.19.8 sharded_moe.py)
+    gates = F.softmax(F.linear(x.float(), moe.gate_weight), dim=1)
+    top_gate, top_idx = torch.topk(gates, k=3, dim=1)
+    mask = torch.zeros_like(gates, dtype=torch.bool).scatter_(1, top_idx, 1)
+    torch.testing.assert_close(l_aux, torch.mean(gates.mean(0) * mask.float().mean(0)) * E * E / 3)
+    assert torch.equal(counts, mask.sum(0))
+    w = gates * mask
+    w = w / w.sum(1, keepdim=True).clamp(min=torch.finfo(torch.float32).eps)
+    want = sum(w[:, e:e + 1].double() * F.linear(F.gelu(F.linear(x, moe.w1[e], moe.b1[e]), approximate="tanh"),
+                                                 moe.w2[e], moe.b2[e]) for e in range(E))
+    torch.testing.assert_close(y, want)
+
+
+# ------------------------------------------------------------------------------ real DeepSpeed (when installed)
+
+def deepspeed_moe_cls():
+    return pytest.importorskip(
+        "deepspeed.moe.layer", reason="DeepSpeed is not installed (pip install deepspeed==0.19.8); the parity "
+        "tests against the in-package mirrors still run").MoE
+
+
+def run_both(ds, ours, x, noise, monkeypatch):
+    from deepspeed.moe import sharded_moe
+
+    monkeypatch.setattr(sharded_moe, "gumbel_rsample", lambda shape, device: noise.clone())
+    xd, xo = x.clone().requires_grad_(), x.clone().requires_grad_()
+    y_ds, l_ds, c_ds = ds(xd)
+    with use_backend("reference"):
+        y, l_aux, counts = ours(xo, second_expert_noise=noise if ours.k == 2 and ours.top2_2nd_expert_sampling
+                                else None)
+    (y_ds.square().sum() + l_ds).backward()
+    (y.square().sum() + l_aux).backward()
+    torch.testing.assert_close(y, y_ds, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(l_aux, l_ds, rtol=1e-6, atol=1e-7)
+    assert torch.equal(counts, c_ds.to(counts))
+    torch.testing.assert_close(xo.grad, xd.grad, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(ours.gate_weight.grad, ds.deepspeed_moe.gate.wg.weight.grad, rtol=1e-4, atol=1e-6)
+    return y
+
+
+@pytest.mark.parametrize("form,k,kw,training", [
+    ("phi", 2, dict(capacity_factor=0.5), True),             # MoE-LLaVA's layer, tokens dropped
+    ("stablelm", 2, dict(eval_capacity_factor=2.0), False),  # eval, dropless by capacity
+    ("qwen", 2, dict(top2_2nd_expert_sampling=False, capacity_factor=0.75), True),
+    ("phi", 1, dict(use_rts=False, capacity_factor=0.5), True),   # top1gating's topk over the 0/1 mask
+    ("phi", 3, dict(capacity_factor=0.5), True),             # topkgating drop_policy='probs'
+    ("phi", 3, dict(drop_tokens=False), True),
+], ids=lambda v: str(v))
+def test_from_real_deepspeed_matches_it(form, k, kw, training, monkeypatch):
+    DeepSpeedMoE = deepspeed_moe_cls()
+    cls = {"phi": PhiMLP, "stablelm": StableLMMLP, "qwen": QwenMLP}[form]
+    torch.manual_seed(0)
+    ds = DeepSpeedMoE(H, cls(H, F_), num_experts=E, k=k, min_capacity=0, **kw).train(training)
+    with torch.no_grad():
+        for p in ds.deepspeed_moe.experts.parameters():
+            p.add_(torch.randn_like(p) * 0.2)
+    try:
+        ours = MoE.from_deepspeed(ds)
+    except NotImplementedError as e:   # allowed only where the option is named
+        assert k >= 3 and "drop_policy" in str(e)
+        return
+    assert ours.training == training and ours.k == k
+    S = 37
+    run_both(ds, ours, torch.randn(S, H), gumbel(S, E), monkeypatch)
+
+
+def test_real_deepspeed_options_are_refused_by_name():
+    DeepSpeedMoE = deepspeed_moe_cls()
+    for kw, name in ((dict(noisy_gate_policy="Jitter"), "Jitter"), (dict(use_residual=True), "use_residual"),
+                     (dict(noisy_gate_policy="RSample", k=1), "RSample")):
+        ds = DeepSpeedMoE(H, PhiMLP(H, F_), num_experts=E, **{"k": 2, **kw})
+        with pytest.raises(NotImplementedError, match=name):
+            MoE.from_deepspeed(ds)
+    ds = DeepSpeedMoE(H, FnMLP(torch.relu), num_experts=E, k=2)
+    with pytest.raises(ValueError, match="relu"):
+        MoE.from_deepspeed(ds)
+
+
+def test_real_deepspeed_k1_min_capacity_both_refuse():
+    DeepSpeedMoE = deepspeed_moe_cls()
+    ds = DeepSpeedMoE(H, PhiMLP(H, F_), num_experts=E, k=1, min_capacity=8)
+    with pytest.raises(AssertionError, match="min_capacity"):
+        ds(torch.randn(5, H))
+    with pytest.raises(ValueError, match="min_capacity"):
+        MoE.from_deepspeed(ds)(torch.randn(5, H))
+
+
+def test_real_deepspeed_checkpoint_loads_strictly():
+    DeepSpeedMoE = deepspeed_moe_cls()
+    ds = DeepSpeedMoE(H, PhiMLP(H, F_), num_experts=E, k=2)
+    sd = copy.copy(ds.state_dict())
+    ours = MoE(H, PhiMLP(H, F_), num_experts=E, k=2)
+    ours.load_state_dict(sd)
+    assert set(ours.deepspeed_state_dict()) == set(sd)
+    del sd[expert_key(3, "fc2.weight")]
+    with pytest.raises(RuntimeError, match=r"deepspeed_experts\.3\.fc2\.weight"):
+        ours.load_state_dict(sd)
