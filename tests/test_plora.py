@@ -248,14 +248,24 @@ def test_non_contiguous_inputs(device):
 
 @pytest.mark.parametrize("device", KERNEL_DEVICES)
 def test_frozen_base_weight_skips_its_gradient(device):
+    """x and W0 frozen (bias frozen, then trainable): the LoRA and bias gradients are *values* that
+    match the float64 reference, not just present (dA depends on dS, which dX alone used to gate)."""
     x, w, b, a, lb = make_inputs((40,), 32, 24, 16, torch.float32, device)
-    a.requires_grad_()
-    lb.requires_grad_()
-    with use_backend("triton"):
-        y = plora_linear(x, w, b, a, lb, make_mask("span", (40,)).to(device))
-    y.sum().backward()
-    assert w.grad is None and b.grad is None and x.grad is None
-    assert a.grad is not None and lb.grad is not None
+    mask = make_mask("span", (40,)).to(device)
+    for bias_trainable in (False, True):
+        leaves = [x, w, b.clone().requires_grad_(bias_trainable), a.clone().requires_grad_(),
+                  lb.clone().requires_grad_()]
+        with use_backend("triton"):
+            y = plora_linear(*leaves, mask, scaling=0.5)
+        gy = torch.randn_like(y)
+        y.backward(gy)
+        assert w.grad is None and x.grad is None
+        assert (leaves[2].grad is not None) == bias_trainable
+        refs = [t.detach().double().requires_grad_() for t in (x, w, b, a, lb)]
+        plora_linear_reference(*refs, mask, scaling=0.5).backward(gy.double())
+        for name, got, ref in zip(("db0", "dA", "dB"), leaves[2:], refs[2:]):
+            if got.requires_grad:
+                assert_close(name, got.grad, ref.grad, torch.float32)
 
 
 BAD_INPUTS = [  # (what to change, exception, words the message must contain)

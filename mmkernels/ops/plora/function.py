@@ -9,6 +9,11 @@ Two ops in the ``mmkernels`` namespace (Triton kernels on CUDA, the Triton inter
 :class:`PLoRAFunction` is the single statement of the gradient; it is registered as the autograd
 formula of ``plora_forward`` so the op differentiates the same way in eager mode and under
 ``torch.compile``, and ``torch.library.opcheck`` passes.
+
+The ops check the structure of what they are given (shapes, dtypes, devices, the mask's layout, the
+seed) without a host sync.  ``tile_flags`` must be ``launch.tile_flags(im_mask)``: its *values* are
+trusted, not re-derived (a zero count where rows are visual would skip their LoRA term);
+:func:`plora_linear` always computes them itself from ``im_mask`` in the same call.
 """
 from __future__ import annotations
 
@@ -18,12 +23,52 @@ from ..._library import define_op
 from ..._validation import (FLOAT_DTYPES, check_float, check_same_device, check_same_dtype, check_shape,
                             check_tensor)
 from ...backend import require_triton, resolve_backend
+from ..._utils import cdiv
 from . import launch
+from .kernels import FLAG_ROWS
 from .reference import plora_linear_reference
+
+
+def _check_op_args(x, weight, bias, lora_a, lora_b, im_mask, tile_flags, dropout_p, dropout_seed):
+    """Structural checks of the raw ops' arguments (no host sync): the kernels index with these
+    shapes and read the mask and the flags as contiguous arrays."""
+    check_tensor("x", x, ndim=2, dtypes=FLOAT_DTYPES)
+    M, K = x.shape
+    check_tensor("weight", weight, ndim=2, dtypes=FLOAT_DTYPES)
+    N = weight.shape[0]
+    check_shape("weight", weight, (N, K), f"in_features K={K}")
+    check_tensor("lora_a", lora_a, ndim=2, dtypes=FLOAT_DTYPES)
+    R = lora_a.shape[0]
+    check_shape("lora_a", lora_a, (R, K), f"in_features K={K}")
+    check_tensor("lora_b", lora_b, ndim=2, dtypes=FLOAT_DTYPES)
+    check_shape("lora_b", lora_b, (N, R), f"out_features N={N}, rank r={R}")
+    if bias is not None:
+        check_tensor("bias", bias, ndim=1, dtypes=FLOAT_DTYPES)
+        check_shape("bias", bias, (N,), f"out_features N={N}")
+    check_tensor("im_mask", im_mask, ndim=1, dtypes=(torch.bool,))
+    check_shape("im_mask", im_mask, (M,), "one flag per row of x")
+    if M and not im_mask.is_contiguous():
+        raise ValueError("im_mask must be contiguous (the kernels read it as a flat array)")
+    check_tensor("tile_flags", tile_flags, ndim=1, dtypes=(torch.int32,))
+    check_shape("tile_flags", tile_flags, (cdiv(M, FLAG_ROWS),), f"launch.tile_flags(im_mask): cdiv(M={M}, "
+                f"{FLAG_ROWS})")
+    if tile_flags.numel() and not tile_flags.is_contiguous():
+        raise ValueError("tile_flags must be contiguous")
+    check_float("dropout_p", dropout_p, low=0.0, high=1.0)
+    if dropout_seed is not None:
+        check_tensor("dropout_seed", dropout_seed, dtypes=(torch.int64,))
+        if dropout_seed.numel() != 1:
+            raise ValueError(f"dropout_seed must hold exactly one int64, got shape {tuple(dropout_seed.shape)}")
+    elif dropout_p > 0:
+        raise ValueError(f"dropout_p={dropout_p} > 0 needs a dropout_seed (an int64 tensor of one element)")
+    check_same_dtype([("x", x), ("weight", weight), ("bias", bias), ("lora_a", lora_a), ("lora_b", lora_b)])
+    check_same_device([("x", x), ("weight", weight), ("bias", bias), ("lora_a", lora_a), ("lora_b", lora_b),
+                       ("im_mask", im_mask), ("tile_flags", tile_flags), ("dropout_seed", dropout_seed)])
 
 
 def _forward_impl(x, weight, bias, lora_a, lora_b, im_mask, tile_flags, scaling, dropout_p, dropout_seed):
     require_triton(x.device, x.dtype)  # the op *is* the Triton path
+    _check_op_args(x, weight, bias, lora_a, lora_b, im_mask, tile_flags, dropout_p, dropout_seed)
     return launch.plora_forward(x, weight, bias, lora_a, lora_b, im_mask, tile_flags, scaling, dropout_p,
                                 dropout_seed)
 
@@ -36,6 +81,13 @@ def _forward_fake(x, weight, bias, lora_a, lora_b, im_mask, tile_flags, scaling,
 def _backward_impl(grad_y, x, weight, lora_a, lora_b, lora_hidden, im_mask, tile_flags, scaling, dropout_p,
                    dropout_seed, output_mask):
     require_triton(x.device, x.dtype)  # the op *is* the Triton path
+    _check_op_args(x, weight, None, lora_a, lora_b, im_mask, tile_flags, dropout_p, dropout_seed)
+    M, N, R = x.shape[0], weight.shape[0], lora_a.shape[0]
+    check_tensor("grad_y", grad_y, ndim=2, dtypes=(x.dtype,))
+    check_shape("grad_y", grad_y, (M, N), "the forward output y [M, N]")
+    check_tensor("lora_hidden", lora_hidden, ndim=2, dtypes=(x.dtype,))
+    check_shape("lora_hidden", lora_hidden, (M, R), "the forward's second output S [M, r]")
+    check_same_device([("x", x), ("grad_y", grad_y), ("lora_hidden", lora_hidden)])
     return launch.plora_backward(grad_y, x, weight, lora_a, lora_b, lora_hidden, im_mask, tile_flags, scaling,
                                  dropout_p, dropout_seed, output_mask)
 
@@ -62,7 +114,7 @@ plora_backward_op = define_op(
     "(Tensor grad_y, Tensor x, Tensor weight, Tensor lora_a, Tensor lora_b, Tensor lora_hidden, "
     "Tensor im_mask, Tensor tile_flags, float scaling, float dropout_p, Tensor? dropout_seed, "
     "bool[5] output_mask) -> (Tensor, Tensor, Tensor, Tensor, Tensor)",
-    _backward_impl, _backward_fake)
+    _backward_impl, _backward_fake, backward_of="plora_linear")
 
 
 class PLoRAFunction(torch.autograd.Function):
@@ -131,7 +183,8 @@ def _validate(x, weight, bias, lora_a, lora_b, im_mask, scaling, dropout_p, trai
     check_shape("lora_b", lora_b, (N, r), f"out_features N={N}, rank r={r}")
     if bias is not None:
         check_shape("bias", bias, (N,), f"out_features N={N}")
-    check_shape("im_mask", im_mask, x.shape[:-1], "x.shape[:-1]")
+    check_shape("im_mask", im_mask, x.shape[:-1],
+                "x.shape[:-1]; a 0-d tensor such as torch.tensor(True) for 1-D x" if x.dim() == 1 else "x.shape[:-1]")
     tensors = [("x", x), ("weight", weight), ("bias", bias), ("lora_a", lora_a), ("lora_b", lora_b)]
     check_same_dtype(tensors)
     check_same_device(tensors + [("im_mask", im_mask)])
@@ -151,6 +204,7 @@ def plora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
 
     Args:
         x: ``[..., K]`` activations (float16, bfloat16, float32; float64 on the reference backend).
+            A 1-D ``x [K]`` is one token (its ``im_mask`` is a 0-d bool tensor); ``K = 0`` gives the bias.
         weight: ``[N, K]`` base weight W0.   bias: ``[N]`` or None.
         lora_a: ``[r, K]`` (``Plora_A.weight``).   lora_b: ``[N, r]`` (``Plora_B.weight``).
         im_mask: bool ``x.shape[:-1]``, True for visual (image) tokens.
@@ -158,7 +212,9 @@ def plora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
 
     Returns ``[..., N]``.  Text rows equal the base linear exactly; with no visual row the gradients of
     ``lora_a``/``lora_b`` are zero tensors.  The Triton backend draws its dropout mask from torch's
-    generator (one seed per call) and redraws it in the backward instead of storing it.
+    generator (one seed per call) and redraws it in the backward instead of storing it: a Philox
+    stream keyed by that seed with one counter per (row, column), so masks never repeat across rows.
+    Tensors on the ``meta`` device only infer the output shape (any backend; no data-dependent op).
 
     Example::
 
@@ -168,11 +224,14 @@ def plora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
         torch.Size([2, 5, 32])
     """
     _validate(x, weight, bias, lora_a, lora_b, im_mask, scaling, dropout_p, training)
+    if x.device.type == "meta":  # shape inference only (e.g. models built under torch.device("meta"))
+        return plora_linear_reference(x, weight, bias, lora_a, lora_b, im_mask, scaling, dropout_p, training)
     backend = resolve_backend(x.device, x.dtype)
     if backend == "reference":
         return plora_linear_reference(x, weight, bias, lora_a, lora_b, im_mask, scaling, dropout_p, training)
     K, N = x.shape[-1], weight.shape[0]
-    x2 = x.reshape(-1, K)
+    M = im_mask.numel()  # rows = prod(x.shape[:-1]); reshape(-1, K) cannot infer it when K = 0
+    x2 = x.reshape(M, K)
     if x2.numel() and x2.stride(-1) != 1:
         x2 = x2.contiguous()
     mask = im_mask.reshape(-1).contiguous()

@@ -12,9 +12,14 @@ work.  Inside a visual tile the per-row mask zeroes the text rows.
 Invariant: rows of ``S`` and ``dS`` are meaningful only for visual rows, so every load of them is
 masked with the per-row mask; no kernel relies on what another kernel wrote to a text row.
 
-Dropout is seeded: ``keep[m, k] = rand(seed, m*K + k) >= p`` (Philox via ``tl.rand``), drawn in
-the forward shrink and redrawn, bit-identically, in the backward.  :func:`_dropout_mask_kernel`
-materialises the same mask for tests.
+Dropout is seeded: ``keep[m, k] = uniform(Philox4x32(key=seed, counter=(k, m_lo, m_hi, 0))) >= p``,
+drawn in the forward shrink and redrawn, bit-identically, in the backward.  The row and the column
+are separate counter words, so no two elements of any ``[M, K]`` matrix share a counter (a flat
+``m*K + k`` counter wraps in 32 bits once ``M*K >= 2**32``, and rows ``m`` and ``m + 2**32/K`` then
+drew the same mask).  :func:`_dropout_mask_kernel` materialises the same mask for tests.
+
+Offsets: every ``index * stride`` product that can reach 2**31 (rows, and columns/K indices of
+inputs that may be transposed or strided views) is formed in int64, and so are pointer steps.
 """
 import triton
 import triton.language as tl
@@ -31,10 +36,20 @@ def _tile_is_visual(flags_ptr, n_flags, pid_m, BLOCK_M: tl.constexpr, FLAG_ROWS:
 
 
 @triton.jit
-def _dropout_keep(seed, rows, cols, K, p):
-    """Keep-mask [BM, BK] for elements (rows, cols) of a [M, K] matrix: Philox uniform >= p."""
-    offsets = rows[:, None] * K + cols[None, :]
-    return tl.rand(seed, offsets) >= p
+def _dropout_keep(seed, rows, cols, p):
+    """Keep-mask [BM, BK] for elements (rows, cols) of a [M, K] matrix: Philox uniform >= p.
+
+    The Philox counter is (col, row low word, row high word, 0) -- 128 bits, so every (row, col)
+    pair has its own counter for any M (rows may be int32 or int64) and K < 2**32.  Plain 32-bit
+    Philox4x32-10 (``tl.philox``, same on every Triton version) with the 64-bit seed as key.
+    """
+    rows64 = rows.to(tl.int64)
+    row_lo = rows64.to(tl.uint32)
+    row_hi = (rows64 >> 32).to(tl.uint32)
+    c0, c1 = tl.broadcast(cols.to(tl.uint32)[None, :], row_lo[:, None])
+    c2, _ = tl.broadcast(row_hi[:, None], c0)
+    r0, _, _, _ = tl.philox(seed, c0, c1, c2, c0 * 0)
+    return tl.uint_to_uniform_float(r0) >= p
 
 
 @triton.jit
@@ -67,12 +82,12 @@ def _plora_shrink_kernel(
         for k0 in range(0, K, BLOCK_K):
             ks = k0 + tl.arange(0, BLOCK_K)
             k_ok = ks < K
-            x = tl.load(x_ptr + rows[:, None].to(tl.int64) * stride_xm + ks[None, :] * stride_xk,
+            x = tl.load(x_ptr + rows[:, None].to(tl.int64) * stride_xm + ks[None, :].to(tl.int64) * stride_xk,
                         mask=(visual & row_ok)[:, None] & k_ok[None, :], other=0.0)
             if HAS_DROPOUT:
-                keep = _dropout_keep(seed, rows, ks, K, dropout_p)
+                keep = _dropout_keep(seed, rows, ks, dropout_p)
                 x = tl.where(keep, x.to(tl.float32) * keep_scale, 0.0).to(x_ptr.dtype.element_ty)
-            a = tl.load(a_ptr + rcols[None, :] * stride_ar + ks[:, None] * stride_ak,
+            a = tl.load(a_ptr + rcols[None, :].to(tl.int64) * stride_ar + ks[:, None].to(tl.int64) * stride_ak,
                         mask=(rcols[None, :] < R) & k_ok[:, None], other=0.0)
             acc = tl.dot(x, a, acc, input_precision=DOT_PRECISION)
     tl.store(s_ptrs, acc.to(s_ptr.dtype.element_ty), mask=out_mask)
@@ -83,7 +98,7 @@ def _plora_fwd_kernel(
     x_ptr, w_ptr, bias_ptr, s_ptr, b_ptr, y_ptr, mask_ptr, flags_ptr,
     M, N, K, R, n_flags,
     stride_xm, stride_xk, stride_wn, stride_wk, stride_sm, stride_sr,
-    stride_bn, stride_br, stride_ym, stride_yn,
+    stride_bn, stride_br, stride_ym, stride_yn, stride_bias,
     scaling,
     HAS_BIAS: tl.constexpr, HAS_LORA: tl.constexpr, EVEN_K: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
@@ -119,7 +134,7 @@ def _plora_fwd_kernel(
                 r_ok = rs < R
                 s = tl.load(s_ptr + rows[:, None].to(tl.int64) * stride_sm + rs[None, :] * stride_sr,
                             mask=(visual & row_ok)[:, None] & r_ok[None, :], other=0.0)
-                b = tl.load(b_ptr + cols[None, :] * stride_bn + rs[:, None] * stride_br,
+                b = tl.load(b_ptr + cols[None, :].to(tl.int64) * stride_bn + rs[:, None].to(tl.int64) * stride_br,
                             mask=col_ok[None, :] & r_ok[:, None], other=0.0)
                 acc = tl.dot(s, b, acc, input_precision=DOT_PRECISION)
             acc = acc * scaling
@@ -129,8 +144,10 @@ def _plora_fwd_kernel(
     rows_w = tl.max_contiguous(tl.multiple_of(rows % M, BLOCK_M), BLOCK_M)
     cols_w = tl.max_contiguous(tl.multiple_of(cols % N, BLOCK_N), BLOCK_N)
     ks = tl.arange(0, BLOCK_K)
-    x_ptrs = x_ptr + rows_w[:, None].to(tl.int64) * stride_xm + ks[None, :] * stride_xk
-    w_ptrs = w_ptr + cols_w[None, :].to(tl.int64) * stride_wn + ks[:, None] * stride_wk
+    x_ptrs = x_ptr + rows_w[:, None].to(tl.int64) * stride_xm + ks[None, :].to(tl.int64) * stride_xk
+    w_ptrs = w_ptr + cols_w[None, :].to(tl.int64) * stride_wn + ks[:, None].to(tl.int64) * stride_wk
+    x_step = tl.cast(stride_xk, tl.int64) * BLOCK_K  # int64: BLOCK_K * stride can pass 2**31
+    w_step = tl.cast(stride_wk, tl.int64) * BLOCK_K
     for k in range(0, tl.cdiv(K, BLOCK_K)):
         if EVEN_K:
             x = tl.load(x_ptrs)
@@ -139,10 +156,10 @@ def _plora_fwd_kernel(
             x = tl.load(x_ptrs, mask=ks[None, :] < K - k * BLOCK_K, other=0.0)
             w = tl.load(w_ptrs, mask=ks[:, None] < K - k * BLOCK_K, other=0.0)
         acc = tl.dot(x, w, acc, input_precision=DOT_PRECISION)
-        x_ptrs += BLOCK_K * stride_xk
-        w_ptrs += BLOCK_K * stride_wk
+        x_ptrs += x_step
+        w_ptrs += w_step
     if HAS_BIAS:
-        bias = tl.load(bias_ptr + cols, mask=col_ok, other=0.0)
+        bias = tl.load(bias_ptr + cols.to(tl.int64) * stride_bias, mask=col_ok, other=0.0)
         acc = acc + bias.to(tl.float32)[None, :]
     y_ptrs = y_ptr + rows[:, None].to(tl.int64) * stride_ym + cols[None, :] * stride_yn
     tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
@@ -173,9 +190,9 @@ def _plora_bwd_ds_kernel(
         for n0 in range(0, N, BLOCK_N):
             ns = n0 + tl.arange(0, BLOCK_N)
             n_ok = ns < N
-            dy = tl.load(dy_ptr + rows[:, None].to(tl.int64) * stride_dym + ns[None, :] * stride_dyn,
+            dy = tl.load(dy_ptr + rows[:, None].to(tl.int64) * stride_dym + ns[None, :].to(tl.int64) * stride_dyn,
                          mask=(visual & row_ok)[:, None] & n_ok[None, :], other=0.0)
-            b = tl.load(b_ptr + ns[:, None] * stride_bn + rcols[None, :] * stride_br,
+            b = tl.load(b_ptr + ns[:, None].to(tl.int64) * stride_bn + rcols[None, :].to(tl.int64) * stride_br,
                         mask=n_ok[:, None] & (rcols[None, :] < R), other=0.0)
             acc = tl.dot(dy, b, acc, input_precision=DOT_PRECISION)
         acc = acc * scaling
@@ -209,7 +226,7 @@ def _plora_bwd_dlora_b_kernel(
             rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
             row_ok = rows < M
             visual = (tl.load(mask_ptr + rows, mask=row_ok, other=0) != 0) & row_ok
-            dy_t = tl.load(dy_ptr + rows[None, :].to(tl.int64) * stride_dym + ns[:, None] * stride_dyn,
+            dy_t = tl.load(dy_ptr + rows[None, :].to(tl.int64) * stride_dym + ns[:, None].to(tl.int64) * stride_dyn,
                            mask=visual[None, :] & n_ok[:, None], other=0.0)
             s = tl.load(s_ptr + rows[:, None].to(tl.int64) * stride_sm + rcols[None, :] * stride_sr,
                         mask=visual[:, None] & r_ok[None, :], other=0.0)
@@ -250,10 +267,10 @@ def _plora_bwd_dlora_a_kernel(
             visual = (tl.load(mask_ptr + rows, mask=row_ok, other=0) != 0) & row_ok
             ds_t = tl.load(ds_ptr + rows[None, :].to(tl.int64) * stride_dsm + rcols[:, None] * stride_dsr,
                            mask=visual[None, :] & r_ok[:, None], other=0.0)
-            x = tl.load(x_ptr + rows[:, None].to(tl.int64) * stride_xm + ks[None, :] * stride_xk,
+            x = tl.load(x_ptr + rows[:, None].to(tl.int64) * stride_xm + ks[None, :].to(tl.int64) * stride_xk,
                         mask=visual[:, None] & k_ok[None, :], other=0.0)
             if HAS_DROPOUT:
-                keep = _dropout_keep(seed, rows, ks, K, dropout_p)
+                keep = _dropout_keep(seed, rows, ks, dropout_p)
                 x = tl.where(keep, x.to(tl.float32) * keep_scale, 0.0).to(x_ptr.dtype.element_ty)
             acc = tl.dot(ds_t, x, acc, input_precision=DOT_PRECISION)
     tl.store(da_ptr + rcols[:, None] * stride_dar + ks[None, :] * stride_dak,
@@ -296,8 +313,10 @@ def _plora_bwd_dx_kernel(
     rows_w = tl.max_contiguous(tl.multiple_of(rows % M, BLOCK_M), BLOCK_M)
     ks_w = tl.max_contiguous(tl.multiple_of(ks % K, BLOCK_K), BLOCK_K)
     ns = tl.arange(0, BLOCK_N)
-    dy_ptrs = dy_ptr + rows_w[:, None].to(tl.int64) * stride_dym + ns[None, :] * stride_dyn
-    w_ptrs = w_ptr + ns[:, None].to(tl.int64) * stride_wn + ks_w[None, :] * stride_wk
+    dy_ptrs = dy_ptr + rows_w[:, None].to(tl.int64) * stride_dym + ns[None, :].to(tl.int64) * stride_dyn
+    w_ptrs = w_ptr + ns[:, None].to(tl.int64) * stride_wn + ks_w[None, :].to(tl.int64) * stride_wk
+    dy_step = tl.cast(stride_dyn, tl.int64) * BLOCK_N  # int64: BLOCK_N * stride can pass 2**31
+    w_step = tl.cast(stride_wn, tl.int64) * BLOCK_N
     for n in range(0, tl.cdiv(N, BLOCK_N)):
         if EVEN_N:
             dy = tl.load(dy_ptrs)
@@ -306,8 +325,8 @@ def _plora_bwd_dx_kernel(
             dy = tl.load(dy_ptrs, mask=ns[None, :] < N - n * BLOCK_N, other=0.0)
             w = tl.load(w_ptrs, mask=ns[:, None] < N - n * BLOCK_N, other=0.0)
         acc = tl.dot(dy, w, acc, input_precision=DOT_PRECISION)
-        dy_ptrs += BLOCK_N * stride_dyn
-        w_ptrs += BLOCK_N * stride_wn
+        dy_ptrs += dy_step
+        w_ptrs += w_step
     if HAS_LORA:
         if _tile_is_visual(flags_ptr, n_flags, pid_m, BLOCK_M, FLAG_ROWS):
             visual = (tl.load(mask_ptr + rows, mask=row_ok, other=0) != 0) & row_ok
@@ -317,12 +336,12 @@ def _plora_bwd_dx_kernel(
                 r_ok = rs < R
                 ds = tl.load(ds_ptr + rows[:, None].to(tl.int64) * stride_dsm + rs[None, :] * stride_dsr,
                              mask=visual[:, None] & r_ok[None, :], other=0.0)
-                a = tl.load(a_ptr + rs[:, None] * stride_ar + ks[None, :] * stride_ak,
+                a = tl.load(a_ptr + rs[:, None].to(tl.int64) * stride_ar + ks[None, :].to(tl.int64) * stride_ak,
                             mask=r_ok[:, None] & k_ok[None, :], other=0.0)
                 lora = tl.dot(ds, a, lora, input_precision=DOT_PRECISION)
             if HAS_DROPOUT:
                 seed = tl.load(seed_ptr)
-                keep = _dropout_keep(seed, rows, ks, K, dropout_p)
+                keep = _dropout_keep(seed, rows, ks, dropout_p)
                 lora = tl.where(keep, lora * keep_scale, 0.0)
             acc += tl.where(visual[:, None], lora, 0.0)
     tl.store(dx_ptr + rows[:, None].to(tl.int64) * stride_dxm + ks[None, :] * stride_dxk,
@@ -355,8 +374,10 @@ def _plora_bwd_dw_kernel(
     ns_w = tl.max_contiguous(tl.multiple_of(ns % N, BLOCK_N), BLOCK_N)
     ks_w = tl.max_contiguous(tl.multiple_of(ks % K, BLOCK_K), BLOCK_K)
     ms = tl.arange(0, BLOCK_M)
-    dy_ptrs = dy_ptr + ms[None, :].to(tl.int64) * stride_dym + ns_w[:, None] * stride_dyn
-    x_ptrs = x_ptr + ms[:, None].to(tl.int64) * stride_xm + ks_w[None, :] * stride_xk
+    dy_ptrs = dy_ptr + ms[None, :].to(tl.int64) * stride_dym + ns_w[:, None].to(tl.int64) * stride_dyn
+    x_ptrs = x_ptr + ms[:, None].to(tl.int64) * stride_xm + ks_w[None, :].to(tl.int64) * stride_xk
+    dy_step = tl.cast(stride_dym, tl.int64) * BLOCK_M  # int64: BLOCK_M * stride can pass 2**31
+    x_step = tl.cast(stride_xm, tl.int64) * BLOCK_M
     for m in range(0, tl.cdiv(M, BLOCK_M)):
         if EVEN_M:
             dy_t = tl.load(dy_ptrs)
@@ -370,8 +391,8 @@ def _plora_bwd_dw_kernel(
             acc = tl.dot(dy_t, x, acc, input_precision=DOT_PRECISION)
         if HAS_DBIAS:
             bias_acc += tl.sum(dy_t.to(tl.float32), axis=1)
-        dy_ptrs += BLOCK_M * stride_dym
-        x_ptrs += BLOCK_M * stride_xm
+        dy_ptrs += dy_step
+        x_ptrs += x_step
     if HAS_DW:
         tl.store(dw_ptr + ns[:, None].to(tl.int64) * stride_dwn + ks[None, :] * stride_dwk,
                  acc.to(dw_ptr.dtype.element_ty), mask=n_ok[:, None] & k_ok[None, :])
@@ -381,15 +402,17 @@ def _plora_bwd_dw_kernel(
 
 
 @triton.jit
-def _dropout_mask_kernel(seed_ptr, keep_ptr, M, K, dropout_p,
+def _dropout_mask_kernel(seed_ptr, keep_ptr, row0, M, K, dropout_p,
                          BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
-    """Materialise the keep-mask the PLoRA kernels draw for a given seed (for tests and debugging).
+    """Materialise rows ``[row0, row0 + M)`` of the keep-mask the PLoRA kernels draw for a given seed
+    (for tests and debugging; ``row0`` may exceed 2**31, so far rows are checked without allocating
+    them).
 
     Grid: (cdiv(M, BLOCK_M), cdiv(K, BLOCK_K)).
     """
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     ks = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
     seed = tl.load(seed_ptr)
-    keep = _dropout_keep(seed, rows, ks, K, dropout_p)
+    keep = _dropout_keep(seed, rows.to(tl.int64) + row0, ks, dropout_p)
     tl.store(keep_ptr + rows[:, None].to(tl.int64) * K + ks[None, :], keep.to(tl.int8),
              mask=(rows[:, None] < M) & (ks[None, :] < K))

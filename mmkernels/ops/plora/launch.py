@@ -13,6 +13,7 @@ import json
 import os
 
 import torch
+import triton
 
 from ..._extension import has_op
 from ..._interpreter import interpreter_enabled
@@ -149,6 +150,7 @@ def plora_forward(x, weight, bias, lora_a, lora_b, im_mask, flags, scaling, drop
             M, N, K, R, flags.numel(),
             x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), s.stride(0), s.stride(1),
             lora_b.stride(0), lora_b.stride(1), y.stride(0), y.stride(1),
+            bias.stride(0) if bias is not None else 0,
             float(scaling),
             HAS_BIAS=bias is not None, HAS_LORA=R > 0, EVEN_K=K % cfg["BLOCK_K"] == 0, FLAG_ROWS=FLAG_ROWS,
             DOT_PRECISION=precision, **cfg)
@@ -246,10 +248,17 @@ def plora_backward(grad_y, x, weight, lora_a, lora_b, lora_hidden, im_mask, flag
     return dx, dw, dbias, da, dlb
 
 
-def dropout_keep_mask(dropout_seed: torch.Tensor, M: int, K: int, dropout_p: float) -> torch.Tensor:
-    """The bool keep-mask ``[M, K]`` that the kernels draw from ``dropout_seed`` (for tests)."""
+def dropout_keep_mask(dropout_seed: torch.Tensor, M: int, K: int, dropout_p: float,
+                      row_offset: int = 0) -> torch.Tensor:
+    """The bool keep-mask that the kernels draw from ``dropout_seed`` for rows
+    ``[row_offset, row_offset + M)`` of an ``[*, K]`` input, as ``[M, K]`` (for tests)."""
+    if not isinstance(row_offset, int) or isinstance(row_offset, bool) or not 0 <= row_offset < 2**62:
+        raise ValueError(f"row_offset must be an int in [0, 2**62), got {row_offset!r}")
     keep = new_output((M, K), dtype=torch.int8, device=dropout_seed.device)
     if M and K:
-        grid = (cdiv(M, 32), cdiv(K, 32))
-        kernels._dropout_mask_kernel[grid](dropout_seed, keep, M, K, float(dropout_p), BLOCK_M=32, BLOCK_K=32)
+        block_m = min(32, triton.next_power_of_2(M))  # ~1024 elements per program, few rows or many
+        block_k = min(1024 // block_m, triton.next_power_of_2(K))
+        grid = (cdiv(M, block_m), cdiv(K, block_k))
+        kernels._dropout_mask_kernel[grid](dropout_seed, keep, row_offset, M, K, float(dropout_p),
+                                           BLOCK_M=block_m, BLOCK_K=block_k)
     return keep.bool()

@@ -6,6 +6,7 @@ import math
 import torch
 from torch import nn
 
+from ..._validation import check_float
 from .function import plora_linear
 
 
@@ -22,15 +23,15 @@ class PLoRALinear(nn.Linear):
     leaves W0 uninitialised; real weights come from checkpoints either way).
 
     ``forward(x, im_mask=None)``: ``x [..., in]``, ``im_mask`` bool ``x.shape[:-1]`` (None = no visual
-    token).
+    token; 0-d for a single token ``x [in]``).  Builds and runs on the ``meta`` device (shape only).
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool = False, lora_r: int = 256,
                  lora_alpha: float = 256, lora_dropout: float = 0.05, device=None, dtype=None):
         if not isinstance(lora_r, int) or isinstance(lora_r, bool) or lora_r < 1:
             raise ValueError(f"lora_r must be a positive int, got {lora_r!r}")
-        if not 0.0 <= float(lora_dropout) <= 1.0:
-            raise ValueError(f"lora_dropout must be in [0, 1], got {lora_dropout!r}")
+        check_float("lora_alpha", lora_alpha)
+        check_float("lora_dropout", lora_dropout, low=0.0, high=1.0)
         super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
         self.lora_r = lora_r
         self.lora_alpha = lora_alpha

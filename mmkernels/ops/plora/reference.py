@@ -11,7 +11,10 @@ With no visual row the original runs the LoRA on ``x[:1]`` and multiplies by 0 s
 same job (the LoRA runs on zero rows, and the gradients of A and B come out as zero tensors, not
 None) without touching row 0, so a non-finite first row cannot leak NaN into the output.
 
-Works for any floating dtype (float64 for gradcheck) and any device.
+Works for any floating dtype (float64 for gradcheck) and any device.  A 1-D ``x [K]`` is one token
+whose ``im_mask`` is 0-d.  On the ``meta`` device (shape inference, no data) the visual rows cannot be
+gathered -- ``x[im_mask]`` needs the mask's values -- so the LoRA term is computed densely and
+selected with ``torch.where``: same shape and dtype, no data-dependent op.
 """
 from __future__ import annotations
 
@@ -29,7 +32,14 @@ def plora_linear_reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Te
     kernel's seeded dropout can be compared exactly; it only matters when ``training`` and
     ``dropout_p > 0``.
     """
+    if x.dim() == 1:  # one token: a 0-d mask selects it or not; gather/scatter need a row dimension
+        keep = dropout_mask.reshape(1, -1) if dropout_mask is not None else None
+        return plora_linear_reference(x.unsqueeze(0), weight, bias, lora_a, lora_b, im_mask.reshape(1), scaling,
+                                      dropout_p, training, keep).squeeze(0)
     res = F.linear(x, weight, bias)
+    if any(t is not None and t.device.type == "meta" for t in (x, weight, bias, lora_a, lora_b, im_mask)):
+        lora = F.linear(F.linear(x, lora_a), lora_b) * scaling
+        return torch.where(im_mask.unsqueeze(-1), res + lora, res)
     part_x = x[im_mask]
     if training and dropout_p > 0:
         if dropout_mask is None:
