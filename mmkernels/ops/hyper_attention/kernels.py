@@ -22,6 +22,10 @@ Tiles that every row of the block sees run without any mask; tiles beyond the bl
 visible key are never visited (a block of rows before the first image does no visual work).
 GQA: query head ``h`` reads K/V head ``h // G``; the repeat is never materialised.
 
+Offsets: sample, row and head indices are widened to int64 before they multiply a stride, since a
+view's strides can make those products pass 2^31 elements (e.g. ``h * stride_qh`` of a head-major
+``q``); only the products with the unit-sized ``stride_*d`` (below ``D * stride_d``) stay int32.
+
 Online softmax in base 2 (``qk_scale = scale * log2(e)``), fp32 statistics and accumulators.  A
 row whose running max is still -inf (no visible key yet) uses 0 as the exponent base, so masked
 entries give exp2(-inf) = 0 and never NaN.
@@ -141,7 +145,7 @@ def _hyper_fwd_kernel(
     pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = pid_bh // H
-    h = pid_bh % H
+    h = (pid_bh % H).to(tl.int64)  # int64: h * (a head-major view's head stride) can pass 2^31
     hk = h // G
     b64 = b.to(tl.int64)
 
@@ -253,7 +257,7 @@ def _hyper_bwd_pre_kernel(
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = pid_bh // H
-    h = pid_bh % H
+    h = (pid_bh % H).to(tl.int64)  # int64: h * (a head-major view's head stride) can pass 2^31
     b64 = b.to(tl.int64)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < Lq
@@ -336,7 +340,7 @@ def _hyper_bwd_dq_kernel(
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = pid_bh // H
-    h = pid_bh % H
+    h = (pid_bh % H).to(tl.int64)  # int64: h * (a head-major view's head stride) can pass 2^31
     hk = h // G
     b64 = b.to(tl.int64)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -433,7 +437,7 @@ def _hyper_bwd_dkv_kernel(
     pid_bh = tl.program_id(1)
     Hkv = H // G
     bn = pid_bh // Hkv      # sample (text) or image (visual)
-    hk = pid_bh % Hkv
+    hk = (pid_bh % Hkv).to(tl.int64)  # int64: h * (a head-major view's head stride) can pass 2^31
     shift = Lk - Lq
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
@@ -580,7 +584,7 @@ def _hyper_decode_split_kernel(
     pid_bk = tl.program_id(1)
     Hkv = H // G
     b = pid_bk // Hkv
-    hk = pid_bk % Hkv
+    hk = (pid_bk % Hkv).to(tl.int64)  # int64: h * (a head-major view's head stride) can pass 2^31
     b64 = b.to(tl.int64)
     img_lo = tl.load(cu_ptr + b)
     img_hi = tl.load(cu_ptr + b + 1)
@@ -646,7 +650,7 @@ def _hyper_decode_merge_kernel(
     i = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = pid_bh // H
-    h = pid_bh % H
+    h = (pid_bh % H).to(tl.int64)  # int64: h * (a head-major view's head stride) can pass 2^31
     b64 = b.to(tl.int64)
     offs_d = tl.arange(0, BLOCK_D)
     img_lo = tl.load(cu_ptr + b)
@@ -682,7 +686,8 @@ def _hyper_decode_merge_kernel(
                           float("-inf")))
         cnt = tl.sum(_visible_counts(pos_ptr, img_lo, img_hi, tl.full((1,), i + Lk - Lq, tl.int32), INCLUSIVE),
                      axis=0)
-        g = tl.load(gate_ptr + b64 * stride_gb + h * stride_gh + i * stride_gm + offs_d * stride_gd).to(tl.float32)
+        g = tl.load(gate_ptr + b64 * stride_gb + h * stride_gh + i.to(tl.int64) * stride_gm
+                    + offs_d * stride_gd).to(tl.float32)
         sg = 1.0 / (1.0 + tl.math.exp(-g))
         if cnt > 0:
             out = o_t + sg * (o_v - o_t)
@@ -713,7 +718,7 @@ def _rope_kernel(
         o1 = x1 cos - SIGN x2 sin,   o2 = x2 cos + SIGN x1 sin,   angle_i = pos * inv_freq[i]
     """
     pid = tl.program_id(0)
-    h = tl.program_id(1)
+    h = tl.program_id(1).to(tl.int64)  # int64: h * (a head-major view's head stride) can pass 2^31
     r = pid * BLOCK_R + tl.arange(0, BLOCK_R)
     r_ok = r < R
     b = (r // L).to(tl.int64)

@@ -64,6 +64,12 @@ def _dot_precision(dtype: torch.dtype) -> str:
     return "tf32" if (dtype == torch.float32 and allow_tf32() and not interpreter_enabled()) else "ieee"
 
 
+def unit_stride(*tensors):
+    """The kernels read the 1-D metadata (``image_positions``, ``cu_images``) and vectors (bias, rstd)
+    as ``ptr + i``: a strided view is made contiguous first (these are tiny; None stays None)."""
+    return tuple(t if t is None or t.is_contiguous() else t.contiguous() for t in tensors)
+
+
 def flat_visual(x: torch.Tensor) -> torch.Tensor:
     """``[N, T, H_kv, D] -> [N*T, H_kv, D]`` (a view whenever N and T are mergeable)."""
     N, T, Hkv, D = x.shape
@@ -84,6 +90,7 @@ def hyper_forward(q, k, v, k_vis, v_vis, image_positions, cu_images, gate, key_p
                   gated: bool, inclusive: bool, scale: float, save_parts: bool):
     """Fused forward.  Returns ``(out, o_text, o_vis, lse)``; ``o_text``/``o_vis`` are the two gated
     partial outputs when ``save_parts`` (else zero-size tensors)."""
+    image_positions, cu_images = unit_stride(image_positions, cu_images)
     B, Lq, H, D = q.shape
     Lk, Hkv = k.shape[1], k.shape[2]
     T = k_vis.shape[1]
@@ -125,6 +132,7 @@ def hyper_backward(grad_out, q, k, v, k_vis, v_vis, image_positions, cu_images, 
                    out, o_t, o_v, lse, gated: bool, inclusive: bool, scale: float):
     """Gradients ``(dq, dk, dv, dk_vis, dv_vis, dgate)``; ``dgate`` has the gate's shape (zero-size
     in joint mode).  Deterministic: every element is written by one program, no atomics."""
+    image_positions, cu_images = unit_stride(image_positions, cu_images)
     B, Lq, H, D = q.shape
     Lk, Hkv = k.shape[1], k.shape[2]
     N, T = k_vis.shape[0], k_vis.shape[1]
@@ -223,6 +231,9 @@ def visual_kv_rope(kv_proj: torch.Tensor, rstd: torch.Tensor | None, bias: torch
                    position_offset: int) -> tuple[torch.Tensor, torch.Tensor]:
     """``kv_proj [N*T, 2*H_kv*D]`` (row stride free, unit channel stride), optional ``rstd [N*T]``
     float32 and ``bias [2*H_kv*D]`` -> ``(k_vis, v_vis)`` ``[N*T, H_kv, D]`` with MI-RoPE on K."""
+    rstd, bias, image_positions = unit_stride(rstd, bias, image_positions)
+    if kv_proj.dim() == 2 and kv_proj.shape[1] > 1 and kv_proj.stride(1) != 1:
+        kv_proj = kv_proj.contiguous()
     M, C = kv_proj.shape
     D = C // (2 * num_kv_heads)
     k_vis = new_output((M, num_kv_heads, D), dtype=kv_proj.dtype, device=kv_proj.device)
@@ -242,7 +253,7 @@ def visual_kv_rope_backward(dk_vis: torch.Tensor, dv_vis: torch.Tensor, image_po
                             inv_freq: torch.Tensor, T: int, position_offset: int) -> torch.Tensor:
     """``dy [N*T, 2*H_kv*D]``, the gradient of ``y = rstd * kv_proj + bias`` (interleaved layout)."""
     M, Hkv, D = dk_vis.shape
-    dk_vis, dv_vis = dk_vis.contiguous(), dv_vis.contiguous()
+    dk_vis, dv_vis, image_positions = dk_vis.contiguous(), dv_vis.contiguous(), image_positions.contiguous()
     dx = new_output((M, 2 * Hkv * D), dtype=dk_vis.dtype, device=dk_vis.device)
     if M and Hkv:
         block_m = 16 if dk_vis.device.type == "cpu" else 32
