@@ -15,6 +15,19 @@ DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 DT_IDS = ["float32", "float16", "bfloat16"]
 
 
+def _backend_devices():
+    """(backend, device) pairs: the reference on CPU, the Triton kernels on every kernel device (the
+    interpreter on CPU, the GPU when there is one)."""
+    pairs = [pytest.param("reference", "cpu", id="reference-cpu")]
+    for d in KERNEL_DEVICES:
+        marks, name = (d.marks, d.values[0]) if hasattr(d, "values") else ((), d)
+        pairs.append(pytest.param("triton", name, marks=marks, id=f"triton-{name}"))
+    return pairs
+
+
+BACKEND_DEVICES = _backend_devices()
+
+
 def layout(Lk, device):
     """3 samples: images at 0 (position 0) and at 9, 10 (consecutive, like video frames); no image;
     images at 5 and at the last position Lk - 1."""
@@ -116,11 +129,12 @@ def test_chunked_prefill_and_decode(device, mode):
     pos, cu = layout(L, device)
     q, k, v, kv, vv = make_inputs(B, L, L, H, Hkv, D, 5, T, torch.float32, device)
     gate = torch.randn(H * D, device=device)
+    g = gate if mode == "gated" else None
     with use_backend("triton"):
-        full = hyper_attention(q, k, v, kv, vv, pos, cu, mode=mode, gate=gate)
+        full = hyper_attention(q, k, v, kv, vv, pos, cu, mode=mode, gate=g)
         for Lq in (19, 3, 1):
             assert launch.use_decode_path(Lq, H // Hkv) == (Lq < 19)
-            part = hyper_attention(q[:, -Lq:], k, v, kv, vv, pos, cu, mode=mode, gate=gate)
+            part = hyper_attention(q[:, -Lq:], k, v, kv, vv, pos, cu, mode=mode, gate=g)
             assert_close(f"rows[-{Lq}:]", part, full[:, -Lq:].double(), torch.float32)
     for Lq in (19, 1):
         run_both((q[:, -Lq:], k, v, kv, vv), gate, pos, cu, torch.float32, mode, "strict")
@@ -133,7 +147,7 @@ def test_rows_before_first_image_are_plain_causal_attention(device, mode):
     B, L, H, Hkv, D, T = 3, 37, 4, 2, 32, 20
     pos, cu = layout(L, device)
     q, k, v, kv, vv = make_inputs(B, L, L, H, Hkv, D, 5, T, torch.bfloat16, device)
-    gate = torch.randn(H * D, dtype=torch.bfloat16, device=device)
+    gate = torch.randn(H * D, dtype=torch.bfloat16, device=device) if mode == "gated" else None
     no_img = torch.zeros(B + 1, dtype=torch.int32, device=device)
     with use_backend("triton"):
         out = hyper_attention(q, k, v, kv, vv, pos, cu, mode=mode, gate=gate)
@@ -299,25 +313,24 @@ def test_visual_kv_matches_reference(device, dtype):
         assert_close(name, a.grad, b.grad, dtype)
 
 
-@pytest.mark.parametrize("backend", ["reference", pytest.param("triton", marks=pytest.mark.skipif(
-    not KERNEL_DEVICES, reason="no Triton device"))])
-def test_visual_kv_layout(backend):
+@pytest.mark.parametrize("backend,device", BACKEND_DEVICES)
+def test_visual_kv_layout(backend, device):
     """Channels are (kv_head, {K, V}, D); at MI-RoPE position 0 K is not rotated; at p the rotation
     is rotate-half by p * inv_freq."""
     N, T, Hkv, D = 2, 3, 2, 16
     C = 2 * Hkv * D
-    x = torch.eye(C)[:T].expand(N, T, C).contiguous()          # image_embeds = identity rows
-    W = torch.arange(C, dtype=torch.float32).diag()              # projection output channel c = c * x[c]
+    x = torch.eye(C, device=device)[:T].expand(N, T, C).contiguous()   # image_embeds = identity rows
+    W = torch.arange(C, dtype=torch.float32, device=device).diag()      # projection output channel c = c * x[c]
     with use_backend(backend):
-        k, v = visual_kv(x, None, W, None, torch.zeros(N, dtype=torch.int64), num_kv_heads=Hkv, rope_theta=1e4,
-                         position_offset=0)
+        k, v = visual_kv(x, None, W, None, torch.zeros(N, dtype=torch.int64, device=device), num_kv_heads=Hkv,
+                         rope_theta=1e4, position_offset=0)
         proj = x @ W.T
         kv = proj.view(N, T, Hkv, 2, D)
         torch.testing.assert_close(k, kv[..., 0, :])
         torch.testing.assert_close(v, kv[..., 1, :])
-        pos = torch.tensor([0, 6])
+        pos = torch.tensor([0, 6], device=device)
         k1, _ = visual_kv(x, None, W, None, pos, num_kv_heads=Hkv, rope_theta=1e4, position_offset=1)
-    inv = 1.0 / (1e4 ** (torch.arange(0, D, 2).float() / D))
+    inv = 1.0 / (1e4 ** (torch.arange(0, D, 2, device=device).float() / D))
     ang = torch.cat([inv, inv]) * 7.0                            # image 1 at 6 + 1
     kk = kv[1, ..., 0, :]
     rot = torch.cat([-kk[..., D // 2:], kk[..., :D // 2]], -1)
@@ -364,22 +377,20 @@ def _module_pair(mode, device):
     return base, ours
 
 
-@pytest.mark.parametrize("backend", ["reference", pytest.param("triton", marks=pytest.mark.skipif(
-    not KERNEL_DEVICES, reason="no Triton device"))])
+@pytest.mark.parametrize("backend,device", BACKEND_DEVICES)
 @pytest.mark.parametrize("mode", ["gated", "joint"])
-def test_module_matches_baseline_with_cache(mode, backend):
+def test_module_matches_baseline_with_cache(mode, backend, device):
     """Prefill with the visual K/V cache, then decode steps reusing it, equal the mPLUG-Owl3-style
     baseline (which recomputes the producer every step) and the full forward's last rows."""
     torch.manual_seed(0)
-    device = "cpu"
     base, ours = _module_pair(mode, device)
     B, L, T, hidden, steps = 2, 14, 6, 64, 2
     x = torch.randn(B, L + steps, hidden, device=device)
     img = torch.randn(3, T, hidden, device=device)
     media = [[2, 7], [4]]
-    pos = torch.tensor([2, 7, 4], dtype=torch.int32)
-    cu = torch.tensor([0, 2, 3], dtype=torch.int32)
-    pid = torch.arange(L + steps)[None].expand(B, -1)
+    pos = torch.tensor([2, 7, 4], dtype=torch.int32, device=device)
+    cu = torch.tensor([0, 2, 3], dtype=torch.int32, device=device)
+    pid = torch.arange(L + steps, device=device)[None].expand(B, -1)
     with torch.no_grad(), use_backend(backend):
         y_full, _ = ours(x, pid, img, pos, cu)
         y_base_full, _ = base(x, pid, img, media)
@@ -396,25 +407,25 @@ def test_module_matches_baseline_with_cache(mode, backend):
         assert cache.seq_len == L + steps and cache.k_vis.shape == (3, T, 2, 16)
 
 
-@pytest.mark.parametrize("backend", ["reference", pytest.param("triton", marks=pytest.mark.skipif(
-    not KERNEL_DEVICES, reason="no Triton device"))])
-def test_module_multi_turn_appends_images(backend):
+@pytest.mark.parametrize("backend,device", BACKEND_DEVICES)
+def test_module_multi_turn_appends_images(backend, device):
     """Turn 1 (prefill + a decode step) then turn 2 with new images, through the cache, equals one
     forward over the whole sequence with all images."""
     torch.manual_seed(0)
-    _, ours = _module_pair("gated", "cpu")
+    _, ours = _module_pair("gated", device)
     B, T, hidden = 2, 5, 64
     L1, L2 = 10, 9
     L = L1 + 1 + L2
-    x = torch.randn(B, L, hidden)
-    pid = torch.arange(L)[None].expand(B, -1)
-    img1, img2 = torch.randn(2, T, hidden), torch.randn(2, T, hidden)
+    x = torch.randn(B, L, hidden, device=device)
+    pid = torch.arange(L, device=device)[None].expand(B, -1)
+    img1, img2 = torch.randn(2, T, hidden, device=device), torch.randn(2, T, hidden, device=device)
+    ints = dict(dtype=torch.int32, device=device)
     # turn 1: sample 0 has an image at 3, sample 1 at 1; turn 2: sample 0 none, sample 1 two (13, 15)
-    pos1, cu1 = torch.tensor([3, 1], dtype=torch.int32), torch.tensor([0, 1, 2], dtype=torch.int32)
-    pos2, cu2 = torch.tensor([13, 15], dtype=torch.int32), torch.tensor([0, 0, 2], dtype=torch.int32)
+    pos1, cu1 = torch.tensor([3, 1], **ints), torch.tensor([0, 1, 2], **ints)
+    pos2, cu2 = torch.tensor([13, 15], **ints), torch.tensor([0, 0, 2], **ints)
     all_img = torch.cat([img1[:1], img1[1:], img2])
-    all_pos = torch.tensor([3, 1, 13, 15], dtype=torch.int32)
-    all_cu = torch.tensor([0, 1, 4], dtype=torch.int32)
+    all_pos = torch.tensor([3, 1, 13, 15], **ints)
+    all_cu = torch.tensor([0, 1, 4], **ints)
     with torch.no_grad(), use_backend(backend):
         y_full, _ = ours(x, pid, all_img, all_pos, all_cu)
         y1, cache = ours(x[:, :L1], pid[:, :L1], img1, pos1, cu1, use_cache=True)
@@ -424,11 +435,12 @@ def test_module_multi_turn_appends_images(backend):
     assert cache.cu_images.tolist() == [0, 1, 4] and cache.image_positions.tolist() == [3, 1, 13, 15]
 
 
-@pytest.mark.skipif(not KERNEL_DEVICES, reason="no Triton device")
-def test_unsupported_head_dim():
+@pytest.mark.parametrize("device", KERNEL_DEVICES)
+def test_unsupported_head_dim(device):
     """D outside 16..256 powers of two: a clear error on the triton backend, the reference path on auto."""
-    q, k, v, kv, vv = make_inputs(1, 4, 4, 2, 1, 24, 1, 3, torch.float32, "cpu")
-    pos, cu = torch.tensor([1], dtype=torch.int32), torch.tensor([0, 1], dtype=torch.int32)
+    q, k, v, kv, vv = make_inputs(1, 4, 4, 2, 1, 24, 1, 3, torch.float32, device)
+    pos = torch.tensor([1], dtype=torch.int32, device=device)
+    cu = torch.tensor([0, 1], dtype=torch.int32, device=device)
     with use_backend("triton"), pytest.raises(ValueError, match="head dims"):
         hyper_attention(q, k, v, kv, vv, pos, cu, mode="joint")
     out = hyper_attention(q, k, v, kv, vv, pos, cu, mode="joint")

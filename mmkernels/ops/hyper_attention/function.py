@@ -67,7 +67,7 @@ hyper_attention_bwd_op = define_op(
     "Tensor cu_images, Tensor? gate, Tensor? key_padding_mask, Tensor out, Tensor o_text, Tensor o_vis, "
     "Tensor lse, bool gated, bool inclusive, float scale) "
     "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)",
-    _backward_impl, _backward_fake)
+    _backward_impl, _backward_fake, backward_of="hyper_attention")
 
 
 class HyperAttentionFunction(torch.autograd.Function):
@@ -147,6 +147,8 @@ def _validate(q, k, v, k_vis, v_vis, image_positions, cu_images, mode, gate, vis
     if visibility not in VISIBILITIES:
         raise ValueError(f"visibility must be one of {VISIBILITIES}, got {visibility!r}")
     B, Lq, H, D = q.shape
+    if D < 1:
+        raise ValueError(f"q must have a positive head dim D, got shape {tuple(q.shape)}")
     if k.shape[0] != B or k.shape[3] != D:
         raise ValueError(f"k must have shape (B={B}, L_k, H_kv, D={D}) to match q, got {tuple(k.shape)}")
     Lk, Hkv = k.shape[1], k.shape[2]
@@ -179,6 +181,9 @@ def _validate(q, k, v, k_vis, v_vis, image_positions, cu_images, mode, gate, vis
             raise ValueError(f"gate must be a [H*D]={H * D} vector or broadcastable to [B, L_q, H, D]="
                              f"{(B, Lq, H, D)}, got shape {tuple(gate.shape)}")
         floats.append(("gate", gate))
+    elif gate is not None:
+        raise ValueError("gate must be None in mode='joint': the joint (v2, 241101) softmax has no gate; "
+                         "pass mode='gated' to mix the two parts with sigmoid(gate)")
     if key_padding_mask is not None:
         check_tensor("key_padding_mask", key_padding_mask, ndim=2, dtypes=(torch.bool,))
         check_shape("key_padding_mask", key_padding_mask, (B, Lk), f"B={B}, L_k={Lk}")
@@ -187,8 +192,14 @@ def _validate(q, k, v, k_vis, v_vis, image_positions, cu_images, mode, gate, vis
                                 ("key_padding_mask", key_padding_mask)])
     if scale is not None:
         check_float("scale", scale, low=0.0)
-    if check_metadata and not torch.compiler.is_compiling():
+    if check_metadata and not torch.compiler.is_compiling() and not _is_meta(q):
         _check_metadata_values(image_positions, cu_images, N, Lk)
+
+
+def _is_meta(t: torch.Tensor) -> bool:
+    """Meta tensors (``torch.device("meta")`` model construction) carry shapes only: the public
+    functions then run the registered op, whose meta kernel is the fake (shape-inference) one."""
+    return t.device.type == "meta"
 
 
 def _needs_grad(*tensors) -> bool:
@@ -212,8 +223,9 @@ def hyper_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_vis: to
             (strictly increasing within a sample, in ``[0, L_k)``).
         cu_images: int32 ``[B+1]``: sample b's images are ``cu_images[b]:cu_images[b+1]`` (may be empty).
         mode: ``"gated"`` (v1: 240728/1B/2B) or ``"joint"`` (v2: 241101).
-        gate: gated mode only: a ``[H*D]`` vector (the checkpoints' ``gate``) or any tensor broadcastable to
-            ``[B, L_q, H, D]`` (e.g. a per-token ``W_gate h``); ``sigmoid(gate)`` weighs the visual part.
+        gate: gated mode only (required there, and must be None in joint mode): a ``[H*D]`` vector (the
+            checkpoints' ``gate``) or any tensor broadcastable to ``[B, L_q, H, D]`` (e.g. a per-token
+            ``W_gate h``); ``sigmoid(gate)`` weighs the visual part.
         visibility: ``"strict"`` (row t sees image j iff ``p_j < t``) or ``"inclusive"`` (``p_j <= t``).
         key_padding_mask: bool ``[B, L_k]``, True = keep (text keys only).
         scale: softmax scale, default ``D ** -0.5``.
@@ -222,7 +234,11 @@ def hyper_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_vis: to
             (e.g. decode steps reusing a layout checked at prefill); shapes and dtypes are always checked.
 
     Returns ``[B, L_q, H, D]``.  Rows that see no image get plain causal attention (bit-identical in
-    gated mode); a row with no visible key at all gets 0.
+    gated mode); a row with no visible key at all gets 0.  Every floating input takes part in the
+    autograd graph (an input that cannot influence the output, e.g. ``k_vis`` of a batch without images,
+    gets a zero gradient on both backends).  Meta tensors give the output's shape (shape inference).
+    Differentiating twice is supported on the reference backend only; the triton backward raises
+    :class:`mmkernels._library.DoubleBackwardError` (a RuntimeError) when differentiated.
 
     Example::
 
@@ -236,6 +252,11 @@ def hyper_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_vis: to
               check_metadata)
     D = q.shape[-1]
     scale = D ** -0.5 if scale is None else float(scale)
+    gated = mode == "gated"
+    if _is_meta(q):  # shapes only: the op's fake kernel, whatever the backend
+        save = gated and _needs_grad(q, k, v, k_vis, v_vis, gate)
+        return hyper_attention_fwd_op(q, k, v, k_vis, v_vis, image_positions, cu_images, gate, key_padding_mask,
+                                      gated, visibility == "inclusive", scale, save)[0]
     backend = resolve_backend(q.device, q.dtype)
     if backend == "triton" and D not in TRITON_HEAD_DIMS:
         if get_backend() == "triton":
@@ -244,13 +265,11 @@ def hyper_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_vis: to
         backend = "reference"  # auto: other head dims take the reference path
     if backend == "reference":
         return hyper_attention_reference(q, k, v, k_vis, v_vis, image_positions, cu_images, mode=mode,
-                                         gate=gate if mode == "gated" else None, visibility=visibility,
-                                         key_padding_mask=key_padding_mask, scale=scale)
-    gated = mode == "gated"
-    g = gate if gated else None
-    save = gated and _needs_grad(q, k, v, k_vis, v_vis, g)
-    out, _, _, _ = hyper_attention_fwd_op(q, k, v, k_vis, v_vis, image_positions, cu_images, g, key_padding_mask,
-                                          gated, visibility == "inclusive", scale, save)
+                                         gate=gate, visibility=visibility, key_padding_mask=key_padding_mask,
+                                         scale=scale)
+    save = gated and _needs_grad(q, k, v, k_vis, v_vis, gate)
+    out, _, _, _ = hyper_attention_fwd_op(q, k, v, k_vis, v_vis, image_positions, cu_images, gate,
+                                          key_padding_mask, gated, visibility == "inclusive", scale, save)
     return out
 
 
@@ -287,6 +306,28 @@ visual_kv_rope_bwd_op = define_op(
     "visual_kv_rope_bwd",
     "(Tensor dk_vis, Tensor dv_vis, Tensor image_positions, Tensor inv_freq, int T, int position_offset) -> Tensor",
     _rope_bwd_impl, _rope_bwd_fake)
+
+
+def _rope_bwd_setup_context(ctx, inputs, output):
+    dk_vis, _, image_positions, inv_freq, T, position_offset = inputs
+    ctx.save_for_backward(image_positions, inv_freq)
+    ctx.T, ctx.position_offset, ctx.num_kv_heads = T, position_offset, dk_vis.shape[1]
+
+
+def _rope_bwd_backward(ctx, grad_dy):
+    """The backward op is linear: ``dy = [R^-1 dk_vis ; dv_vis]`` (interleaved per head, ``R`` the
+    MI-RoPE rotation), so its derivative maps ``grad_dy`` back by the forward rotation: the forward
+    op itself, without norm scale or bias.  This makes ``visual_kv`` twice differentiable."""
+    image_positions, inv_freq = ctx.saved_tensors
+    if grad_dy is None:
+        return None, None, None, None, None, None
+    ddk, ddv = visual_kv_rope_op(grad_dy.contiguous(), None, None, image_positions, inv_freq, ctx.T,
+                                 ctx.num_kv_heads, ctx.position_offset)
+    return ddk, ddv, None, None, None, None
+
+
+torch.library.register_autograd("mmkernels::visual_kv_rope_bwd", _rope_bwd_backward,
+                                setup_context=_rope_bwd_setup_context)
 
 
 def _rope_setup_context(ctx, inputs, output):
@@ -375,7 +416,8 @@ def visual_kv(image_embeds: torch.Tensor, norm_weight: torch.Tensor | None, v_kv
               ("v_kv_bias", v_kv_bias)]
     check_same_dtype(floats)
     check_same_device(floats + [("image_positions", image_positions)])
-    backend = resolve_backend(image_embeds.device, image_embeds.dtype)
+    meta = _is_meta(image_embeds)  # shapes only: the Triton path's ops run their fake kernels
+    backend = "triton" if meta else resolve_backend(image_embeds.device, image_embeds.dtype)
     if backend == "reference" or D not in TRITON_HEAD_DIMS:
         from .reference import visual_kv_reference
         return visual_kv_reference(image_embeds, norm_weight, v_kv_weight, v_kv_bias, image_positions,
@@ -387,7 +429,9 @@ def visual_kv(image_embeds: torch.Tensor, norm_weight: torch.Tensor | None, v_kv
     weight = v_kv_weight
     if norm_weight is not None:
         # RMSNorm(x) @ W.T = rstd * (x @ (W * w).T): one fp32 reduction here, the scale in the kernel
-        rstd = torch.rsqrt(torch.linalg.vector_norm(x, dim=-1, dtype=torch.float32).square() / Dm + eps)
+        # (Dm = 0: the projection is 0 whatever rstd is, and rstd = rsqrt(0 / 0) would be NaN)
+        if Dm > 0:
+            rstd = torch.rsqrt(torch.linalg.vector_norm(x, dim=-1, dtype=torch.float32).square() / Dm + eps)
         weight = v_kv_weight * norm_weight
     y = torch.nn.functional.linear(x, weight)
     inv_freq = rope_inv_freq(D, float(rope_theta), image_embeds.device)
@@ -432,6 +476,7 @@ def text_rope(x: torch.Tensor, position_ids: torch.Tensor, theta: float) -> torc
     from .reference import apply_rope, rope_inv_freq
 
     D = x.shape[-1]
-    if resolve_backend(x.device, x.dtype) == "reference" or D not in TRITON_HEAD_DIMS:
+    backend = "triton" if _is_meta(x) else resolve_backend(x.device, x.dtype)
+    if backend == "reference" or D not in TRITON_HEAD_DIMS:
         return apply_rope(x, position_ids[..., None], theta)
     return rope_op(x, position_ids, rope_inv_freq(D, float(theta), x.device), False)

@@ -6,8 +6,15 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ..._validation import check_float, check_tensor
 from .function import hyper_attention, text_rope, visual_kv
 from .reference import MODES, VISIBILITIES
+
+
+def _check_positive_int(name: str, value) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+    return value
 
 
 @dataclass
@@ -73,12 +80,15 @@ class HyperAttention(nn.Module):
     * ``hidden_states [B, L, hidden]`` and ``image_embeds [N, T, hidden]`` are already normalised by
       the decoder layer's ``input_layernorm`` (or pass its weight as ``norm_weight`` to normalise the
       images here);
-    * ``position_ids [B, L]`` text RoPE positions; ``image_positions [N]`` the sequence index of each
-      ``<|image|>`` token, ``cu_images [B+1]`` the per-sample image offsets;
-    * ``past_key_value``: a :class:`HyperAttentionCache` from an earlier call (its visual K/V are
-      reused, the producer is not run again); with ``image_embeds`` as well (a new turn with new
-      images), only the new images go through the producer and are appended per sample
-      (``image_positions``/``cu_images`` then describe the new images only);
+    * ``position_ids [B, L]`` (or ``[1, L]``, ``[L]``: shared by the batch) text RoPE positions, any
+      integer dtype; ``image_positions [N]`` the sequence index of each ``<|image|>`` token,
+      ``cu_images [B+1]`` the per-sample image offsets (both only together with ``image_embeds``);
+    * ``past_key_value``: a :class:`HyperAttentionCache` from an earlier call of this layer on the same
+      batch (its visual K/V are reused, the producer is not run again); with ``image_embeds`` as well
+      (a new turn with new images), only the new images go through the producer and are appended per
+      sample (``image_positions``/``cu_images`` then describe the new images only).  The cache's
+      shapes, dtype and device are checked; its image layout was checked when it was built, so decode
+      steps skip the host-synchronising value checks;
     * ``key_padding_mask``: bool ``[B, L_past + L]`` (True = keep) for the text keys.
 
     Returns ``(output [B, L, hidden], cache or None)``.
@@ -93,9 +103,23 @@ class HyperAttention(nn.Module):
         visibility = visibility or ("strict" if mode == "gated" else "inclusive")
         if visibility not in VISIBILITIES:
             raise ValueError(f"visibility must be one of {VISIBILITIES}, got {visibility!r}")
+        for name, value in (("hidden_size", hidden_size), ("num_heads", num_heads), ("num_kv_heads", num_kv_heads)):
+            _check_positive_int(name, value)
         if num_heads % num_kv_heads != 0:
             raise ValueError(f"num_heads={num_heads} must be a multiple of num_kv_heads={num_kv_heads}")
-        D = head_dim or hidden_size // num_heads
+        if head_dim is None:
+            if hidden_size % num_heads != 0:
+                raise ValueError(f"hidden_size={hidden_size} must be a multiple of num_heads={num_heads} when "
+                                 "head_dim is not given")
+            D = hidden_size // num_heads
+        else:
+            D = _check_positive_int("head_dim", head_dim)
+        if D % 2 != 0:
+            raise ValueError(f"the head dim must be even (RoPE rotates channel i with channel i + D/2), got "
+                             f"head_dim={D}" + ("" if head_dim is not None else
+                                                f" (hidden_size={hidden_size} / num_heads={num_heads})"))
+        check_float("rope_theta", rope_theta, low=1.0)
+        check_float("eps", eps, low=0.0)
         self.hidden_size, self.num_heads, self.head_dim = hidden_size, num_heads, D
         self.num_key_value_heads = num_kv_heads
         self.rope_theta, self.mode, self.visibility, self.eps = float(rope_theta), mode, visibility, eps
@@ -120,18 +144,75 @@ class HyperAttention(nn.Module):
                          num_kv_heads=self.num_key_value_heads, rope_theta=self.rope_theta,
                          position_offset=self.position_offset, eps=self.eps)
 
+    @staticmethod
+    def _position_ids(position_ids, B: int, L: int, device) -> torch.Tensor:
+        """``position_ids`` as ``[B, L]``: ``[L]`` and ``[1, L]`` are shared by every sample."""
+        check_tensor("position_ids", position_ids)
+        if position_ids.is_floating_point() or position_ids.is_complex() or position_ids.dtype == torch.bool:
+            raise TypeError(f"position_ids must be an integer tensor, got {position_ids.dtype}")
+        if position_ids.device != device:
+            raise ValueError(f"position_ids is on {position_ids.device} but hidden_states is on {device}")
+        shape = tuple(position_ids.shape)
+        if shape == (L,):
+            return position_ids[None].expand(B, L)
+        if shape == (1, L):
+            return position_ids.expand(B, L)
+        if shape != (B, L):
+            raise ValueError(f"position_ids must have shape (B={B}, L={L}), (1, L) or (L,) to match hidden_states, "
+                             f"got {shape}")
+        return position_ids
+
+    def _check_cache(self, cache, B: int, hidden_states: torch.Tensor) -> None:
+        """A cache from this layer for this batch: its text K/V and visual K/V shapes, dtype and device."""
+        if not isinstance(cache, HyperAttentionCache):
+            raise TypeError(f"past_key_value must be a HyperAttentionCache (returned with use_cache=True), "
+                            f"got {type(cache).__name__}")
+        Hkv, D = self.num_key_value_heads, self.head_dim
+        for name in ("k", "v", "k_vis", "v_vis"):
+            t = getattr(cache, name)
+            check_tensor(f"past_key_value.{name}", t, ndim=4)
+            if name in ("k", "v") and (t.shape[0] != B or tuple(t.shape[2:]) != (Hkv, D)):
+                raise ValueError(f"past_key_value.{name} must have shape (B={B}, L_past, H_kv={Hkv}, D={D}) (a cache "
+                                 f"of this layer for this batch), got {tuple(t.shape)}")
+            if name in ("k_vis", "v_vis") and tuple(t.shape[2:]) != (Hkv, D):
+                raise ValueError(f"past_key_value.{name} must have shape (N, T, H_kv={Hkv}, D={D}), "
+                                 f"got {tuple(t.shape)}")
+            if t.device != hidden_states.device:
+                raise ValueError(f"past_key_value.{name} is on {t.device} but hidden_states is on "
+                                 f"{hidden_states.device}")
+        if cache.v.shape != cache.k.shape or cache.v_vis.shape != cache.k_vis.shape:
+            raise ValueError(f"past_key_value: v {tuple(cache.v.shape)} / v_vis {tuple(cache.v_vis.shape)} must have "
+                             f"the shapes of k {tuple(cache.k.shape)} / k_vis {tuple(cache.k_vis.shape)}")
+        check_tensor("past_key_value.cu_images", cache.cu_images, ndim=1)
+        check_tensor("past_key_value.image_positions", cache.image_positions, ndim=1)
+        if cache.cu_images.shape[0] != B + 1 or cache.image_positions.shape[0] != cache.k_vis.shape[0]:
+            raise ValueError(f"past_key_value's image layout must have cu_images of shape ({B + 1},) and one "
+                             f"image_positions entry per cached image ({cache.k_vis.shape[0]}), got "
+                             f"{tuple(cache.cu_images.shape)} and {tuple(cache.image_positions.shape)}")
+
     def forward(self, hidden_states: torch.Tensor, position_ids: torch.Tensor, image_embeds: torch.Tensor | None = None,
                 image_positions: torch.Tensor | None = None, cu_images: torch.Tensor | None = None,
                 past_key_value: HyperAttentionCache | None = None, use_cache: bool = False,
                 key_padding_mask: torch.Tensor | None = None, norm_weight: torch.Tensor | None = None):
-        B, L, _ = hidden_states.shape
+        check_tensor("hidden_states", hidden_states, ndim=3)
+        B, L, hidden = hidden_states.shape
         H, Hkv, D = self.num_heads, self.num_key_value_heads, self.head_dim
-        if position_ids.dim() == 1:
-            position_ids = position_ids[None].expand(B, L)
+        if hidden != self.hidden_size:
+            raise ValueError(f"hidden_states must have shape (B, L, hidden_size={self.hidden_size}), "
+                             f"got {tuple(hidden_states.shape)}")
+        position_ids = self._position_ids(position_ids, B, L, hidden_states.device)
+        if past_key_value is not None:
+            self._check_cache(past_key_value, B, hidden_states)
+        if image_embeds is None and (image_positions is not None or cu_images is not None):
+            raise ValueError("image_positions and cu_images describe image_embeds: pass image_embeds with them "
+                             "(a cached layout is reused from past_key_value)")
         q = text_rope(self.q_proj(hidden_states).view(B, L, H, D), position_ids, self.rope_theta)
         k = text_rope(self.k_proj(hidden_states).view(B, L, Hkv, D), position_ids, self.rope_theta)
         v = self.v_proj(hidden_states).view(B, L, Hkv, D)
         if past_key_value is not None:
+            if past_key_value.k.dtype != k.dtype or past_key_value.k_vis.dtype != k.dtype:
+                raise TypeError(f"past_key_value holds {past_key_value.k.dtype} text / {past_key_value.k_vis.dtype} "
+                                f"visual K/V but this step computes {k.dtype}")
             k = torch.cat([past_key_value.k, k], 1)
             v = torch.cat([past_key_value.v, v], 1)
             if image_embeds is not None:  # a new turn brings new images: append them per sample

@@ -98,9 +98,10 @@ def _masked_attention(q, k, v, mask, scale):
 
     ``q [H, Lq, D]``, ``k, v [H, Lk, D]``, ``mask [Lq, Lk]``.  Returns ``(o [H, Lq, D], lse [H, Lq])``.
     """
-    if k.shape[-2] == 0:  # no key at all (a sample without images)
-        return q.new_zeros(q.shape[:-1] + (v.shape[-1],)), q.new_full(q.shape[:-1], float("-inf"))
     s = torch.matmul(q, k.transpose(-1, -2)) * scale
+    if k.shape[-2] == 0:  # no key at all (a sample without images): o = 0, lse = -inf.  Built from the
+        # empty scores so q, k and v stay in the autograd graph with zero gradients, as on the kernels.
+        return torch.matmul(s, v), s.sum(-1) + float("-inf")
     s = s.masked_fill(~mask, float("-inf"))
     m = s.amax(-1, keepdim=True)
     m = torch.where(torch.isfinite(m), m, torch.zeros_like(m)).detach()
@@ -169,7 +170,13 @@ def hyper_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
             o = torch.where((counts > 0)[None, :, None], mixed, o_t)
             lses.append(torch.stack([lse_t, lse_v]))
         outs.append(o.transpose(0, 1))
-    out = torch.stack(outs).to(q.dtype) if B else q.new_empty(q.shape)
+    if B:
+        out = torch.stack(outs).to(q.dtype)
+    else:  # an empty batch: still a function of every input (zero gradients), like the kernels
+        out = q.new_zeros(q.shape)
+        for x in (q, k, v, k_vis, v_vis, gate):
+            if x is not None and x.requires_grad:
+                out = out + x.reshape(-1)[:0].sum().to(q.dtype)
     if return_lse:
         S = 1 if mode == "joint" else 2
         lse = torch.stack(lses, 1) if B else q.new_empty((S, 0, H, Lq), dtype=torch.float32)
