@@ -2,8 +2,10 @@
 
 Sections:
 
-1. Verification: ``hyper_attention`` under ``use_backend("triton")`` (on CPU: Triton's interpreter,
-   which :mod:`benchmarks.run` switches on before importing mmkernels), forward + every gradient
+1. Verification (:func:`mmkernels.verify.verify_hyper_attention`, the same table as
+   ``python -m mmkernels verify --op hyper_attention``): ``hyper_attention`` under
+   ``use_backend("triton")`` (on CPU: Triton's interpreter, which :mod:`benchmarks.run` switches on
+   before importing mmkernels), forward + every gradient
    (q, k, v, k_vis, v_vis, gate) in both modes, plus a decode step (split-K path) and the
    ``visual_kv`` producer, against the reference run in float64 on the same inputs.  Any FAIL makes
    ``make bench`` exit non-zero.
@@ -25,7 +27,6 @@ Sections:
 from __future__ import annotations
 
 import argparse
-import zlib
 from typing import Any
 
 import torch
@@ -99,111 +100,18 @@ def _make_modules(model: dict, mode: str, device, dtype, seed: int):
 
 # --------------------------------------------------------------------------- verification
 
-VERIFY_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-
-
-def verification_cases(device: torch.device, quick: bool) -> list[dict]:
-    """Tiny under the interpreter, moderate on CUDA (odd sizes exercise the tails)."""
-    if device.type == "cuda":
-        return [dict(B=2, L=333, H=8, Hkv=2, D=128, T=97, positions=[[0, 40, 41], [100]])]
-    return [dict(B=2, L=29, H=4, Hkv=2, D=32, T=11, positions=[[0, 8, 9], [28]])]
-
-
-def _rows_for(prefix: str, names, got, want, dtype, shape: str, mode: str):
-    from mmkernels.testing import TOLERANCES, compare
-
-    rows = []
-    for name, actual, expected in zip(names, got, want):
-        if actual is None:
-            ok, mx, rms, tol = False, float("inf"), float("inf"), TOLERANCES[dtype]
-        else:
-            c = compare(name, actual, expected, dtype)
-            ok, mx, rms, tol = c.ok, c.max_err, c.rms_err, c.tolerance
-        rows.append(dict(shape=shape, dtype=str(dtype).replace("torch.", ""), mode=mode, tensor=f"{prefix}{name}",
-                         max_err=mx, rms_err=rms, tol_max=tol.max_err, tol_rms=tol.rms_err,
-                         result="PASS" if ok else "FAIL"))
-    return rows
-
-
-def verify_one(case: dict, dtype: torch.dtype, mode: str, device) -> list[dict]:
-    import mmkernels
-
-    B, L, Hq, Hkv, D, T = case["B"], case["L"], case["H"], case["Hkv"], case["D"], case["T"]
-    flat = [p for ps in case["positions"] for p in ps]
-    N = len(flat)
-    pos = torch.tensor(flat, dtype=torch.int32, device=device)
-    cu = torch.tensor([0] + list(torch.tensor([len(p) for p in case["positions"]]).cumsum(0).tolist()),
-                      dtype=torch.int32, device=device)
-    g = torch.Generator().manual_seed(zlib.crc32(f"{case},{dtype},{mode}".encode()))
-
-    def rnd(*shape):
-        return torch.randn(*shape, generator=g, dtype=torch.float64).to(device=device, dtype=dtype)
-
-    q, k, v = rnd(B, L, Hq, D), rnd(B, L, Hkv, D), rnd(B, L, Hkv, D)
-    kv, vv = rnd(N, T, Hkv, D), rnd(N, T, Hkv, D)
-    gate = rnd(Hq * D)
-    dout = rnd(B, L, Hq, D)
-    shape = f"B{B} L{L} H{Hq}/{Hkv} D{D} T{T} N{N}"
-    names = ["out", "dq", "dk", "dv", "dk_vis", "dv_vis"] + (["dgate"] if mode == "gated" else [])
-    inputs = [q, k, v, kv, vv] + ([gate] if mode == "gated" else [])
-    leaves = [t.detach().clone().requires_grad_(True) for t in inputs]
-    with mmkernels.use_backend("triton"):
-        out = mmkernels.hyper_attention(*leaves[:5], pos, cu, mode=mode,
-                                        gate=leaves[5] if mode == "gated" else None)
-        out.backward(dout)
-        dec = mmkernels.hyper_attention(q[:, -1:], k, v, kv, vv, pos, cu, mode=mode, gate=gate)
-    refs = [t.detach().to(torch.float64).requires_grad_(True) for t in inputs]
-    ref = mmkernels.hyper_attention_reference(*refs[:5], pos, cu, mode=mode,
-                                              gate=refs[5] if mode == "gated" else None)
-    ref.backward(dout.to(torch.float64))
-    rows = _rows_for("", names, [out] + [t.grad for t in leaves], [ref] + [t.grad for t in refs], dtype, shape, mode)
-    rows += _rows_for("decode ", ["out"], [dec], [ref[:, -1:]], dtype, shape, mode)
-    return rows
-
-
-def verify_producer(dtype: torch.dtype, device) -> list[dict]:
-    import mmkernels
-
-    N, T, Dm, Hkv, D = 3, 11, 48, 2, 32
-    g = torch.Generator().manual_seed(zlib.crc32(f"producer,{dtype}".encode()))
-
-    def rnd(*shape, scale=1.0):
-        return (torch.randn(*shape, generator=g, dtype=torch.float64) * scale).to(device=device, dtype=dtype)
-
-    x, w = rnd(N, T, Dm), rnd(Dm, scale=0.2) + 1
-    W, b = rnd(2 * Hkv * D, Dm, scale=Dm ** -0.5), rnd(2 * Hkv * D)
-    pos = torch.tensor([0, 7, 300], device=device)
-    with mmkernels.use_backend("triton"):
-        k, v = mmkernels.visual_kv(x, w, W, b, pos, num_kv_heads=Hkv, rope_theta=1e6, position_offset=1)
-    rk, rv = mmkernels.visual_kv_reference(x.double(), w.double(), W.double(), b.double(), pos, num_kv_heads=Hkv,
-                                           rope_theta=1e6, position_offset=1)
-    return _rows_for("visual_kv ", ["k_vis", "v_vis"], [k, v], [rk, rv], dtype, f"N{N} T{T} Dm{Dm}", "-")
-
-
 def run_verification(device: torch.device, quick: bool) -> tuple[list[dict], bool]:
-    rows: list[dict] = []
-    for case in verification_cases(device, quick):
-        for dtype in VERIFY_DTYPES if not quick else (torch.bfloat16,):
-            for mode in MODES:
-                try:
-                    rows.extend(verify_one(case, dtype, mode, device))
-                except Exception as e:  # a crash is a failure, not an abort of the whole run
-                    rows.append(dict(shape=str(case), dtype=str(dtype).replace("torch.", ""), mode=mode,
-                                     tensor="(all)", max_err=None, rms_err=None, tol_max=None, tol_rms=None,
-                                     result=f"FAIL ({type(e).__name__}: {str(e)[:120]})"))
-    for dtype in VERIFY_DTYPES:
-        try:
-            rows.extend(verify_producer(dtype, device))
-        except Exception as e:
-            rows.append(dict(shape="producer", dtype=str(dtype).replace("torch.", ""), mode="-", tensor="(all)",
-                             max_err=None, rms_err=None, tol_max=None, tol_rms=None,
-                             result=f"FAIL ({type(e).__name__}: {str(e)[:120]})"))
-    return rows, all(r["result"] == "PASS" for r in rows)
+    """The package's verification (:func:`mmkernels.verify.verify_hyper_attention`, also run by
+    ``python -m mmkernels verify``), with a progress line per case."""
+    from mmkernels import verify
+
+    return verify.verify_hyper_attention(device, quick, progress=lambda line: print(line, flush=True))
 
 
-VERIFY_COLUMNS = [("shape", "shape", None), ("dtype", "dtype", None), ("mode", "mode", None),
-                  ("tensor", "tensor", None), ("max_err", "max_err", ".2e"), ("rms_err", "rms_err", ".2e"),
-                  ("tol_max", "tol_max", ".0e"), ("tol_rms", "tol_rms", ".0e"), ("result", "result", None)]
+def verify_columns() -> list[tuple[str, str, str | None]]:
+    from mmkernels import verify
+
+    return verify.COLUMNS[OP]
 
 
 # --------------------------------------------------------------------------- timing
@@ -224,7 +132,7 @@ def _time(fn):
 
 def _row(case: str, mode: str, provider: str, L: int, n: int, T: int, times, dtype, **extra) -> dict:
     return dict(op=OP, case=case, mode=mode, provider=provider, L=L, images=n, T=T,
-                dtype=str(dtype).replace("torch.", ""), ms=times[0], ms_p20=times[1], ms_p80=times[2], **extra)
+                dtype=str(dtype).replace("torch.", ""), **times.fields(), **extra)
 
 
 def run_timing(device: torch.device, quick: bool, ceiling: dict | None, log=print) -> list[dict]:
@@ -320,7 +228,7 @@ def run_timing(device: torch.device, quick: bool, ceiling: dict | None, log=prin
 
 
 TIMING_COLUMNS = [("case", "case", None), ("mode", "mode", None), ("L", "L", None), ("images", "images", None),
-                  ("provider", "provider", None), ("ms", "ms p50", ".3f"), ("ms_p20", "p20", ".3f"),
+                  ("provider", "provider", None), ("ms_min", "min ms", ".3f"), ("ms", "median ms", ".3f"),
                   ("ms_p80", "p80", ".3f"), ("speedup_vs_baseline", "speedup vs owl3", ".2f"),
                   ("tflops", "TFLOP/s (visible)", ".3g"), ("tflops_dense", "TFLOP/s (dense)", ".3g"),
                   ("gbps", "GB/s", ".3g"), ("x_bandwidth_floor", "x BW floor", ".2f")]
@@ -374,7 +282,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     print(f"\n### {OP}: verification (triton backend{'' if on_cuda else ' under the CPU interpreter'} vs float64 "
           "reference: out + all gradients, decode step, visual_kv producer)", flush=True)
     ver_rows, ver_ok = run_verification(device, quick)
-    H.print_table(f"{OP} verification ({'PASS' if ver_ok else 'FAIL'})", ver_rows, VERIFY_COLUMNS)
+    H.print_table(f"{OP} verification ({'PASS' if ver_ok else 'FAIL'})", ver_rows, verify_columns())
 
     ceil = H.ceilings(measure=on_cuda)
     ref = ceil["reference"]
@@ -382,6 +290,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     m = cfg["model"]
     print(f"\n### {OP}: timing on {device.type} ({str(cfg['dtype']).replace('torch.', '')}, hidden {m['hidden']}, "
           f"H {m['heads']}/{m['kv_heads']}, D {m['head_dim']}, T {m['T']}; no grad)", flush=True)
+    print(f"timer: {H.timer_description(on_cuda)}", flush=True)
     rows = run_timing(device, quick, ref)
     H.print_table(f"{OP} timing", rows, TIMING_COLUMNS)
 
@@ -402,6 +311,5 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "ceilings": ceil,
         "config": {"quick": quick, "timing_dtype": cfg["dtype"], "model": m, "text": list(cfg["text"]),
                    "images": list(cfg["images"]), "decode": cfg["decode"],
-                   "timer": "triton.testing.do_bench(warmup=%dms, rep=%dms)" % (H.CUDA_WARMUP_MS, H.CUDA_REP_MS)
-                   if on_cuda else "time.perf_counter median"},
+                   "timer": H.timer_description(on_cuda)},
     }

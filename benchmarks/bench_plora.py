@@ -4,9 +4,10 @@
 
 Sections:
 
-1. Verification: ``plora_linear`` under ``use_backend("triton")`` (on CPU: Triton's interpreter, which
-   :mod:`benchmarks.run` switches on before importing mmkernels) forward + backward, against the
-   reference run in float64 on the same inputs; y, dx, dW0, db0, dA, dB with
+1. Verification (:func:`mmkernels.verify.verify_plora`, the same table as ``python -m mmkernels
+   verify --op plora``): ``plora_linear`` under ``use_backend("triton")`` (on CPU: Triton's
+   interpreter, which :mod:`benchmarks.run` switches on before importing mmkernels) forward +
+   backward, against the reference run in float64 on the same inputs; y, dx, dW0, db0, dA, dB with
    :func:`mmkernels.testing.compare`.  Any FAIL makes ``make bench`` exit non-zero.
 2. Timing.  Providers:
    * ``mmkernels``  -- ``plora_linear`` with the default backend (auto: Triton on CUDA; on CPU the
@@ -22,7 +23,6 @@ Sections:
 from __future__ import annotations
 
 import argparse
-import zlib
 from typing import Any
 
 import torch
@@ -121,85 +121,18 @@ def _visual_label(fraction: float, layout: str) -> str:
 
 # --------------------------------------------------------------------------- verification
 
-def verification_cases(device: torch.device, quick: bool) -> list[tuple[int, int, int, int]]:
-    """(M, K, N, r): tiny under the CPU interpreter, moderate on CUDA (odd M exercises the tails)."""
-    if device.type == "cuda":
-        return [(1000, 512, 768, 64)] if quick else [(1000, 512, 768, 64), (77, 320, 200, 48)]
-    return [(37, 48, 40, 16)] if quick else [(37, 48, 40, 16), (64, 48, 40, 16)]
-
-
-VERIFY_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-VERIFY_MASKS = ("none", "scattered", "all")
-
-
-def _verify_mask(M: int, kind: str, device) -> torch.Tensor:
-    if kind == "none":
-        return torch.zeros(M, dtype=torch.bool, device=device)
-    if kind == "all":
-        return torch.ones(M, dtype=torch.bool, device=device)
-    return make_mask(M, 0.5, "scattered", device, seed=1234)
-
-
-def verify_one(M: int, K: int, N: int, r: int, dtype: torch.dtype, mask_kind: str, device) -> list[dict]:
-    import mmkernels
-    from mmkernels.testing import compare
-
-    g = torch.Generator(device="cpu").manual_seed(zlib.crc32(f"{M},{K},{N},{r},{dtype},{mask_kind}".encode()))
-
-    def rnd(*shape, scale=1.0):
-        return (torch.randn(*shape, generator=g, dtype=torch.float64) * scale).to(device=device, dtype=dtype)
-
-    x = rnd(M, K)
-    w = rnd(N, K, scale=K ** -0.5)
-    b = rnd(N, scale=0.5)
-    a = rnd(r, K, scale=K ** -0.5)
-    lb = rnd(N, r, scale=r ** -0.5)  # nonzero B so the LoRA term and dA are exercised
-    dy = rnd(M, N)
-    mask = _verify_mask(M, mask_kind, device)
-    scaling = 0.5
-
-    leaves = [t.detach().clone().requires_grad_(True) for t in (x, w, b, a, lb)]
-    with mmkernels.use_backend("triton"):
-        y = mmkernels.plora_linear(*leaves, mask, scaling=scaling, dropout_p=0.0, training=False)
-    y.backward(dy)
-    got = [y] + [t.grad for t in leaves]
-
-    ref_leaves = [t.detach().to(torch.float64).requires_grad_(True) for t in (x, w, b, a, lb)]
-    y_ref = mmkernels.plora_linear_reference(*ref_leaves, mask, scaling=scaling, dropout_p=0.0, training=False)
-    y_ref.backward(dy.to(torch.float64))
-    want = [y_ref] + [t.grad for t in ref_leaves]
-
-    rows = []
-    for name, actual, expected in zip(("y", "dx", "dW0", "db0", "dA", "dB"), got, want):
-        if actual is None:
-            c_ok, max_err, rms_err, tol = False, float("inf"), float("inf"), mmkernels.testing.TOLERANCES[dtype]
-        else:
-            c = compare(name, actual, expected, dtype)
-            c_ok, max_err, rms_err, tol = c.ok, c.max_err, c.rms_err, c.tolerance
-        rows.append(dict(shape=f"M{M} K{K} N{N} r{r}", dtype=str(dtype).replace("torch.", ""), mask=mask_kind,
-                         tensor=name, max_err=max_err, rms_err=rms_err, tol_max=tol.max_err, tol_rms=tol.rms_err,
-                         result="PASS" if c_ok else "FAIL"))
-    return rows
-
-
 def run_verification(device: torch.device, quick: bool) -> tuple[list[dict], bool]:
-    rows: list[dict] = []
-    for (M, K, N, r) in verification_cases(device, quick):
-        for dtype in VERIFY_DTYPES:
-            for mask_kind in VERIFY_MASKS:
-                try:
-                    rows.extend(verify_one(M, K, N, r, dtype, mask_kind, device))
-                except Exception as e:  # a crash is a failure, not an abort of the whole run
-                    rows.append(dict(shape=f"M{M} K{K} N{N} r{r}", dtype=str(dtype).replace("torch.", ""),
-                                     mask=mask_kind, tensor="(all)", max_err=None, rms_err=None, tol_max=None,
-                                     tol_rms=None, result=f"FAIL ({type(e).__name__}: {str(e)[:120]})"))
-    ok = all(r["result"] == "PASS" for r in rows)
-    return rows, ok
+    """The package's verification (:func:`mmkernels.verify.verify_plora`, also run by
+    ``python -m mmkernels verify``), with a progress line per case."""
+    from mmkernels import verify
+
+    return verify.verify_plora(device, quick, progress=lambda line: print(line, flush=True))
 
 
-VERIFY_COLUMNS = [("shape", "shape", None), ("dtype", "dtype", None), ("mask", "mask", None),
-                  ("tensor", "tensor", None), ("max_err", "max_err", ".2e"), ("rms_err", "rms_err", ".2e"),
-                  ("tol_max", "tol_max", ".0e"), ("tol_rms", "tol_rms", ".0e"), ("result", "result", None)]
+def verify_columns() -> list[tuple[str, str, str | None]]:
+    from mmkernels import verify
+
+    return verify.COLUMNS[OP]
 
 
 # --------------------------------------------------------------------------- timing
@@ -255,8 +188,7 @@ def run_timing(device: torch.device, quick: bool, ceiling: dict | None, log=prin
             measure_mem = device.type == "cuda" and M == max_m
             for mode in ("fwd", "fwd+bwd"):
                 base_times, base_peak = _bench_case(lambda: F.linear(x, W0), mode, dy, [x, W0], measure_mem)
-                base_row = dict(provider="base_linear", ms=base_times[0], ms_p20=base_times[1], ms_p80=base_times[2],
-                                peak_mb=base_peak)
+                base_row = dict(provider="base_linear", **base_times.fields(), peak_mb=base_peak)
                 for fraction, layout in cfg["visual"]:
                     mask = make_mask(M, fraction, layout, device, batch_shape=(1, M))
                     Mv = int(mask.sum().item())
@@ -268,7 +200,7 @@ def run_timing(device: torch.device, quick: bool, ceiling: dict | None, log=prin
                     }
                     for prov, fwd_fn in fns.items():
                         times, peak = _bench_case(fwd_fn, mode, dy, [x, W0, A, B], measure_mem)
-                        results[prov] = dict(provider=prov, ms=times[0], ms_p20=times[1], ms_p80=times[2], peak_mb=peak)
+                        results[prov] = dict(provider=prov, **times.fields(), peak_mb=peak)
                     for prov in PROVIDERS:
                         res = results[prov]
                         fl = flops(M, Mv, K, N, r, mode, prov)
@@ -276,8 +208,9 @@ def run_timing(device: torch.device, quick: bool, ceiling: dict | None, log=prin
                         tf = H.tflops(fl, res["ms"])
                         row = dict(op=OP, provider=prov, mode=mode, proj=proj, M=M, K=K, N=N, r=r,
                                    visual_fraction=fraction, layout=layout, visual=_visual_label(fraction, layout),
-                                   Mv=Mv, dtype=str(dtype).replace("torch.", ""), ms=res["ms"],
-                                   ms_p20=res["ms_p20"], ms_p80=res["ms_p80"], tflops=tf, gbps=H.gbps(nb, res["ms"]),
+                                   Mv=Mv, dtype=str(dtype).replace("torch.", ""), ms=res["ms"], ms_min=res["ms_min"],
+                                   ms_p20=res["ms_p20"], ms_p80=res["ms_p80"], reps=res["reps"],
+                                   threads=res["threads"], tflops=tf, gbps=H.gbps(nb, res["ms"]),
                                    pct_ceiling=H.pct_of(tf, (ceiling or {}).get("bf16_tflops")) if dtype == torch.bfloat16 else None,
                                    x_base_linear=res["ms"] / base_row["ms"],
                                    speedup_vs_xcomposer=results["xcomposer"]["ms"] / res["ms"],
@@ -293,7 +226,7 @@ def run_timing(device: torch.device, quick: bool, ceiling: dict | None, log=prin
 
 
 TIMING_COLUMNS = [("proj", "proj", None), ("M", "M", None), ("visual", "visual", None), ("mode", "mode", None),
-                  ("provider", "provider", None), ("ms", "ms p50", ".3f"), ("ms_p20", "p20", ".3f"),
+                  ("provider", "provider", None), ("ms_min", "min ms", ".3f"), ("ms", "median ms", ".3f"),
                   ("ms_p80", "p80", ".3f"), ("tflops", "TFLOP/s", ".3g"), ("pct_ceiling", "%ceil", ".0f"),
                   ("gbps", "GB/s", ".3g"), ("x_base_linear", "x base", ".3f"),
                   ("speedup_vs_xcomposer", "speedup vs XC", ".2f"), ("peak_mb", "peak MB", ".0f")]
@@ -354,7 +287,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     print(f"\n### {OP}: verification (triton backend{'' if on_cuda else ' under the CPU interpreter'} vs "
           f"float64 reference, bias, scaling 0.5, dropout 0)", flush=True)
     ver_rows, ver_ok = run_verification(device, quick)
-    H.print_table(f"{OP} verification ({'PASS' if ver_ok else 'FAIL'})", ver_rows, VERIFY_COLUMNS)
+    H.print_table(f"{OP} verification ({'PASS' if ver_ok else 'FAIL'})", ver_rows, verify_columns())
 
     ceil = H.ceilings(measure=on_cuda)
     ref = ceil["reference"]
@@ -366,6 +299,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     print(f"\n### {OP}: timing on {device.type} ({'quick' if quick else 'full'} sweep, "
           f"{str(cfg['dtype']).replace('torch.', '')}, r={cfg['rank']}, scaling {SCALING}, no bias, dropout off "
           f"(training=False / eval()))", flush=True)
+    print(f"timer: {H.timer_description(on_cuda)}", flush=True)
     rows = run_timing(device, quick, ref)
     H.print_table(f"{OP} timing", rows, TIMING_COLUMNS)
 
@@ -392,7 +326,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                    "tokens": list(cfg["tokens"]), "projections": cfg["projections"],
                    "visual": [list(v) for v in cfg["visual"]],
                    "dropout": "off for timing (training=False; XComposer module in eval())",
-                   "timer": "triton.testing.do_bench(warmup=%dms, rep=%dms)" % (H.CUDA_WARMUP_MS, H.CUDA_REP_MS)
-                   if on_cuda else "time.perf_counter median"},
+                   "timer": H.timer_description(on_cuda)},
         "plot": str(plot) if plot else None,
     }

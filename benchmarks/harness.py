@@ -3,8 +3,12 @@
 What lives here (operator-independent):
 
 * :func:`machine_header` -- device, torch / triton / CUDA versions, git commit, mmkernels build_info;
-* :func:`time_ms` -- ``triton.testing.do_bench`` on CUDA (median and 20/80 % quantiles), a simple
-  ``time.perf_counter`` median over a few repetitions on CPU;
+* :func:`time_ms` -- ``triton.testing.do_bench`` on CUDA, ``time.perf_counter`` on CPU (warm-up calls
+  outside the timed region, GC off while timing); both give a :class:`Timing`: median, 20/80 %
+  quantiles and the minimum over the repetitions;
+* :func:`pin_cpu_threads` -- every CPU timing runs with a fixed, printed torch thread count
+  (``MMKERNELS_BENCH_THREADS``, default 1: on a shared machine a multi-threaded GEMM is at the mercy
+  of whatever else runs, which made the same shape measure 3.7 ms in one run and 37.5 ms in another);
 * :func:`peak_memory_mb` -- CUDA peak memory of one call, in MB above the memory held before it;
 * :func:`ceilings` -- nominal peaks of known cards and, on CUDA, a measured ceiling (one 8192^3 bf16
   matmul, one 1 GiB device copy; cached per run);
@@ -19,6 +23,7 @@ Nothing here imports mmkernels at module level: :mod:`benchmarks.run` must be ab
 from __future__ import annotations
 
 import datetime as _dt
+import gc
 import json
 import math
 import os
@@ -85,7 +90,7 @@ def device_name() -> str:
                     break
     except OSError:
         pass
-    return f"CPU {cpu} ({torch.get_num_threads()} threads)"
+    return f"CPU {cpu}"
 
 
 def device_slug(name: str | None = None) -> str:
@@ -157,6 +162,54 @@ def format_header(header: dict[str, Any]) -> str:
 
 # --------------------------------------------------------------------------- timing
 
+DEFAULT_CPU_THREADS = 1
+
+
+def cpu_threads_setting() -> int:
+    """The torch thread count CPU timings use: ``MMKERNELS_BENCH_THREADS`` or 1."""
+    raw = os.environ.get("MMKERNELS_BENCH_THREADS", "").strip()
+    if not raw:
+        return DEFAULT_CPU_THREADS
+    try:
+        n = int(raw)
+    except ValueError:
+        raise ValueError(f"MMKERNELS_BENCH_THREADS must be a positive integer, got {raw!r}") from None
+    if n < 1:
+        raise ValueError(f"MMKERNELS_BENCH_THREADS must be a positive integer, got {raw!r}")
+    return n
+
+
+def pin_cpu_threads(n: int | None = None) -> int:
+    """``torch.set_num_threads(n)`` (default :func:`cpu_threads_setting`); returns n."""
+    n = cpu_threads_setting() if n is None else n
+    torch.set_num_threads(n)
+    return n
+
+
+class Timing(tuple):
+    """``(p50, p20, p80)`` in ms -- indexable and unpackable like the plain tuple it replaces -- plus
+    ``.min`` (ms), ``.reps`` (timed repetitions, warm-up excluded) and ``.threads`` (torch threads
+    on CPU, None on CUDA)."""
+
+    min: float
+    reps: int
+    threads: int | None
+
+    def __new__(cls, p50: float, p20: float, p80: float, min_ms: float, reps: int, threads: int | None):
+        self = super().__new__(cls, (p50, p20, p80))
+        self.min, self.reps, self.threads = min_ms, reps, threads
+        return self
+
+    @property
+    def median(self) -> float:
+        return self[0]
+
+    def fields(self) -> dict[str, Any]:
+        """Row fields: ms (median), ms_min, ms_p20, ms_p80, reps, threads."""
+        return dict(ms=self[0], ms_min=self.min, ms_p20=self[1], ms_p80=self[2], reps=self.reps,
+                    threads=self.threads)
+
+
 def _quantiles(samples: Sequence[float], qs: Sequence[float]) -> list[float]:
     s = sorted(samples)
     out = []
@@ -168,10 +221,11 @@ def _quantiles(samples: Sequence[float], qs: Sequence[float]) -> list[float]:
 
 
 def cpu_time_ms(fn: Callable[[], Any], warmup: int = 2, min_reps: int = 5, max_reps: int = 25,
-                min_time_s: float = 0.25, grad_to_none: Iterable[torch.Tensor] | None = None
-                ) -> tuple[float, float, float]:
-    """(p50, p20, p80) in ms of ``fn`` on CPU: ``warmup`` calls, then at least ``min_reps`` and until
-    ``min_time_s`` has passed (at most ``max_reps``)."""
+                min_time_s: float = 0.25, grad_to_none: Iterable[torch.Tensor] | None = None) -> Timing:
+    """:class:`Timing` of ``fn`` on CPU with the current torch thread count (pinned by the caller,
+    see :func:`pin_cpu_threads`): ``warmup`` untimed calls, then at least ``min_reps`` timed calls
+    and until ``min_time_s`` has passed (at most ``max_reps``), each call timed on its own, with the
+    garbage collector off while timing."""
     grads = list(grad_to_none or [])
 
     def clear():
@@ -182,32 +236,50 @@ def cpu_time_ms(fn: Callable[[], Any], warmup: int = 2, min_reps: int = 5, max_r
         clear()
         fn()
     samples: list[float] = []
-    start = time.perf_counter()
-    while len(samples) < max_reps and (len(samples) < min_reps or time.perf_counter() - start < min_time_s):
-        clear()
-        t0 = time.perf_counter()
-        fn()
-        samples.append((time.perf_counter() - t0) * 1e3)
+    gc.collect()
+    gc_was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        start = time.perf_counter()
+        while len(samples) < max_reps and (len(samples) < min_reps or time.perf_counter() - start < min_time_s):
+            clear()
+            t0 = time.perf_counter()
+            fn()
+            samples.append((time.perf_counter() - t0) * 1e3)
+    finally:
+        if gc_was_enabled:
+            gc.enable()
     p50, p20, p80 = _quantiles(samples, (0.5, 0.2, 0.8))
-    return p50, p20, p80
+    return Timing(p50, p20, p80, min(samples), len(samples), torch.get_num_threads())
+
+
+def timer_description(on_cuda: bool) -> str:
+    """What :func:`time_ms` does on this device, for table headers and the JSON config."""
+    if on_cuda:
+        return (f"triton.testing.do_bench(warmup={CUDA_WARMUP_MS}ms, rep={CUDA_REP_MS}ms), warm-up untimed; "
+                "min and median of the repetitions")
+    n = torch.get_num_threads()
+    return (f"time.perf_counter, {n} torch thread{'s' if n != 1 else ''}, 2 untimed warm-up calls, "
+            "min and median of 5-25 timed calls, GC off while timing")
 
 
 def cuda_time_ms(fn: Callable[[], Any], grad_to_none: Iterable[torch.Tensor] | None = None,
-                 warmup: int = CUDA_WARMUP_MS, rep: int = CUDA_REP_MS) -> tuple[float, float, float]:
-    """(p50, p20, p80) in ms via ``triton.testing.do_bench`` (triton 3.6 signature:
+                 warmup: int = CUDA_WARMUP_MS, rep: int = CUDA_REP_MS) -> Timing:
+    """:class:`Timing` via ``triton.testing.do_bench`` (triton 3.6 signature:
     ``do_bench(fn, warmup=25, rep=100, grad_to_none=None, quantiles=None, return_mode="mean")``;
-    warmup and rep are budgets in ms).  do_bench synchronises and flushes L2 itself."""
+    warmup and rep are budgets in ms, the warm-up is not timed).  do_bench synchronises and
+    flushes L2 itself."""
     from triton.testing import do_bench
 
     grads = list(grad_to_none) if grad_to_none is not None else None
-    res = do_bench(fn, warmup=warmup, rep=rep, grad_to_none=grads, quantiles=[0.5, 0.2, 0.8])
-    p50, p20, p80 = (float(v) for v in res)
-    return p50, p20, p80
+    res = do_bench(fn, warmup=warmup, rep=rep, grad_to_none=grads, quantiles=[0.5, 0.2, 0.8, 0.0])
+    p50, p20, p80, p0 = (float(v) for v in res)
+    return Timing(p50, p20, p80, p0, -1, None)
 
 
 def time_ms(fn: Callable[[], Any], grad_to_none: Iterable[torch.Tensor] | None = None,
-            **kwargs) -> tuple[float, float, float]:
-    """(p50, p20, p80) ms on the current device (CUDA: do_bench; CPU: perf_counter median)."""
+            **kwargs) -> Timing:
+    """:class:`Timing` on the current device (CUDA: do_bench; CPU: perf_counter, see :func:`cpu_time_ms`)."""
     if is_cuda():
         return cuda_time_ms(fn, grad_to_none=grad_to_none, **kwargs)
     return cpu_time_ms(fn, grad_to_none=grad_to_none, **kwargs)
@@ -316,28 +388,11 @@ def gbps(nbytes: float, ms: float) -> float:
     return nbytes / (ms * 1e-3) / 1e9 if ms > 0 else float("nan")
 
 
-def _fmt(value: Any, fmt: str | None) -> str:
-    if value is None:
-        return "-"
-    if isinstance(value, float):
-        if math.isnan(value):
-            return "nan"
-        return format(value, fmt or ".3g")
-    return str(value)
-
-
 def format_table(rows: Sequence[dict[str, Any]], columns: Sequence[tuple[str, str, str | None]]) -> str:
-    """Fixed-width table.  ``columns``: (key, header, format spec or None)."""
-    cells = [[_fmt(r.get(k), f) for k, _, f in columns] for r in rows]
-    widths = [max([len(h)] + [len(c[i]) for c in cells]) for i, (_, h, _) in enumerate(columns)]
-    numeric = [all(isinstance(r.get(k), (int, float)) or r.get(k) is None for r in rows) for k, _, _ in columns]
+    """Fixed-width table (:func:`mmkernels.verify.format_table`, imported late: see the module docstring)."""
+    from mmkernels.verify import format_table as _format_table
 
-    def line(values):
-        return "  ".join(v.rjust(w) if num else v.ljust(w) for v, w, num in zip(values, widths, numeric)).rstrip()
-
-    out = [line([h for _, h, _ in columns]), "  ".join("-" * w for w in widths)]
-    out.extend(line(c) for c in cells)
-    return "\n".join(out)
+    return _format_table(rows, columns)
 
 
 def print_table(title: str, rows: Sequence[dict[str, Any]], columns: Sequence[tuple[str, str, str | None]]) -> None:
@@ -480,10 +535,24 @@ def print_targets(op: str, targets: list[dict], on_cuda: bool, cpu_note: str) ->
         print(f"  targets are GPU-only ({cpu_note})")
 
 
+def pedantic_cpu(benchmark, fn, rounds: int, setup=None, warmup_rounds: int = 2):
+    """``benchmark.pedantic`` on CPU with the thread count pinned (:func:`pin_cpu_threads`, restored
+    afterwards and recorded in ``extra_info``), ``warmup_rounds`` untimed rounds first, and the
+    result of the last round returned.  Under ``--benchmark-disable`` (``make test``) it is a smoke
+    test: ``fn`` runs once, nothing is timed or printed."""
+    before = torch.get_num_threads()
+    threads = pin_cpu_threads()
+    benchmark.extra_info["threads"] = threads
+    try:
+        return benchmark.pedantic(fn, setup=setup, rounds=rounds, iterations=1, warmup_rounds=warmup_rounds)
+    finally:
+        torch.set_num_threads(before)
+
+
 def cpu_benchmark_case(benchmark, forward, mode: str, dy, leaves, rounds: int):
     """Time ``forward`` (``"fwd"``: under no_grad; ``"fwd+bwd"``: with ``backward(dy)``) with
-    pytest-benchmark, clearing the leaves' gradients before each round; return one more output
-    (gradients fresh) for the caller's correctness check."""
+    pytest-benchmark (:func:`pedantic_cpu`), clearing the leaves' gradients before each round;
+    return one more output (gradients fresh) for the caller's correctness check."""
     def clear():
         for t in leaves:
             t.grad = None
@@ -496,6 +565,6 @@ def cpu_benchmark_case(benchmark, forward, mode: str, dy, leaves, rounds: int):
         y.backward(dy)
         return y
 
-    benchmark.pedantic(fn, setup=clear, rounds=rounds, iterations=1, warmup_rounds=1)
+    pedantic_cpu(benchmark, fn, rounds=rounds, setup=clear)
     clear()
     return fn()

@@ -52,6 +52,11 @@ def main(argv=None) -> int:
     from . import harness as H
 
     t_start = time.perf_counter()
+    if not torch.cuda.is_available():
+        # every CPU timing runs with this many torch threads (a module may pin fewer, and says so)
+        threads = H.pin_cpu_threads()
+        print(f"CPU timings: torch.set_num_threads({threads}) (MMKERNELS_BENCH_THREADS to change); "
+              "warm-up calls untimed; min and median over the repetitions", flush=True)
     header = H.machine_header()
     print("=== mmkernels benchmarks ===")
     print(H.format_header(header), flush=True)

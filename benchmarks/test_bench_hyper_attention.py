@@ -5,7 +5,8 @@ Providers as in ``bench_hyper_attention``: ``mmkernels`` (:class:`mmkernels.Hype
 ``owl3_baseline`` (the mPLUG-Owl3-style module: per-sample loop, dense masks, producer recomputed at
 every step).  Each test also checks that the two agree.
 
-Run: ``pytest benchmarks`` (``--benchmark-disable`` to only run the checks once).
+Run: ``pytest benchmarks`` times them (thread count pinned, see ``harness.pedantic_cpu``); ``make test``
+passes ``--benchmark-disable``, which runs each case once as a smoke test and prints no timing table.
 """
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import torch
 
 import mmkernels
 
+from . import harness as H
 from .bench_hyper_attention import _make_modules, image_positions_for
 
 MODEL = dict(hidden=128, heads=4, kv_heads=2, head_dim=32, T=16)
@@ -46,6 +48,6 @@ def test_hyper_attention_cpu(benchmark, mode, case, provider):
             xs, ps = x[:, L:], pid[:, L:]
             fns = {"mmkernels": lambda: ours(xs, ps, past_key_value=cache)[0],
                    "owl3_baseline": lambda: base(xs, ps, img, [positions], past_key_value=bcache)[0]}
-        y = benchmark.pedantic(fns[provider], rounds=5, iterations=1, warmup_rounds=1)
+        y = H.pedantic_cpu(benchmark, fns[provider], rounds=5)
         other = fns["owl3_baseline" if provider == "mmkernels" else "mmkernels"]()
     torch.testing.assert_close(y, other, rtol=1e-4, atol=1e-4)

@@ -5,7 +5,8 @@ Providers as in ``bench_plora``: ``mmkernels`` (``plora_linear``, reference path
 ``xcomposer`` (the XComposer2 module verbatim) and ``base_linear`` (``F.linear`` alone).  Each test
 also checks that the provider's output matches the float64 reference.
 
-Run: ``pytest benchmarks`` (``--benchmark-disable`` to only run the checks once).
+Run: ``pytest benchmarks`` times them (thread count pinned, see ``harness.pedantic_cpu``); ``make test``
+passes ``--benchmark-disable``, which runs each case once as a smoke test and prints no timing table.
 """
 from __future__ import annotations
 

@@ -377,3 +377,154 @@ def test_arch_list_parsing_configure_only(tmp_path):
         "-gencode=arch=compute_100,code=compute_100",
         "-gencode=arch=compute_120a,code=sm_120a",
     ]
+
+
+# --------------------------------------------------------------------------- #
+# Packaging: one torch pin, the wheel tied to its torch, metadata
+# --------------------------------------------------------------------------- #
+def _pyproject() -> dict:
+    import tomllib
+
+    with open(ROOT / "pyproject.toml", "rb") as f:
+        return tomllib.load(f)
+
+
+def _requirements(*kinds: str) -> list[str]:
+    r = subprocess.run([sys.executable, str(ROOT / "tools" / "requirements.py"), *kinds],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    return r.stdout.splitlines()
+
+
+def test_torch_pin_is_stated_once():
+    pins = [r for r in _pyproject()["build-system"]["requires"] if r.replace(" ", "").startswith("torch==")]
+    assert len(pins) == 1 and re.fullmatch(r"torch==\d+\.\d+\.\d+", pins[0]), pins
+    assert _requirements("torch") == pins
+    # nobody else restates it: the Makefile and setup.py read it from pyproject.toml
+    for name in ("Makefile", "setup.py"):
+        text = (ROOT / name).read_text()
+        assert not re.search(r"torch==\d", text), f"{name} restates the torch pin"
+    make = subprocess.run(["make", "-n", "-p", "-f", str(ROOT / "Makefile")], cwd=ROOT, capture_output=True,
+                          text=True, timeout=60).stdout
+    assert f"TORCH_SPEC := {pins[0]}" in make
+
+
+def test_dependency_lists_live_in_pyproject():
+    data = _pyproject()
+    assert set(data["project"]["dynamic"]) == {"version", "dependencies"}
+    assert "dependencies" not in data["project"]
+    runtime = data["tool"]["mmkernels"]["dependencies"]
+    assert any(r.startswith("numpy") for r in runtime) and any(r.startswith("triton") for r in runtime)
+    extras = data["project"]["optional-dependencies"]
+    assert {"test", "dev", "transformers"} <= set(extras)
+    assert extras["test"] != extras["dev"] and "pytest" in extras["test"]
+    assert "mmkernels[test]" in extras["dev"] and "pytest" not in extras["dev"]
+    assert any(r.replace(" ", "") == "transformers>=5" for r in extras["transformers"])
+    dev = _requirements("dev")
+    assert "pytest" in dev and "pytest-benchmark" in dev and not any("mmkernels" in r for r in dev)
+    assert any(r.startswith("auditwheel") for r in dev) and any(r.startswith("cmake") for r in dev)
+    assert "DEV_DEPS :=" not in (ROOT / "Makefile").read_text()
+
+
+def test_package_metadata():
+    project = _pyproject()["project"]
+    assert project["license"] == "MIT"
+    assert project["readme"] == "README.md"
+    assert any(c.startswith("Programming Language :: Python :: 3.11") for c in project["classifiers"])
+    assert "Typing :: Typed" in project["classifiers"]
+    assert "urls" not in project  # no public homepage yet: none invented
+    assert (ROOT / "mmkernels" / "py.typed").is_file()
+    assert "py.typed" in _pyproject()["tool"]["setuptools"]["package-data"]["mmkernels"]
+    import mmkernels
+
+    assert _pyproject()["tool"]["setuptools"]["dynamic"]["version"] == {"attr": "mmkernels.__version__"}
+    assert re.fullmatch(r"\d+\.\d+\.\d+", mmkernels.__version__)
+
+
+@requires_c
+def test_build_meta_describes_the_loaded_extension():
+    meta = json.loads((Path(_extension.__file__).with_name("_build_meta.json")).read_text())
+    cfg = json.loads(torch.ops.mmkernels.build_config())
+    assert meta == cfg
+    assert meta["torch_version"] == torch.__version__
+    assert meta["torch_cuda"] == torch.version.cuda
+    assert meta["cxx11_abi"] == bool(torch._C._GLIBCXX_USE_CXX11_ABI)
+    info = build_info()
+    assert info["torch_version_built"] == torch.__version__
+    assert info["torch_cuda_version_built"] == torch.version.cuda
+    assert info["torch_cuda_version"] == torch.version.cuda
+
+
+@pytest.mark.parametrize(
+    "meta, running, expect",
+    [
+        # same release, other CUDA variant label, CPU-only _C: loads
+        (dict(torch_version="2.14.1+cu130", torch_cuda="13.0", cuda=False), ("2.14.1+cpu", None), None),
+        (dict(torch_version="2.14.1+cu130", torch_cuda="13.0", cuda=True), ("2.14.1", "13.0"), None),
+        (dict(torch_version="2.14.1+cu130", torch_cuda="13.0", cuda=True), ("2.14.1+cu130", "13.2"), None),
+        # another release: never
+        (dict(torch_version="2.14.1+cu130", torch_cuda="13.0", cuda=True), ("2.13.0+cpu", None),
+         "built for torch 2.14.1+cu130, running 2.13.0+cpu"),
+        (dict(torch_version="2.14.1", torch_cuda=None, cuda=False), ("2.15.0", None),
+         "built for torch 2.14.1+cpu, running 2.15.0+cpu"),
+        # CUDA kernels need a CUDA torch of the same major version
+        (dict(torch_version="2.14.1+cu130", torch_cuda="13.0", cuda=True), ("2.14.1+cpu", None),
+         "its CUDA kernels need a CUDA build of torch"),
+        (dict(torch_version="2.14.1+cu130", torch_cuda="13.0", cuda=True), ("2.14.1+cu128", "12.8"),
+         "CUDA 13.0 vs 12.8"),
+        (dict(torch_version="2.14.1", torch_cuda=None, cuda=False, cxx11_abi=False), ("2.14.1", None),
+         "_GLIBCXX_USE_CXX11_ABI=0 vs 1"),
+    ],
+)
+def test_abi_mismatch(meta, running, expect):
+    why = _extension.abi_mismatch(meta, running[0], running[1], True)
+    if expect is None:
+        assert why is None
+    else:
+        assert why is not None and expect in why
+        assert "native ops fall back to" in why and "rebuild with `pip install --no-build-isolation" in why
+        assert f"torch=={meta['torch_version'].split('+')[0]}" in why
+
+
+def test_extension_built_for_another_torch_is_not_loaded(tmp_path):
+    """A _C whose _build_meta.json names another torch is not imported; ONE warning says which torch it
+    was built for and what to do; the reference and Triton paths still work."""
+    pkg = tmp_path / "mmkernels"
+    shutil.copytree(Path(_extension.__file__).parent, pkg, ignore=shutil.ignore_patterns("__pycache__"))
+    meta = dict(cuda=True, archs=["8.0"], cuda_version="12.8", cuda_skip_reason=None,
+                torch_version="2.9.0+cu128", torch_cuda="12.8", cxx11_abi=True)
+    (pkg / "_build_meta.json").write_text(json.dumps(meta))
+    code = textwrap.dedent(
+        """
+        import sys, warnings
+        with warnings.catch_warnings(record=True) as w:
+            warnings.simplefilter("always")
+            import mmkernels
+            from mmkernels._extension import HAS_C, MMKernelsWarning, build_info
+        ours = [str(x.message) for x in w if issubclass(x.category, MMKernelsWarning)]
+        assert len(ours) == 1, ours
+        assert "mmkernels._C" not in sys.modules, "a _C built for another torch was imported"
+        assert mmkernels.__file__.startswith(sys.argv[1]), mmkernels.__file__
+        print("WARNING=" + ours[0])
+        info = build_info()
+        assert HAS_C is False and info["c_extension_loaded"] is False and info["cuda_kernels"] is False
+        assert info["torch_version_built"] == "2.9.0+cu128" and info["torch_cuda_version_built"] == "12.8"
+        import torch
+        x, w0, a, b = torch.randn(5, 8), torch.randn(6, 8), torch.randn(2, 8), torch.randn(6, 2)
+        mask = torch.tensor([True, False, True, True, False])
+        want = mmkernels.plora_linear_reference(x, w0, None, a, b, mask)
+        for backend in ("reference", "triton"):
+            with mmkernels.use_backend(backend):
+                got = mmkernels.plora_linear(x, w0, None, a, b, mask)
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+        print("OK")
+        """
+    )
+    env = dict(os.environ, PYTHONPATH=str(tmp_path), TRITON_INTERPRET="1")
+    r = subprocess.run([sys.executable, "-c", code, str(tmp_path)], cwd=tmp_path, env=env, capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 0 and "OK" in r.stdout, r.stdout + r.stderr
+    warning = r.stdout.split("WARNING=", 1)[1].splitlines()[0]
+    assert f"built for torch 2.9.0+cu128, running {torch.__version__}" in warning, warning
+    assert "native ops fall back to their Python/Triton implementations" in warning
+    assert "rebuild with `pip install --no-build-isolation" in warning and "torch==2.9.0" in warning

@@ -1,0 +1,186 @@
+"""``python -m mmkernels``: check an installed mmkernels.
+
+    python -m mmkernels info [--json]
+        versions, how the package was built (torch/CUDA it was compiled against), the device, the
+        backends that can run here and which native ops _C provides.
+    python -m mmkernels verify [--op NAME ...] [--device cpu|cuda] [--quick]
+        the verification table of every kernel against its float64 reference (the one `make bench`
+        prints), with a progress line per case; exit status 1 if any check FAILs.
+
+Without a GPU the Triton kernels run under Triton's interpreter, which has to be switched on
+(``TRITON_INTERPRET=1``) before mmkernels defines its kernels.  ``python -m mmkernels`` has already
+imported the package by the time this module runs, so ``verify`` on CPU re-executes itself once
+with ``TRITON_INTERPRET=1`` set (running ``TRITON_INTERPRET=1 python -m mmkernels verify``
+directly skips that step).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+from typing import Any
+
+import torch
+
+import mmkernels
+from mmkernels import _extension
+from mmkernels._interpreter import interpreter_enabled
+
+_REEXEC_ENV = "_MMKERNELS_REEXEC"
+
+
+def _cpu_name() -> str:
+    name = platform.processor() or platform.machine() or "cpu"
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return name
+
+
+def _native_ops() -> list[dict[str, Any]]:
+    return [dict(name=n, cpu=_extension.has_op(n, "cpu"), cuda=_extension.has_op(n, "cuda"))
+            for n in _extension.native_ops()]
+
+
+def info_dict() -> dict[str, Any]:
+    """Everything ``info`` prints, as plain data."""
+    bi = mmkernels.build_info()
+    try:
+        import numpy
+
+        numpy_version: str | None = numpy.__version__
+    except Exception:
+        numpy_version = None
+    cuda = bool(torch.cuda.is_available())
+    if cuda:
+        props = torch.cuda.get_device_properties(torch.cuda.current_device())
+        device = f"CUDA {props.name} (compute capability {props.major}.{props.minor}, {props.multi_processor_count} SMs)"
+    else:
+        device = f"CPU {_cpu_name()} ({torch.get_num_threads()} torch threads), no CUDA device"
+    if cuda:
+        triton_backend = "compiled kernels on CUDA"
+    elif interpreter_enabled():
+        triton_backend = "Triton interpreter on CPU (TRITON_INTERPRET=1)"
+    else:
+        triton_backend = "not available on CPU tensors here (set TRITON_INTERPRET=1 before importing mmkernels)"
+    return {
+        "mmkernels_version": mmkernels.__version__,
+        "location": os.path.dirname(mmkernels.__file__),
+        "python": platform.python_version(),
+        "numpy_version": numpy_version,
+        "device": device,
+        "backend": mmkernels.get_backend(),
+        "triton_backend": triton_backend,
+        "native_ops": _native_ops(),
+        "build_info": bi,
+    }
+
+
+def _print_info(d: dict[str, Any]) -> None:
+    bi = d["build_info"]
+    built = bi.get("torch_version_built")
+    built_label = _extension.torch_label(built, bi.get("torch_cuda_version_built")) if built else "unknown"
+    lines = [
+        f"mmkernels        {d['mmkernels_version']}  ({d['location']})",
+        f"python           {d['python']}",
+        f"torch            {bi['torch_version']}  (CUDA {bi['torch_cuda_version'] or 'none'})",
+        f"triton           {bi['triton_version'] or 'not installed'}",
+        f"numpy            {d['numpy_version'] or 'not installed'}",
+        f"device           {d['device']}",
+        "",
+        f"backend          {d['backend']}  (auto: triton for CUDA tensors, reference for CPU tensors; "
+        "MMKERNELS_BACKEND / mmkernels.use_backend to change)",
+        f"triton kernels   {d['triton_backend']}",
+        "reference        plain PyTorch, any device",
+        "",
+        f"native _C        {'loaded' if bi['c_extension_loaded'] else 'NOT loaded'}",
+        f"  built for      torch {built_label}",
+    ]
+    if bi["c_extension_loaded"]:
+        if bi["cuda_kernels"]:
+            lines.append(f"  CUDA kernels   archs {', '.join(bi['cuda_archs'])} (nvcc {bi['cuda_version_built']})")
+        else:
+            lines.append(f"  CUDA kernels   none ({bi.get('cuda_skip_reason') or 'CPU-only build'})")
+        ops = d["native_ops"]
+        width = max([len(o["name"]) for o in ops] + [4])
+        lines.append("  native ops:")
+        for o in ops:
+            devs = [k for k in ("cpu", "cuda") if o[k]]
+            lines.append(f"    {o['name']:<{width}}  {', '.join(devs) if devs else '(device-independent)'}")
+    else:
+        lines.append(f"  why            {bi['load_error']}")
+    print("\n".join(lines), flush=True)
+
+
+def _reexec_with_interpreter(argv: list[str]) -> None:
+    """Run ``python -m mmkernels <argv>`` again, with TRITON_INTERPRET=1 (replaces this process)."""
+    env = dict(os.environ, TRITON_INTERPRET="1", **{_REEXEC_ENV: "1"})
+    print("mmkernels: no CUDA device; re-running with TRITON_INTERPRET=1 so the Triton kernels run on CPU "
+          "under Triton's interpreter", file=sys.stderr, flush=True)
+    sys.stdout.flush()
+    os.execve(sys.executable, [sys.executable, "-m", "mmkernels", *argv], env)
+
+
+def _verify(args: argparse.Namespace, argv: list[str]) -> int:
+    from mmkernels import verify
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        print("mmkernels verify: --device cuda, but torch.cuda.is_available() is False", file=sys.stderr)
+        return 2
+    if device == "cpu" and not interpreter_enabled():
+        if os.environ.get(_REEXEC_ENV) == "1" or not sys.executable:
+            print("mmkernels verify: the Triton kernels need TRITON_INTERPRET=1 to run on CPU; run: "
+                  "TRITON_INTERPRET=1 python -m mmkernels verify", file=sys.stderr)
+            return 2
+        _reexec_with_interpreter(argv)
+    bi = mmkernels.build_info()
+    print(f"mmkernels {mmkernels.__version__} verify on {device}: torch {bi['torch_version']}, "
+          f"triton {bi['triton_version']}, _C {'loaded' if bi['c_extension_loaded'] else 'not loaded'}, "
+          f"{'quick' if args.quick else 'full'} set", flush=True)
+    reports = verify.run(args.op, device=device, quick=args.quick)
+    print("\n=== summary ===")
+    for r in reports:
+        print(f"  {r.op:<16} {'PASS' if r.ok else 'FAIL'}  {len(r.rows):4d} checks  {r.elapsed_s:6.1f}s")
+    ok = all(r.ok for r in reports)
+    print(f"verification {'PASSED' if ok else 'FAILED'}", flush=True)
+    return 0 if ok else 1
+
+
+def _parser() -> argparse.ArgumentParser:
+    from mmkernels.verify import OPS
+
+    p = argparse.ArgumentParser(prog="python -m mmkernels", description="Check an mmkernels installation.")
+    sub = p.add_subparsers(dest="command", required=True)
+    pi = sub.add_parser("info", help="versions, build, device, backends, native ops")
+    pi.add_argument("--json", action="store_true", help="print the information as JSON")
+    pv = sub.add_parser("verify", help="verify every kernel against its float64 reference")
+    pv.add_argument("--op", action="append", choices=OPS, default=None,
+                    help="operator to verify (repeatable; default: all)")
+    pv.add_argument("--device", choices=("cpu", "cuda"), default=None,
+                    help="where to run the kernels (default: cuda if available, else cpu)")
+    pv.add_argument("--quick", action="store_true", help="fewer cases (a smoke run)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = _parser().parse_args(argv)
+    if args.command == "info":
+        d = info_dict()
+        if args.json:
+            print(json.dumps(d, indent=2, default=str))
+        else:
+            _print_info(d)
+        return 0
+    return _verify(args, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
