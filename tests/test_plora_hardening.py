@@ -420,3 +420,16 @@ def test_offsets_past_2_pow_31_use_int64():
     """Strides < 2**31 whose products with an index pass 2**31 (transposed W0, A, B; strided x; the
     pointer steps of the K/N/M loops).  Run in a subprocess: an int32 wrap reads out of bounds."""
     run_isolated(_BIG_STRIDES.replace("SEED", str(torch.initial_seed() % 2**31)), "BIG-STRIDES-OK")
+
+
+@pytest.mark.skipif(not KERNEL_DEVICES, reason="no Triton device")
+def test_raw_op_lora_hidden_is_not_differentiable():
+    """The op's second output S has no term in the backward formula: a loss through it got a silently
+    wrong gradient for lora_a and x.  It is now marked non-differentiable."""
+    kw = _op_args()
+    for name in ("x", "weight", "lora_a", "lora_b"):
+        kw[name] = kw[name].requires_grad_()
+    y, s = plora_forward_op(*kw.values())
+    assert y.requires_grad and not s.requires_grad
+    with pytest.raises(RuntimeError, match="does not require grad"):
+        s.sum().backward()

@@ -137,6 +137,9 @@ class PLoRAFunction(torch.autograd.Function):
     def setup_context(ctx, inputs, output):
         x, weight, bias, lora_a, lora_b, im_mask, tile_flags, scaling, dropout_p, dropout_seed = inputs
         _, lora_hidden = output
+        # S is an auxiliary output kept for the backward; the formula below has no term for a
+        # gradient flowing into it, so it is marked non-differentiable rather than silently dropped.
+        ctx.mark_non_differentiable(lora_hidden)
         ctx.save_for_backward(x, weight, lora_a, lora_b, lora_hidden, im_mask, tile_flags, dropout_seed)
         ctx.scaling = scaling
         ctx.dropout_p = dropout_p
