@@ -67,8 +67,14 @@ def route(logits: torch.Tensor, k: int, capacity, noise, token_order, drop_polic
     """Routing decisions ``(indices, keep, exp_counts, top1_counts, sorted_slots, expert_offsets)``;
     ``capacity < 0`` means dropless.  ``drop_policy="choice"`` runs the native op (C++ on CPU, CUDA
     kernels on GPU, no host sync) when the extension has it; the other policies (and ``"choice"``
-    without the extension) run the torch reference, which needs no host sync either."""
-    if NATIVE_ROUTE and drop_policy == "choice":
+    without the extension, or with a capacity while torch.compile traces) run the torch reference,
+    which needs no host sync either."""
+    # While torch.compile traces, a capacity may be symbolic (a SymInt from capacity_for on a dynamic
+    # token count; Dynamo shows it as an int, so it cannot be told apart) and the native op's schema
+    # takes a plain int, which would specialise the graph on every capacity value: the torch path is
+    # traced instead (same results).  Dropless (-1) is a constant and keeps the native op.
+    traced_capacity = torch.compiler.is_compiling() and capacity >= 0
+    if NATIVE_ROUTE and drop_policy == "choice" and not traced_capacity:
         return torch.ops.mmkernels.moe_route(logits, k, capacity, noise, token_order)
     d = route_reference(logits, k, None if capacity < 0 else capacity, noise, token_order, drop_policy)
     return d.indices, d.keep, d.exp_counts, d.top1_counts, d.sorted_slots, d.expert_offsets

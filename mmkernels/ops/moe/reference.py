@@ -52,7 +52,9 @@ def capacity_for(num_tokens: int, num_experts: int, capacity_factor: float, k: i
     DeepSpeed computes ``ceil(float(S / E) * torch.tensor(cf * k))``: the double ``S / E`` and the
     double ``cf * k`` are rounded to float32 and multiplied in float32.  Here the two roundings are
     done in exact integer arithmetic (:func:`_round_f32`), so ``num_tokens`` may be a ``torch.SymInt``
-    (torch.compile with dynamic shapes): the result is then a SymInt, and the only guards are on the
+    (torch.compile with dynamic shapes): the result is then a SymInt.  When E is a power of two and
+    ``S * factor`` needs at most 24 significant bits (MoE-LLaVA: E = 4, cf * k in {2, 3, 4}) both
+    products are exact and the only guard is ``S < 2**24 / factor``; otherwise the guards are on the
     power-of-two range of ``S / E`` (a recompile when S crosses a power of two), never on S itself.
     (The double rounding of ``S / E`` equals a single rounding to float32 for E < 2**29.)
 
@@ -67,8 +69,12 @@ def capacity_for(num_tokens: int, num_experts: int, capacity_factor: float, k: i
     if factor <= 0 or num_tokens == 0:
         # fp32(S/E) * factor <= 0, whose ceil is 0 (-0.0 rounds to 0)
         return _sym_max(0, int(min_capacity))
-    # fp32(S / E) = m1 * 2**s1, then fp32(m1 * 2**s1 * factor) = m2 * 2**s2, then its ceiling
     f_num, f_den = factor.as_integer_ratio()              # f_den is a power of two
+    if num_experts & (num_experts - 1) == 0 and num_tokens * f_num < 2 ** 24:
+        # E a power of two and S * f_num < 2**24: S / E and S / E * factor are exact in fp32, so the
+        # result is the exact ceil(S * f_num / (E * f_den)) (no per-octave guard when S is symbolic)
+        return _sym_max(-((-num_tokens * f_num) // (num_experts * f_den)), int(min_capacity))
+    # fp32(S / E) = m1 * 2**s1, then fp32(m1 * 2**s1 * factor) = m2 * 2**s2, then its ceiling
     f_shift = f_den.bit_length() - 1
     m1, s1 = _round_f32(num_tokens, num_experts)
     shift = s1 - f_shift
