@@ -344,6 +344,25 @@ def test_raw_op_rejects_an_empty_seed():
 
 
 @pytest.mark.skipif(not KERNEL_DEVICES, reason="no Triton device")
+def test_raw_ops_verify_tile_flags_values():
+    """Flags of the right shape but wrong values made the kernels skip visual rows' LoRA term
+    silently; the ops compare them with the mask unless told not to (check_metadata=False)."""
+    kw = _op_args()
+    good = kw["tile_flags"]
+    kw["tile_flags"] = torch.zeros_like(good)
+    with pytest.raises(ValueError, match="tile_flags do not match im_mask"):
+        plora_forward_op(*kw.values())
+    y_unchecked, _ = plora_forward_op(*kw.values(), False)  # the opt-out trusts them (and skips the LoRA)
+    kw["tile_flags"] = good
+    y, s = plora_forward_op(*kw.values())
+    assert not torch.equal(y, y_unchecked)
+    args = [torch.ones_like(y), kw["x"], kw["weight"], kw["lora_a"], kw["lora_b"], s, kw["im_mask"],
+            torch.zeros_like(good), 1.0, 0.0, None, [True] * 5]
+    with pytest.raises(ValueError, match="tile_flags do not match im_mask"):
+        plora_backward_op(*args)
+
+
+@pytest.mark.skipif(not KERNEL_DEVICES, reason="no Triton device")
 def test_raw_backward_op_checks_grad_and_hidden_shapes():
     kw = _op_args()
     y, s = plora_forward_op(*kw.values())

@@ -3,7 +3,7 @@
 Two ops in the ``mmkernels`` namespace (Triton kernels on CUDA, the Triton interpreter on CPU):
 
 * ``plora_forward(x, weight, bias, lora_a, lora_b, im_mask, tile_flags, scaling, dropout_p,
-  dropout_seed) -> (y, lora_hidden)`` with ``x [M, K]`` and ``im_mask [M]``;
+  dropout_seed, check_metadata=True) -> (y, lora_hidden)`` with ``x [M, K]`` and ``im_mask [M]``;
 * ``plora_backward(...) -> (dx, dW0, db0, dA, dB)``.
 
 :class:`PLoRAFunction` is the single statement of the gradient; it is registered as the autograd
@@ -11,9 +11,10 @@ formula of ``plora_forward`` so the op differentiates the same way in eager mode
 ``torch.compile``, and ``torch.library.opcheck`` passes.
 
 The ops check the structure of what they are given (shapes, dtypes, devices, the mask's layout, the
-seed) without a host sync.  ``tile_flags`` must be ``launch.tile_flags(im_mask)``: its *values* are
-trusted, not re-derived (a zero count where rows are visual would skip their LoRA term);
-:func:`plora_linear` always computes them itself from ``im_mask`` in the same call.
+seed) without a host sync.  ``tile_flags`` must equal ``launch.tile_flags(im_mask)`` -- the kernels
+skip the LoRA term of a tile whose count is 0 -- and the ops verify that by default
+(``check_metadata=True``, one host sync).  :func:`plora_linear` computes the flags itself from
+``im_mask`` in the same call and passes ``check_metadata=False``, so its path stays sync-free.
 """
 from __future__ import annotations
 
@@ -66,22 +67,35 @@ def _check_op_args(x, weight, bias, lora_a, lora_b, im_mask, tile_flags, dropout
                        ("im_mask", im_mask), ("tile_flags", tile_flags), ("dropout_seed", dropout_seed)])
 
 
-def _forward_impl(x, weight, bias, lora_a, lora_b, im_mask, tile_flags, scaling, dropout_p, dropout_seed):
+def _check_tile_flags_values(im_mask, tile_flags):
+    """The flags the kernels trust to skip text tiles must be the mask's (one host sync)."""
+    if not torch.equal(tile_flags, launch.tile_flags(im_mask)):
+        raise ValueError("tile_flags do not match im_mask: pass launch.tile_flags(im_mask) (per "
+                         f"{FLAG_ROWS}-row group, the number of visual rows)")
+
+
+def _forward_impl(x, weight, bias, lora_a, lora_b, im_mask, tile_flags, scaling, dropout_p, dropout_seed,
+                  check_metadata=True):
     require_triton(x.device, x.dtype)  # the op *is* the Triton path
     _check_op_args(x, weight, bias, lora_a, lora_b, im_mask, tile_flags, dropout_p, dropout_seed)
+    if check_metadata:
+        _check_tile_flags_values(im_mask, tile_flags)
     return launch.plora_forward(x, weight, bias, lora_a, lora_b, im_mask, tile_flags, scaling, dropout_p,
                                 dropout_seed)
 
 
-def _forward_fake(x, weight, bias, lora_a, lora_b, im_mask, tile_flags, scaling, dropout_p, dropout_seed):
+def _forward_fake(x, weight, bias, lora_a, lora_b, im_mask, tile_flags, scaling, dropout_p, dropout_seed,
+                  check_metadata=True):
     M = x.shape[0]
     return x.new_empty((M, weight.shape[0])), x.new_empty((M, lora_a.shape[0]))
 
 
 def _backward_impl(grad_y, x, weight, lora_a, lora_b, lora_hidden, im_mask, tile_flags, scaling, dropout_p,
-                   dropout_seed, output_mask):
+                   dropout_seed, output_mask, check_metadata=True):
     require_triton(x.device, x.dtype)  # the op *is* the Triton path
     _check_op_args(x, weight, None, lora_a, lora_b, im_mask, tile_flags, dropout_p, dropout_seed)
+    if check_metadata:
+        _check_tile_flags_values(im_mask, tile_flags)
     M, N, R = x.shape[0], weight.shape[0], lora_a.shape[0]
     check_tensor("grad_y", grad_y, ndim=2, dtypes=(x.dtype,))
     check_shape("grad_y", grad_y, (M, N), "the forward output y [M, N]")
@@ -93,7 +107,7 @@ def _backward_impl(grad_y, x, weight, lora_a, lora_b, lora_hidden, im_mask, tile
 
 
 def _backward_fake(grad_y, x, weight, lora_a, lora_b, lora_hidden, im_mask, tile_flags, scaling, dropout_p,
-                   dropout_seed, output_mask):
+                   dropout_seed, output_mask, check_metadata=True):
     def maybe(flag, shape):
         return x.new_empty(shape) if flag else x.new_empty(0)
 
@@ -106,14 +120,15 @@ def _backward_fake(grad_y, x, weight, lora_a, lora_b, lora_hidden, im_mask, tile
 plora_forward_op = define_op(
     "plora_forward",
     "(Tensor x, Tensor weight, Tensor? bias, Tensor lora_a, Tensor lora_b, Tensor im_mask, "
-    "Tensor tile_flags, float scaling, float dropout_p, Tensor? dropout_seed) -> (Tensor, Tensor)",
+    "Tensor tile_flags, float scaling, float dropout_p, Tensor? dropout_seed, bool check_metadata=True) "
+    "-> (Tensor, Tensor)",
     _forward_impl, _forward_fake)
 
 plora_backward_op = define_op(
     "plora_backward",
     "(Tensor grad_y, Tensor x, Tensor weight, Tensor lora_a, Tensor lora_b, Tensor lora_hidden, "
     "Tensor im_mask, Tensor tile_flags, float scaling, float dropout_p, Tensor? dropout_seed, "
-    "bool[5] output_mask) -> (Tensor, Tensor, Tensor, Tensor, Tensor)",
+    "bool[5] output_mask, bool check_metadata=True) -> (Tensor, Tensor, Tensor, Tensor, Tensor)",
     _backward_impl, _backward_fake, backward_of="plora_linear")
 
 
@@ -129,13 +144,14 @@ class PLoRAFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(x, weight, bias, lora_a, lora_b, im_mask, tile_flags, scaling, dropout_p, dropout_seed):
+    def forward(x, weight, bias, lora_a, lora_b, im_mask, tile_flags, scaling, dropout_p, dropout_seed,
+                check_metadata=True):
         return plora_forward_op(x, weight, bias, lora_a, lora_b, im_mask, tile_flags, scaling, dropout_p,
-                                dropout_seed)
+                                dropout_seed, check_metadata)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        x, weight, bias, lora_a, lora_b, im_mask, tile_flags, scaling, dropout_p, dropout_seed = inputs
+        x, weight, bias, lora_a, lora_b, im_mask, tile_flags, scaling, dropout_p, dropout_seed = inputs[:10]
         _, lora_hidden = output
         # S is an auxiliary output kept for the backward; the formula below has no term for a
         # gradient flowing into it, so it is marked non-differentiable rather than silently dropped.
@@ -151,12 +167,12 @@ class PLoRAFunction(torch.autograd.Function):
         need = ctx.needs_input_grad
         output_mask = [need[0], need[1], bool(need[2] and ctx.has_bias), need[3], need[4]]
         if not any(output_mask):
-            return (None,) * 10
+            return (None,) * 11
         dx, dw, db, da, dlb = plora_backward_op(grad_y, x, weight, lora_a, lora_b, lora_hidden, im_mask,
                                                 tile_flags, ctx.scaling, ctx.dropout_p, dropout_seed,
-                                                output_mask)
+                                                output_mask, False)  # flags: checked by (or made for) the forward
         grads = [g if flag else None for g, flag in zip((dx, dw, db, da, dlb), output_mask)]
-        return (*grads, None, None, None, None, None)
+        return (*grads, None, None, None, None, None, None)
 
 
 torch.library.register_autograd("mmkernels::plora_forward", PLoRAFunction.backward,
@@ -243,5 +259,5 @@ def plora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
     seed = None
     if p > 0:
         seed = torch.randint(0, 2**31 - 1, (1,), dtype=torch.int64, device=x.device)
-    y, _ = plora_forward_op(x2, weight, bias, lora_a, lora_b, mask, flags, float(scaling), p, seed)
+    y, _ = plora_forward_op(x2, weight, bias, lora_a, lora_b, mask, flags, float(scaling), p, seed, False)
     return y.view(*x.shape[:-1], N)
