@@ -317,30 +317,37 @@ def test_raw_op_checks_its_arguments(case, exc, words):
         plora_forward_op(*kw.values())
 
 
-def run_isolated(code: str, marker: str):
-    """Run ``code`` in a fresh interpreter-mode Python: a crash fails the test instead of pytest."""
+_EMPTY_SEED = textwrap.dedent("""
+    import torch, mmkernels
+    from mmkernels.ops.plora import launch
+    from mmkernels.ops.plora.function import plora_forward_op
+    x, w, a, lb = torch.randn(20, 16), torch.randn(12, 16), torch.randn(4, 16), torch.randn(12, 4)
+    mask = torch.zeros(20, dtype=torch.bool); mask[3:9] = True
+    try:
+        plora_forward_op(x, w, None, a, lb, mask, launch.tile_flags(mask), 1.0, 0.2, torch.zeros(0, dtype=torch.int64))
+    except ValueError as e:
+        assert "dropout_seed" in str(e), e
+        print("EMPTY-SEED-REJECTED", flush=True)
+""")
+
+
+@pytest.fixture(scope="module")
+def isolated_run():
+    """One fresh interpreter-mode Python for the crash-prone checks (an out-of-bounds read aborts the
+    process: it must fail a test, not kill pytest).  Each check prints its marker when it passes."""
+    code = _EMPTY_SEED + _BIG_STRIDES.replace("SEED", str(torch.initial_seed() % 2**31))
     env = dict(os.environ, TRITON_INTERPRET="1", MMKERNELS_BACKEND="",
                PYTHONPATH=os.pathsep.join([str(Path(__file__).resolve().parent.parent), os.environ.get("PYTHONPATH", "")]))
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env)
-    assert proc.returncode == 0 and marker in proc.stdout, (
-        f"rc={proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env)
 
 
-def test_raw_op_rejects_an_empty_seed():
-    """An empty dropout_seed was read out of bounds (the interpreter crashed): run isolated."""
-    run_isolated(textwrap.dedent("""
-        import torch, mmkernels
-        from mmkernels.ops.plora import launch
-        from mmkernels.ops.plora.function import plora_forward_op
-        x, w, a, lb = torch.randn(20, 16), torch.randn(12, 16), torch.randn(4, 16), torch.randn(12, 4)
-        mask = torch.zeros(20, dtype=torch.bool); mask[3:9] = True
-        try:
-            plora_forward_op(x, w, None, a, lb, mask, launch.tile_flags(mask), 1.0, 0.2,
-                             torch.zeros(0, dtype=torch.int64))
-        except ValueError as e:
-            assert "dropout_seed" in str(e), e
-            print("REJECTED")
-    """), "REJECTED")
+def assert_isolated(proc, marker):
+    assert marker in proc.stdout, f"rc={proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+
+
+def test_raw_op_rejects_an_empty_seed(isolated_run):
+    """An empty dropout_seed was read out of bounds (the interpreter crashed)."""
+    assert_isolated(isolated_run, "EMPTY-SEED-REJECTED")
 
 
 @pytest.mark.skipif(not KERNEL_DEVICES, reason="no Triton device")
@@ -435,10 +442,10 @@ _BIG_STRIDES = textwrap.dedent(r"""
 """)
 
 
-def test_offsets_past_2_pow_31_use_int64():
+def test_offsets_past_2_pow_31_use_int64(isolated_run):
     """Strides < 2**31 whose products with an index pass 2**31 (transposed W0, A, B; strided x; the
-    pointer steps of the K/N/M loops).  Run in a subprocess: an int32 wrap reads out of bounds."""
-    run_isolated(_BIG_STRIDES.replace("SEED", str(torch.initial_seed() % 2**31)), "BIG-STRIDES-OK")
+    pointer steps of the K/N/M loops).  Isolated: an int32 wrap reads out of bounds."""
+    assert_isolated(isolated_run, "BIG-STRIDES-OK")
 
 
 @pytest.mark.skipif(not KERNEL_DEVICES, reason="no Triton device")
