@@ -381,6 +381,15 @@ def test_raw_backward_op_checks_grad_and_hidden_shapes():
         plora_backward_op(*args[:5], s[:, :-1], *args[6:])
 
 
+def test_reference_checks_its_dropout_mask():
+    """The reference's explicit keep-mask gave a raw indexing error when its shape was wrong."""
+    x, w, b, a, lb = make_inputs((6,), 8, 5, 2, device="cpu")
+    mask = torch.ones(6, dtype=torch.bool)
+    for bad, exc in ((torch.ones(6, 7, dtype=torch.bool), ValueError), (torch.ones(6, 8), TypeError)):
+        with pytest.raises(exc, match="dropout_mask"):
+            plora_linear_reference(x, w, b, a, lb, mask, dropout_p=0.5, training=True, dropout_mask=bad)
+
+
 @pytest.mark.parametrize("kwargs,words", [(dict(lora_alpha="8"), "lora_alpha"), (dict(lora_dropout="x"), "lora_dropout"),
                                           (dict(lora_dropout=float("nan")), "lora_dropout")])
 def test_module_constructor_names_bad_float_args(kwargs, words):

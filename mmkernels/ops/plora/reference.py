@@ -21,6 +21,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ..._validation import check_shape, check_tensor
+
 
 def plora_linear_reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                            lora_a: torch.Tensor, lora_b: torch.Tensor, im_mask: torch.Tensor,
@@ -32,6 +34,9 @@ def plora_linear_reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Te
     kernel's seeded dropout can be compared exactly; it only matters when ``training`` and
     ``dropout_p > 0``.
     """
+    if dropout_mask is not None:
+        check_tensor("dropout_mask", dropout_mask, dtypes=(torch.bool,))
+        check_shape("dropout_mask", dropout_mask, x.shape, "the shape of x, True = keep")
     if x.dim() == 1:  # one token: a 0-d mask selects it or not; gather/scatter need a row dimension
         keep = dropout_mask.reshape(1, -1) if dropout_mask is not None else None
         return plora_linear_reference(x.unsqueeze(0), weight, bias, lora_a, lora_b, im_mask.reshape(1), scaling,
