@@ -321,6 +321,8 @@ def test_k1_min_capacity_above_tokens_is_an_error():
         with pytest.raises(ValueError, match="min_capacity=8 tokens, got 5"):
             moe(torch.randn(5, H))
         moe(torch.randn(8, H))
+        y, l_aux, counts = moe(torch.randn(0, H))   # nothing to route: an empty output, not an error
+        assert y.shape == (0, H) and int(counts.sum()) == 0
     MoE(H, PhiMLP(H, F_), num_experts=E, k=2, min_capacity=8)(torch.randn(5, H))   # top2gating: no such rule
 
 

@@ -385,7 +385,9 @@ class MoE(nn.Module):
                 f"ffn={self.w2.shape[-1]}, capacity_factor={self.capacity_factor}, "
                 f"eval_capacity_factor={self.eval_capacity_factor}, min_capacity={self.min_capacity}, "
                 f"drop_tokens={self.drop_tokens}, use_rts={self.use_rts}, "
-                f"top2_2nd_expert_sampling={self.top2_2nd_expert_sampling}")
+                f"top2_2nd_expert_sampling={self.top2_2nd_expert_sampling}"
+                + (f", noisy_gate_policy={self.noisy_gate_policy!r}" if self.noisy_gate_policy else "")
+                + (f", drop_policy={self.drop_policy!r}" if self.drop_policy else ""))
 
     def capacity(self, num_tokens: int) -> Optional[int]:
         """Capacity per expert for ``num_tokens`` rows in the current mode (None when dropless)."""
@@ -398,8 +400,9 @@ class MoE(nn.Module):
               token_order: Optional[torch.Tensor] = None):
         """Routing for ``x2 [S, H]``; noise / token order are drawn from torch's generator when not given."""
         S = x2.shape[0]
-        if self.k == 1 and S < self.min_capacity:
-            # DeepSpeed's top1gating: assert logits.shape[0] >= min_capacity (whether or not it drops)
+        if self.k == 1 and 0 < S < self.min_capacity:
+            # DeepSpeed's top1gating: assert logits.shape[0] >= min_capacity (whether or not it drops);
+            # an empty input has nothing to route and gives an empty output
             raise ValueError(f"k=1 needs at least min_capacity={self.min_capacity} tokens, got {S}: DeepSpeed's "
                              "top1gating asserts this; set min_capacity=0 or pass more tokens")
         if second_expert_noise is not None and self.k != 2:
@@ -411,10 +414,11 @@ class MoE(nn.Module):
             second_expert_noise = -torch.log(-torch.log(u))                       # Gumbel(0, 1)
         if token_order is None and self.k == 1 and self.use_rts and self.drop_tokens:
             token_order = torch.argsort(torch.rand(S, device=x2.device), descending=True)
+        capacity = self.capacity(S) if S > 0 else None   # no rows: nothing to drop (and no min_capacity rule)
         if self.k >= 3 and self.drop_tokens:   # topkgating's policy (None: its default, 'probs')
-            return moe_route(logits, self.k, self.capacity(S), second_expert_noise, token_order,
+            return moe_route(logits, self.k, capacity, second_expert_noise, token_order,
                              drop_policy=self.drop_policy or "probs")
-        return moe_route(logits, self.k, self.capacity(S), second_expert_noise, token_order)
+        return moe_route(logits, self.k, capacity, second_expert_noise, token_order)
 
     def forward(self, hidden_states: torch.Tensor, used_token: Optional[torch.Tensor] = None,
                 second_expert_noise: Optional[torch.Tensor] = None, token_order: Optional[torch.Tensor] = None):
