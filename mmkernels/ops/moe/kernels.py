@@ -117,6 +117,9 @@ def _grouped_mm_kernel(
     row_ok = rows < row_end
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = cols < N
+    # int64 column offsets: a stride times an index can pass 2**31 on a strided view (e.g. expert
+    # weights that are a permuted slice of a larger tensor)
+    cols64 = cols.to(tl.int64)
     if GATHER_A:
         arow = (tl.load(a_idx_ptr + rows, mask=row_ok, other=0) // a_div).to(tl.int64)
     else:
@@ -128,33 +131,34 @@ def _grouped_mm_kernel(
     for k0 in range(0, k_end, BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)
         k_ok = ks < K
-        a = tl.load(a_ptr + arow[:, None] * stride_am + ks[None, :] * stride_ak,
+        ks64 = ks.to(tl.int64)
+        a = tl.load(a_ptr + arow[:, None] * stride_am + ks64[None, :] * stride_ak,
                     mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-        b = tl.load(b_base + cols[None, :] * stride_bn + ks[:, None] * stride_bk,
+        b = tl.load(b_base + cols64[None, :] * stride_bn + ks64[:, None] * stride_bk,
                     mask=col_ok[None, :] & k_ok[:, None], other=0.0)
         acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
         if EPILOGUE == 2:
-            b_up = tl.load(b_base + (cols[None, :] + half_n) * stride_bn + ks[:, None] * stride_bk,
+            b_up = tl.load(b_base + (cols64[None, :] + half_n) * stride_bn + ks64[:, None] * stride_bk,
                            mask=col_ok[None, :] & k_ok[:, None], other=0.0)
             acc_up = tl.dot(a, b_up, acc_up, input_precision=DOT_PRECISION)
     if HAS_BIAS:
         bias_base = bias_ptr + e.to(tl.int64) * stride_biase
-        acc += tl.load(bias_base + cols * stride_biasn, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+        acc += tl.load(bias_base + cols64 * stride_biasn, mask=col_ok, other=0.0).to(tl.float32)[None, :]
         if EPILOGUE == 2:
-            acc_up += tl.load(bias_base + (cols + half_n) * stride_biasn, mask=col_ok,
+            acc_up += tl.load(bias_base + (cols64 + half_n) * stride_biasn, mask=col_ok,
                               other=0.0).to(tl.float32)[None, :]
     if SCATTER_C:
         crow = tl.load(c_idx_ptr + rows, mask=row_ok, other=0).to(tl.int64)
     else:
         crow = rows.to(tl.int64)
     out_mask = row_ok[:, None] & col_ok[None, :]
-    c_ptrs = c_ptr + crow[:, None] * stride_cm + cols[None, :] * stride_cn
-    z_ptrs = z_ptr + rows[:, None].to(tl.int64) * stride_zm + cols[None, :] * stride_zn
+    c_ptrs = c_ptr + crow[:, None] * stride_cm + cols64[None, :] * stride_cn
+    z_ptrs = z_ptr + rows[:, None].to(tl.int64) * stride_zm + cols64[None, :] * stride_zn
     if EPILOGUE == 0:
         tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=out_mask)
         if WEIGHTED_Y:  # k = 1: slot == row, so the weighted combine is one store per row, no atomics
             w = tl.load(w_ptr + crow, mask=row_ok, other=0.0)
-            tl.store(y_ptr + crow[:, None] * stride_ym + cols[None, :] * stride_yn,
+            tl.store(y_ptr + crow[:, None] * stride_ym + cols64[None, :] * stride_yn,
                      (acc * w[:, None]).to(y_ptr.dtype.element_ty), mask=out_mask)
     elif EPILOGUE == 1:
         z = acc.to(z_ptr.dtype.element_ty)
@@ -209,6 +213,8 @@ def _grouped_wgrad_kernel(
     cols_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
     n_ok = cols_n < N
     k_ok = cols_k < K
+    n64 = cols_n.to(tl.int64)                       # int64 offsets (strided views, see _grouped_mm_kernel)
+    k64 = cols_k.to(tl.int64)
     acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
     acc_bias = tl.zeros((BLOCK_N,), dtype=tl.float32)
     for r0 in range(lo, hi, BLOCK_M):
@@ -218,24 +224,24 @@ def _grouped_wgrad_kernel(
             grow = (tl.load(g_idx_ptr + rows, mask=row_ok, other=0) // g_div).to(tl.int64)
         else:
             grow = rows.to(tl.int64)
-        g = tl.load(g_ptr + grow[:, None] * stride_gm + cols_n[None, :] * stride_gn,
+        g = tl.load(g_ptr + grow[:, None] * stride_gm + n64[None, :] * stride_gn,
                     mask=row_ok[:, None] & n_ok[None, :], other=0.0)
         if HAS_DB:
             if GATHER_A:
                 arow = (tl.load(a_idx_ptr + rows, mask=row_ok, other=0) // a_div).to(tl.int64)
             else:
                 arow = rows.to(tl.int64)
-            a = tl.load(a_ptr + arow[:, None] * stride_am + cols_k[None, :] * stride_ak,
+            a = tl.load(a_ptr + arow[:, None] * stride_am + k64[None, :] * stride_ak,
                         mask=row_ok[:, None] & k_ok[None, :], other=0.0)
             acc = tl.dot(tl.trans(g), a, acc, input_precision=DOT_PRECISION)
         if HAS_DBIAS:
             acc_bias += tl.sum(g.to(tl.float32), axis=0)
     e64 = e.to(tl.int64)
     if HAS_DB:
-        tl.store(db_ptr + e64 * stride_dbe + cols_n[:, None] * stride_dbn + cols_k[None, :] * stride_dbk,
+        tl.store(db_ptr + e64 * stride_dbe + n64[:, None] * stride_dbn + k64[None, :] * stride_dbk,
                  acc.to(db_ptr.dtype.element_ty), mask=n_ok[:, None] & k_ok[None, :])
     if HAS_DBIAS:
-        tl.store(dbias_ptr + e64 * stride_dbiase + cols_n * stride_dbiasn,
+        tl.store(dbias_ptr + e64 * stride_dbiase + n64 * stride_dbiasn,
                  acc_bias.to(dbias_ptr.dtype.element_ty), mask=n_ok & (pid_k == 0))
 
 
@@ -253,17 +259,18 @@ def _moe_combine_kernel(
     cols = pid_h * BLOCK_H + tl.arange(0, BLOCK_H)
     row_ok = rows < S
     col_ok = cols < H
+    cols64 = cols.to(tl.int64)
     acc = tl.zeros((BLOCK_S, BLOCK_H), dtype=tl.float32)
     for j in range(0, k):
         slot = rows.to(tl.int64) * k + j
         kept = tl.load(keep_ptr + slot, mask=row_ok, other=0) != 0
-        o = tl.load(o_ptr + slot[:, None] * stride_om + cols[None, :] * stride_oh,
+        o = tl.load(o_ptr + slot[:, None] * stride_om + cols64[None, :] * stride_oh,
                     mask=(kept & row_ok)[:, None] & col_ok[None, :], other=0.0).to(tl.float32)
         if HAS_WEIGHT:
             w = tl.load(w_ptr + slot, mask=kept & row_ok, other=0.0)
             o = o * w[:, None]
         acc += o
-    tl.store(y_ptr + rows[:, None].to(tl.int64) * stride_ym + cols[None, :] * stride_yh,
+    tl.store(y_ptr + rows[:, None].to(tl.int64) * stride_ym + cols64[None, :] * stride_yh,
              acc.to(y_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
 
 
@@ -287,13 +294,14 @@ def _moe_combine_bwd_kernel(
         for h0 in range(0, H, BLOCK_H):
             cols = h0 + tl.arange(0, BLOCK_H)
             col_ok = cols < H
-            dy = tl.load(dy_ptr + rows[:, None].to(tl.int64) * stride_dym + cols[None, :] * stride_dyh,
+            cols64 = cols.to(tl.int64)
+            dy = tl.load(dy_ptr + rows[:, None].to(tl.int64) * stride_dym + cols64[None, :] * stride_dyh,
                          mask=row_ok[:, None] & col_ok[None, :], other=0.0).to(tl.float32)
             g = tl.where(kept[:, None], dy * w[:, None], 0.0)
-            tl.store(do_ptr + slot[:, None] * stride_dom + cols[None, :] * stride_doh,
+            tl.store(do_ptr + slot[:, None] * stride_dom + cols64[None, :] * stride_doh,
                      g.to(do_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
             if HAS_DW:
-                o = tl.load(o_ptr + slot[:, None] * stride_om + cols[None, :] * stride_oh,
+                o = tl.load(o_ptr + slot[:, None] * stride_om + cols64[None, :] * stride_oh,
                             mask=kept[:, None] & col_ok[None, :], other=0.0).to(tl.float32)
                 dot += tl.sum(dy * o, axis=1)
         if HAS_DW:
