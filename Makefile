@@ -71,14 +71,15 @@ bench: $(BUILD_STAMP)
 	$(VPY) -m benchmarks.run
 
 # pip wheel gives a linux_x86_64 wheel; auditwheel checks it against the manylinux policies and
-# retags it (plat "auto": the most compatible policy this build satisfies), bundling nothing
-# from torch or CUDA (WHEEL_EXCLUDE).
+# retags it (plat "auto": the most compatible policy this build satisfies, e.g. manylinux_2_24),
+# bundling nothing from torch or CUDA (WHEEL_EXCLUDE).  auditwheel needs patchelf on PATH.
 wheel: $(DEPS_STAMP)
 	rm -rf dist/mmkernels-*.whl build/wheel-raw
 	@start=$$(date +%s); \
 	$(PIP) wheel -v --no-build-isolation --no-deps -w build/wheel-raw . && \
 	echo "mmkernels: wheel build took $$(( $$(date +%s) - start ))s"
-	$(VENV)/bin/auditwheel repair $(addprefix --exclude ,$(WHEEL_EXCLUDE)) -w dist build/wheel-raw/mmkernels-*.whl
+	PATH="$(abspath $(VENV))/bin:$$PATH" $(VENV)/bin/auditwheel repair $(addprefix --exclude ,$(WHEEL_EXCLUDE)) \
+		-w dist build/wheel-raw/mmkernels-*.whl
 	@ls -l dist/mmkernels-*.whl
 
 clean:

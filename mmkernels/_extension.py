@@ -85,7 +85,7 @@ def abi_mismatch(meta: dict[str, Any], torch_version: str, torch_cuda: str | Non
     if not reasons:
         return None
     return (
-        f"mmkernels._C was built for torch {torch_label(built, built_cuda)}, running "
+        f"native extension _C was built for torch {torch_label(built, built_cuda)}, running "
         f"{torch_label(torch_version, torch_cuda)} ({'; '.join(reasons)}); {_FALLBACK}; rebuild with "
         f"`pip install --no-build-isolation --force-reinstall --no-deps <mmkernels source>` against this "
         f"torch, or install torch=={_release(built)}"
