@@ -88,6 +88,10 @@ def test_visual_kv_double_backward_matches_reference(device):
     for name, a, b in zip(names, second, second_ref):
         assert_close("d2 " + name, a, b, torch.float32)
     assert second[4].abs().sum() > 0          # the path through visual_kv_rope_bwd's own derivative
+    from mmkernels.ops.hyper_attention.reference import rope_inv_freq
+    dk, dv = (torch.randn(N * T, Hkv, D, device=device, requires_grad=True) for _ in range(2))
+    torch.library.opcheck(torch.ops.mmkernels.visual_kv_rope_bwd.default,
+                          (dk, dv, pos, rope_inv_freq(D, 1e4, device), T, 1))
 
 
 @pytest.mark.parametrize("device", KERNEL_DEVICES)
@@ -224,11 +228,13 @@ def test_module_forward_names_bad_input(call, exc, match):
             call(layer, x, pid, cache)
 
 
-def test_position_ids_shared_by_the_batch():
-    """``[L]`` and ``[1, L]`` position_ids broadcast over the batch like ``[B, L]``."""
+@pytest.mark.parametrize("backend", ["reference", pytest.param("triton", marks=NEEDS_KERNELS)])
+def test_position_ids_shared_by_the_batch(backend):
+    """``[L]`` and ``[1, L]`` position_ids broadcast over the batch like ``[B, L]`` (the triton RoPE
+    kernel used to index a ``[1, L]`` tensor with the batch index, past its end)."""
     layer = HyperAttention(32, 2, 1, rope_theta=1e4)
     x = torch.randn(2, 5, 32)
-    with torch.no_grad(), use_backend("reference"):
+    with torch.no_grad(), use_backend(backend):
         full = layer(x, torch.arange(5)[None].expand(2, 5))[0]
         torch.testing.assert_close(layer(x, torch.arange(5))[0], full, rtol=0, atol=0)
         torch.testing.assert_close(layer(x, torch.arange(5)[None])[0], full, rtol=0, atol=0)
@@ -347,9 +353,10 @@ def test_left_padded_batched_decode_matches_reference(device, mode):
 @pytest.mark.parametrize("mode", ["gated", "joint"])
 def test_module_left_padded_decode_matches_full_forward(backend, device, mode):
     """The layer on a left-padded batch: prefill + cached decode steps (split-K on triton) give the
-    rows of one forward over the whole sequence, on both backends."""
+    rows of one forward over the whole sequence (17 rows: the fused path), on both backends."""
     torch.manual_seed(0)
-    hidden, H, Hkv, B, L, steps, T = 32, 2, 1, 3, 9, 2, 3
+    hidden, H, Hkv, B, L, steps, T = 32, 2, 1, 3, 15, 2, 3
+    assert not launch.use_decode_path(L + steps, H // Hkv) and launch.use_decode_path(1, H // Hkv)
     layer = HyperAttention(hidden, H, Hkv, rope_theta=1e4, mode=mode, device=device)
     if mode == "gated":
         torch.nn.init.normal_(layer.gate)
