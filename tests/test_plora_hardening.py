@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import warnings
 from pathlib import Path
 
 import pytest
@@ -214,6 +215,20 @@ def test_zero_in_features(backend, bias):
     if bias:
         torch.testing.assert_close(leaves[2].grad, gy.sum((0, 1)))
     assert torch.count_nonzero(leaves[4].grad) == 0
+
+
+@pytest.mark.skipif(not KERNEL_DEVICES, reason="no Triton device")
+def test_zero_in_features_frozen_weight_trainable_bias():
+    """K = 0 with only db0 wanted launched the dW0/db0 kernel, whose column index wraps % K: an integer
+    division by zero (a RuntimeWarning in the interpreter, undefined on a GPU)."""
+    x, w, b, a, lb = make_inputs((5,), 0, 6, 3)
+    b.requires_grad_()
+    with use_backend("triton"), warnings.catch_warnings():
+        warnings.simplefilter("error")
+        y = plora_linear(x, w, b, a, lb, mixed_mask(5), scaling=1.0)
+        gy = torch.randn(5, 6, device=DEVICE)
+        y.backward(gy)
+    torch.testing.assert_close(b.grad, gy.sum(0))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -208,7 +208,7 @@ def plora_backward(grad_y, x, weight, lora_a, lora_b, lora_hidden, im_mask, flag
     if need_dw or need_dbias:
         dw = new_output((N, K), dtype=dt, device=dev) if need_dw else empty()
         dbias = new_output((N,), dtype=dt, device=dev) if need_dbias else empty()
-        if N > 0 and (K > 0 or not need_dw):
+        if N > 0 and K > 0:  # (the kernel wraps column indices % K: K = 0 must not launch it)
             cfg = _config("dw", dev, dt)
             grid = (cdiv(N, cfg["BLOCK_N"]), cdiv(K, cfg["BLOCK_K"]) if need_dw else 1)
             kernels._plora_bwd_dw_kernel[grid](
@@ -217,7 +217,7 @@ def plora_backward(grad_y, x, weight, lora_a, lora_b, lora_hidden, im_mask, flag
                 dw.stride(0) if need_dw else 0, dw.stride(1) if need_dw else 0,
                 HAS_DW=need_dw, HAS_DBIAS=need_dbias, EVEN_M=M % cfg["BLOCK_M"] == 0,
                 DOT_PRECISION=precision, **cfg)
-        if need_dbias and K == 0 and need_dw:  # the dW grid is empty: db0 still needs its sums
+        if need_dbias and K == 0:  # no dW0/dB0 launch: db0 still needs its column sums
             dbias.copy_(grad_y.sum(0, dtype=torch.float32))
 
     da = empty()
