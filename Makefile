@@ -35,6 +35,8 @@ BUILD_ENV_FILE := $(VENV)/.mmkernels-build-env
 NATIVE_INPUTS := CMakeLists.txt setup.py pyproject.toml $(shell find csrc -type f 2>/dev/null)
 TEST_DIRS := tests $(wildcard benchmarks)
 
+# pip -v shows the CMake/ninja output of the builds below (so setup.py need not echo it to the
+# terminal itself: MMKERNELS_BUILD_PROGRESS=0).
 # Rebuild _C when the build knobs change (the file is rewritten only on change).
 BUILD_ENV := REQUIRE=$(MMKERNELS_REQUIRE_CUDA) DISABLE=$(MMKERNELS_DISABLE_CUDA) ARCHS=$(TORCH_CUDA_ARCH_LIST) CUDACXX=$(CUDACXX) TORCH=$(TORCH_SPEC)
 _ := $(shell mkdir -p $(VENV) && (printf '%s\n' '$(BUILD_ENV)' | cmp -s - $(BUILD_ENV_FILE) || printf '%s\n' '$(BUILD_ENV)' > $(BUILD_ENV_FILE)))
@@ -54,7 +56,7 @@ $(DEPS_STAMP): $(VPY) Makefile pyproject.toml tools/requirements.py
 
 $(BUILD_STAMP): $(DEPS_STAMP) $(NATIVE_INPUTS) $(BUILD_ENV_FILE)
 	@start=$$(date +%s); \
-	$(PIP) install -v --no-build-isolation --no-deps -e . && \
+	MMKERNELS_BUILD_PROGRESS=0 $(PIP) install -v --no-build-isolation --no-deps -e . && \
 	echo "mmkernels: editable build took $$(( $$(date +%s) - start ))s"
 	@$(VPY) -c "from mmkernels._extension import build_info; print('mmkernels build_info:', build_info())"
 	@touch $@
@@ -76,7 +78,7 @@ bench: $(BUILD_STAMP)
 wheel: $(DEPS_STAMP)
 	rm -rf dist/mmkernels-*.whl build/wheel-raw
 	@start=$$(date +%s); \
-	$(PIP) wheel -v --no-build-isolation --no-deps -w build/wheel-raw . && \
+	MMKERNELS_BUILD_PROGRESS=0 $(PIP) wheel -v --no-build-isolation --no-deps -w build/wheel-raw . && \
 	echo "mmkernels: wheel build took $$(( $$(date +%s) - start ))s"
 	PATH="$(abspath $(VENV))/bin:$$PATH" $(VENV)/bin/auditwheel repair $(addprefix --exclude ,$(WHEEL_EXCLUDE)) \
 		-w dist build/wheel-raw/mmkernels-*.whl

@@ -74,6 +74,20 @@ def _pinned_torch_requirement() -> str:
 TORCH_PIN = _pinned_torch_requirement()
 
 
+def _check_setuptools() -> None:
+    """pyproject.toml's metadata (an SPDX license string) needs setuptools >= 77; with
+    --no-build-isolation the environment's setuptools is used, so say so instead of failing
+    in pyproject validation."""
+    import setuptools
+
+    spec = next((r for r in PYPROJECT["build-system"]["requires"] if r.startswith("setuptools")), "setuptools")
+    need = tuple(int(x) for x in re.findall(r">=\s*([\d.]+)", spec)[0].split(".")) if ">=" in spec else (0,)
+    have = tuple(int(x) for x in re.findall(r"\d+", setuptools.__version__)[:2])
+    if have < need:
+        _fail(f"  setuptools {setuptools.__version__} is too old to build mmkernels ({spec} is needed).",
+              f"run: pip install '{spec}'   (then repeat the command)")
+
+
 def _fail(*lines: str) -> NoReturn:
     """Stop the build with a message whose LAST line says what to run."""
     print("\n".join(["", "mmkernels: build failed:", *lines]), file=sys.stderr, flush=True)
@@ -316,6 +330,7 @@ class CMakeBuild(build_ext):
                   "run: pip install -v --no-build-isolation .   (full build log)")
 
 
+_check_setuptools()
 setup(
     ext_modules=[CMakeExtension("mmkernels._C")],
     cmdclass={"build_ext": CMakeBuild},
