@@ -158,6 +158,13 @@ def test_from_deepspeed_verifies_the_template():
     ds = FakeDeepSpeedMoE(H, FnMLP(torch.relu), E, 2, 1.5, 2.0, 0)
     with pytest.raises(ValueError, match="FnMLP.*relu"):
         MoE.from_deepspeed(ds)
+    ds = FakeDeepSpeedMoE(H, PhiMLP(H, F_), E, 2, 1.5, 2.0, 0)
+    MoE.from_deepspeed(ds)
+    ds.deepspeed_moe.experts.deepspeed_experts[2].act = nn.ReLU()   # one expert no longer a copy of the template
+    with pytest.raises(ValueError, match=r"ds_moe's expert 2: unsupported expert PhiMLP.*relu"):
+        MoE.from_deepspeed(ds)
+    ds.deepspeed_moe.experts.deepspeed_experts[2].act = nn.GELU(approximate="tanh")   # equal, not identical
+    MoE.from_deepspeed(ds)
 
 
 # ------------------------------------------------------------------------------ item 9: strict DeepSpeed loading

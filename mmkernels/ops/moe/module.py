@@ -76,6 +76,31 @@ def _check_routing_policy(k: int, num_experts: int, drop_policy: Optional[str]) 
             "routing op does not reproduce; use drop_tokens=False (dropless, matches DeepSpeed) or k <= 2") from e
 
 
+_MODULE_STATE = {"_parameters", "_buffers", "_modules", "training"}
+
+
+def _same_structure(a: nn.Module, b: nn.Module) -> bool:
+    """Same class, same plain attributes and, recursively, the same children: a deep copy (any values
+    in the parameters and buffers).  False when unsure."""
+    if type(a) is not type(b) or set(a._modules) != set(b._modules):
+        return False
+    va = {k: v for k, v in vars(a).items() if k not in _MODULE_STATE and not k.endswith("hooks")}
+    vb = {k: v for k, v in vars(b).items() if k not in _MODULE_STATE and not k.endswith("hooks")}
+    if set(va) != set(vb):
+        return False
+    for key, x in va.items():
+        y = vb[key]
+        try:
+            same = (torch.equal(x, y) if isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor)
+                    else bool(x is y or x == y))
+        except Exception:
+            same = False
+        if not same:
+            return False
+    return all((x is None and y is None) or (x is not None and y is not None and _same_structure(x, y))
+               for x, y in ((a._modules[n], b._modules[n]) for n in a._modules))
+
+
 def _check_int(name: str, value, low: int) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
         raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
@@ -559,6 +584,18 @@ class MoE(nn.Module):
             enable_expert_tensor_parallelism=bool(getattr(ds_moe, "enable_expert_tensor_parallelism", False)),
             top2_2nd_expert_sampling=bool(getattr(gate, "top2_2nd_expert_sampling", True)),
             drop_policy=getattr(gate, "drop_policy", None) if gate.k >= 3 else None)
+        for i, ex in enumerate(experts[1:], 1):
+            # DeepSpeed's experts are deep copies of one template: verified once, unless one was changed
+            if not _same_structure(ex, experts[0]):
+                try:
+                    form = expert_form(ex)
+                    _check_widths(ex, form, layer.hidden_size)
+                    layout = _verify_expert(ex, form, layer.hidden_size)
+                except (TypeError, ValueError) as e:
+                    raise type(e)(f"ds_moe's expert {i}: {e}") from e
+                if form != layer.form or layout != (layer._firsts, layer._second):
+                    raise ValueError(f"ds_moe's expert {i} ({type(ex).__name__}) computes a different form from "
+                                     f"expert 0 ({layer.form}, {_describe(layer._firsts, layer._second, layer.activation)})")
         sd = {key: value for key, value in ds_moe.state_dict().items() if key.startswith(_DS_PREFIX)}
         layer.load_state_dict(sd)
         layer.train(ds_moe.training)
