@@ -238,7 +238,7 @@ def hyper_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_vis: to
     autograd graph (an input that cannot influence the output, e.g. ``k_vis`` of a batch without images,
     gets a zero gradient on both backends).  Meta tensors give the output's shape (shape inference).
     Differentiating twice is supported on the reference backend only; the triton backward raises
-    :class:`mmkernels._library.DoubleBackwardError` (a RuntimeError) when differentiated.
+    :class:`mmkernels.DoubleBackwardError` (a RuntimeError) when differentiated.
 
     Example::
 
@@ -383,7 +383,8 @@ def visual_kv(image_embeds: torch.Tensor, norm_weight: torch.Tensor | None, v_kv
     Triton backend: the norm weight is folded into the projection (``RMSNorm(x) @ W.T =
     rstd * (x @ (W * w).T)``), so the work is one fp32 row reduction for ``rstd``, one GEMM (cuBLAS)
     and one fused kernel that applies ``rstd``, the bias, the K/V split and MI-RoPE in fp32 with a
-    single rounding (its backward is the exact inverse rotation).
+    single rounding (its backward is the exact inverse rotation, itself differentiable, so
+    ``visual_kv`` can be differentiated twice on both backends).  Meta tensors give the shapes.
     """
     check_tensor("image_embeds", image_embeds, ndim=3, dtypes=FLOAT_DTYPES)
     check_tensor("v_kv_weight", v_kv_weight, ndim=2, dtypes=FLOAT_DTYPES)
