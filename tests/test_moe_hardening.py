@@ -291,7 +291,7 @@ def test_top1_min_capacity_larger_than_tokens_is_rejected():
 
 def test_capacity_for_traces_with_symbolic_token_counts():
     """Dynamic shapes: capacity_for on a SymInt (the struct.pack rounding recursed forever)."""
-    for E, cf, k, sizes in ((3, 1.1, 1, (30, 40)), (6, 0.3, 3, (29, 41))):   # the general (guarded) path
+    for E, cf, k, sizes in ((3, 1.1, 1, (30, 40)), (4, 1.5, 2, (29, 41))):   # general path; power-of-two E
         def f(x):   # the configuration is a constant (as in MoE); the token count is symbolic
             return x.new_full((1,), capacity_for(x.shape[0], E, cf, k, 0))
 
@@ -561,7 +561,8 @@ def test_moe_ffn_requires_grad_combinations(activation):
                               activation)
     (y_ref * gy.double()).sum().backward()
     names = ("x", "weights", "w1", "b1", "w2", "b2")
-    for mask in _FFN_GRAD_MASKS:
+    # swiglu has no biases and differs only in the dZ epilogue: the masks that change what dZ feeds
+    for mask in _FFN_GRAD_MASKS if activation == "gelu_tanh" else [_FFN_GRAD_MASKS[i] for i in (2, 4, 6, 7)]:
         leaves = [t.detach().clone().requires_grad_(m) if t is not None else None
                   for t, m in zip((x, r0.weights, *wts), mask)]
         if not any(t is not None and t.requires_grad for t in leaves):
@@ -582,9 +583,9 @@ def test_moe_ffn_requires_grad_combinations(activation):
 
 @needs_triton
 def test_grouped_gemm_every_requires_grad_combination():
-    a, b, bias = torch.randn(21, 16), torch.randn(3, 18, 16), torch.randn(3, 18)
-    offs = torch.tensor([0, 5, 5, 19])
-    gc = torch.randn(21, 18)
+    a, b, bias = torch.randn(13, 16), torch.randn(3, 11, 16), torch.randn(3, 11)
+    offs = torch.tensor([0, 5, 5, 12])
+    gc = torch.randn(13, 11)
     refs = [t.double().requires_grad_() for t in (a, b, bias)]
     with use_backend("reference"):
         (grouped_gemm(*refs[:2], offs, refs[2]) * gc.double()).sum().backward()
