@@ -10,11 +10,13 @@ Two ops in the ``mmkernels`` namespace (Triton kernels on CUDA, the Triton inter
 formula of ``plora_forward`` so the op differentiates the same way in eager mode and under
 ``torch.compile``, and ``torch.library.opcheck`` passes.
 
-The ops check the structure of what they are given (shapes, dtypes, devices, the mask's layout, the
-seed) without a host sync.  ``tile_flags`` must equal ``launch.tile_flags(im_mask)`` -- the kernels
-skip the LoRA term of a tile whose count is 0 -- and the ops verify that by default
-(``check_metadata=True``, one host sync).  :func:`plora_linear` computes the flags itself from
-``im_mask`` in the same call and passes ``check_metadata=False``, so its path stays sync-free.
+With ``check_metadata=True`` (the default) the ops check what they are given: the structure (shapes,
+dtypes, devices, the mask's layout, the seed) and the values of ``tile_flags``, which must equal
+``launch.tile_flags(im_mask)`` -- the kernels skip the LoRA term of a tile whose count is 0 -- at the
+cost of one host sync.  ``check_metadata=False`` trusts everything: it is for callers that built the
+arguments themselves.  :func:`plora_linear` validates its public inputs, derives the mask, flags and
+seed in the same call and passes False (no sync, no second validation); the autograd backward passes
+False too (its inputs are the forward's, saved).
 """
 from __future__ import annotations
 
@@ -77,8 +79,8 @@ def _check_tile_flags_values(im_mask, tile_flags):
 def _forward_impl(x, weight, bias, lora_a, lora_b, im_mask, tile_flags, scaling, dropout_p, dropout_seed,
                   check_metadata=True):
     require_triton(x.device, x.dtype)  # the op *is* the Triton path
-    _check_op_args(x, weight, bias, lora_a, lora_b, im_mask, tile_flags, dropout_p, dropout_seed)
     if check_metadata:
+        _check_op_args(x, weight, bias, lora_a, lora_b, im_mask, tile_flags, dropout_p, dropout_seed)
         _check_tile_flags_values(im_mask, tile_flags)
     return launch.plora_forward(x, weight, bias, lora_a, lora_b, im_mask, tile_flags, scaling, dropout_p,
                                 dropout_seed)
@@ -93,15 +95,15 @@ def _forward_fake(x, weight, bias, lora_a, lora_b, im_mask, tile_flags, scaling,
 def _backward_impl(grad_y, x, weight, lora_a, lora_b, lora_hidden, im_mask, tile_flags, scaling, dropout_p,
                    dropout_seed, output_mask, check_metadata=True):
     require_triton(x.device, x.dtype)  # the op *is* the Triton path
-    _check_op_args(x, weight, None, lora_a, lora_b, im_mask, tile_flags, dropout_p, dropout_seed)
     if check_metadata:
+        _check_op_args(x, weight, None, lora_a, lora_b, im_mask, tile_flags, dropout_p, dropout_seed)
+        M, N, R = x.shape[0], weight.shape[0], lora_a.shape[0]
+        check_tensor("grad_y", grad_y, ndim=2, dtypes=(x.dtype,))
+        check_shape("grad_y", grad_y, (M, N), "the forward output y [M, N]")
+        check_tensor("lora_hidden", lora_hidden, ndim=2, dtypes=(x.dtype,))
+        check_shape("lora_hidden", lora_hidden, (M, R), "the forward's second output S [M, r]")
+        check_same_device([("x", x), ("grad_y", grad_y), ("lora_hidden", lora_hidden)])
         _check_tile_flags_values(im_mask, tile_flags)
-    M, N, R = x.shape[0], weight.shape[0], lora_a.shape[0]
-    check_tensor("grad_y", grad_y, ndim=2, dtypes=(x.dtype,))
-    check_shape("grad_y", grad_y, (M, N), "the forward output y [M, N]")
-    check_tensor("lora_hidden", lora_hidden, ndim=2, dtypes=(x.dtype,))
-    check_shape("lora_hidden", lora_hidden, (M, R), "the forward's second output S [M, r]")
-    check_same_device([("x", x), ("grad_y", grad_y), ("lora_hidden", lora_hidden)])
     return launch.plora_backward(grad_y, x, weight, lora_a, lora_b, lora_hidden, im_mask, tile_flags, scaling,
                                  dropout_p, dropout_seed, output_mask)
 
@@ -170,7 +172,7 @@ class PLoRAFunction(torch.autograd.Function):
             return (None,) * 11
         dx, dw, db, da, dlb = plora_backward_op(grad_y, x, weight, lora_a, lora_b, lora_hidden, im_mask,
                                                 tile_flags, ctx.scaling, ctx.dropout_p, dropout_seed,
-                                                output_mask, False)  # flags: checked by (or made for) the forward
+                                                output_mask, False)  # the forward's own (checked) inputs
         grads = [g if flag else None for g, flag in zip((dx, dw, db, da, dlb), output_mask)]
         return (*grads, None, None, None, None, None, None)
 
