@@ -197,6 +197,9 @@ def _forward_error_cases():
     return [
         ("2-D hidden states", lambda layer, x, pid, cache: layer(x[0], pid[0]), ValueError, "hidden_states"),
         ("hidden size", lambda layer, x, pid, cache: layer(x[..., :30], pid), ValueError, "hidden_states"),
+        ("hidden dtype", lambda layer, x, pid, cache: layer(x.double(), pid), TypeError, "hidden_states"),
+        ("hidden device", lambda layer, x, pid, cache: layer(x.to("meta"), pid.to("meta")), ValueError,
+         "hidden_states"),
         ("position_ids length", lambda layer, x, pid, cache: layer(x, pid[:, :3]), ValueError, "position_ids"),
         ("1-D position_ids length", lambda layer, x, pid, cache: layer(x, pid[0, :3]), ValueError, "position_ids"),
         ("float position_ids", lambda layer, x, pid, cache: layer(x, pid.float()), TypeError, "position_ids"),
@@ -238,6 +241,29 @@ def test_position_ids_shared_by_the_batch(backend):
         full = layer(x, torch.arange(5)[None].expand(2, 5))[0]
         torch.testing.assert_close(layer(x, torch.arange(5))[0], full, rtol=0, atol=0)
         torch.testing.assert_close(layer(x, torch.arange(5)[None])[0], full, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("backend,device", BACKEND_DEVICES)
+@pytest.mark.parametrize("images", [True, False], ids=["images", "no images"])
+def test_module_under_autocast(backend, device, images):
+    """An fp32 layer under bf16 autocast: the projections give bf16, so the fp32 gate and the empty
+    visual K/V of an image-less batch follow q's dtype (they used to be a dtype-mix TypeError); the
+    prefill and a cached decode step stay within bf16 tolerance of the fp32 layer."""
+    torch.manual_seed(0)
+    layer = HyperAttention(32, 2, 1, rope_theta=1e4, device=device)
+    torch.nn.init.normal_(layer.gate)
+    B, L = 2, 6
+    x, pid = torch.randn(B, L + 1, 32, device=device), torch.arange(L + 1, device=device)
+    img = (torch.randn(2, 3, 32, device=device), _ints([1, 3], device), _ints([0, 1, 2], device)) if images else ()
+    outs = {}
+    for cast in (False, True):
+        with torch.no_grad(), use_backend(backend), torch.autocast(torch.device(device).type, torch.bfloat16,
+                                                                     enabled=cast):
+            y, cache = layer(x[:, :L], pid[:L], *img, use_cache=True)
+            y1, _ = layer(x[:, L:], pid[L:], past_key_value=cache)
+        outs[cast] = torch.cat([y, y1], 1)
+    assert outs[True].dtype == torch.bfloat16
+    assert_close("autocast", outs[True], outs[False].double(), torch.bfloat16)
 
 
 @pytest.mark.parametrize("backend", ["reference", pytest.param("triton", marks=NEEDS_KERNELS)])

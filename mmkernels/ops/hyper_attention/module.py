@@ -200,6 +200,13 @@ class HyperAttention(nn.Module):
         if hidden != self.hidden_size:
             raise ValueError(f"hidden_states must have shape (B, L, hidden_size={self.hidden_size}), "
                              f"got {tuple(hidden_states.shape)}")
+        weight = self.q_proj.weight
+        if hidden_states.device != weight.device:
+            raise ValueError(f"hidden_states is on {hidden_states.device} but the layer's parameters are on "
+                             f"{weight.device}")
+        if hidden_states.dtype != weight.dtype and not torch.is_autocast_enabled(hidden_states.device.type):
+            raise TypeError(f"hidden_states has dtype {hidden_states.dtype} but the layer's parameters have "
+                            f"{weight.dtype} (convert one, or run under torch.autocast)")
         position_ids = self._position_ids(position_ids, B, L, hidden_states.device)
         if past_key_value is not None:
             self._check_cache(past_key_value, B, hidden_states)
@@ -229,12 +236,12 @@ class HyperAttention(nn.Module):
                 raise ValueError("image_embeds needs image_positions [N] and cu_images [B+1]")
             k_vis, v_vis = self.visual_kv(image_embeds, image_positions, norm_weight)
         else:
-            k_vis = v_vis = hidden_states.new_zeros((0, 1, Hkv, D))
+            k_vis = v_vis = q.new_zeros((0, 1, Hkv, D))   # q's dtype: the projections' (autocast's) one
             image_positions = torch.zeros(0, dtype=torch.int32, device=hidden_states.device)
             cu_images = torch.zeros(B + 1, dtype=torch.int32, device=hidden_states.device)
         # A cached layout was checked at prefill; decode steps skip the host-synchronising value checks.
         o = hyper_attention(q, k, v, k_vis, v_vis, image_positions, cu_images, mode=self.mode,
-                            gate=self.gate if self.mode == "gated" else None, visibility=self.visibility,
+                            gate=self.gate.to(q.dtype) if self.mode == "gated" else None, visibility=self.visibility,
                             key_padding_mask=key_padding_mask,
                             check_metadata=past_key_value is None or image_embeds is not None)
         out = self.o_proj(o.reshape(B, L, H * D))
