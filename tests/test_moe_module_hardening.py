@@ -304,6 +304,19 @@ def test_constructor_arguments_are_checked(kw, exc, match):
         MoE(kw.pop("hidden_size"), PhiMLP(H, F_), **kw)
 
 
+def test_forward_arguments_are_checked():
+    moe = MoE(H, PhiMLP(H, F_), num_experts=E, k=2, min_capacity=0)
+    with pytest.raises(TypeError, match="hidden_states has dtype torch.float64 but the expert weights are torch.float32"):
+        moe(torch.randn(5, H, dtype=torch.float64))   # was a raw dtype error from the kernels' argument checks
+    with pytest.raises(TypeError, match="hidden_states must have dtype"):
+        moe(torch.ones(5, H, dtype=torch.int64))
+    with pytest.raises(ValueError, match=r"hidden_states must be a tensor \[\.\.\., 16\]"):
+        moe(torch.randn(5, H + 1))
+    with pytest.raises(ValueError, match="hidden_states is on meta but gate_weight is on cpu|gate_weight is on cpu "
+                                         "but hidden_states is on meta"):
+        moe(torch.randn(5, H, device="meta"))   # was a raw device error from the router's F.linear
+
+
 def test_rsample_with_k2_is_what_deepspeed_computes():
     """DeepSpeed reads noisy_gate_policy only in top1gating: for k = 2 'RSample' changes nothing."""
     a = MoE(H, PhiMLP(H, F_), num_experts=E, k=2, min_capacity=0, noisy_gate_policy="RSample")

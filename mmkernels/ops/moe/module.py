@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..._validation import check_float
+from ..._validation import FLOAT_DTYPES, check_float, check_same_device, check_tensor
 from .function import moe_ffn, moe_route
 from .reference import capacity_for, expert_ffn
 
@@ -449,9 +449,14 @@ class MoE(nn.Module):
                 second_expert_noise: Optional[torch.Tensor] = None, token_order: Optional[torch.Tensor] = None):
         if used_token is not None:
             raise NotImplementedError("used_token is not implemented")
-        if not isinstance(hidden_states, torch.Tensor) or hidden_states.shape[-1:] != (self.hidden_size,):
+        check_tensor("hidden_states", hidden_states, min_ndim=1, dtypes=FLOAT_DTYPES)
+        if hidden_states.shape[-1:] != (self.hidden_size,):
             raise ValueError(f"hidden_states must be a tensor [..., {self.hidden_size}], got "
-                             f"{getattr(hidden_states, 'shape', type(hidden_states).__name__)}")
+                             f"{tuple(hidden_states.shape)}")
+        if hidden_states.dtype != self.w1.dtype:
+            raise TypeError(f"hidden_states has dtype {hidden_states.dtype} but the expert weights are "
+                            f"{self.w1.dtype}; convert one (e.g. moe.to({hidden_states.dtype}))")
+        check_same_device([("hidden_states", hidden_states), ("gate_weight", self.gate_weight), ("w1", self.w1)])
         x2 = hidden_states.reshape(-1, self.hidden_size)
         routing = self.route(x2, second_expert_noise, token_order)
         y = moe_ffn(x2, routing, self.w1, self.b1, self.w2, self.b2, self.activation)
