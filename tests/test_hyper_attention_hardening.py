@@ -247,19 +247,22 @@ def test_position_ids_shared_by_the_batch(backend):
 @pytest.mark.parametrize("images", [True, False], ids=["images", "no images"])
 def test_module_under_autocast(backend, device, images):
     """An fp32 layer under bf16 autocast: the projections give bf16, so the fp32 gate and the empty
-    visual K/V of an image-less batch follow q's dtype (they used to be a dtype-mix TypeError); the
-    prefill and a cached decode step stay within bf16 tolerance of the fp32 layer."""
+    visual K/V of an image-less batch follow q's dtype, and bf16 image embeddings meet the fp32
+    v_kv_proj as in F.linear (each used to be a dtype-mix TypeError); the prefill and a cached decode
+    step stay within bf16 tolerance of the fp32 layer."""
     torch.manual_seed(0)
     layer = HyperAttention(32, 2, 1, rope_theta=1e4, device=device)
     torch.nn.init.normal_(layer.gate)
     B, L = 2, 6
     x, pid = torch.randn(B, L + 1, 32, device=device), torch.arange(L + 1, device=device)
     img = (torch.randn(2, 3, 32, device=device), _ints([1, 3], device), _ints([0, 1, 2], device)) if images else ()
+    norm = torch.rand(32, device=device) + 0.5 if images else None    # the RMSNorm of the images, in fp32
     outs = {}
     for cast in (False, True):
         with torch.no_grad(), use_backend(backend), torch.autocast(torch.device(device).type, torch.bfloat16,
                                                                      enabled=cast):
-            y, cache = layer(x[:, :L], pid[:L], *img, use_cache=True)
+            imgs = (img[0].to(torch.bfloat16), *img[1:]) if (cast and images) else img
+            y, cache = layer(x[:, :L], pid[:L], *imgs, use_cache=True, norm_weight=norm)
             y1, _ = layer(x[:, L:], pid[L:], past_key_value=cache)
         outs[cast] = torch.cat([y, y1], 1)
     assert outs[True].dtype == torch.bfloat16

@@ -415,7 +415,9 @@ def visual_kv(image_embeds: torch.Tensor, norm_weight: torch.Tensor | None, v_kv
         raise ValueError(f"image_positions must have shape ({N},) (one per image), got {tuple(image_positions.shape)}")
     floats = [("image_embeds", image_embeds), ("norm_weight", norm_weight), ("v_kv_weight", v_kv_weight),
               ("v_kv_bias", v_kv_bias)]
-    check_same_dtype(floats)
+    dev_type = image_embeds.device.type
+    if not (dev_type in ("cpu", "cuda") and torch.is_autocast_enabled(dev_type)):
+        check_same_dtype(floats)  # (under autocast the projection casts, as F.linear does)
     check_same_device(floats + [("image_positions", image_positions)])
     meta = _is_meta(image_embeds)  # shapes only: the Triton path's ops run their fake kernels
     backend = "triton" if meta else resolve_backend(image_embeds.device, image_embeds.dtype)
