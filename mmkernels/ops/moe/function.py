@@ -3,7 +3,9 @@
 Ops in the ``mmkernels`` namespace:
 
 * ``moe_route(logits, k, capacity, noise, token_order)`` -- native (``csrc/moe``, ``csrc/cuda``):
-  top-k selection, DeepSpeed capacity positions, counts and the dispatch permutation (no gradient);
+  top-k selection, DeepSpeed capacity positions (``top2gating``'s rule, the ``"choice"`` drop
+  policy), counts and the dispatch permutation (no gradient).  The other DeepSpeed drop policies run
+  :func:`~.reference.route_reference` (torch ops, no host sync);
 * ``moe_ffn_forward / moe_ffn_backward`` -- Triton: gather -> grouped GEMM + activation -> grouped
   GEMM -> scatter -> weighted combine, and the gradient of x, the combine weights and every expert
   weight/bias;

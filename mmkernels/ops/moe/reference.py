@@ -2,10 +2,11 @@
 
 Three pieces, each usable alone and each the oracle of a kernel:
 
-* :func:`route_reference` -- DeepSpeed's gating as decisions: top-k expert indices, capacity
-  positions with DeepSpeed's priority (every j-th choice before every (j+1)-th choice, then token
-  order), keep mask, ``exp_counts`` and the dispatch permutation.  Vectorised torch, no host sync;
-  it is also the fallback when the native ``mmkernels::moe_route`` op is missing.
+* :func:`route_reference` -- DeepSpeed's gating as decisions: top-k expert indices, which choices
+  survive capacity (one of DeepSpeed's drop policies, see :data:`DROP_POLICIES`), keep mask,
+  ``exp_counts`` and the dispatch permutation.  Vectorised torch, no host sync; it is the fallback
+  when the native ``mmkernels::moe_route`` op is missing and the path of the policies the native op
+  does not implement.
 * :func:`combine_weights_and_aux` -- the differentiable part of the gate: softmax probabilities,
   combine weights (renormalised over the surviving choices for k >= 2, the raw gate value for k = 1 as
   in DeepSpeed's ``top1gating``) and the load-balancing loss ``l_aux``.
@@ -13,23 +14,34 @@ Three pieces, each usable alone and each the oracle of a kernel:
   and one matmul pair per expert (no one-hot einsum, no ``[E, C, H]`` buffer).  It is the CPU path
   of the ``auto`` backend and, run in float64, the oracle of the Triton kernels.
 
-:func:`deepspeed_einsum_moe` mirrors DeepSpeed 0.9.5/0.19 ``top2gating`` + ``MOELayer`` (dense
-``[S, E, C]`` one-hot dispatch/combine einsums, a loop over experts); it exists for the tests and as
-the baseline of ``benchmarks/bench_moe.py`` and is never used by the library itself.
+:func:`capacity_for` is DeepSpeed's ``_capacity`` (float32 arithmetic, reproduced exactly in integers so
+that it also traces with a symbolic token count).  :func:`deepspeed_einsum_moe` mirrors DeepSpeed
+``top1gating`` (``use_rts=False``) / ``top2gating`` + ``MOELayer`` as dense ``[S, E, C]`` one-hot
+dispatch/combine einsums with a loop over experts; it exists for the tests and as a benchmark
+baseline and is never used by the library itself.
 
-Semantics (DeepSpeed ``sharded_moe.py``; S = B*T rows, E experts)::
+Semantics (DeepSpeed ``sharded_moe.py``; S = B*T rows, E experts, C capacity)::
 
     logits = x.float() @ Wg.T;   p = softmax(logits)             (fp32, over all E)
-    e_1 = argmax(logits);   e_j = argmax((logits + g).masked_fill(chosen, -inf))   j >= 2
-    pos[s, j] = #{(j', s') : j' < j, e_j'(s') = e_j(s)} + #{s' < s : e_j(s') = e_j(s)}
-    keep[s, j] = pos[s, j] < C                                     (all True when dropless)
+    "choice" (top2gating; top1gating with random token selection):
+      e_1 = argmax(logits);   e_j = argmax((logits + g).masked_fill(chosen, -inf))   j >= 2
+      pos[s, j] = #{(j', s') : j' < j, e_j'(s') = e_j(s)} + #{s' before s : e_j(s') = e_j(s)}
+      keep[s, j] = pos[s, j] < C
+    "position" (topkgating, drop_policy='position'):  e = topk(p, k);
+      keep[s, j] = #{s' before s : e_j(s) in e(s')} < C             (all k choices counted together)
+    "probs" (topkgating, drop_policy='probs'):  e = topk(p, k);
+      keep[s, j] = p[s, e_j] is among the C largest p[., e_j] over the rows that chose e_j
+    "topk_ties" (top1gating, use_rts=False; k = 1): keep = the C rows torch.topk picks out of the
+      tied 1s of the one-hot mask (torch's tie order)
+    (all True when dropless)
     w[s, j] = p[s, e_j] keep / max(sum_j p[s, e_j] keep, eps)      (k >= 2; k = 1: p[s, e_1] keep)
     y[s] = sum_j w[s, j] Expert_{e_j}(x[s])
-    l_aux = E * sum_i mean_s p[s, i] * mean_s [e_1(s) = i]         (k <= 2; k > 2: E/k * sum_i me_i * ce_i
-                                                                    with ce over all k choices)
+    l_aux = E * sum_i mean_s p[s, i] * mean_s [e_1(s) = i]         (top1/top2gating; topkgating (k > 2,
+                                                                    "position", "probs"): E/k * sum_i
+                                                                    me_i * ce_i with ce over all k choices)
     exp_counts[i] = #{(s, j) : e_j(s) = i}                          (before dropping; sums to k*S)
 
-``token_order`` (a permutation of the rows) replaces token order in the position rule: DeepSpeed's
+``token_order`` (a permutation of the rows) replaces token order in "choice" and "position": DeepSpeed's
 random token selection for k = 1 (``use_rts``) is ``token_order = argsort(-uniform)``.
 """
 from __future__ import annotations
