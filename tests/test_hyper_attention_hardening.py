@@ -231,6 +231,22 @@ def test_module_forward_names_bad_input(call, exc, match):
             call(layer, x, pid, cache)
 
 
+def test_module_can_check_a_hand_built_cache():
+    """Decode steps trust the cached image layout (checked when the module built it); a cache built
+    or edited by hand is checked with check_metadata=True (a named error instead of an out-of-range
+    read in the kernels)."""
+    layer = HyperAttention(32, 2, 1, rope_theta=1e4)
+    B, L = 2, 5
+    x, pid = torch.randn(B, L + 1, 32), torch.arange(L + 1)
+    with torch.no_grad(), use_backend("reference"):
+        _, cache = layer(x[:, :L], pid[:L], torch.randn(1, 3, 32), torch.tensor([1], **INT),
+                         torch.tensor([0, 1, 1], **INT), use_cache=True)
+        bad = dataclasses.replace(cache, cu_images=torch.tensor([0, 5, 1], **INT))
+        with pytest.raises(ValueError, match="cu_images"):
+            layer(x[:, L:], pid[L:], past_key_value=bad, check_metadata=True)
+        layer(x[:, L:], pid[L:], past_key_value=cache, check_metadata=True)     # a valid cache passes
+
+
 @pytest.mark.parametrize("backend", ["reference", pytest.param("triton", marks=NEEDS_KERNELS)])
 def test_position_ids_shared_by_the_batch(backend):
     """``[L]`` and ``[1, L]`` position_ids broadcast over the batch like ``[B, L]`` (the triton RoPE

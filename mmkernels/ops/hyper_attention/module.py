@@ -23,7 +23,9 @@ class HyperAttentionCache:
 
     ``k``, ``v``: ``[B, L, H_kv, D]`` text keys (RoPE'd) and values of every position so far;
     ``k_vis``, ``v_vis``: ``[N, T, H_kv, D]`` visual keys (MI-RoPE'd) and values, computed once at
-    prefill; ``image_positions [N]`` and ``cu_images [B+1]`` the image layout.
+    prefill; ``image_positions [N]`` and ``cu_images [B+1]`` the image layout.  The layout of a
+    cache the module built was checked when it was built; one built or edited by hand is trusted by
+    decode steps unless ``forward(..., check_metadata=True)``.
     """
     k: torch.Tensor
     v: torch.Tensor
@@ -75,7 +77,7 @@ class HyperAttention(nn.Module):
     ``mode="joint"`` (v2: 241101; MI-RoPE at ``p``, default ``visibility="inclusive"``).
 
     ``forward(hidden_states, position_ids, image_embeds=None, image_positions=None, cu_images=None,
-    past_key_value=None, use_cache=False, key_padding_mask=None, norm_weight=None)``:
+    past_key_value=None, use_cache=False, key_padding_mask=None, norm_weight=None, check_metadata=None)``:
 
     * ``hidden_states [B, L, hidden]`` and ``image_embeds [N, T, hidden]`` are already normalised by
       the decoder layer's ``input_layernorm`` (or pass its weight as ``norm_weight`` to normalise the
@@ -89,7 +91,10 @@ class HyperAttention(nn.Module):
       sample (``image_positions``/``cu_images`` then describe the new images only).  The cache's
       shapes, dtype and device are checked; its image layout was checked when it was built, so decode
       steps skip the host-synchronising value checks;
-    * ``key_padding_mask``: bool ``[B, L_past + L]`` (True = keep) for the text keys.
+    * ``key_padding_mask``: bool ``[B, L_past + L]`` (True = keep) for the text keys;
+    * ``check_metadata``: None (default) checks the values of a new image layout (prefill, new images:
+      one host sync) and trusts the cached one on decode steps; True always checks, False never
+      (see :func:`mmkernels.hyper_attention`).
 
     Returns ``(output [B, L, hidden], cache or None)``.
     """
@@ -193,7 +198,8 @@ class HyperAttention(nn.Module):
     def forward(self, hidden_states: torch.Tensor, position_ids: torch.Tensor, image_embeds: torch.Tensor | None = None,
                 image_positions: torch.Tensor | None = None, cu_images: torch.Tensor | None = None,
                 past_key_value: HyperAttentionCache | None = None, use_cache: bool = False,
-                key_padding_mask: torch.Tensor | None = None, norm_weight: torch.Tensor | None = None):
+                key_padding_mask: torch.Tensor | None = None, norm_weight: torch.Tensor | None = None,
+                check_metadata: bool | None = None):
         check_tensor("hidden_states", hidden_states, ndim=3)
         B, L, hidden = hidden_states.shape
         H, Hkv, D = self.num_heads, self.num_key_value_heads, self.head_dim
@@ -239,11 +245,14 @@ class HyperAttention(nn.Module):
             k_vis = v_vis = q.new_zeros((0, 1, Hkv, D))   # q's dtype: the projections' (autocast's) one
             image_positions = torch.zeros(0, dtype=torch.int32, device=hidden_states.device)
             cu_images = torch.zeros(B + 1, dtype=torch.int32, device=hidden_states.device)
-        # A cached layout was checked at prefill; decode steps skip the host-synchronising value checks.
+        # A cached layout was checked at prefill; decode steps skip the host-synchronising value checks
+        # unless asked to (check_metadata=True, e.g. for a cache built or edited by hand).
+        if check_metadata is None:
+            check_metadata = past_key_value is None or image_embeds is not None
         o = hyper_attention(q, k, v, k_vis, v_vis, image_positions, cu_images, mode=self.mode,
                             gate=self.gate.to(q.dtype) if self.mode == "gated" else None, visibility=self.visibility,
                             key_padding_mask=key_padding_mask,
-                            check_metadata=past_key_value is None or image_embeds is not None)
+                            check_metadata=bool(check_metadata))
         out = self.o_proj(o.reshape(B, L, H * D))
         cache = HyperAttentionCache(k, v, k_vis, v_vis, image_positions, cu_images) if use_cache else None
         return out, cache
