@@ -6,6 +6,7 @@ given.
 """
 from __future__ import annotations
 
+import numbers
 from typing import Iterable, Sequence
 
 import torch
@@ -55,7 +56,7 @@ def check_same_device(named: Iterable[tuple[str, torch.Tensor | None]]) -> torch
 
 def check_float(name: str, value, *, low: float | None = None, high: float | None = None,
                 high_inclusive: bool = True) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):  # numpy scalars are Real too
         raise TypeError(f"{name} must be a float, got {type(value).__name__}")
     value = float(value)
     if value != value or value in (float("inf"), float("-inf")):
