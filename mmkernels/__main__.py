@@ -68,7 +68,8 @@ def info_dict() -> dict[str, Any]:
     elif interpreter_enabled():
         triton_backend = "Triton interpreter on CPU (TRITON_INTERPRET=1)"
     else:
-        triton_backend = "not available on CPU tensors here (set TRITON_INTERPRET=1 before importing mmkernels)"
+        triton_backend = ("CPU tensors need Triton's interpreter: TRITON_INTERPRET=1 before importing mmkernels "
+                          "(`python -m mmkernels verify` sets it itself)")
     return {
         "mmkernels_version": mmkernels.__version__,
         "location": os.path.dirname(mmkernels.__file__),
