@@ -490,6 +490,31 @@ def test_visual_kv_strided_vectors_and_empty_hidden(device):
         assert_close(f"v_vis (Dm={dm})", v, rv, torch.float32)
 
 
+@pytest.mark.parametrize("backend,device", BACKEND_DEVICES)
+def test_module_empty_shapes(backend, device):
+    """L = 0 prefill followed by a decode step, an empty batch with an (empty) image layout, and images
+    of zero tokens: shapes are right and the results equal the reference backend's."""
+    layer = HyperAttention(32, 2, 1, rope_theta=1e4, device=device)
+    torch.nn.init.normal_(layer.gate)
+    x = torch.randn(2, 1, 32, device=device)
+    empty_img = (torch.randn(0, 3, 32, device=device), _ints([], device), _ints([0], device))
+    zero_tokens = (torch.randn(2, 0, 32, device=device), _ints([0, 0], device), _ints([0, 1, 2], device))
+    results = {}
+    for name in (backend, "reference"):
+        with torch.no_grad(), use_backend(name):
+            y0, cache = layer(x[:, :0], torch.zeros(2, 0, dtype=torch.long, device=device), use_cache=True)
+            y1, cache = layer(x, torch.zeros(2, 1, dtype=torch.long, device=device), past_key_value=cache,
+                              use_cache=True)
+            yb, _ = layer(torch.randn(0, 4, 32, device=device), torch.arange(4, device=device), *empty_img)
+            yt, _ = layer(torch.randn(2, 3, 32, device=device).copy_(x.expand(2, 3, 32)),
+                          torch.arange(3, device=device), *zero_tokens)
+        assert y0.shape == (2, 0, 32) and y1.shape == (2, 1, 32) and cache.seq_len == 1
+        assert yb.shape == (0, 4, 32) and yt.shape == (2, 3, 32)
+        results[name] = (y1, yt)
+    for a, b in zip(results[backend], results["reference"]):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
 # --------------------------------------------------------------------------- int64 offsets
 
 _INT64_SCRIPT = """
