@@ -118,13 +118,17 @@ assert (c.float() - want).abs().max() < 0.05, (c.float() - want).abs().max()
 want_da = torch.ones(M, N) @ vals[0].float()
 assert (a16.grad.float() - want_da).abs().max() < 0.05, (a16.grad.float() - want_da).abs().max()
 print("OK int64-strided-expert-weights", flush=True)
+
+# 2**31 rows (an expanded view: no memory) would wrap the int32 device offsets
+huge = torch.empty(1, 16).expand(2 ** 31, 16)
+expect_value_error("gg-rows-past-int32", lambda: grouped_gemm(huge, b, torch.tensor([0, 1, 2, 3])), "2**31")
 '''
 
 _CRASH_CASES = ([f"gg-{c}-{b}" for b in ("triton", "reference")
                  for c in ("past-end", "non-monotone", "negative", "nonzero-start")]
                 + [f"ffn-{c}-{b}" for b in ("triton", "reference")
                    for c in ("slot-out-of-range", "negative-slot", "offsets-past-end")]
-                + ["int64-strided-expert-weights"])
+                + ["int64-strided-expert-weights", "gg-rows-past-int32"])
 
 
 @pytest.fixture(scope="module")
@@ -416,6 +420,11 @@ def test_k1_without_rts_keeps_what_deepspeeds_topk_keeps():
     assert kept[order[:C]].all() and int(kept.sum()) == C
     # dropless / roomy capacity: nothing to break ties over
     assert moe_route(logits, 1, S).keep.all() and moe_route(logits, 1, None).keep.all()
+
+
+def test_route_slot_count_must_fit_int32():
+    with pytest.raises(ValueError, match="2\\*\\*31"):
+        moe_route(torch.empty(1, 4).expand(2 ** 30, 4), 2, None)
 
 
 def test_drop_policy_arguments_are_validated():

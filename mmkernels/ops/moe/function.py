@@ -164,6 +164,8 @@ def moe_route(logits: torch.Tensor, k: int, capacity: Optional[int] = None,
         raise ValueError(f"logits must have at least one expert column, got shape {tuple(logits.shape)}")
     if not 1 <= k <= E:
         raise ValueError(f"k must be in [1, num_experts={E}], got k={k}")
+    if S * k >= 2 ** 31:
+        raise ValueError(f"logits has S={S} rows: S*k={S * k} slots must stay below 2**31 (int32 slot indices)")
     if capacity is not None:
         if isinstance(capacity, bool) or not isinstance(capacity, (int, torch.SymInt)):
             raise TypeError(f"capacity must be an int or None, got {type(capacity).__name__}")
@@ -531,6 +533,9 @@ def grouped_gemm(a: torch.Tensor, b: torch.Tensor, group_offsets: torch.Tensor,
         check_shape("bias", bias, (E, N))
     check_same_dtype([("a", a), ("b", b), ("bias", bias)])
     check_same_device([("a", a), ("b", b), ("bias", bias), ("group_offsets", group_offsets)])
+    if a.shape[0] >= 2 ** 31:
+        raise ValueError(f"a has M={a.shape[0]} rows: group_offsets are int32 on the device, so M must stay "
+                         "below 2**31")
     backend = resolve_backend(a.device, a.dtype)
     if backend == "reference":
         return grouped_gemm_reference(a, b, group_offsets, bias)
