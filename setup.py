@@ -225,7 +225,33 @@ def _progress_tty():
         return None
 
 
+META_FILE = "_build_meta.json"  # written next to _C by CMakeLists.txt; read by mmkernels/_extension.py
+
+
 class CMakeBuild(build_ext):
+    # _build_meta.json travels with _C: editable installs and `build_ext --inplace` copy only the
+    # extension files into the source tree (copy_extensions_to_source / get_output_mapping).
+    def _meta_pairs(self) -> list[tuple[str, str]]:
+        build_py = self.get_finalized_command("build_py")
+        pairs = []
+        for ext in self.extensions:
+            if isinstance(ext, CMakeExtension):
+                inplace_file, regular_file = self._get_inplace_equivalent(build_py, ext)
+                pairs.append((os.path.join(os.path.dirname(regular_file), META_FILE),
+                              os.path.join(os.path.dirname(inplace_file), META_FILE)))
+        return pairs
+
+    def copy_extensions_to_source(self) -> None:
+        super().copy_extensions_to_source()
+        for regular, inplace in self._meta_pairs():
+            self.copy_file(regular, inplace, level=self.verbose)
+
+    def get_output_mapping(self) -> dict[str, str]:
+        mapping = super().get_output_mapping()
+        if self.inplace:
+            mapping.update(self._meta_pairs())
+        return mapping
+
     def build_extension(self, ext: Extension) -> None:
         if not isinstance(ext, CMakeExtension):
             return super().build_extension(ext)
@@ -325,8 +351,8 @@ class CMakeBuild(build_ext):
 
         if not ext_path.exists():
             _fail(f"  CMake did not produce {ext_path}.", "run: pip install -v --no-build-isolation .   (full build log)")
-        if not (out_dir / "_build_meta.json").exists():
-            _fail(f"  CMake did not write {out_dir / '_build_meta.json'}.",
+        if not (out_dir / META_FILE).exists():
+            _fail(f"  CMake did not write {out_dir / META_FILE}.",
                   "run: pip install -v --no-build-isolation .   (full build log)")
 
 
