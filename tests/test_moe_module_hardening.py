@@ -459,3 +459,22 @@ def test_real_deepspeed_checkpoint_loads_strictly():
     del sd[expert_key(3, "fc2.weight")]
     with pytest.raises(RuntimeError, match=r"deepspeed_experts\.3\.fc2\.weight"):
         ours.load_state_dict(sd)
+
+
+def test_rts_token_order_skips_the_permutation_check_but_a_user_order_is_checked(monkeypatch):
+    """MoE's own RTS order is a permutation by construction: its forward must not pay the host sync
+    of the token_order check (sync-free on GPU); an order the caller passes is still checked."""
+    from mmkernels.ops.moe import function
+
+    calls = []
+    real = function._check_token_order_values
+    monkeypatch.setattr(function, "_check_token_order_values", lambda order, S: (calls.append(S), real(order, S)))
+    moe = MoE(8, PhiMLP(8, 16), num_experts=4, k=1, use_rts=True, min_capacity=0)
+    x = torch.randn(12, 8)
+    with use_backend("reference"):
+        moe(x)
+        assert calls == []
+        moe(x, token_order=torch.randperm(12))
+        assert calls == [12]
+        with pytest.raises(ValueError, match="token_order"):
+            moe(x, token_order=torch.zeros(12, dtype=torch.int64))

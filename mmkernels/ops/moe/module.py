@@ -63,19 +63,6 @@ def _linear(module: nn.Module, name: str) -> Optional[nn.Linear]:
     return child if isinstance(child, nn.Linear) else None
 
 
-def _check_routing_policy(k: int, num_experts: int, drop_policy: Optional[str]) -> None:
-    """k >= 3 with drops: ``NotImplementedError`` naming ``drop_policy`` unless the routing op implements
-    DeepSpeed ``topkgating``'s policy (asked with one tiny call, so this follows the routing op)."""
-    policy = drop_policy or "probs"
-    try:
-        moe_route(torch.zeros(2, num_experts, device="cpu"), k, 1, drop_policy=policy)
-    except (TypeError, NotImplementedError) as e:   # TypeError: a routing op without drop_policy
-        raise NotImplementedError(
-            f"drop_policy={policy!r} with k={k} and drop_tokens=True is not implemented: DeepSpeed's topkgating "
-            f"drops by {'gate probability' if policy == 'probs' else 'position over all k choices'}, which the "
-            "routing op does not reproduce; use drop_tokens=False (dropless, matches DeepSpeed) or k <= 2") from e
-
-
 _MODULE_STATE = {"_parameters", "_buffers", "_modules", "training"}
 
 
@@ -296,8 +283,8 @@ class MoE(nn.Module):
             ``NotImplementedError``.
         drop_policy (mmkernels only; DeepSpeed's ``MoE`` has no such argument and always runs
             ``topkgating``'s default ``'probs'``): which choices k >= 3 drops at capacity, None meaning
-            DeepSpeed's.  k >= 3 with ``drop_tokens=True`` raises ``NotImplementedError`` naming it: the
-            routing op does not implement ``topkgating``'s policies yet (dropless k >= 3 matches DeepSpeed).
+            DeepSpeed's (``'probs'``); ``'position'`` is ``topkgating(drop_policy='position')``.  See
+            :func:`~mmkernels.moe_route`.
         ep_size > 1, use_residual, use_tutel and enable_expert_tensor_parallelism raise
         ``NotImplementedError``; a value of the wrong type or range raises ``TypeError`` / ``ValueError``
         naming the argument.
@@ -370,8 +357,6 @@ class MoE(nn.Module):
             raise NotImplementedError("use_tutel=True is not implemented (the grouped-GEMM path replaces Tutel)")
         if enable_expert_tensor_parallelism:
             raise NotImplementedError("enable_expert_tensor_parallelism=True is not implemented")
-        if k >= 3 and drop_tokens:
-            _check_routing_policy(k, num_experts, drop_policy)
 
         self.form = expert_form(expert)
         self.activation = _FORMS[self.form][2]
@@ -437,13 +422,14 @@ class MoE(nn.Module):
         if second_expert_noise is None and self.k == 2 and self.top2_2nd_expert_sampling:
             u = torch.rand(S, self.num_experts, device=x2.device).clamp_(min=1e-20, max=1.0 - 1e-7)
             second_expert_noise = -torch.log(-torch.log(u))                       # Gumbel(0, 1)
+        check_order = token_order is not None   # one made here is a permutation by construction: no sync
         if token_order is None and self.k == 1 and self.use_rts and self.drop_tokens:
             token_order = torch.argsort(torch.rand(S, device=x2.device), descending=True)
         capacity = self.capacity(S) if S > 0 else None   # no rows: nothing to drop (and no min_capacity rule)
         if self.k >= 3 and self.drop_tokens:   # topkgating's policy (None: its default, 'probs')
             return moe_route(logits, self.k, capacity, second_expert_noise, token_order,
-                             drop_policy=self.drop_policy or "probs")
-        return moe_route(logits, self.k, capacity, second_expert_noise, token_order)
+                             drop_policy=self.drop_policy or "probs", check_metadata=check_order)
+        return moe_route(logits, self.k, capacity, second_expert_noise, token_order, check_metadata=check_order)
 
     def forward(self, hidden_states: torch.Tensor, used_token: Optional[torch.Tensor] = None,
                 second_expert_noise: Optional[torch.Tensor] = None, token_order: Optional[torch.Tensor] = None):
