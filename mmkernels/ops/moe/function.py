@@ -26,7 +26,7 @@ from ..._library import define_op
 from ..._validation import FLOAT_DTYPES, check_same_device, check_same_dtype, check_shape, check_tensor
 from ...backend import require_triton, resolve_backend
 from . import launch
-from .reference import ACTIVATIONS, combine_weights_and_aux, moe_ffn_reference, resolve_drop_policy
+from .reference import ACTIVATIONS, GATED_ACTIVATIONS, combine_weights_and_aux, moe_ffn_reference, resolve_drop_policy
 
 # --------------------------------------------------------------------------------------- routing
 
@@ -203,6 +203,87 @@ def moe_route(logits: torch.Tensor, k: int, capacity: Optional[int] = None,
     return routing
 
 
+def _check_topk_index_values(top_k_index: torch.Tensor, num_experts: int) -> None:
+    """Every index lies in [0, num_experts) (one host sync)."""
+    if top_k_index.numel() == 0:
+        return
+    lo, hi = int(top_k_index.min()), int(top_k_index.max())
+    if lo < 0 or hi >= num_experts:
+        raise ValueError(f"top_k_index must lie in [0, num_experts={num_experts}), got min {lo}, max {hi} (pass "
+                         "check_metadata=False to drop out-of-range choices, e.g. expert-parallel sentinels)")
+
+
+def moe_route_topk(top_k_index: torch.Tensor, top_k_weights: torch.Tensor, num_experts: int, *,
+                   check_metadata: bool = True) -> MoERouting:
+    """Routing from a router's own top-k choice (dropless): what transformers' MoE models compute.
+
+    Args:
+        top_k_index: ``[S, k]`` int64/int32 expert of each choice (``torch.topk`` of the router).
+        top_k_weights: ``[S, k]`` float combine weights (differentiable: the gradient of
+            :func:`moe_ffn`'s output flows back to them, hence to the router).
+        num_experts: E.
+        check_metadata: check that every index lies in ``[0, E)`` (``ValueError`` naming
+            ``top_k_index``; one host synchronisation; skipped while torch.compile traces).  With False
+            the routing is built without reading anything on the host, and a choice outside ``[0, E)``
+            is *dropped* (``keep`` False, contributes nothing, weight gradient 0) -- what transformers'
+            ``grouped_mm`` does with the sentinel index of expert parallelism; never an out-of-bounds read.
+
+    Returns a sealed :class:`MoERouting` (``moe_ffn`` trusts it without a check): ``indices`` int64,
+    ``weights`` float32 (``top_k_weights.float()``, still in the autograd graph), ``keep`` (all True
+    unless dropped as above), ``exp_counts`` / ``top1_counts`` over the kept choices, ``sorted_slots`` /
+    ``expert_offsets`` from a stable sort of the choices by expert, ``capacity`` None.  There are no
+    router logits here: ``l_aux`` is 0 (compute the model's own auxiliary loss from its logits) and
+    ``probs`` holds the given weights at their experts (0 elsewhere, no gradient).  No host
+    synchronisation with ``check_metadata=False``; all torch ops, so CUDA-graph and torch.compile friendly.
+
+    Example::
+
+        >>> idx, w = torch.tensor([[0, 2], [1, 0], [2, 1]]), torch.rand(3, 2)
+        >>> r = moe_route_topk(idx, w, num_experts=3)
+        >>> r.expert_offsets.tolist(), r.sorted_slots.tolist()
+        ([0, 2, 4, 6], [0, 3, 2, 5, 1, 4])
+    """
+    check_tensor("top_k_index", top_k_index, ndim=2, dtypes=(torch.int64, torch.int32))
+    check_tensor("top_k_weights", top_k_weights, ndim=2, dtypes=FLOAT_DTYPES)
+    check_shape("top_k_weights", top_k_weights, tuple(top_k_index.shape), "like top_k_index")
+    check_same_device([("top_k_index", top_k_index), ("top_k_weights", top_k_weights)])
+    if isinstance(num_experts, bool) or not isinstance(num_experts, int):
+        raise TypeError(f"num_experts must be an int, got {type(num_experts).__name__}")
+    if num_experts < 1:
+        raise ValueError(f"num_experts must be >= 1, got {num_experts}")
+    S, k = top_k_index.shape
+    if k < 1:
+        raise ValueError(f"top_k_index must have at least one choice per row, got shape {tuple(top_k_index.shape)}")
+    if S * k >= 2 ** 31:
+        raise ValueError(f"top_k_index has S*k={S * k} slots: it must stay below 2**31 (int32 slot indices)")
+    if check_metadata and not torch.compiler.is_compiling():
+        _check_topk_index_values(top_k_index, num_experts)
+    E = num_experts
+    idx = top_k_index.detach().to(torch.int64)
+    flat = idx.reshape(-1)
+    keep_flat = (flat >= 0) & (flat < E)
+    # out-of-range choices sort after every expert (key E), so they fall past expert_offsets[E]
+    key = torch.where(keep_flat, flat, E)
+    _, order = torch.sort(key, stable=True)                       # slot order within each expert
+    safe = torch.where(keep_flat, flat, 0)
+    ones = keep_flat.to(torch.int64)
+    exp_counts = torch.zeros(E, dtype=torch.int64, device=idx.device).scatter_add_(0, safe, ones)
+    top1_counts = torch.zeros(E, dtype=torch.int64, device=idx.device).scatter_add_(
+        0, safe.view(S, k)[:, 0], ones.view(S, k)[:, 0])
+    offsets = torch.zeros(E + 1, dtype=torch.int32, device=idx.device)
+    offsets[1:] = torch.cumsum(exp_counts, 0)
+    weights = top_k_weights.float()
+    keep = keep_flat.view(S, k)
+    probs = torch.zeros((S, E), dtype=torch.float32, device=idx.device).scatter_add_(
+        1, safe.view(S, k), torch.where(keep, weights.detach(), 0.0))
+    l_aux = torch.zeros((), dtype=torch.float32, device=idx.device)
+    routing = MoERouting(idx, weights, keep, exp_counts, top1_counts, l_aux, probs, order.to(torch.int32),
+                         offsets, None)
+    if not torch.compiler.is_compiling():
+        routing._seal()
+    return routing
+
+
 # --------------------------------------------------------------------------------------- moe_ffn ops
 
 def _ffn_fwd_impl(x, weights, keep, sorted_slots, expert_offsets, w1, b1, w2, b2, activation):
@@ -296,9 +377,10 @@ def _check_ffn_weights(H, w1, b1, w2, b2, activation, num_experts=None):
     E, F1, H1 = w1.shape
     if H1 != H:
         raise ValueError(f"w1 must have shape (E, F, {H}) to match x's last dimension H={H}, got {tuple(w1.shape)}")
-    F = F1 // 2 if activation == "swiglu" else F1
-    if activation == "swiglu" and F1 % 2:
-        raise ValueError(f"w1 for swiglu must stack [gate; up] with an even row count 2F, got {tuple(w1.shape)}")
+    gated = activation in GATED_ACTIVATIONS
+    F = F1 // 2 if gated else F1
+    if gated and F1 % 2:
+        raise ValueError(f"w1 for {activation} must stack [gate; up] with an even row count 2F, got {tuple(w1.shape)}")
     check_shape("w2", w2, (E, H, F), f"(E, H, F) to match w1 {tuple(w1.shape)}")
     if b1 is not None:
         check_tensor("b1", b1, ndim=2, dtypes=FLOAT_DTYPES)
@@ -380,9 +462,12 @@ def moe_ffn(x: torch.Tensor, routing: MoERouting, w1: torch.Tensor, b1: Optional
     Args:
         x: ``[..., H]`` with ``prod(...) = S`` rows (float16, bfloat16, float32; float64 on the reference).
         routing: from :func:`moe_route` on the same S rows.
-        w1: ``[E, F, H]`` (``gelu_tanh``: fc1) or ``[E, 2F, H]`` (``swiglu``: gate rows then up rows).
+        w1: ``[E, F, H]`` (plain activation: fc1) or ``[E, 2F, H]`` (gated: gate rows then up rows).
         b1: ``[E, F]`` / ``[E, 2F]`` or None.   w2: ``[E, H, F]`` (fc2 / down).   b2: ``[E, H]`` or None.
-        activation: ``"gelu_tanh"`` (``fc2(gelu_tanh(fc1 x))``) or ``"swiglu"`` (``down(silu(gate x) * up x)``).
+        activation: plain ``"gelu_tanh"`` (``fc2(gelu_tanh(fc1 x))``), ``"gelu"`` (exact, erf),
+            ``"silu"``; or gated ``"swiglu"`` (``down(silu(gate x) * up x)``),
+            ``"geglu_tanh"``, ``"geglu"`` (exact GELU), ``"reglu"`` (ReLU).  All are fused into the
+            grouped GEMMs' epilogues on the Triton backend.
         check_metadata: check the *values* of the routing's index tensors before the kernels trust them
             (``expert_offsets`` are group bounds of the S*k slots, the kept ``sorted_slots`` are distinct
             and in range, ``keep`` and ``indices`` agree with them): host synchronisations.  A routing

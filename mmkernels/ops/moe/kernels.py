@@ -23,11 +23,14 @@ with the epilogue chosen by ``EPILOGUE``:
 
     0 plain       C[crow(r), n] = acc + bias[e, n]         crow(r) = c_idx[r] (SCATTER_C) or r
                   (+ WEIGHTED_Y, k = 1 only: y[crow(r), n] = w[crow(r)] * C, the combine fused)
-    1 gelu fwd    Z[r, n] = acc + bias;  C[crow(r), n] = gelu_tanh(Z)
-    2 swiglu fwd  two accumulators over B rows n (gate) and n + F (up):
-                  Z[r, n] = g, Z[r, F + n] = u;  C[crow(r), n] = silu(g) * u
-    3 gelu bwd    acc = dH;  C[r, n] = dH * gelu_tanh'(Z[r, n])
-    4 swiglu bwd  acc = dH;  C[r, n] = dH * u * silu'(g),  C[r, F + n] = dH * silu(g)
+    1 act fwd     Z[r, n] = acc + bias;  C[crow(r), n] = act(Z)
+    2 gated fwd   two accumulators over B rows n (gate) and n + F (up):
+                  Z[r, n] = g, Z[r, F + n] = u;  C[crow(r), n] = act(g) * u
+    3 act bwd     acc = dH;  C[r, n] = dH * act'(Z[r, n])
+    4 gated bwd   acc = dH;  C[r, n] = dH * u * act'(g),  C[r, F + n] = dH * act(g)
+
+``act`` is the constexpr ``ACT`` (:func:`_act_parts`): SiLU, GELU (tanh approximation), GELU (exact,
+erf) or ReLU -- so ``swiglu`` is epilogue 2 with SiLU, ``geglu`` epilogue 2 with GELU, and so on.
 
 Weight gradient (:func:`_grouped_wgrad_kernel`): ``dB[e, n, k] = sum_{r in group e} G[grow(r), n] *
 A[arow(r), k]`` and ``dbias[e, n] = sum_r G[grow(r), n]``, one program per (e, n-tile, k-tile) looping
@@ -42,10 +45,14 @@ summing them in the GEMM epilogue would need atomics.  Its backward
 import triton
 import triton.language as tl
 
-EPI_PLAIN, EPI_GELU, EPI_SWIGLU, EPI_GELU_BWD, EPI_SWIGLU_BWD = 0, 1, 2, 3, 4
+EPI_PLAIN, EPI_GELU, EPI_SWIGLU, EPI_GELU_BWD, EPI_SWIGLU_BWD = 0, 1, 2, 3, 4   # 1-4: any ACT below
+EPI_ACT, EPI_GATED, EPI_ACT_BWD, EPI_GATED_BWD = EPI_GELU, EPI_SWIGLU, EPI_GELU_BWD, EPI_SWIGLU_BWD
+ACT_SILU, ACT_GELU_TANH, ACT_GELU, ACT_RELU = 0, 1, 2, 3
 
 _SQRT_2_OVER_PI = tl.constexpr(0.7978845608028654)
 _GELU_C = tl.constexpr(0.044715)
+_SQRT_1_2 = tl.constexpr(0.7071067811865476)
+_INV_SQRT_2PI = tl.constexpr(0.3989422804014327)
 
 
 @triton.jit
@@ -83,13 +90,35 @@ def _gelu_tanh_parts(z):
 
 
 @triton.jit
+def _act_parts(z, ACT: tl.constexpr):
+    """``(act(z), act'(z))`` in fp32 for the constexpr ``ACT`` (the unused half is dead code):
+
+    * SiLU: ``z * sigmoid(z)``, derivative ``s (1 + z (1 - s))``;
+    * GELU tanh: :func:`_gelu_tanh_parts`;
+    * GELU exact: ``z * Phi(z)``, ``Phi(z) = (1 + erf(z / sqrt 2)) / 2``, derivative ``Phi(z) + z phi(z)``;
+    * ReLU: ``max(z, 0)``, derivative ``1[z > 0]`` (0 at z = 0, as torch's).
+    """
+    if ACT == 0:
+        s = tl.sigmoid(z)
+        return z * s, s * (1.0 + z * (1.0 - s))
+    elif ACT == 1:
+        return _gelu_tanh_parts(z)
+    elif ACT == 2:
+        cdf = 0.5 * (1.0 + tl.math.erf(z * _SQRT_1_2))
+        return z * cdf, cdf + z * _INV_SQRT_2PI * tl.exp(-0.5 * z * z)
+    else:
+        pos = z > 0.0
+        return tl.where(pos, z, 0.0), tl.where(pos, 1.0, 0.0)
+
+
+@triton.jit
 def _grouped_mm_kernel(
     a_ptr, b_ptr, bias_ptr, c_ptr, z_ptr, a_idx_ptr, c_idx_ptr, offs_ptr, y_ptr, w_ptr,
     M_ALLOC, N, K, E, a_div, half_n,
     stride_am, stride_ak, stride_be, stride_bn, stride_bk, stride_biase, stride_biasn,
     stride_cm, stride_cn, stride_zm, stride_zn, stride_ym, stride_yn,
     EPILOGUE: tl.constexpr, GATHER_A: tl.constexpr, SCATTER_C: tl.constexpr, HAS_BIAS: tl.constexpr,
-    WEIGHTED_Y: tl.constexpr,
+    WEIGHTED_Y: tl.constexpr, ACT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
@@ -98,7 +127,7 @@ def _grouped_mm_kernel(
     Grid: ``(cdiv(M_ALLOC, BLOCK_M) + E) * cdiv(N, BLOCK_N)`` programs over (M-tile slot, N-tile),
     numbered in GROUP_M-tile super-groups; the expert and rows of an M-tile slot are found by
     scanning the offsets.
-    For the SwiGLU epilogues N is F (half the width of B / Z / C) and ``half_n`` = F.
+    For the gated epilogues (2, 4) N is F (half the width of B / Z / C) and ``half_n`` = F.
     """
     pid = tl.program_id(0)
     num_t = tl.cdiv(M_ALLOC, BLOCK_M) + E
@@ -163,28 +192,27 @@ def _grouped_mm_kernel(
     elif EPILOGUE == 1:
         z = acc.to(z_ptr.dtype.element_ty)
         tl.store(z_ptrs, z, mask=out_mask)
-        h, _ = _gelu_tanh_parts(z.to(tl.float32))
+        h, _ = _act_parts(z.to(tl.float32), ACT)
         tl.store(c_ptrs, h.to(c_ptr.dtype.element_ty), mask=out_mask)
     elif EPILOGUE == 2:
         g = acc.to(z_ptr.dtype.element_ty)
         u = acc_up.to(z_ptr.dtype.element_ty)
         tl.store(z_ptrs, g, mask=out_mask)
         tl.store(z_ptrs + half_n * stride_zn, u, mask=out_mask)
-        gf = g.to(tl.float32)
-        h = gf * tl.sigmoid(gf) * u.to(tl.float32)
+        act_g, _ = _act_parts(g.to(tl.float32), ACT)
+        h = act_g * u.to(tl.float32)
         tl.store(c_ptrs, h.to(c_ptr.dtype.element_ty), mask=out_mask)
     elif EPILOGUE == 3:
         z = tl.load(z_ptrs, mask=out_mask, other=0.0).to(tl.float32)
-        _, dgelu = _gelu_tanh_parts(z)
-        tl.store(c_ptrs, (acc * dgelu).to(c_ptr.dtype.element_ty), mask=out_mask)
+        _, dact = _act_parts(z, ACT)
+        tl.store(c_ptrs, (acc * dact).to(c_ptr.dtype.element_ty), mask=out_mask)
     else:
         g = tl.load(z_ptrs, mask=out_mask, other=0.0).to(tl.float32)
         u = tl.load(z_ptrs + half_n * stride_zn, mask=out_mask, other=0.0).to(tl.float32)
-        sg = tl.sigmoid(g)
-        silu = g * sg
-        dg = acc * u * sg * (1.0 + g * (1.0 - sg))
+        act_g, dact_g = _act_parts(g, ACT)
+        dg = acc * u * dact_g
         tl.store(c_ptrs, dg.to(c_ptr.dtype.element_ty), mask=out_mask)
-        tl.store(c_ptrs + half_n * stride_cn, (acc * silu).to(c_ptr.dtype.element_ty), mask=out_mask)
+        tl.store(c_ptrs + half_n * stride_cn, (acc * act_g).to(c_ptr.dtype.element_ty), mask=out_mask)
 
 
 @triton.jit

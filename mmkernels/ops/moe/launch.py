@@ -13,7 +13,7 @@ from ..._extension import has_op
 from ..._interpreter import interpreter_enabled
 from ..._utils import allow_tf32, cdiv, new_output
 from . import kernels
-from .reference import route_reference
+from .reference import GATED_ACTIVATIONS, PLAIN_ACTIVATIONS, route_reference
 
 _GPU_HALF = {
     "mm": dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3),
@@ -33,8 +33,13 @@ _INTERPRETER = {
     "combine_bwd": dict(BLOCK_S=16, BLOCK_H=32),
 }
 
-ACT_CODES = {"gelu_tanh": (kernels.EPI_GELU, kernels.EPI_GELU_BWD),
-             "swiglu": (kernels.EPI_SWIGLU, kernels.EPI_SWIGLU_BWD)}
+# activation name -> (forward epilogue, backward epilogue, ACT constexpr); the names are
+# reference.ACTIVATIONS (gated ones stack [gate; up] in w1)
+_ACT_OF = {"silu": kernels.ACT_SILU, "gelu_tanh": kernels.ACT_GELU_TANH, "gelu": kernels.ACT_GELU,
+           "relu": kernels.ACT_RELU}
+ACT_CODES = {**{name: (kernels.EPI_ACT, kernels.EPI_ACT_BWD, _ACT_OF[name]) for name in PLAIN_ACTIVATIONS},
+             **{name: (kernels.EPI_GATED, kernels.EPI_GATED_BWD, _ACT_OF[act])
+                for name, act in GATED_ACTIVATIONS.items()}}
 
 
 def _config(name: str, device: torch.device, dtype: torch.dtype) -> dict:
@@ -83,7 +88,8 @@ def route(logits: torch.Tensor, k: int, capacity, noise, token_order, drop_polic
 # ----------------------------------------------------------------------------------------- launchers
 
 def grouped_mm(a, b, bias, offsets, m_alloc, c, *, N, K, z=None, a_idx=None, a_div=1, c_idx=None,
-               epilogue=kernels.EPI_PLAIN, half_n=0, b_strides=None, y=None, y_weights=None):
+               epilogue=kernels.EPI_PLAIN, act=kernels.ACT_SILU, half_n=0, b_strides=None, y=None,
+               y_weights=None):
     """``c[crow(r)] = epilogue(a[arow(r)] @ b[e].T + bias[e])`` over the ``m_alloc`` sorted rows.
 
     ``b`` is addressed as ``[E, N, K]`` through ``b_strides`` (default: its own strides), so a
@@ -106,7 +112,8 @@ def grouped_mm(a, b, bias, offsets, m_alloc, c, *, N, K, z=None, a_idx=None, a_d
         bias.stride(0) if bias is not None else 0, bias.stride(1) if bias is not None else 0,
         c.stride(0), c.stride(1), zt.stride(0), zt.stride(1), yt.stride(0), yt.stride(1),
         EPILOGUE=epilogue, GATHER_A=a_idx is not None, SCATTER_C=c_idx is not None, HAS_BIAS=bias is not None,
-        WEIGHTED_Y=y is not None, DOT_PRECISION=_dot_precision(a.dtype), **cfg)
+        WEIGHTED_Y=y is not None, ACT=act if epilogue != kernels.EPI_PLAIN else 0,
+        DOT_PRECISION=_dot_precision(a.dtype), **cfg)
 
 
 def grouped_wgrad(g, a, offsets, *, N, K, need_db, need_dbias, g_idx=None, g_div=1, a_idx=None, a_div=1):
@@ -192,8 +199,9 @@ def moe_ffn_forward(x, weights, keep, sorted_slots, offsets, w1, b1, w2, b2, act
     z = new_output((M, F1), dtype=dt, device=dev)
     h = new_output((M, F), dtype=dt, device=dev)
     o = new_output((M, H), dtype=dt, device=dev)
-    epi, _ = ACT_CODES[activation]
-    grouped_mm(x, w1, b1, offsets, M, h, N=F, K=H, z=z, a_idx=sorted_slots, a_div=k, epilogue=epi, half_n=F)
+    epi, _, act = ACT_CODES[activation]
+    grouped_mm(x, w1, b1, offsets, M, h, N=F, K=H, z=z, a_idx=sorted_slots, a_div=k, epilogue=epi, act=act,
+               half_n=F)
     if k == 1:  # weighted scatter fused into the second GEMM's epilogue; dropped rows stay 0
         y = torch.zeros((S, H), dtype=dt, device=dev)
         grouped_mm(h, w2, b2, offsets, M, o, N=H, K=F, c_idx=sorted_slots, y=y, y_weights=weights)
@@ -214,13 +222,13 @@ def moe_ffn_backward(dy, x, weights, keep, sorted_slots, offsets, w1, w2, z, h, 
     empty = x.new_empty(0)
     dy, weights, keep = dy.contiguous(), weights.contiguous(), keep.contiguous()
     keep_u8 = keep.view(torch.uint8)
-    _, epi_bwd = ACT_CODES[activation]
+    _, epi_bwd, act = ACT_CODES[activation]
     do, dwts = combine_backward(dy, o, weights, keep_u8, need_dwts)
     dz = None
     if need_dx or need_dw1 or need_db1:
         dz = new_output((M, F1), dtype=dt, device=dev)
         grouped_mm(do, w2, None, offsets, M, dz, N=F, K=H, z=z, a_idx=sorted_slots, a_div=1,
-                   epilogue=epi_bwd, half_n=F, b_strides=_swap_last(w2))
+                   epilogue=epi_bwd, act=act, half_n=F, b_strides=_swap_last(w2))
     dx = empty
     if need_dx:
         dxp = new_output((M, H), dtype=dt, device=dev)

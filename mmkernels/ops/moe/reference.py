@@ -54,7 +54,25 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-ACTIVATIONS = ("gelu_tanh", "swiglu")
+# Expert activations of moe_ffn.  Plain: ``fc2(act(fc1 x + b1)) + b2``.  Gated (w1 stacks [gate; up]):
+# ``down(act(gate x + bg) * (up x + bu)) + b2`` -- the name maps to the elementwise act of the gate.
+# (no plain "relu": ReLU runs gated, as "reglu")
+PLAIN_ACTIVATIONS = ("gelu_tanh", "gelu", "silu")
+GATED_ACTIVATIONS = {"swiglu": "silu", "geglu_tanh": "gelu_tanh", "geglu": "gelu", "reglu": "relu"}
+ACTIVATIONS = ("gelu_tanh", "swiglu") + PLAIN_ACTIVATIONS[1:] + tuple(GATED_ACTIVATIONS)[1:]
+
+
+def elementwise_activation(name: str, z: torch.Tensor) -> torch.Tensor:
+    """The elementwise function ``silu``, ``gelu_tanh``, ``gelu`` (exact, erf) or ``relu``."""
+    if name == "silu":
+        return F.silu(z)
+    if name == "gelu_tanh":
+        return F.gelu(z, approximate="tanh")
+    if name == "gelu":
+        return F.gelu(z)
+    if name == "relu":
+        return F.relu(z)
+    raise ValueError(f"unknown elementwise activation {name!r}")
 
 
 def capacity_for(num_tokens: int, num_experts: int, capacity_factor: float, k: int, min_capacity: int) -> int:
@@ -309,14 +327,15 @@ def combine_weights_and_aux(logits: torch.Tensor, indices: torch.Tensor, keep: t
 
 def expert_ffn(x: torch.Tensor, w1: torch.Tensor, b1: Optional[torch.Tensor], w2: torch.Tensor,
                b2: Optional[torch.Tensor], activation: str) -> torch.Tensor:
-    """One expert: ``gelu_tanh``: ``fc2(gelu_tanh(fc1 x + b1)) + b2`` with ``w1 [F, H]``;
-    ``swiglu``: ``down(silu(gate x) * up x)`` with ``w1 = cat([gate, up]) [2F, H]``."""
+    """One expert: plain (``gelu_tanh``, ``gelu``, ``silu``): ``fc2(act(fc1 x + b1)) + b2`` with
+    ``w1 [F, H]``; gated (``swiglu``, ``geglu_tanh``, ``geglu``, ``reglu``): ``down(act(gate x) * up x)``
+    with ``w1 = cat([gate, up]) [2F, H]`` (``act`` = silu, gelu_tanh, gelu, relu)."""
     z = F.linear(x, w1, b1)
-    if activation == "gelu_tanh":
-        h = F.gelu(z, approximate="tanh")
-    else:
+    if activation in GATED_ACTIVATIONS:
         g, u = z.chunk(2, dim=-1)
-        h = F.silu(g) * u
+        h = elementwise_activation(GATED_ACTIVATIONS[activation], g) * u
+    else:
+        h = elementwise_activation(activation, z)
     return F.linear(h, w2, b2)
 
 
