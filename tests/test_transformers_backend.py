@@ -1,0 +1,311 @@
+"""The ``"mmkernels"`` transformers experts backend (``import mmkernels.transformers``).
+
+Tiny random Hugging Face MoE models (2 layers, hidden 32, 4 experts, vocab 64) run with the backend
+against transformers' own ``eager`` experts: logits, loss and every parameter gradient agree (fp32
+tolerances), on the reference backend and on the Triton kernels (the CPU interpreter here), and greedy
+``generate()`` gives the same tokens.  Unsupported expert modules fall back with one named warning.
+"""
+import subprocess
+import sys
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+import mmkernels
+from mmkernels.testing import assert_close
+
+transformers = pytest.importorskip("transformers", minversion="5.0",
+                                   reason="the experts backend needs transformers >= 5 (pip install "
+                                          "mmkernels[transformers])")
+import mmkernels.transformers as mkt  # noqa: E402
+from transformers import AutoModelForCausalLM  # noqa: E402
+from transformers.integrations.moe import use_experts_implementation  # noqa: E402
+
+V, H = 64, 32
+COMMON = dict(vocab_size=V, hidden_size=H, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+              max_position_embeddings=64, tie_word_embeddings=False)
+
+
+def _config(family, **extra):
+    if family == "qwen2_moe":   # a shared expert next to the routed ones
+        cfg = transformers.Qwen2MoeConfig(intermediate_size=24, moe_intermediate_size=16,
+                                          shared_expert_intermediate_size=24, num_experts=4, num_experts_per_tok=2,
+                                          decoder_sparse_step=1, **COMMON)
+    elif family == "qwen3_moe":
+        cfg = transformers.Qwen3MoeConfig(intermediate_size=24, moe_intermediate_size=16, head_dim=8, num_experts=4,
+                                          num_experts_per_tok=2, decoder_sparse_step=1, norm_topk_prob=True,
+                                          **COMMON)
+    elif family == "mixtral":
+        cfg = transformers.MixtralConfig(intermediate_size=16, num_local_experts=4, num_experts_per_tok=2, **COMMON)
+    elif family == "olmoe":
+        cfg = transformers.OlmoeConfig(intermediate_size=16, num_experts=4, num_experts_per_tok=2, **COMMON)
+    elif family == "deepseek_v3":  # shared expert, grouped sigmoid routing, MLA attention
+        cfg = transformers.DeepseekV3Config(intermediate_size=24, moe_intermediate_size=16, n_routed_experts=4,
+                                            n_shared_experts=1, num_experts_per_tok=2, n_group=1, topk_group=1,
+                                            first_k_dense_replace=0, kv_lora_rank=16, q_lora_rank=None,
+                                            qk_rope_head_dim=4, qk_nope_head_dim=4, v_head_dim=8, **COMMON)
+    else:
+        raise KeyError(family)
+    for key, value in extra.items():
+        setattr(cfg, key, value)
+    return cfg
+
+
+def _model(family, implementation="eager", **extra):
+    torch.manual_seed(1234)
+    model = AutoModelForCausalLM.from_config(_config(family, **extra), experts_implementation=implementation,
+                                             dtype=torch.float32)
+    # a random router so the tokens spread over the experts (the default init is tiny but not zero)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0.0, 0.08)
+    return model.train()
+
+
+def _run(model, ids, implementation, backend=None):
+    model.set_experts_implementation(implementation)
+    model.zero_grad(set_to_none=True)
+    if backend is None:
+        out = model(ids, labels=ids)
+    else:
+        with mmkernels.use_backend(backend):
+            out = model(ids, labels=ids)
+    out.loss.backward()
+    grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+    return out.logits.detach(), out.loss.detach(), grads
+
+
+FAMILIES = ["qwen2_moe", "qwen3_moe", "mixtral", "olmoe", "deepseek_v3"]
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_family_matches_eager(family, backend):
+    model = _model(family)
+    ids = torch.randint(0, V, (2, 5))
+    logits, loss, grads = _run(model, ids, "eager")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", mkt.MMKernelsFallbackWarning)   # every family here runs fused
+        logits2, loss2, grads2 = _run(model, ids, "mmkernels", backend)
+    assert model.config._experts_implementation == "mmkernels"
+    assert_close("logits", logits2, logits.double(), torch.float32)
+    assert_close("loss", loss2, loss.double(), torch.float32)
+    assert grads.keys() == grads2.keys()
+    for name, g in grads.items():
+        assert_close(f"grad {name}", grads2[name], g.double(), torch.float32)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_greedy_generate_matches_eager(family):
+    model = _model(family).eval()
+    ids = torch.randint(0, V, (1, 4))
+    kwargs = dict(max_new_tokens=3, do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        model.set_experts_implementation("eager")
+        expected = model.generate(ids, **kwargs)
+        model.set_experts_implementation("mmkernels")
+        with mmkernels.use_backend("triton"):
+            got = model.generate(ids, **kwargs)
+    assert torch.equal(got, expected)
+
+
+def test_from_config_and_save_load_round_trip(tmp_path):
+    model = AutoModelForCausalLM.from_config(_config("mixtral"), experts_implementation="mmkernels")
+    assert model.config._experts_implementation == "mmkernels"
+    model.save_pretrained(tmp_path)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path, experts_implementation="mmkernels")
+    assert loaded.config._experts_implementation == "mmkernels"
+    eager = AutoModelForCausalLM.from_pretrained(tmp_path, experts_implementation="eager")
+    assert loaded.state_dict().keys() == model.state_dict().keys()
+    ids = torch.randint(0, V, (1, 6))
+    with torch.no_grad(), mmkernels.use_backend("reference"):
+        assert_close("logits", loaded(ids).logits, eager(ids).logits.double(), torch.float32)
+
+
+@pytest.mark.parametrize("act,fused", [("relu", True), ("gelu", True), ("gelu_pytorch_tanh", True),
+                                       ("quick_gelu", False)])
+def test_activation_fused_or_named_fallback(act, fused):
+    """ReLU, exact and tanh GELU run fused; an activation the kernels lack (QuickGELU) falls back to
+    grouped_mm with one warning naming it, and the result still equals eager."""
+    model = _model("mixtral", hidden_act=act, num_hidden_layers=1)
+    assert type(model.model.layers[0].mlp.experts.act_fn).__name__ != "SiLUActivation"
+    ids = torch.randint(0, V, (2, 5))
+    logits, loss, grads = _run(model, ids, "eager")
+    mkt._warned.clear()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        logits2, loss2, grads2 = _run(model, ids, "mmkernels", "triton")
+        if not fused:
+            _run(model, ids, "mmkernels", "triton")          # a second pass warns no more
+    ours = [w for w in caught if issubclass(w.category, mkt.MMKernelsFallbackWarning)]
+    if fused:
+        assert not ours
+    else:
+        assert len(ours) == 1, [str(w.message) for w in ours]
+        assert "QuickGELUActivation" in str(ours[0].message) and "grouped_mm" in str(ours[0].message)
+    assert_close("logits", logits2, logits.double(), torch.float32)
+    for name, g in grads.items():
+        assert_close(f"grad {name}", grads2[name], g.double(), torch.float32)
+
+
+# ------------------------------------------------------------------ layouts, via a synthetic experts class
+
+class _Cfg:
+    def __init__(self, impl):
+        self._experts_implementation = impl
+
+
+def _experts_class(**flags):
+    """A transformers-style experts module with the decorator's layout flags and its own eager forward."""
+    transposed, bias, gate = flags.get("is_transposed", False), flags.get("has_bias", False), \
+        flags.get("has_gate", True)
+
+    class Experts(nn.Module):
+        def __init__(self, config, E=3, Hd=20, F=12, act=None):
+            super().__init__()
+            self.num_experts = E
+            up = (2 * F if gate else F)
+            shape_up, shape_down = ((E, Hd, up), (E, F, Hd)) if transposed else ((E, up, Hd), (E, Hd, F))
+            name = "gate_up_proj" if gate else "up_proj"
+            setattr(self, name, nn.Parameter(torch.randn(shape_up) * 0.3))
+            self.down_proj = nn.Parameter(torch.randn(shape_down) * 0.3)
+            if bias:
+                setattr(self, name + "_bias", nn.Parameter(torch.randn(E, up) * 0.1))
+                self.down_proj_bias = nn.Parameter(torch.randn(E, Hd) * 0.1)
+            self.act_fn = act if act is not None else nn.SiLU()
+
+        def forward(self, x, idx, w):
+            out = torch.zeros_like(x)
+            for s in range(x.shape[0]):
+                for j in range(idx.shape[1]):
+                    e = int(idx[s, j])
+                    wu = getattr(self, "gate_up_proj" if gate else "up_proj")[e]
+                    wd = self.down_proj[e]
+                    z = x[s] @ wu if transposed else wu @ x[s]
+                    if bias:
+                        z = z + getattr(self, ("gate_up_proj" if gate else "up_proj") + "_bias")[e]
+                    h = self._apply_gate(z) if gate else self.act_fn(z)
+                    o = h @ wd if transposed else wd @ h
+                    if bias:
+                        o = o + self.down_proj_bias[e]
+                    out[s] = out[s] + w[s, j] * o
+            return out
+
+    return use_experts_implementation(Experts, **flags)
+
+
+def _compare_module(mod, backend="triton", dense_weights=False):
+    T, k = 9, 2
+    x = torch.randn(T, mod.down_proj.shape[1 if not mod.is_transposed else 2])
+    idx = torch.stack([torch.randperm(mod.num_experts)[:k] for _ in range(T)])
+    w = torch.rand(T, k)
+    wr = w
+    if dense_weights:
+        wr = torch.zeros(T, mod.num_experts).scatter(1, idx, w)
+    res = {}
+    for impl in ("eager", "mmkernels"):
+        mod.config._experts_implementation = impl
+        mod.zero_grad(set_to_none=True)
+        xi, wi = x.clone().requires_grad_(), wr.clone().requires_grad_()
+        with mmkernels.use_backend(backend):
+            y = mod(xi, idx, wi if impl == "mmkernels" else (wi.gather(1, idx) if dense_weights else wi))
+        y.backward(torch.ones_like(y))
+        res[impl] = [y, xi.grad, wi.grad] + [p.grad for p in mod.parameters()]
+    for i, (a, b) in enumerate(zip(res["mmkernels"], res["eager"])):
+        assert_close(f"output/grad {i}", a, b.double(), torch.float32)
+
+
+@pytest.mark.parametrize("flags", [dict(), dict(is_transposed=True), dict(has_bias=True),
+                                   dict(is_transposed=True, has_bias=True), dict(has_gate=False)],
+                         ids=["plain", "transposed", "bias", "transposed_bias", "no_gate"])
+def test_layouts_run_fused(flags):
+    mod = _experts_class(**flags)(_Cfg("eager"), act=nn.GELU() if not flags.get("has_gate", True) else None)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", mkt.MMKernelsFallbackWarning)
+        _compare_module(mod)
+
+
+def test_dense_top_k_weights():
+    """``top_k_weights`` given as ``[T, E]`` router weights is read at the chosen experts."""
+    _compare_module(_experts_class()(_Cfg("eager")), backend="reference", dense_weights=True)
+
+
+class _SiLUSubclass(nn.SiLU):
+    def forward(self, x):
+        return 2 * super().forward(x)
+
+
+@pytest.mark.parametrize("case", ["custom_gate", "interleaved", "lambda_act", "subclass_act", "instance_forward",
+                                  "hooked_act", "post_norm", "expert_parallel"])
+def test_unsupported_falls_back_with_one_named_warning(case):
+    flags, act = {}, None
+    if case == "interleaved":
+        flags = dict(is_concatenated=False)
+    if case == "lambda_act":
+        act = lambda z: torch.sigmoid(z) * z  # noqa: E731  (SiLU in effect, but not provably so)
+    if case == "subclass_act":
+        act = _SiLUSubclass()
+    if case in ("instance_forward", "hooked_act"):
+        act = nn.SiLU()
+        if case == "instance_forward":
+            act.forward = lambda z: z * 3
+        else:
+            act.register_forward_hook(lambda m, i, o: o * 3)
+    cls = _experts_class(**flags)
+    if case == "custom_gate":
+        cls._apply_gate = lambda self, gu: torch.relu(gu[..., ::2]) * gu[..., 1::2]
+    mod = cls(_Cfg("eager"), act=act)
+    if case == "post_norm":
+        mod.has_post_expert_norm = True
+    if case == "expert_parallel":
+        mod._is_expert_parallel = True
+    needle = {"custom_gate": "_apply_gate", "interleaved": "is_concatenated", "lambda_act": "act_fn <function",
+              "subclass_act": "_SiLUSubclass", "instance_forward": "instance-level forward",
+              "hooked_act": "forward hooks", "post_norm": "has_post_expert_norm",
+              "expert_parallel": "_is_expert_parallel"}[case]
+    mkt._warned.clear()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fallback = mkt._ExpertsInterface._global_mapping.pop("grouped_mm", None) if case == "post_norm" else None
+        try:
+            if case in ("post_norm", "expert_parallel"):   # the synthetic eager forward has neither feature:
+                mod.config._experts_implementation = "mmkernels"   # just check the dispatch decision
+                activation, reason = mkt._plan(mod)
+                assert activation is None and needle in reason
+                return
+            _compare_module(mod, backend="reference")
+            _compare_module(mod, backend="reference")
+        finally:
+            if fallback is not None:
+                mkt._ExpertsInterface._global_mapping["grouped_mm"] = fallback
+    ours = [str(w.message) for w in caught if issubclass(w.category, mkt.MMKernelsFallbackWarning)]
+    assert len(ours) == 1 and needle in ours[0], ours
+
+
+def test_expert_activation_is_never_guessed():
+    from transformers.activations import ACT2FN
+    assert mkt.expert_activation(ACT2FN["silu"])[0] == "silu"
+    assert mkt.expert_activation(ACT2FN["gelu"])[0] == "gelu"
+    assert mkt.expert_activation(ACT2FN["gelu_pytorch_tanh"])[0] == "gelu_tanh"
+    assert mkt.expert_activation(ACT2FN["gelu_new"])[0] == "gelu_tanh"
+    assert mkt.expert_activation(ACT2FN["relu"])[0] == "relu"
+    assert mkt.expert_activation(nn.GELU(approximate="tanh"))[0] == "gelu_tanh"
+    for unknown in (ACT2FN["quick_gelu"], ACT2FN["relu2"], ACT2FN["mish"], nn.Tanh(), _SiLUSubclass(),
+                    torch.nn.functional.gelu, lambda z: z, None):
+        name, why = mkt.expert_activation(unknown)
+        assert name is None and why
+
+
+def test_registered_name():
+    from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
+    assert ALL_EXPERTS_FUNCTIONS["mmkernels"] is mkt.experts_forward
+
+
+def test_import_without_transformers_names_the_extra():
+    code = ("import sys; sys.modules['transformers'] = None\n"
+            "try:\n    import mmkernels.transformers\nexcept ImportError as e:\n    print('IMPORTERROR', e)\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "IMPORTERROR" in proc.stdout and "pip install mmkernels[transformers]" in proc.stdout
