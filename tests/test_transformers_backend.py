@@ -97,6 +97,32 @@ def test_family_matches_eager(family, backend):
         assert_close(f"grad {name}", grads2[name], g.double(), torch.float32)
 
 
+def test_multimodal_moe_backbone_qwen3_vl_moe():
+    """Qwen3-VL-MoE: the name reaches the text sub-config; its MoE text backbone matches eager (Triton)."""
+    text = dict(vocab_size=V, hidden_size=H, intermediate_size=24, moe_intermediate_size=16, num_hidden_layers=2,
+                num_attention_heads=4, num_key_value_heads=2, head_dim=8, num_experts=4, num_experts_per_tok=2,
+                decoder_sparse_step=1, max_position_embeddings=64,
+                rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [1, 1, 2]})
+    vision = dict(depth=1, hidden_size=32, intermediate_size=32, num_heads=2, out_hidden_size=H, patch_size=4,
+                  spatial_merge_size=1, temporal_patch_size=1, deepstack_visual_indexes=[0])
+    config = transformers.Qwen3VLMoeConfig(text_config=text, vision_config=vision)
+    torch.manual_seed(0)
+    model = transformers.Qwen3VLMoeForConditionalGeneration._from_config(config, experts_implementation="mmkernels")
+    assert model.model.language_model.config._experts_implementation == "mmkernels"
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0.0, 0.08)
+    ids = torch.randint(0, V, (2, 5))
+    logits, loss, grads = _run(model, ids, "eager")
+    assert model.model.language_model.config._experts_implementation == "eager"
+    logits2, loss2, grads2 = _run(model, ids, "mmkernels", "triton")
+    assert model.model.language_model.config._experts_implementation == "mmkernels"
+    assert_close("logits", logits2, logits.double(), torch.float32)
+    assert grads.keys() == grads2.keys()
+    for name, g in grads.items():
+        assert_close(f"grad {name}", grads2[name], g.double(), torch.float32)
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_greedy_generate_matches_eager(family):
     model = _model(family).eval()
