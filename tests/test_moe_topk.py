@@ -54,10 +54,11 @@ def test_weights_gradient_and_output_vs_float64(backend):
 
 def test_bad_input_is_named():
     idx, w = _topk(5, 4, 2)
-    with pytest.raises(ValueError, match="top_k_index must lie in"):
-        moe_route_topk(idx + 1, w, 4)
-    with pytest.raises(ValueError, match="top_k_index must lie in"):
-        moe_route_topk(idx - 1, w, 4)
+    for bad_value in (4, -1):
+        bad = idx.clone()
+        bad[3, 1] = bad_value
+        with pytest.raises(ValueError, match="top_k_index must lie in"):
+            moe_route_topk(bad, w, 4)
     with pytest.raises(ValueError, match="top_k_weights must have shape"):
         moe_route_topk(idx, w[:, :1], 4)
     with pytest.raises(TypeError, match="top_k_index must have dtype"):
@@ -103,11 +104,11 @@ def test_empty_rows():
     assert y.shape == (0, 8) and r.expert_offsets.tolist() == [0, 0, 0, 0]
 
 
-@pytest.mark.parametrize("k", [1, 2])
 @pytest.mark.parametrize("activation", [a for a in ACTIVATIONS if a not in ("gelu_tanh", "swiglu")])
-def test_new_fused_activations_vs_float64(activation, k):
-    """The activations added to the kernels' epilogues (forward and backward), with biases."""
-    S, Hd, F, E = 13, 24, 20, 3
+def test_new_fused_activations_vs_float64(activation):
+    """The activations added to the kernels' epilogues (forward and backward), with biases.  (The
+    activation lives in the first GEMM whatever k is; k = 1's fused combine is test_moe's.)"""
+    S, Hd, F, E, k = 13, 24, 20, 3, 2
     F1 = 2 * F if activation in GATED_ACTIVATIONS else F
     idx, w = _topk(S, E, k)
     x, w1, b1 = torch.randn(S, Hd), torch.randn(E, F1, Hd) * 0.3, torch.randn(E, F1) * 0.1
