@@ -127,3 +127,21 @@ def test_new_fused_activations_vs_float64(activation):
 
 def test_exported():
     assert mmkernels.moe_route_topk is moe_route_topk and "moe_route_topk" in mmkernels.__all__
+
+
+def test_unchecked_routing_and_triton_ffn_read_nothing_on_the_host():
+    """Sync-free: under FakeTensorMode (tensors without data) any host read of a value raises, yet
+    moe_route_topk(check_metadata=False) -> moe_ffn (Triton) -> backward runs through; the checked
+    routing needs the data (that one host read)."""
+    from torch._subclasses.fake_tensor import DataDependentOutputException, FakeTensorMode
+    with FakeTensorMode():
+        idx, w = torch.randint(0, 4, (7, 2)), torch.rand(7, 2, requires_grad=True)
+        x, w1, w2 = torch.randn(7, 16, requires_grad=True), torch.randn(4, 32, 16), torch.randn(4, 16, 16)
+        r = moe_route_topk(idx, w, 4, check_metadata=False)
+        assert r._is_sealed()
+        with use_backend("triton"):
+            y = moe_ffn(x, r, w1, None, w2, None, "geglu")
+        y.sum().backward()
+        assert y.shape == (7, 16) and w.grad.shape == (7, 2)
+        with pytest.raises(DataDependentOutputException):
+            moe_route_topk(idx, w, 4)
