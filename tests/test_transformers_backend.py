@@ -141,6 +141,7 @@ def test_from_config_and_save_load_round_trip(tmp_path):
     model = AutoModelForCausalLM.from_config(_config("mixtral"), experts_implementation="mmkernels")
     assert model.config._experts_implementation == "mmkernels"
     model.save_pretrained(tmp_path)
+    assert "mmkernels" not in (tmp_path / "config.json").read_text()   # the checkpoint stays portable
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path, experts_implementation="mmkernels")
     assert loaded.config._experts_implementation == "mmkernels"
     eager = AutoModelForCausalLM.from_pretrained(tmp_path, experts_implementation="eager")
