@@ -220,7 +220,19 @@ def _experts_class(**flags):
                     out[s] = out[s] + w[s, j] * o
             return out
 
-    return use_experts_implementation(Experts, **flags)
+    # the decorator without arguments (all 5.x releases take that form); the layout flags are set on the
+    # instance after its __init__, under both names transformers has used for the transposed layout
+    cls = use_experts_implementation(Experts)
+    decorated_init = cls.__init__
+
+    def __init__(self, config, **kwargs):
+        decorated_init(self, config, **kwargs)
+        self.is_transposed = self.experts_are_transposed = transposed
+        self.has_bias, self.has_gate = bias, gate
+        self.is_concatenated = flags.get("is_concatenated", True)
+
+    cls.__init__ = __init__
+    return cls
 
 
 def _compare_module(mod, backend="triton", dense_weights=False):
