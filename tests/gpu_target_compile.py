@@ -186,13 +186,18 @@ def _hyper_attention_record(full):
 def moe_calls():
     """MoE launches with the GPU block tables: every kernel variant (both activations, forward and
     backward, grouped_gemm) in bf16 for sm_90; the fp32 forward for sm_90; the bf16 forward for sm_80."""
-    return [(_moe_record(torch.bfloat16, backward=True), [SM90]), (_moe_record(torch.float32, backward=False), [SM90]),
+    from mmkernels.ops.moe.reference import ACTIVATIONS
+
+    # every fused activation (forward and backward epilogues) for the main target; one plain and one
+    # gated activation for the others, which differ only in dtype / arch, to keep the test short
+    return [(_moe_record(torch.bfloat16, backward=True, activations=ACTIVATIONS), [SM90]),
+            (_moe_record(torch.float32, backward=False), [SM90]),
             (_moe_record(torch.bfloat16, backward=False), [SM80])]
 
 
-def _moe_record(dtype, backward):
+def _moe_record(dtype, backward, activations=("gelu_tanh", "swiglu")):
     from mmkernels.ops.moe import kernels, launch
-    from mmkernels.ops.moe.reference import route_reference
+    from mmkernels.ops.moe.reference import GATED_ACTIVATIONS, route_reference
 
     calls = record_launches(kernels)
     table = launch._GPU_FP32 if dtype == torch.float32 else launch._GPU_HALF
@@ -201,11 +206,11 @@ def _moe_record(dtype, backward):
     x = torch.randn(S, H, dtype=dtype)
     d = route_reference(torch.randn(S, E), k, 30, None)
     w = torch.rand(S, k)
-    for act in ("gelu_tanh", "swiglu"):
-        F1 = 2 * F if act == "swiglu" else F
+    for act in activations:
+        F1 = 2 * F if act in GATED_ACTIVATIONS else F
         w1, w2 = torch.randn(E, F1, H, dtype=dtype), torch.randn(E, H, F, dtype=dtype)
         b1, b2 = None, None
-        if act == "gelu_tanh":
+        if act not in GATED_ACTIVATIONS:
             b1, b2 = torch.randn(E, F1, dtype=dtype), torch.randn(E, H, dtype=dtype)
         y, z, h, o = launch.moe_ffn_forward(x, w, d.keep, d.sorted_slots, d.expert_offsets, w1, b1, w2, b2, act)
         if backward:
