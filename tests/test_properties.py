@@ -18,6 +18,7 @@ from hypothesis import strategies as st  # noqa: E402
 
 import mmkernels  # noqa: E402
 from mmkernels import grouped_gemm, hyper_attention, moe_ffn, moe_route, plora_linear, use_backend, visual_kv  # noqa: E402
+from mmkernels.ops.moe.reference import ACTIVATIONS, GATED_ACTIVATIONS  # noqa: E402
 from mmkernels.testing import TOLERANCES, compare  # noqa: E402
 
 from conftest import KERNEL_DEVICES, SESSION_SEED  # noqa: E402
@@ -159,11 +160,11 @@ def test_moe_ffn_matches_reference(device, data, dtype):
     S = data.draw(st.integers(0, 24), label="S")
     H = data.draw(st.integers(1, 24), label="H")
     Fd = data.draw(st.integers(1, 24), label="F")
-    activation = data.draw(st.sampled_from(["gelu_tanh", "swiglu"]), label="activation")
+    activation = data.draw(st.sampled_from(ACTIVATIONS), label="activation")
     dropless = data.draw(st.booleans(), label="dropless")
     capacity = None if dropless else data.draw(st.integers(0, max(1, S)), label="capacity")
-    bias = activation == "gelu_tanh" and data.draw(st.booleans(), label="bias")
-    F1 = 2 * Fd if activation == "swiglu" else Fd
+    bias = activation not in GATED_ACTIVATIONS and data.draw(st.booleans(), label="bias")
+    F1 = 2 * Fd if activation in GATED_ACTIVATIONS else Fd
     logits = torch.randn(S, E)
     leaves = [_leaf(torch.randn(S, H), device, dtype), _leaf(torch.randn(E, F1, H) / H**0.5, device, dtype),
               _leaf(torch.randn(E, F1) * 0.1, device, dtype) if bias else None,
