@@ -10,7 +10,7 @@
 #   make clean   remove build outputs (keeps .venv); make distclean also removes .venv
 #
 # Requirement lists (the torch pin, runtime deps, extras) live in pyproject.toml only;
-# tools/requirements.py prints them for this Makefile.
+# `python setup.py --requirements KIND` prints them for this Makefile.
 #
 # Overridable: PYTHON, TORCH_SPEC, VENV, PYTEST_ARGS, MAX_JOBS, and the build
 # knobs MMKERNELS_REQUIRE_CUDA / MMKERNELS_DISABLE_CUDA / TORCH_CUDA_ARCH_LIST / CUDACXX.
@@ -18,7 +18,7 @@
 SHELL := /bin/bash
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 ifeq ($(origin TORCH_SPEC),undefined)
-TORCH_SPEC := $(shell $(PYTHON) tools/requirements.py torch)
+TORCH_SPEC := $(shell $(PYTHON) setup.py --requirements torch)
 endif
 VENV ?= .venv
 PYTEST_ARGS ?= -q
@@ -48,9 +48,9 @@ $(VPY):
 	@test -n "$(PYTHON)" || { echo "error: no python3.11/python3 found; set PYTHON=..." >&2; exit 1; }
 	$(PYTHON) -m venv $(VENV)
 
-$(DEPS_STAMP): $(VPY) Makefile pyproject.toml tools/requirements.py
+$(DEPS_STAMP): $(VPY) Makefile pyproject.toml
 	@test -n "$(TORCH_SPEC)" || { echo "error: no torch pin found in pyproject.toml" >&2; exit 1; }
-	$(VPY) tools/requirements.py dev > $(VENV)/.mmkernels-dev-requirements.txt
+	$(VPY) setup.py --requirements dev > $(VENV)/.mmkernels-dev-requirements.txt
 	$(PIP) install '$(TORCH_SPEC)' -r $(VENV)/.mmkernels-dev-requirements.txt
 	@touch $@
 

@@ -40,9 +40,6 @@ import sys
 from pathlib import Path
 from typing import NoReturn
 
-from setuptools import Extension, setup
-from setuptools.command.build_ext import build_ext
-
 ROOT = Path(__file__).resolve().parent
 MIN_CMAKE = (3, 26)
 TOOLS_DIR = ROOT / "build" / "_tools"
@@ -58,6 +55,70 @@ def _load_pyproject() -> dict:
             from setuptools._vendor import tomli as tomllib  # type: ignore[no-redef]
     with open(ROOT / "pyproject.toml", "rb") as f:
         return tomllib.load(f)
+
+
+# ----------------------------------------------------------------------------- requirement lists
+# ``python setup.py --requirements KIND...`` prints requirement lists from pyproject.toml, the one
+# place they are written, for the Makefile and .ci/run (before any venv exists, so this runs before
+# setuptools is imported):
+#     torch     the torch pin of [build-system] requires
+#     build     [build-system] requires
+#     runtime   [tool.mmkernels] dependencies (the wheel adds its torch pin)
+#     EXTRA     an extra (test, dev, transformers), self-references such as "mmkernels[test]"
+#               expanded, plus the runtime list
+# One requirement per line; markers that do not apply to this interpreter are dropped.
+
+def _marker_applies(req: str) -> bool:
+    if ";" not in req:
+        return True
+    try:
+        from pip._vendor.packaging.requirements import Requirement
+    except ImportError:  # pragma: no cover
+        from packaging.requirements import Requirement
+    marker = Requirement(req).marker
+    return marker is None or marker.evaluate()
+
+
+def requirements(kind: str, data: dict) -> list[str]:
+    name = data["project"]["name"]
+    build = data["build-system"]["requires"]
+    runtime = data["tool"]["mmkernels"]["dependencies"]
+    extras = data["project"].get("optional-dependencies", {})
+    if kind == "torch":
+        return [r for r in build if re.match(r"torch\s*==", r)]
+    if kind == "build":
+        return list(build)
+    if kind == "runtime":
+        return list(runtime)
+    if kind not in extras:
+        raise SystemExit(f"unknown list {kind!r}; expected torch, build, runtime or one of {sorted(extras)}")
+    out: list[str] = list(runtime)
+    todo, seen = [kind], set()
+    while todo:
+        extra = todo.pop(0)
+        if extra in seen:
+            continue
+        seen.add(extra)
+        for req in extras[extra]:
+            m = re.fullmatch(rf"{re.escape(name)}\[([^\]]+)\]", req.strip())
+            if m:
+                todo.extend(e.strip() for e in m.group(1).split(","))
+            else:
+                out.append(req)
+    return out
+
+
+if __name__ == "__main__" and sys.argv[1:2] == ["--requirements"]:
+    if len(sys.argv) < 3:
+        raise SystemExit("usage: python setup.py --requirements {torch|build|runtime|EXTRA}...")
+    _data = _load_pyproject()
+    for _req in dict.fromkeys(r for kind in sys.argv[2:] for r in requirements(kind, _data)):
+        if _marker_applies(_req):
+            print(_req)
+    sys.exit(0)
+
+from setuptools import Extension, setup  # noqa: E402  (after the requirements mode, which needs none)
+from setuptools.command.build_ext import build_ext  # noqa: E402
 
 
 PYPROJECT = _load_pyproject()

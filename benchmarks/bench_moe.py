@@ -298,39 +298,24 @@ def flops(S: int, Hd: int, Fd: int, activation: str, mode: str, kept: int | None
 
 # --------------------------------------------------------------------------- verification
 
-def _verify_cases(device, quick):
-    if device.type == "cuda":
-        return [(300, 256, 512, a) for a in ("gelu_tanh", "swiglu")], (torch.float32, torch.float16, torch.bfloat16)
-    # CPU interpreter: tiny shapes; bf16 is checked on the GPU only (the interpreter truncates fp32->bf16)
-    return [(37, 40, 24, a) for a in ("gelu_tanh", "swiglu")], (torch.float32, torch.float16)
-
-
 def verify(device, quick) -> tuple[list[dict], bool]:
+    """The package's MoE verification table (:func:`mmkernels.verify.verify_moe`: routing op vs
+    reference, the layer vs the DeepSpeed 0.9.5 einsum mirror, Triton vs float64), plus the rows that
+    need this benchmark's DeepSpeed providers: the layer vs the installed DeepSpeed (else the 0.19.8
+    mirror), and, when DeepSpeed is installed, the mirror vs DeepSpeed bit for bit."""
     import mmkernels
-    from mmkernels.ops.moe import launch
-    from mmkernels.ops.moe.reference import capacity_for, deepspeed_einsum_moe, moe_ffn_reference, route_reference
-    from mmkernels.testing import TOLERANCES, compare
+    from mmkernels import verify as V
+    from mmkernels.testing import compare
 
-    rows: list[dict] = []
+    rows, _ = V.verify_moe(device, quick, progress=lambda line: print(line, flush=True))
 
-    def add(check, dtype, tensor, ok, max_err=None, rms_err=None, tol=None, note=""):
-        rows.append(dict(check=check, dtype=str(dtype).replace("torch.", ""), tensor=tensor, max_err=max_err,
-                         rms_err=rms_err, tol_max=tol.max_err if tol else None,
-                         tol_rms=tol.rms_err if tol else None, result=("PASS" if ok else "FAIL") + note))
+    def add(check, dtype, tensor, ok, c=None):
+        rows.append(dict(check=check, dtype=str(dtype).replace("torch.", ""), tensor=tensor,
+                         max_err=c.max_err if c else None, rms_err=c.rms_err if c else None,
+                         tol_max=c.tolerance.max_err if c else None, tol_rms=c.tolerance.rms_err if c else None,
+                         result="PASS" if ok else "FAIL"))
 
     g = torch.Generator(device="cpu").manual_seed(0)
-    # (a) routing op vs reference (exact)
-    for S, k, cf in ((1000, 2, 1.5), (777, 1, 1.0), (513, 2, None)):
-        logits = torch.randn(S, E, generator=g).to(device) * 2
-        noise = -torch.log(-torch.log(torch.rand(S, E, generator=g).clamp(1e-20, 1 - 1e-7))).to(device)
-        cap = capacity_for(S, E, cf, k, 0) if cf else -1
-        got = launch.route(logits, k, cap, noise if k > 1 else None, None)
-        want = route_reference(logits, k, None if cap < 0 else cap, noise if k > 1 else None)
-        ok = all(torch.equal(a, b) for a, b in zip(got, (want.indices, want.keep, want.exp_counts, want.top1_counts,
-                                                         want.sorted_slots, want.expert_offsets)))
-        add(f"route S{S} k{k} cf{cf} ({'native' if launch.NATIVE_ROUTE else 'torch fallback'})", torch.float32,
-            "decisions", ok)
-    # (b) layer vs the DeepSpeed baselines, float64, capacity mode with drops
     baseline = deepspeed_baseline()
     S, Hd, Fd = 333, 64, 128
     moe, experts, template = make_layer(Hd, Fd, "gelu_tanh", "cpu", torch.float64, skewed=True, with_template=True)
@@ -341,14 +326,12 @@ def verify(device, quick) -> tuple[list[dict], bool]:
         y, l_aux, counts = moe(x, second_expert_noise=noise)
     ds_fn, _ = deepspeed_fn(baseline, moe, experts, template, "cpu")
     with torch.no_grad():
-        baselines = {baseline["provider"]: ds_fn(x, noise),
-                     EINSUM: deepspeed_einsum_moe(x, moe.gate_weight, experts, K_TOP, moe.capacity(S), noise)}
-    for name, (y_ds, l_ds, c_ds) in baselines.items():
-        label = f"MoE vs {name} (train, cf 1.5, drops)"
-        c = compare("y", y, y_ds, torch.float64)
-        add(label, torch.float64, "y", c.ok, c.max_err, c.rms_err, c.tolerance)
-        add(label, torch.float32, "l_aux, exp_counts",
-            bool(torch.allclose(l_aux, l_ds.float(), rtol=1e-6) and torch.equal(counts, c_ds.to(counts))))
+        y_ds, l_ds, c_ds = ds_fn(x, noise)
+    label = f"MoE vs {baseline['provider']} (train, cf 1.5, drops)"
+    c = compare("y", y, y_ds, torch.float64)
+    add(label, torch.float64, "y", c.ok, c)
+    add(label, torch.float32, "l_aux, exp_counts",
+        bool(torch.allclose(l_aux, l_ds.float(), rtol=1e-6) and torch.equal(counts, c_ds.to(counts))))
     if baseline["installed"]:   # the mirror (timed where DeepSpeed is missing) is still DeepSpeed's code path
         xf = x.float()
         moe32, experts32, template32 = make_layer(Hd, Fd, "gelu_tanh", "cpu", torch.float32, skewed=True,
@@ -357,57 +340,15 @@ def verify(device, quick) -> tuple[list[dict], bool]:
         with torch.no_grad():
             want = run_deepspeed(ds, xf, noise)
             got = deepspeed_mirror_moe(xf, moe32.gate_weight, experts32, CF, moe32.min_capacity, noise)
-        ok = all(torch.equal(a, b) for a, b in zip(got, want))
         add(f"deepspeed_mirror_moe vs DeepSpeed {baseline['version']} (bitwise)", torch.float32,
-            "y, l_aux, exp_counts", ok)
-    # (c) Triton vs float64 reference, forward and every gradient
-    cases, dtypes = _verify_cases(device, quick)
-    for (S, Hd, Fd, act) in cases:
-        for dtype in dtypes:
-            try:
-                gen = torch.Generator(device="cpu").manual_seed(S + Fd)
-                x = torch.randn(S, Hd, generator=gen).to(device, dtype)
-                wg = torch.randn(E, Hd, generator=gen).to(device)
-                F1 = 2 * Fd if act == "swiglu" else Fd
-                w1 = (torch.randn(E, F1, Hd, generator=gen) / Hd**0.5).to(device, dtype)
-                w2 = (torch.randn(E, Hd, Fd, generator=gen) / Fd**0.5).to(device, dtype)
-                b1 = (torch.randn(E, F1, generator=gen) * 0.1).to(device, dtype) if act == "gelu_tanh" else None
-                b2 = (torch.randn(E, Hd, generator=gen) * 0.1).to(device, dtype) if act == "gelu_tanh" else None
-                noise = -torch.log(-torch.log(torch.rand(S, E, generator=gen).clamp(1e-20, 1 - 1e-7))).to(device)
-                cap = capacity_for(S, E, 0.75, K_TOP, 0)   # tokens are dropped
-                leaves = [t.clone().requires_grad_() if t is not None else None for t in (x, wg, w1, b1, w2, b2)]
-                r = mmkernels.moe_route(F.linear(leaves[0].float(), leaves[1]), K_TOP, cap, noise)
-                with mmkernels.use_backend("triton"):
-                    y = mmkernels.moe_ffn(leaves[0], r, *leaves[2:], activation=act)
-                dy = torch.randn(S, Hd, generator=gen).to(device, dtype)
-                ((y.float() * dy.float()).sum()).backward()
-                refs = [t.detach().double().requires_grad_() if t is not None else None
-                        for t in (x, wg, w1, b1, w2, b2)]
-                r2 = mmkernels.moe_route(F.linear(refs[0], refs[1]).float(), K_TOP, cap, noise)
-                y_ref = moe_ffn_reference(refs[0], r2.weights.double(), r2.sorted_slots, r2.expert_offsets,
-                                          *refs[2:], act)
-                (y_ref * dy.double()).sum().backward()
-                label = f"triton S{S} H{Hd} F{Fd} {act} cap{cap}"
-                pairs = [("y", y, y_ref)] + [(n, a.grad, b.grad) for n, a, b in
-                                             zip(("dx", "dWg", "dw1", "db1", "dw2", "db2"), leaves, refs)
-                                             if a is not None]
-                for name, a, b in pairs:
-                    if name == "dWg":   # through the softmax backward (cancellation): dtype tolerance x 4
-                        cc = compare(name, a, b, dtype)
-                        tol = TOLERANCES[dtype]
-                        ok = cc.max_err <= 4 * tol.max_err and cc.rms_err <= 4 * tol.rms_err
-                        add(label, dtype, name, ok, cc.max_err, cc.rms_err, tol, " (4x tol)")
-                    else:
-                        cc = compare(name, a, b, dtype)
-                        add(label, dtype, name, cc.ok, cc.max_err, cc.rms_err, cc.tolerance)
-            except Exception as e:  # a crash is a failure, not an abort of the whole run
-                add(f"triton S{S} {act}", dtype, "(all)", False, note=f" ({type(e).__name__}: {str(e)[:120]})")
+            "y, l_aux, exp_counts", all(torch.equal(a, b) for a, b in zip(got, want)))
     return rows, all(r["result"].startswith("PASS") for r in rows)
 
 
-VERIFY_COLUMNS = [("check", "check", None), ("dtype", "dtype", None), ("tensor", "tensor", None),
-                  ("max_err", "max_err", ".2e"), ("rms_err", "rms_err", ".2e"), ("tol_max", "tol_max", ".0e"),
-                  ("tol_rms", "tol_rms", ".0e"), ("result", "result", None)]
+def _verify_columns():
+    from mmkernels import verify as V
+
+    return V.COLUMNS["moe"]
 
 
 # --------------------------------------------------------------------------- timing
@@ -655,7 +596,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     print(f"\n### {OP}: verification (routing op vs reference; MoE vs {baseline['provider']} and {EINSUM}; "
           f"triton backend{'' if on_cuda else ' under the CPU interpreter'} vs float64 reference)", flush=True)
     ver_rows, ver_ok = verify(device, quick)
-    H.print_table(f"{OP} verification ({'PASS' if ver_ok else 'FAIL'})", ver_rows, VERIFY_COLUMNS)
+    H.print_table(f"{OP} verification ({'PASS' if ver_ok else 'FAIL'})", ver_rows, _verify_columns())
 
     cfg = _sweep(device, quick)
     print(f"\n### {OP}: timing on {device.type} ({'quick' if quick else 'full'} sweep, "

@@ -50,7 +50,8 @@ COLUMNS: dict[str, list[tuple[str, str, str | None]]] = {
 }
 DESCRIPTIONS = {
     "plora": "plora_linear, triton backend vs float64 reference: y and every gradient (bias, scaling 0.5, dropout 0)",
-    "moe": "routing op vs reference (exact); MoE layer vs the DeepSpeed einsum formulation (float64); "
+    "moe": "routing op vs reference (exact); MoE layer vs the DeepSpeed 0.9.5 einsum formulation (in-package "
+           "mirror, float64); "
            "triton grouped-GEMM FFN vs float64 reference: y and every gradient",
     "hyper_attention": "hyper_attention, triton backend vs float64 reference: out and every gradient, "
                        "decode step, visual_kv producer",
@@ -230,7 +231,8 @@ def _moe_route_case(S: int, k: int, cf: float | None, device) -> list[dict]:
 
 
 def _moe_layer_vs_deepspeed() -> list[dict]:
-    """mmkernels.MoE (reference backend) vs DeepSpeed's einsum gating + MOELayer, float64, with drops."""
+    """mmkernels.MoE (reference backend) vs DeepSpeed 0.9.5's einsum gating + MOELayer (the in-package
+    mirror; the benchmark adds the installed DeepSpeed), float64, with drops."""
     import mmkernels
     from .ops.moe.reference import deepspeed_einsum_moe
 
@@ -256,7 +258,7 @@ def _moe_layer_vs_deepspeed() -> list[dict]:
     with torch.no_grad(), mmkernels.use_backend("reference"):
         y, l_aux, counts = moe(x, second_expert_noise=noise)
         y_ds, l_ds, c_ds = deepspeed_einsum_moe(x, moe.gate_weight, experts, MOE_K, moe.capacity(S), noise)
-    check = "MoE vs DeepSpeed einsum (train, cf 1.5, drops)"
+    check = "MoE vs DeepSpeed 0.9.5 einsum mirror (train, cf 1.5, drops)"
     same = bool(torch.allclose(l_aux, l_ds.float(), rtol=1e-6) and torch.equal(counts, c_ds.to(counts)))
     return [dict(check=check, dtype="float64", tensor="y", **_err_row("y", y, y_ds, torch.float64)),
             dict(check=check, dtype="float32", tensor="l_aux, exp_counts", max_err=None, rms_err=None,
@@ -300,7 +302,7 @@ def _moe_ffn_case(S: int, Hd: int, Fd: int, act: str, dtype: torch.dtype, device
 def verify_moe(device: str | torch.device | None = None, quick: bool = False,
                progress: Progress | None = None) -> tuple[list[dict], bool]:
     """MoE: (a) the routing op (native when built) equals the torch reference exactly; (b) the MoE
-    layer equals DeepSpeed's einsum formulation in float64; (c) the Triton grouped-GEMM FFN,
+    layer equals DeepSpeed 0.9.5's einsum formulation (in-package mirror) in float64; (c) the Triton grouped-GEMM FFN,
     forward and every gradient, against the float64 reference."""
     dev = resolve_device(device)
     cases = []
@@ -308,8 +310,8 @@ def verify_moe(device: str | torch.device | None = None, quick: bool = False,
         label = f"route S{S} k{k} cf{cf}"
         cases.append(_Case(label, lambda a=(S, k, cf): _moe_route_case(*a, dev),
                            dict(check=label, dtype="float32")))
-    cases.append(_Case("MoE layer vs DeepSpeed einsum", _moe_layer_vs_deepspeed,
-                       dict(check="MoE vs DeepSpeed einsum", dtype="float64")))
+    cases.append(_Case("MoE layer vs DeepSpeed 0.9.5 einsum mirror", _moe_layer_vs_deepspeed,
+                       dict(check="MoE vs DeepSpeed 0.9.5 einsum mirror", dtype="float64")))
     shapes, dtypes = moe_cases(dev, quick)
     for (S, Hd, Fd, act) in shapes:
         for dtype in dtypes:

@@ -390,7 +390,7 @@ def _pyproject() -> dict:
 
 
 def _requirements(*kinds: str) -> list[str]:
-    r = subprocess.run([sys.executable, str(ROOT / "tools" / "requirements.py"), *kinds],
+    r = subprocess.run([sys.executable, str(ROOT / "setup.py"), "--requirements", *kinds],
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr
     return r.stdout.splitlines()
@@ -420,7 +420,7 @@ def test_dependency_lists_live_in_pyproject():
     assert {"test", "dev", "transformers"} <= set(extras)
     assert extras["test"] != extras["dev"] and "pytest" in extras["test"]
     assert "mmkernels[test]" in extras["dev"] and "pytest" not in extras["dev"]
-    assert any(r.replace(" ", "") == "transformers>=5" for r in extras["transformers"])
+    assert any(r.replace(" ", "").startswith("transformers>=5") for r in extras["transformers"])
     dev = _requirements("dev")
     assert "pytest" in dev and "pytest-benchmark" in dev and not any("mmkernels" in r for r in dev)
     assert any(r.startswith("auditwheel") for r in dev) and any(r.startswith("cmake") for r in dev)
