@@ -32,6 +32,11 @@ _INTERPRETER = {
     "bwd_dkv": dict(BLOCK_M=16, BLOCK_N=16),
     "decode": dict(BLOCK_M=16, BLOCK_N=16),
 }
+# Element-wise launches (the producer's rotation, the text RoPE, the decode merge): one entry for
+# every head dim and dtype.
+_ELEMENTWISE_GPU = {"visual_kv_rope": dict(BLOCK_M=32), "rope": dict(BLOCK_R=32), "decode_merge": dict(num_warps=4)}
+_ELEMENTWISE_INTERPRETER = {"visual_kv_rope": dict(BLOCK_M=16), "rope": dict(BLOCK_R=16),
+                            "decode_merge": dict(num_warps=1)}
 DECODE_SPLIT_KEYS = {"gpu": (128, 1024), "cpu": (32, 32)}  # (min, max) keys per split-K program
 # Shared memory (the compile check in tests/gpu_target_compile.py holds every config under the sm_80
 # limit of 163 KB): per pipeline stage a K and a V tile, BLOCK_N * D * 2 bytes each.
@@ -48,6 +53,10 @@ def decode_chunk(total_keys: int, groups: int, device: torch.device) -> int:
 
 
 def _config(name: str, device: torch.device, dtype: torch.dtype, head_dim: int) -> dict:
+    """The launch config of kernel ``name``: every block size comes from the tables above (the CPU
+    entries are the interpreter's), so the offline compile test compiles what a GPU runs."""
+    if name in _ELEMENTWISE_GPU:
+        return dict((_ELEMENTWISE_INTERPRETER if device.type == "cpu" else _ELEMENTWISE_GPU)[name])
     if device.type == "cpu":
         return dict(_INTERPRETER[name])
     table = _GPU_HALF[name]
@@ -239,7 +248,7 @@ def visual_kv_rope(kv_proj: torch.Tensor, rstd: torch.Tensor | None, bias: torch
     k_vis = new_output((M, num_kv_heads, D), dtype=kv_proj.dtype, device=kv_proj.device)
     v_vis = new_output((M, num_kv_heads, D), dtype=kv_proj.dtype, device=kv_proj.device)
     if M and num_kv_heads:
-        block_m = 16 if kv_proj.device.type == "cpu" else 32
+        block_m = _config("visual_kv_rope", kv_proj.device, kv_proj.dtype, D)["BLOCK_M"]
         grid = (cdiv(M, block_m), num_kv_heads)
         kernels._visual_kv_rope_kernel[grid](
             kv_proj, rstd if rstd is not None else kv_proj, bias if bias is not None else kv_proj,
@@ -256,7 +265,7 @@ def visual_kv_rope_backward(dk_vis: torch.Tensor, dv_vis: torch.Tensor, image_po
     dk_vis, dv_vis, image_positions = dk_vis.contiguous(), dv_vis.contiguous(), image_positions.contiguous()
     dx = new_output((M, 2 * Hkv * D), dtype=dk_vis.dtype, device=dk_vis.device)
     if M and Hkv:
-        block_m = 16 if dk_vis.device.type == "cpu" else 32
+        block_m = _config("visual_kv_rope", dk_vis.device, dk_vis.dtype, D)["BLOCK_M"]
         grid = (cdiv(M, block_m), Hkv)
         kernels._visual_kv_rope_kernel[grid](
             dx, dx, dx, image_positions, inv_freq, dk_vis, dv_vis, M, T, float(position_offset),
@@ -305,7 +314,7 @@ def _decode_forward(q, k, v, kv, vv, image_positions, cu_images, g, key_padding_
         Lq, Lk, H, T, *m.stride(), *g.stride(),
         out.stride(0), out.stride(1), out.stride(2), lse.stride(0), lse.stride(1), lse.stride(2),
         GATED=gated, INCLUSIVE=inclusive, SAVE_PARTS=bool(save_parts and gated), CHUNK=chunk, BLOCK_D=D,
-        num_warps=1 if dev.type == "cpu" else 4)
+        **_config("decode_merge", dev, dt, D))
 
 
 def rope(x: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor, inverse: bool) -> torch.Tensor:
@@ -313,7 +322,7 @@ def rope(x: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor, inver
     B, L, Hx, D = x.shape
     out = new_output((B, L, Hx, D), dtype=x.dtype, device=x.device)
     if out.numel():
-        block_r = 16 if x.device.type == "cpu" else 32
+        block_r = _config("rope", x.device, x.dtype, D)["BLOCK_R"]
         kernels._rope_kernel[(cdiv(B * L, block_r), Hx)](
             x, positions, inv_freq, out, B * L, L, *x.stride(), *positions.stride(),
             out.stride(0), out.stride(1), out.stride(2),
