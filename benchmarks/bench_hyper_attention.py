@@ -175,7 +175,7 @@ def run_timing(device: torch.device, quick: bool, ceiling: dict | None, log=prin
                     v = torch.randn_like(k)
                     kvis = torch.randn(n, T, Hkv, D, device=device, dtype=dtype)
                     vvis = torch.randn_like(kvis)
-                    gate = torch.randn(Hq * D, device=device, dtype) if mode == "gated" else None
+                    gate = torch.randn(Hq * D, device=device, dtype=dtype) if mode == "gated" else None
                     t_att = _time(lambda: mmkernels.hyper_attention(q, k, v, kvis, vvis, pos, cu, mode=mode,
                                                                     gate=gate, visibility=vis,
                                                                     check_metadata=False))
@@ -212,7 +212,7 @@ def run_timing(device: torch.device, quick: bool, ceiling: dict | None, log=prin
                 v = torch.randn_like(k)
                 kvis = torch.randn(n, T, Hkv, D, device=device, dtype=dtype)
                 vvis = torch.randn_like(kvis)
-                gate = torch.randn(Hq * D, device=device, dtype) if mode == "gated" else None
+                gate = torch.randn(Hq * D, device=device, dtype=dtype) if mode == "gated" else None
                 t_att = _time(lambda: mmkernels.hyper_attention(q, k, v, kvis, vvis, pos, cu, mode=mode, gate=gate,
                                                                 visibility=vis, check_metadata=False))
                 nb = kv_bytes(past + 1, n, T, Hkv, D, elem)
