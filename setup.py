@@ -201,30 +201,26 @@ def _executable(path: str | None) -> bool:
     return bool(path) and os.path.isfile(path) and os.access(path, os.X_OK)
 
 
-def _cmake_candidates() -> list[str]:
-    cands = [str(Path(sys.executable).parent / "cmake")]
+def _tool_candidates(tool: str, bin_dir_attr: str) -> list[str]:
+    """Executables of ``tool`` (cmake or ninja), in order of preference: next to this Python, from
+    the PyPI package of the same name (a build requirement), on PATH, then in ``build/_tools``."""
+    cands = [str(Path(sys.executable).parent / tool)]
     try:
-        import cmake  # PyPI cmake (a build requirement)
-
-        cands.append(os.path.join(cmake.CMAKE_BIN_DIR, "cmake"))
+        module = __import__(tool)
+        cands.append(os.path.join(getattr(module, bin_dir_attr), tool))
     except Exception:
         pass
-    cands.append(shutil.which("cmake") or "")
-    cands.extend(str(p) for p in sorted(TOOLS_DIR.glob("cmake/data/bin/cmake")))
+    cands.append(shutil.which(tool) or "")
+    cands.extend(str(p) for p in sorted(TOOLS_DIR.glob(f"{tool}/data/bin/{tool}")))
     return [c for c in dict.fromkeys(cands) if _executable(c)]
+
+
+def _cmake_candidates() -> list[str]:
+    return _tool_candidates("cmake", "CMAKE_BIN_DIR")
 
 
 def _ninja_candidates() -> list[str]:
-    cands = [str(Path(sys.executable).parent / "ninja")]
-    try:
-        import ninja  # PyPI ninja (a build requirement)
-
-        cands.append(os.path.join(ninja.BIN_DIR, "ninja"))
-    except Exception:
-        pass
-    cands.append(shutil.which("ninja") or "")
-    cands.extend(str(p) for p in sorted(TOOLS_DIR.glob("ninja/data/bin/ninja")))
-    return [c for c in dict.fromkeys(cands) if _executable(c)]
+    return _tool_candidates("ninja", "BIN_DIR")
 
 
 def _tool_requirements() -> list[str]:
