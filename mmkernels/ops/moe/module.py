@@ -46,6 +46,7 @@ _FORMS = {  # form -> (first-layer names stacked in order, second-layer name, ac
 _DS_PREFIX = "deepspeed_moe."
 _DS_GATE = "deepspeed_moe.gate.wg.weight"
 _DS_EXPERT = "deepspeed_moe.experts.deepspeed_experts."
+_STATE_DICT_LAYOUTS = ("packed", "deepspeed")
 _NOISY_GATE_POLICIES = (None, "None", "Jitter", "RSample")
 _DROP_POLICIES = ("probs", "position")
 
@@ -285,6 +286,10 @@ class MoE(nn.Module):
             ``topkgating``'s default ``'probs'``): which choices k >= 3 drops at capacity, None meaning
             DeepSpeed's (``'probs'``); ``'position'`` is ``topkgating(drop_policy='position')``.  See
             :func:`~mmkernels.moe_route`.
+        state_dict_layout (mmkernels only): the keys ``state_dict()`` writes: ``"packed"`` (``gate_weight``,
+            ``w1``, ``b1``, ``w2``, ``b2``) or ``"deepspeed"`` (DeepSpeed's own keys, as a DeepSpeed ``MoE`` in
+            the same place would write them; what ``apply_mmkernels`` uses so a patched model's checkpoint
+            keeps its keys).  ``load_state_dict`` accepts either layout whatever this says.
         ep_size > 1, use_residual, use_tutel and enable_expert_tensor_parallelism raise
         ``NotImplementedError``; a value of the wrong type or range raises ``TypeError`` / ``ValueError``
         naming the argument.
@@ -308,7 +313,8 @@ class MoE(nn.Module):
                  capacity_factor: float = 1.0, eval_capacity_factor: float = 1.0, min_capacity: int = 4,
                  use_residual: bool = False, noisy_gate_policy: Optional[str] = None, drop_tokens: bool = True,
                  use_rts: bool = True, use_tutel: bool = False, enable_expert_tensor_parallelism: bool = False,
-                 top2_2nd_expert_sampling: bool = True, drop_policy: Optional[str] = None) -> None:
+                 top2_2nd_expert_sampling: bool = True, drop_policy: Optional[str] = None,
+                 state_dict_layout: str = "packed") -> None:
         super().__init__()
         # types and ranges first (ValueError / TypeError), then what is not implemented
         _check_int("hidden_size", hidden_size, 1)
@@ -343,6 +349,8 @@ class MoE(nn.Module):
             if k <= 2:
                 raise ValueError(f"drop_policy={drop_policy!r} only applies to k >= 3 (DeepSpeed's topkgating); "
                                  f"k={k} uses DeepSpeed's top{k}gating, which has one fixed priority rule")
+        if state_dict_layout not in _STATE_DICT_LAYOUTS:
+            raise ValueError(f"state_dict_layout must be one of {_STATE_DICT_LAYOUTS}, got {state_dict_layout!r}")
         if ep_size > 1:
             raise NotImplementedError(f"ep_size={ep_size}: expert parallelism (ep_size > 1) is not implemented")
         if use_residual:
@@ -376,6 +384,7 @@ class MoE(nn.Module):
         self.top2_2nd_expert_sampling = top2_2nd_expert_sampling
         self.noisy_gate_policy = noisy_gate_policy if noisy_gate_policy != "None" else None
         self.drop_policy = drop_policy
+        self.state_dict_layout = state_dict_layout
 
         lin = {n: _linear(expert, n) for n in (*self._firsts, self._second)}
         w1 = torch.cat([lin[n].weight.detach() for n in self._firsts], 0) if len(self._firsts) > 1 else \
@@ -538,15 +547,31 @@ class MoE(nn.Module):
         for n in native:
             state_dict[prefix + n] = packed[n]
 
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        if self.state_dict_layout == "packed":
+            super()._save_to_state_dict(destination, prefix, keep_vars)
+            return
+        for key, value in self._deepspeed_tensors(keep_vars).items():
+            destination[prefix + key] = value
+
+    def _deepspeed_tensors(self, keep_vars: bool = False) -> dict:
+        # each expert's slice is its own tensor (a clone), as DeepSpeed's separate parameters are, so
+        # safetensors and sharded checkpointing see no shared storage; keep_vars keeps the autograd link
+        def piece(t):
+            return t if keep_vars else t.detach().clone()
+        out = {_DS_GATE: self.gate_weight if keep_vars else self.gate_weight.detach()}
+        for key, (pname, i, rows) in self._deepspeed_expert_keys().items():
+            out[key] = piece(getattr(self, pname)[i, rows])
+        return out
+
     def deepspeed_state_dict(self) -> dict:
         """This layer's weights in DeepSpeed's key layout (relative to the MoE module)."""
-        out = {_DS_GATE: self.gate_weight.detach().clone()}
-        for key, (pname, i, rows) in self._deepspeed_expert_keys().items():
-            out[key] = getattr(self, pname)[i, rows].detach().clone()
+        out = self._deepspeed_tensors()
+        out[_DS_GATE] = out[_DS_GATE].clone()
         return out
 
     @classmethod
-    def from_deepspeed(cls, ds_moe: nn.Module) -> "MoE":
+    def from_deepspeed(cls, ds_moe: nn.Module, state_dict_layout: str = "packed") -> "MoE":
         """The equivalent layer of a ``deepspeed.moe.layer.MoE`` (same config, same weights).
 
         Every DeepSpeed option is passed through, so one this layer does not compute as DeepSpeed does
@@ -574,7 +599,8 @@ class MoE(nn.Module):
             drop_tokens=bool(getattr(gate, "drop_tokens", True)), use_rts=bool(getattr(gate, "use_rts", True)),
             enable_expert_tensor_parallelism=bool(getattr(ds_moe, "enable_expert_tensor_parallelism", False)),
             top2_2nd_expert_sampling=bool(getattr(gate, "top2_2nd_expert_sampling", True)),
-            drop_policy=getattr(gate, "drop_policy", None) if gate.k >= 3 else None)
+            drop_policy=getattr(gate, "drop_policy", None) if gate.k >= 3 else None,
+            state_dict_layout=state_dict_layout)
         for i, ex in enumerate(experts[1:], 1):
             # DeepSpeed's experts are deep copies of one template: verified once, unless one was changed
             if not _same_structure(ex, experts[0]):
