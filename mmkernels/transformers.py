@@ -26,6 +26,10 @@ per reason naming it: any other activation (or one that cannot be identified: a 
 subclass, an instance with its own ``forward`` or with hooks), a custom ``_apply_gate`` (e.g. GPT-OSS's
 clamped SwiGLU), the interleaved ``[gate0, up0, ...]`` layout (``is_concatenated=False``), a
 post-expert norm, and expert parallelism.
+
+``apply_mmkernels(model, plora=True, moe=True, hyper_attention=True, strict=True)`` (defined in
+:mod:`mmkernels.patching`) patches the seed models in place: InternLM-XComposer2's PLoRA linears,
+MoE-LLaVA's DeepSpeed MoE layers and mPLUG-Owl3's hyper attention layers.
 """
 from __future__ import annotations
 
@@ -44,9 +48,11 @@ except ImportError as exc:  # pragma: no cover - exercised in a subprocess by th
         "pip install mmkernels[transformers]") from exc
 
 from .ops.moe.function import moe_ffn, moe_route_topk
+from .patching import RetiredParameterError, apply_mmkernels
 from .ops.moe.reference import PLAIN_ACTIVATIONS
 
-__all__ = ["BACKEND_NAME", "MMKernelsFallbackWarning", "experts_forward", "expert_activation"]
+__all__ = ["BACKEND_NAME", "MMKernelsFallbackWarning", "experts_forward", "expert_activation", "apply_mmkernels",
+           "RetiredParameterError"]
 
 BACKEND_NAME = "mmkernels"
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Iterable, Tuple
 
-import torch
+from torch.optim.optimizer import register_optimizer_step_pre_hook
 from torch import nn
 from torch.utils.weak import WeakIdKeyDictionary
 
@@ -39,7 +39,7 @@ def retire_parameters(named: Iterable[Tuple[str, nn.Parameter]], replaced_by: st
     for name, p in named:
         _RETIRED[p] = f"{name!r} {tuple(p.shape)} (now part of {replaced_by})"
     if _HOOK is None:
-        _HOOK = torch.optim.optimizer.register_optimizer_step_pre_hook(_check_optimizer)
+        _HOOK = register_optimizer_step_pre_hook(_check_optimizer)
 
 
 def set_child(model: nn.Module, qualified_name: str, new: nn.Module) -> None:
