@@ -5,6 +5,7 @@ import math
 
 import torch
 from torch import nn
+import torch.nn.functional as F
 
 from ..._validation import check_float
 from .function import plora_linear
@@ -22,8 +23,10 @@ class PLoRALinear(nn.Linear):
     ``Plora_B`` zeros, so a fresh layer equals its base linear (the original's init is a no-op that
     leaves W0 uninitialised; real weights come from checkpoints either way).
 
-    ``forward(x, im_mask=None)``: ``x [..., in]``, ``im_mask`` bool ``x.shape[:-1]`` (None = no visual
-    token; 0-d for a single token ``x [in]``).  Builds and runs on the ``meta`` device (shape only).
+    ``forward(x, im_mask=None)``: ``x [..., in]``, ``im_mask`` bool ``x.shape[:-1]`` (0-d for a single
+    token ``x [in]``).  ``im_mask=None`` is the original's text-only call: the base linear alone, so
+    ``Plora_A``/``Plora_B`` get no gradient (None), whereas an all-False mask gives them zero gradients.
+    Builds and runs on the ``meta`` device (shape only).
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool = False, lora_r: int = 256,
@@ -60,8 +63,8 @@ class PLoRALinear(nn.Linear):
         return module
 
     def forward(self, x: torch.Tensor, im_mask: torch.Tensor | None = None) -> torch.Tensor:
-        if im_mask is None:
-            im_mask = torch.zeros(x.shape[:-1], dtype=torch.bool, device=x.device)
+        if im_mask is None:  # as the original: the base linear alone, Plora_A/B outside the graph (grads None)
+            return F.linear(x, self.weight, self.bias)
         return plora_linear(x, self.weight, self.bias, self.Plora_A.weight, self.Plora_B.weight, im_mask,
                             scaling=self.lora_scaling, dropout_p=self.lora_dropout_p, training=self.training)
 
