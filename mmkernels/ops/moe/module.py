@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..._validation import FLOAT_DTYPES, check_float, check_same_device, check_tensor
+from . import parallel
 from .function import moe_ffn, moe_route
 from .reference import capacity_for, expert_ffn
 
@@ -117,6 +118,14 @@ def expert_form(expert: nn.Module) -> str:
     raise ValueError(
         f"unsupported expert module {type(expert).__name__} (children: {[n for n, _ in expert.named_children()]}): "
         "expected nn.Linear children fc1/fc2 (GELU MLP), gate_proj/up_proj/down_proj or w1/w2/c_proj (SwiGLU)")
+
+
+def _global_expert_key(key: str, offset: int) -> str:
+    """``deepspeed_moe.experts.deepspeed_experts.{i}.rest`` -> ``...{offset + i}.rest`` (other keys as they are)."""
+    if not key.startswith(_DS_EXPERT):
+        return key
+    index, dot, rest = key[len(_DS_EXPERT):].partition(".")
+    return f"{_DS_EXPERT}{offset + int(index)}{dot}{rest}" if index.isdigit() else key
 
 
 def _describe(firsts, second, activation) -> str:
@@ -314,7 +323,7 @@ class MoE(nn.Module):
                  use_residual: bool = False, noisy_gate_policy: Optional[str] = None, drop_tokens: bool = True,
                  use_rts: bool = True, use_tutel: bool = False, enable_expert_tensor_parallelism: bool = False,
                  top2_2nd_expert_sampling: bool = True, drop_policy: Optional[str] = None,
-                 state_dict_layout: str = "packed") -> None:
+                 state_dict_layout: str = "packed", ep_group=None) -> None:
         super().__init__()
         # types and ranges first (ValueError / TypeError), then what is not implemented
         _check_int("hidden_size", hidden_size, 1)
@@ -325,7 +334,8 @@ class MoE(nn.Module):
         if k > num_experts:
             raise ValueError(f"k must be in [1, num_experts={num_experts}], got k={k}")
         if num_experts % ep_size:
-            raise ValueError(f"num_experts ({num_experts}) must be divisible by ep_size ({ep_size})")
+            raise ValueError(f"num_experts ({num_experts}) must be divisible by ep_size ({ep_size}): each rank of the "
+                             "expert-parallel group holds num_experts / ep_size experts")
         capacity_factor = check_float("capacity_factor", capacity_factor)
         eval_capacity_factor = check_float("eval_capacity_factor", eval_capacity_factor)
         for name, value in (("capacity_factor", capacity_factor), ("eval_capacity_factor", eval_capacity_factor)):
@@ -351,8 +361,6 @@ class MoE(nn.Module):
                                  f"k={k} uses DeepSpeed's top{k}gating, which has one fixed priority rule")
         if state_dict_layout not in _STATE_DICT_LAYOUTS:
             raise ValueError(f"state_dict_layout must be one of {_STATE_DICT_LAYOUTS}, got {state_dict_layout!r}")
-        if ep_size > 1:
-            raise NotImplementedError(f"ep_size={ep_size}: expert parallelism (ep_size > 1) is not implemented")
         if use_residual:
             raise NotImplementedError("use_residual=True (residual MoE) is not implemented")
         if noisy_gate_policy == "Jitter":
@@ -371,6 +379,9 @@ class MoE(nn.Module):
         _check_widths(expert, self.form, hidden_size)
         firsts, second = _verify_expert(expert, self.form, hidden_size)
         self._firsts, self._second = tuple(firsts), second   # packing order (gate first for SwiGLU)
+        # last of the checks: with ep_group=None this builds the process groups (a collective)
+        self.ep_group, self.expert_data_parallel_group, self.ep_rank = parallel.resolve_ep_group(ep_size, ep_group)
+        self.expert_group_name = f"ep_size_{ep_size}"   # DeepSpeed's name for these groups
         self.hidden_size = hidden_size
         self.num_experts = num_experts
         self.ep_size = ep_size
@@ -391,17 +402,28 @@ class MoE(nn.Module):
             lin[self._firsts[0]].weight.detach()
         b1 = lin[self._firsts[0]].bias
         w2, b2 = lin[self._second].weight.detach(), lin[self._second].bias
-        E = num_experts
+        E = self.num_local_experts   # this rank's experts (all of them when ep_size=1)
         self.w1 = nn.Parameter(w1.unsqueeze(0).repeat(E, 1, 1))
         self.b1 = nn.Parameter(b1.detach().unsqueeze(0).repeat(E, 1)) if b1 is not None else None
         self.w2 = nn.Parameter(w2.unsqueeze(0).repeat(E, 1, 1))
         self.b2 = nn.Parameter(b2.detach().unsqueeze(0).repeat(E, 1)) if b2 is not None else None
-        wg = nn.Linear(hidden_size, E, bias=False, device=w1.device, dtype=torch.float32)  # DeepSpeed's init
+        wg = nn.Linear(hidden_size, num_experts, bias=False, device=w1.device, dtype=torch.float32)  # DeepSpeed's init
         self.gate_weight = nn.Parameter(wg.weight.detach())
+        if ep_size > 1:
+            # what DeepSpeed's Experts set: a DeepSpeed engine reduces these gradients only within the
+            # expert-data-parallel group of that name, not over the whole data-parallel world
+            for p in self.expert_parameters():
+                p.allreduce = False
+                p.group_name = self.expert_group_name
+
+    def expert_parameters(self) -> list:
+        """This rank's expert weights and biases (``w1``, ``b1``, ``w2``, ``b2``; the router is not one)."""
+        return [p for p in (self.w1, self.b1, self.w2, self.b2) if p is not None]
 
     def extra_repr(self) -> str:
         return (f"hidden_size={self.hidden_size}, num_experts={self.num_experts}, k={self.k}, form={self.form}, "
-                f"ffn={self.w2.shape[-1]}, capacity_factor={self.capacity_factor}, "
+                + (f"ep_size={self.ep_size}, ep_rank={self.ep_rank}, " if self.ep_size > 1 else "")
+                + f"ffn={self.w2.shape[-1]}, capacity_factor={self.capacity_factor}, "
                 f"eval_capacity_factor={self.eval_capacity_factor}, min_capacity={self.min_capacity}, "
                 f"drop_tokens={self.drop_tokens}, use_rts={self.use_rts}, "
                 f"top2_2nd_expert_sampling={self.top2_2nd_expert_sampling}"
@@ -453,18 +475,30 @@ class MoE(nn.Module):
                             f"{self.w1.dtype}; convert one (e.g. moe.to({hidden_states.dtype}))")
         check_same_device([("hidden_states", hidden_states), ("gate_weight", self.gate_weight), ("w1", self.w1)])
         x2 = hidden_states.reshape(-1, self.hidden_size)
+        if self.ep_size > 1 and self.drop_tokens:
+            # before routing, so that every rank raises the same error (no rank left waiting in a collective)
+            parallel.check_same_token_count(x2.shape[0], self.ep_group, x2.device)
         routing = self.route(x2, second_expert_noise, token_order)
-        y = moe_ffn(x2, routing, self.w1, self.b1, self.w2, self.b2, self.activation)
+        if self.ep_size > 1:
+            y = parallel.expert_parallel_ffn(x2, routing, self.w1, self.b1, self.w2, self.b2, self.activation,
+                                             self.ep_group)
+        else:
+            y = moe_ffn(x2, routing, self.w1, self.b1, self.w2, self.b2, self.activation)
         return y.view(hidden_states.shape), routing.l_aux, routing.exp_counts
 
     # ------------------------------------------------------------------ DeepSpeed interop
 
-    def _deepspeed_expert_keys(self) -> dict:
-        """DeepSpeed expert key (relative to the MoE module) -> (packed parameter, expert, row slice)."""
+    def _deepspeed_expert_keys(self, experts=None) -> dict:
+        """DeepSpeed expert key (relative to the MoE module) -> (packed parameter, index, row slice) for
+        ``experts``, pairs ``(global expert id, index into the packed tensors)``; by default this rank's
+        experts ``(ep_rank*L + i, i)``, named by their global ids as DeepSpeed's EP checkpoints name them."""
+        if experts is None:
+            L = self.num_local_experts
+            experts = [(self.ep_rank * L + i, i) for i in range(L)]
         F1 = self.w1.shape[1] // len(self._firsts)
         keys = {}
-        for i in range(self.num_experts):
-            base = f"{_DS_EXPERT}{i}."
+        for g, i in experts:
+            base = f"{_DS_EXPERT}{g}."
             for j, name in enumerate(self._firsts):
                 keys[f"{base}{name}.weight"] = ("w1", i, slice(j * F1, (j + 1) * F1))
             if self.b1 is not None:
@@ -484,6 +518,8 @@ class MoE(nn.Module):
         ``deepspeed_moe.`` that this layer does not have (another linear, an expert index >= E, a bias
         the form has not) stays in ``state_dict``, so ``nn.Module`` reports it as unexpected.
         """
+        if self.ep_size > 1:
+            self._slice_packed_keys(state_dict, prefix, error_msgs)
         if any(key.startswith(prefix + _DS_PREFIX) for key in state_dict):
             self._translate_deepspeed_keys(state_dict, prefix, strict, missing_keys, error_msgs)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
@@ -506,6 +542,13 @@ class MoE(nn.Module):
         expected = {prefix + key: target for key, target in self._deepspeed_expert_keys().items()}
         if not any(key.startswith(prefix + _DS_EXPERT) for key in state_dict):
             return   # only the gate is in DeepSpeed's layout; the experts (if any) in the packed one
+        if self.ep_size > 1:
+            # a full checkpoint holds the other ranks' experts too: this rank takes its slice and leaves
+            # theirs (any key an expert < num_experts has); other names stay, so they are unexpected
+            others = self._deepspeed_expert_keys([(g, g) for g in range(self.num_experts)])
+            for key in others:
+                if prefix + key not in expected:
+                    state_dict.pop(prefix + key, None)
         native = [n for n in ("w1", "b1", "w2", "b2") if getattr(self, n) is not None]
         both = [prefix + n for n in native if prefix + n in state_dict]
         if both:
@@ -532,7 +575,7 @@ class MoE(nn.Module):
         if complete:
             # every piece present: build the packed tensors from the checkpoint's own tensors (works with
             # assign=True and with a layer constructed on the meta device)
-            by_param = {n: [[] for _ in range(self.num_experts)] for n in native}
+            by_param = {n: [[] for _ in range(self.num_local_experts)] for n in native}
             for key, (pname, i, _) in expected.items():
                 by_param[pname][i].append(pieces[key])
             for n in native:
@@ -547,28 +590,71 @@ class MoE(nn.Module):
         for n in native:
             state_dict[prefix + n] = packed[n]
 
+    def _slice_packed_keys(self, state_dict, prefix, error_msgs):
+        """ep_size > 1: a packed key (``w1`` ...) of a full single-rank checkpoint holds all E experts; keep
+        this rank's L.  Any other expert count is an error naming the key (the current value stays)."""
+        L, r = self.num_local_experts, self.ep_rank
+        for n in ("w1", "b1", "w2", "b2"):
+            key = prefix + n
+            if key not in state_dict or getattr(self, n) is None:
+                continue
+            value = state_dict[key]
+            if isinstance(value, torch.Tensor) and value.dim() >= 1 and value.shape[0] == self.num_experts:
+                state_dict[key] = value[r * L:(r + 1) * L]
+            else:
+                error_msgs.append(f"size mismatch for {key}: with ep_size={self.ep_size} a packed {n} must hold all "
+                                  f"num_experts={self.num_experts} experts (a full single-rank checkpoint; this rank "
+                                  f"keeps experts {r * L}..{(r + 1) * L - 1}), got shape "
+                                  f"{tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__}")
+                state_dict[key] = getattr(self, n).detach()
+
     def _save_to_state_dict(self, destination, prefix, keep_vars):
-        if self.state_dict_layout == "packed":
+        if self.state_dict_layout == "packed" and self.ep_size == 1:
             super()._save_to_state_dict(destination, prefix, keep_vars)
             return
         for key, value in self._deepspeed_tensors(keep_vars).items():
             destination[prefix + key] = value
 
-    def _deepspeed_tensors(self, keep_vars: bool = False) -> dict:
+    def _deepspeed_tensors(self, keep_vars: bool = False, packed=None, gate=None, experts=None) -> dict:
         # each expert's slice is its own tensor (a clone), as DeepSpeed's separate parameters are, so
         # safetensors and sharded checkpointing see no shared storage; keep_vars keeps the autograd link
         def piece(t):
             return t if keep_vars else t.detach().clone()
-        out = {_DS_GATE: self.gate_weight if keep_vars else self.gate_weight.detach()}
-        for key, (pname, i, rows) in self._deepspeed_expert_keys().items():
-            out[key] = piece(getattr(self, pname)[i, rows])
+        if packed is None:
+            packed = {n: getattr(self, n) for n in ("w1", "b1", "w2", "b2")}
+        if gate is None:
+            gate = self.gate_weight if keep_vars else self.gate_weight.detach()
+        out = {_DS_GATE: gate}
+        for key, (pname, i, rows) in self._deepspeed_expert_keys(experts).items():
+            out[key] = piece(packed[pname][i, rows])
         return out
 
     def deepspeed_state_dict(self) -> dict:
-        """This layer's weights in DeepSpeed's key layout (relative to the MoE module)."""
+        """This layer's weights in DeepSpeed's key layout (relative to the MoE module).  With ep_size > 1:
+        this rank's experts under their global ids (DeepSpeed's expert-parallel checkpoint names), like
+        ``state_dict()``; :meth:`full_state_dict` gathers all of them."""
         out = self._deepspeed_tensors()
         out[_DS_GATE] = out[_DS_GATE].clone()
         return out
+
+    def full_state_dict(self) -> dict:
+        """The full single-rank state dict: all E experts, in the keys ``ep_size=1`` writes for this
+        ``state_dict_layout`` (packed ``gate_weight``/``w1``/... with E experts, or DeepSpeed's keys with
+        experts 0..E-1), on every rank; tensors are detached copies.
+
+        A collective over ``ep_group`` when ep_size > 1 (``all_gather`` of the expert tensors): every rank
+        of the group must call it.  The router is replicated, so this rank's copy is used.  What it
+        returns loads into a layer of any ``ep_size`` (each rank keeps its slice)."""
+        packed = {n: getattr(self, n).detach() for n in ("w1", "b1", "w2", "b2") if getattr(self, n) is not None}
+        if self.ep_size > 1:
+            packed = {n: parallel.gather_experts(t, self.ep_group) for n, t in packed.items()}
+        else:
+            packed = {n: t.clone() for n, t in packed.items()}
+        gate = self.gate_weight.detach().clone()
+        if self.state_dict_layout == "packed":
+            return {**packed, "gate_weight": gate}
+        return self._deepspeed_tensors(packed=packed, gate=gate,
+                                       experts=[(g, g) for g in range(self.num_experts)])
 
     @classmethod
     def from_deepspeed(cls, ds_moe: nn.Module, state_dict_layout: str = "packed") -> "MoE":
@@ -590,9 +676,14 @@ class MoE(nn.Module):
         if len(kinds) != 1:
             raise ValueError(f"ds_moe's experts must all be copies of one template, got classes {sorted(kinds)}")
         wg = gate.wg.weight
+        ep_size = getattr(ds_moe, "ep_size", 1)
+        num_experts = getattr(ds_moe, "num_experts", len(experts) * ep_size)
+        if isinstance(ep_size, int) and ep_size >= 1 and len(experts) * ep_size != num_experts:
+            raise ValueError(f"ds_moe holds {len(experts)} experts but num_experts={num_experts} with ep_size={ep_size} "
+                             f"means {num_experts // ep_size} per rank")
         layer = cls(
-            hidden_size=wg.shape[1], expert=experts[0], num_experts=getattr(ds_moe, "num_experts", len(experts)),
-            ep_size=getattr(ds_moe, "ep_size", 1), k=gate.k, capacity_factor=gate.capacity_factor,
+            hidden_size=wg.shape[1], expert=experts[0], num_experts=num_experts,
+            ep_size=ep_size, ep_group=getattr(inner, "ep_group", None) if ep_size != 1 else None, k=gate.k, capacity_factor=gate.capacity_factor,
             eval_capacity_factor=gate.eval_capacity_factor, min_capacity=int(gate.min_capacity),
             use_residual=bool(getattr(ds_moe, "use_residual", False)),
             noisy_gate_policy=getattr(gate, "noisy_gate_policy", None),
@@ -614,6 +705,11 @@ class MoE(nn.Module):
                     raise ValueError(f"ds_moe's expert {i} ({type(ex).__name__}) computes a different form from "
                                      f"expert 0 ({layer.form}, {_describe(layer._firsts, layer._second, layer.activation)})")
         sd = {key: value for key, value in ds_moe.state_dict().items() if key.startswith(_DS_PREFIX)}
+        if layer.ep_size > 1:
+            # a DeepSpeed layer names its local experts 0..L-1 in memory; its EP checkpoints (and this
+            # layer) name them by global id ep_rank*L + i
+            offset = layer.ep_rank * layer.num_local_experts
+            sd = {_global_expert_key(key, offset): value for key, value in sd.items()}
         layer.load_state_dict(sd)
         layer.train(ds_moe.training)
         return layer
