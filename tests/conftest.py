@@ -39,6 +39,9 @@ def pytest_collection_modifyitems(config, items):
 # Fresh random inputs on every run, yet replayable: the run's seed is printed in pytest's header and
 # MMKERNELS_TEST_SEED=<that number> reproduces it; each test mixes in a stable hash of its own id.
 SESSION_SEED = int(os.environ.get("MMKERNELS_TEST_SEED") or random.SystemRandom().randrange(2**31))
+# the same seed in every pytest-xdist worker (they start after this file is imported and inherit the
+# environment) and in the processes tests spawn
+os.environ["MMKERNELS_TEST_SEED"] = str(SESSION_SEED)
 
 
 def pytest_report_header(config):
