@@ -181,11 +181,11 @@ def test_state_dict_round_trips_both_ways():
     patched = mirror.build(backbone, seed=1, **moe_args).eval()
     patch(patched)
     assert not torch.equal(run(patched, ids, 0, "reference").logits, want)
-    assert original.load_state_dict(sd_pat, strict=True).missing_keys == []
-    patched.load_state_dict(sd_ref, strict=True)
-    for m in (original, patched):
-        torch.testing.assert_close(run(m, ids, 0, "reference").logits, want, rtol=0, atol=0) if m is original \
-            else assert_close("logits", run(m, ids, 0, "reference").logits, want.double(), torch.float32)
+    original.load_state_dict(sd_pat, strict=True)   # patched -> original: DeepSpeed computes what it did
+    assert torch.equal(run(original, ids, 0, "reference").logits, want)
+    patched.load_state_dict(sd_ref, strict=True)    # original -> patched
+    assert_close("logits", run(patched, ids, 0, "reference").logits, want.double(), torch.float32)
+    assert all(torch.equal(patched.state_dict()[k], v) for k, v in sd_ref.items())
     # a DeepSpeed key missing from the checkpoint is reported under its DeepSpeed name
     del sd_ref["model.layers.0.mlp.deepspeed_moe.experts.deepspeed_experts.3.up_proj.weight"]
     with pytest.raises(RuntimeError, match=r"Missing key.*deepspeed_experts\.3\.up_proj\.weight"):
@@ -282,3 +282,28 @@ def test_optimizer_built_before_patching_fails_loudly_at_step():
                                                               "deepspeed_experts.0.gate_proj.weight'")):
         stale.step()
     fresh.step()   # built after patching: fine
+
+
+def test_plan_changes_nothing_and_a_layer_under_two_names_is_one_swap():
+    model = mirror.build("phi", **CONFIGS["phi-capacity-sampled"][1])
+    ds = model.model.layers[0].mlp
+    model.alias = ds                                  # the same layer reachable under a second name
+    swaps = moe_llava.plan(model)
+    assert len(swaps) == 1 and model.model.layers[0].mlp is ds
+    swaps[0]()
+    assert isinstance(model.alias, mmkernels.MoE) and model.alias is model.model.layers[0].mlp
+    with pytest.raises(RuntimeError, match="already ran"):
+        swaps[0]()
+
+
+def test_a_subclass_overriding_forward_is_refused():
+    from deepspeed.moe.layer import MoE as DeepSpeedMoE
+
+    class LoggingMoE(DeepSpeedMoE):
+        def forward(self, hidden_states, used_token=None):
+            return super().forward(hidden_states * 2, used_token)
+
+    model = mirror.build("phi", **CONFIGS["phi-capacity-sampled"][1])
+    model.model.layers[0].mlp.__class__ = LoggingMoE
+    with pytest.raises(ValueError, match=r"'model\.layers\.0\.mlp'.*LoggingMoE overrides DeepSpeed's MoE\.forward"):
+        patch(model)
