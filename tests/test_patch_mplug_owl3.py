@@ -7,18 +7,34 @@ the unpatched model in float64; the patched one runs in float32 and is held to t
 The batch has a left-padded sample, two images in one sample and one in the other, images starting
 mid-sequence.
 """
+import inspect
+
 import pytest
 import torch
 from transformers import DynamicCache, Qwen2Config, Qwen2ForCausalLM
+from transformers.models.qwen2.modeling_qwen2 import Qwen2Model
 
 import mmkernels
 from mmkernels.patching import apply_mmkernels, mplug_owl3
 from mmkernels.testing import assert_close
 
+from conftest import HAS_CUDA
 from mirrors.qwen2_hyper import build, v1_media_offset
 
 V, B, L, T, HID = 61, 2, 8, 3, 64
 HYPER = "model.layers.1.self_attn"
+# transformers 5.24 calls the cache argument ``cache`` (5.17: ``past_key_values``)
+CACHE = "cache" if "cache" in inspect.signature(Qwen2Model.forward).parameters else "past_key_values"
+
+
+def _triton_cases(*rest):
+    """The triton backend where its kernels run: CPU under the interpreter, CUDA on a GPU machine."""
+    cases = []
+    if mmkernels.interpreter_enabled():
+        cases += [("triton", "cpu") + r for r in rest]
+    if HAS_CUDA:
+        cases += [pytest.param("triton", "cuda", *r, marks=pytest.mark.gpu) for r in rest]
+    return cases
 
 
 def _patch(model, **kwargs):
@@ -40,23 +56,32 @@ def _inputs(version, n_pad=2):
     return ids, mask, images, media_offset
 
 
-def _run(model, inputs, backend="reference", dtype=torch.float32):
+def _on(inputs, device):
     ids, mask, images, media_offset = inputs
+    if isinstance(media_offset, torch.Tensor):
+        media_offset = media_offset.to(device)
+    return ids.to(device), mask.to(device), images.to(device), media_offset
+
+
+def _run(model, inputs, backend="reference", dtype=torch.float32, device="cpu"):
+    ids, mask, images, media_offset = _on(inputs, device)
     model.zero_grad(set_to_none=True)
     with mmkernels.use_backend(backend):
         out = model(input_ids=ids, attention_mask=mask, image_embeds=images.to(dtype), media_offset=media_offset,
                     labels=ids)
         out.loss.backward()
-    return out.logits.detach(), out.loss.detach(), {n: p.grad for n, p in model.named_parameters()}
+    return (out.logits.detach().cpu(), out.loss.detach().cpu(),
+            {n: p.grad.cpu() if p.grad is not None else None for n, p in model.named_parameters()})
 
 
-@pytest.mark.parametrize("backend, version, attn", [("reference", "v1", "sdpa"), ("reference", "v2", "eager"),
-                                                    ("triton", "v1", "sdpa"), ("triton", "v2", "sdpa")])
-def test_patched_matches_unpatched(backend, version, attn):
+@pytest.mark.parametrize("backend, device, version, attn",
+                         [("reference", "cpu", "v1", "sdpa"), ("reference", "cpu", "v2", "eager")]
+                         + _triton_cases(("v1", "sdpa"), ("v2", "sdpa")))
+def test_patched_matches_unpatched(backend, device, version, attn):
     inputs = _inputs(version)
     expected = build(version, attn=attn).double().train()
     logits, loss, grads = _run(expected, inputs, dtype=torch.float64)
-    model = build(version, attn=attn).train()
+    model = build(version, attn=attn).to(device).train()
     params = dict(model.named_parameters())
     shapes = {k: v.shape for k, v in model.state_dict().items()}
     assert _patch(model) == {"hyper_attention": 1}
@@ -66,7 +91,7 @@ def test_patched_matches_unpatched(backend, version, attn):
     # the same Parameter objects, the same state-dict keys and shapes
     assert all(p is params[n] for n, p in model.named_parameters()) and len(params) == len(list(model.parameters()))
     assert {k: v.shape for k, v in model.state_dict().items()} == shapes
-    logits2, loss2, grads2 = _run(model, inputs, backend)
+    logits2, loss2, grads2 = _run(model, inputs, backend, device=device)
     assert_close("logits", logits2, logits, torch.float32)
     assert_close("loss", loss2, loss, torch.float32)
     assert grads2.keys() == grads.keys()
@@ -90,9 +115,10 @@ def _count_visual_kv(monkeypatch):
     return calls
 
 
-@pytest.mark.parametrize("backend, version, cache", [("reference", "v1", "dynamic"), ("reference", "v1", "static"),
-                                                     ("reference", "v2", "dynamic"), ("triton", "v2", "dynamic")])
-def test_generate_greedy_matches_and_computes_visual_kv_once(backend, version, cache, monkeypatch):
+@pytest.mark.parametrize("backend, device, version, cache",
+                         [("reference", "cpu", "v1", "dynamic"), ("reference", "cpu", "v1", "static"),
+                          ("reference", "cpu", "v2", "dynamic")] + _triton_cases(("v2", "dynamic")))
+def test_generate_greedy_matches_and_computes_visual_kv_once(backend, device, version, cache, monkeypatch):
     inputs = _inputs(version)
     ids, mask, images, media_offset = inputs
     kw = dict(input_ids=ids, attention_mask=mask, image_embeds=images, media_offset=media_offset,
@@ -100,23 +126,25 @@ def test_generate_greedy_matches_and_computes_visual_kv_once(backend, version, c
     if cache == "static":
         kw["cache_implementation"] = "static"
     expected = build(version).generate(**kw)
-    model = build(version)
+    model = build(version).to(device)
     _patch(model)
     calls = _count_visual_kv(monkeypatch)
+    d_ids, d_mask, d_images, d_media_offset = _on(inputs, device)
     with mmkernels.use_backend(backend):
-        tokens = model.generate(**kw)
-    assert torch.equal(tokens, expected)
+        tokens = model.generate(**dict(kw, input_ids=d_ids, attention_mask=d_mask, image_embeds=d_images,
+                                       media_offset=d_media_offset))
+    assert torch.equal(tokens.cpu(), expected)
     assert calls == [3], calls          # one prompt, one hyper layer: the producer ran once, on the 3 images
     # an explicit cache reused for a new prompt (its layer empty again) recomputes; decode steps reuse it
     if backend == "reference" and cache == "dynamic":
         past = DynamicCache(config=model.config)
         with torch.no_grad(), mmkernels.use_backend(backend):
             out = model(input_ids=ids, attention_mask=mask, image_embeds=images, media_offset=media_offset,
-                        cache=past, use_cache=True)
+                        use_cache=True, **{CACHE: past})
             nxt = out.logits[:, -1:].argmax(-1)
             mask2 = torch.cat([mask, torch.ones(B, 1, dtype=mask.dtype)], 1)
             step = model(input_ids=nxt, attention_mask=mask2, image_embeds=images, media_offset=media_offset,
-                         cache=past, use_cache=True)
+                         use_cache=True, **{CACHE: past})
             exp = build(version)(input_ids=torch.cat([ids, nxt], 1), attention_mask=mask2, image_embeds=images,
                                  media_offset=media_offset if version == "v2" else
                                  torch.cat([media_offset, media_offset[:, -1:]], 1))
@@ -267,7 +295,7 @@ def test_unsupported_calls_raise():
     ids, mask, images, media_offset = _inputs("v1")
     past = DynamicCache(config=model.config)
     with torch.no_grad(), mmkernels.use_backend("reference"):
-        model(input_ids=ids, image_embeds=images, media_offset=media_offset, cache=past, use_cache=True)
+        model(input_ids=ids, image_embeds=images, media_offset=media_offset, use_cache=True, **{CACHE: past})
         with pytest.raises(NotImplementedError, match="2-token step after 8 cached tokens"):
-            model(input_ids=ids[:, :2], image_embeds=images, media_offset=media_offset[:, :2], cache=past,
-                  use_cache=True)
+            model(input_ids=ids[:, :2], image_embeds=images, media_offset=media_offset[:, :2], use_cache=True,
+                  **{CACHE: past})
