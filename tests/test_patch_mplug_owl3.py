@@ -103,6 +103,27 @@ def test_patched_matches_unpatched(backend, device, version, attn):
         assert grads2[f"{HYPER}.gate"].abs().sum() > 0
 
 
+@pytest.mark.parametrize("version, layout", [("v1", "no images"), ("v1", "gathered"), ("v2", "no images")])
+def test_other_layouts_match_unpatched(version, layout):
+    """A sample without images (v1: -1000000 rows, v2: an empty list) and v1 image ranges that are not
+    sample-major (sample 0 uses images 1..2, sample 1 image 0: the patch gathers them)."""
+    ids, mask, images, _ = _inputs(version)
+    if version == "v2":
+        media_offset = [torch.tensor([1, 4]), torch.tensor([], dtype=torch.long)]
+    elif layout == "no images":
+        media_offset = torch.stack([v1_media_offset([1, 4], L, 0), v1_media_offset([], L)])
+    else:
+        media_offset = torch.stack([v1_media_offset([1, 4], L, 1), v1_media_offset([3], L, 0)])
+    inputs = ids, mask, images, media_offset
+    logits, loss, grads = _run(build(version).double().train(), inputs, dtype=torch.float64)
+    model = build(version).train()
+    _patch(model)
+    logits2, loss2, grads2 = _run(model, inputs)
+    assert_close("logits", logits2, logits, torch.float32)
+    for name, g in grads.items():
+        assert_close(f"grad {name}", grads2[name], g, torch.float32)
+
+
 def _count_visual_kv(monkeypatch):
     calls = []
     real = mplug_owl3.visual_kv
