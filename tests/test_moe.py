@@ -483,7 +483,9 @@ def test_bad_inputs_name_the_argument():
         bad = PhiMLP(16, 8)
         bad.act = nn.ReLU()
         MoE(16, bad, num_experts=2)
-    for kw, name in ((dict(ep_size=2), "ep_size"), (dict(use_residual=True), "use_residual"),
+    with pytest.raises(ValueError, match="ep_size=2 > 1 needs an initialised torch.distributed"):
+        MoE(16, PhiMLP(16, 8), num_experts=4, ep_size=2)   # expert parallelism: test_moe_expert_parallel.py
+    for kw, name in ((dict(use_residual=True), "use_residual"),
                      (dict(noisy_gate_policy="Jitter"), "noisy_gate_policy"), (dict(use_tutel=True), "use_tutel"),
                      (dict(enable_expert_tensor_parallelism=True), "enable_expert_tensor_parallelism")):
         with pytest.raises(NotImplementedError, match=name):

@@ -15,13 +15,16 @@ configurations (the reference backend in float64 for most, the Triton kernels un
 on two small float32 ones); each rank asserts and returns what it checked.  The comparison with
 DeepSpeed's own ``MoE(ep_size=2)`` shares the 2-rank spawn when DeepSpeed is installed.
 """
+import copy
 import importlib.util
+import sys
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 from mmkernels import MoE, use_backend
 from mmkernels.ops.moe.module import _DS_EXPERT, _DS_GATE
@@ -53,6 +56,28 @@ class StableLMMLP(nn.Module):     # down(silu(gate x) * up x), no biases
 
 
 FORMS = {"phi": PhiMLP, "stablelm": StableLMMLP}
+
+
+class HostReads(TorchFunctionMode):
+    """Records every call that reads a tensor's value on the host (a device-to-host synchronisation on
+    a GPU) as ``(function, calling function)``: value conversions, ``nonzero`` and friends, and
+    ``repeat_interleave`` without ``output_size``."""
+
+    READS = {torch.Tensor.tolist, torch.Tensor.item, torch.Tensor.__bool__, torch.Tensor.__int__,
+             torch.Tensor.__float__, torch.Tensor.__index__, torch.Tensor.numpy, torch.Tensor.cpu,
+             torch.Tensor.nonzero, torch.nonzero, torch.masked_select, torch.Tensor.masked_select, torch.unique,
+             torch.Tensor.unique, torch.bincount, torch.Tensor.bincount}
+
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        sizing = getattr(func, "__name__", "") == "repeat_interleave" and kwargs.get("output_size") is None
+        if func in self.READS or sizing:
+            self.calls.append((func.__name__, sys._getframe(1).f_code.co_name))
+        return func(*args, **kwargs)
 
 
 def _close(what, actual, expected, dtype):
@@ -127,10 +152,22 @@ def check_config(cfg, seed):
         if getattr(ref, n) is not None:
             assert torch.equal(getattr(ep, n), getattr(ref, n)[r * L:(r + 1) * L]), n
     inputs = _inputs(cfg, seed)
-    backend = cfg.get("backend", "reference")
-    with use_backend(backend):
-        ref_runs = [_run(ref, *inp) for inp in inputs]
-        x, y, l_aux, counts = _run(ep, *inputs[r])
+    if cfg.get("backend") == "triton":
+        # the Triton kernels (interpreter) under EP vs the float64 single-process reference; the host
+        # reads of the EP forward and backward are counted: one each (dropless: the split sizes;
+        # capacity: the equal-token-count check)
+        with use_backend("triton"), HostReads() as reads:
+            x, y, l_aux, counts = _run(ep, *inputs[r])
+        assert [where for _, where in reads.calls] == ["check_same_token_count" if cfg["drop"]
+                                                      else "expert_parallel_ffn"], (name, reads.calls)
+        ref = copy.deepcopy(ref).double()
+        inputs = [(x.double(), noise, order, dy.double()) for x, noise, order, dy in inputs]
+        with use_backend("reference"):
+            ref_runs = [_run(ref, *inp) for inp in inputs]
+    else:
+        with use_backend("reference"):
+            ref_runs = [_run(ref, *inp) for inp in inputs]
+            x, y, l_aux, counts = _run(ep, *inputs[r])
     dt = cfg["dtype"]
     name = cfg["name"]
     xr, yr, lr, cr = ref_runs[r]
@@ -218,7 +255,7 @@ CONFIGS_2 = [
     _cfg("an empty rank", 2, 4, 2, False, (9, 0)),
     _cfg("triton dropless", 2, 4, 2, False, (7, 5), dtype=torch.float32, backend="triton"),
     _cfg("triton capacity", 2, 4, 1, True, (6, 6), cf=1.0, dtype=torch.float32, backend="triton",
-         form="stablelm"),
+         form="stablelm", use_rts=False),   # (a given token order is checked: a host read of its own)
 ]
 
 

@@ -25,6 +25,20 @@ also accepts DeepSpeed's key layout (``deepspeed_moe.gate.wg.weight``,
 checkpoint's own names: missing and unexpected DeepSpeed keys are reported (``strict=True`` raises,
 ``strict=False`` returns them and loads the rest), and a wrong shape is a size-mismatch error naming
 the key.
+
+Expert parallelism (``ep_size=P > 1``, :mod:`.parallel`): rank r of the expert-parallel group holds
+the global experts ``r*E/P ... (r+1)*E/P - 1`` (``w1`` etc. have ``E/P`` rows; the router
+``gate_weight [E, H]`` is replicated).  Each rank routes its own tokens; the rows travel to their
+experts' ranks and back with ``all_to_all_single`` (capacity mode: DeepSpeed's equal-split ``[E, C, H]``
+exchange; dropless: a counts exchange, then an uneven exchange of exactly the routed rows), and both
+directions are differentiable.  ``output``, ``l_aux`` and ``exp_counts`` on a rank are those of the
+single-process layer on that rank's tokens.  Checkpoints: ``load_state_dict`` takes a full single-rank
+state dict (all E experts, either key layout) and keeps this rank's slice, so one checkpoint loads at
+any ``ep_size``; ``state_dict()`` holds this rank's experts only, under DeepSpeed's expert-parallel
+checkpoint names ``deepspeed_moe.experts.deepspeed_experts.{global id}.<linear>.{weight,bias}`` (the id
+``r*E/P + i``, as DeepSpeed's engine writes its ``layer_*_expert_{id}_*`` files) plus
+``deepspeed_moe.gate.wg.weight``; :meth:`MoE.full_state_dict` (a collective) gathers the ``ep_size=1``
+state dict on every rank.
 """
 from __future__ import annotations
 
@@ -299,11 +313,51 @@ class MoE(nn.Module):
             ``w1``, ``b1``, ``w2``, ``b2``) or ``"deepspeed"`` (DeepSpeed's own keys, as a DeepSpeed ``MoE`` in
             the same place would write them; what ``apply_mmkernels`` uses so a patched model's checkpoint
             keeps its keys).  ``load_state_dict`` accepts either layout whatever this says.
-        ep_size > 1, use_residual, use_tutel and enable_expert_tensor_parallelism raise
-        ``NotImplementedError``; a value of the wrong type or range raises ``TypeError`` / ``ValueError``
-        naming the argument.
+        ep_size: expert parallelism over ``torch.distributed`` (P ranks share the E experts, see below);
+            1 (the default) needs no process group.
+        ep_group (mmkernels only; DeepSpeed builds it inside its engine): the expert-parallel
+            ``ProcessGroup`` of ``ep_size`` ranks; group rank r holds global experts ``r*E/P ...
+            (r+1)*E/P - 1``.  None builds DeepSpeed's groups from the default group (every rank of it
+            must construct the layer, in the same order: ``new_group`` is a collective): consecutive
+            ranks ``[i*P, (i+1)*P)`` form an expert-parallel group (``self.ep_group``), and the ranks
+            holding the same experts (``{j, j+P, ...}``) its expert-data-parallel group
+            (``self.expert_data_parallel_group``; None for a group you pass).  The groups are built once
+            per ``ep_size`` and shared by every layer.  ``ValueError`` naming the argument when
+            ``num_experts`` or the world size is not divisible by ``ep_size``, when no default process
+            group is initialised, or when ``ep_group`` has another size or lacks this rank.
+        use_residual, use_tutel and enable_expert_tensor_parallelism raise ``NotImplementedError``; a
+        value of the wrong type or range raises ``TypeError`` / ``ValueError`` naming the argument.
 
     ``forward(hidden_states [..., H], used_token=None) -> (output [..., H], l_aux, exp_counts [E])``.
+
+    Expert parallelism (``ep_size > 1``): ``forward`` is a collective over ``ep_group`` (so is its
+    backward); every rank routes its own tokens with the full router, and ``output``, ``l_aux`` and
+    ``exp_counts`` are what the single-process layer (all E experts, the same weights) gives on this
+    rank's tokens -- DeepSpeed's semantics (capacity, the auxiliary loss and the counts are local).
+
+    * Capacity mode (``drop_tokens=True``): the ``[E, C, H]`` capacity buffer is exchanged with an
+      equal-split ``all_to_all_single``, DeepSpeed's ``_AllToAll``, and the local experts run on all
+      ``P*C`` rows each (zero padding included, as DeepSpeed's), so the results equal DeepSpeed's.
+      Equal splits need the same C, i.e. the same token count, on every rank: a small ``all_reduce``
+      checks it first (its one host read; every rank raises the same ``ValueError`` on a mismatch).
+    * Dropless (``drop_tokens=False``): one ``all_to_all_single`` of the per-expert counts ``[E]``,
+      then an uneven ``all_to_all_single`` of exactly the routed rows.  Sizing the receive buffer (and
+      the split lists the collective takes) needs the counts on the host: that is the one
+      device-to-host synchronisation of the forward (both directions' sizes in one read), and the
+      backward has none.
+    * The received rows run through the fused grouped-GEMM FFN (:func:`~mmkernels.moe_ffn`, no host
+      sync on the Triton backend); both exchanges are differentiable, the backward being the reverse
+      all-to-all.
+    * Gradients: a rank's expert gradients come from every rank's rows of its experts; the router's
+      from its own tokens only.  A data-parallel engine all-reduces the router (and the rest of the
+      model) over all ranks and the experts over ``expert_data_parallel_group`` only; the expert
+      parameters carry DeepSpeed's ``allreduce=False`` / ``group_name="ep_size_P"`` marks, so DeepSpeed's
+      engine does so.  (Plain DDP over the whole world would average different experts: don't.)
+    * Checkpoints: see the module docstring (``state_dict()`` writes this rank's experts under
+      DeepSpeed's expert-parallel names whatever ``state_dict_layout`` says; ``load_state_dict`` takes a
+      full single-rank checkpoint or such a rank's own; :meth:`full_state_dict` gathers all E).
+    * The router is replicated: construct it identically on every rank (the same seed) or load a
+      checkpoint, as with DeepSpeed.
 
     Example::
 
