@@ -20,7 +20,9 @@ its inputs and, with DeepSpeed's default ``top2_2nd_expert_sampling=True``, of t
 MoE layer (see :func:`same_gumbel_draws`).
 
 :func:`deepspeed_process_group` gives DeepSpeed the one-process gloo group that ``deepspeed.initialize``
-would, so the layers get their ``ep_size_1`` expert-parallel group as in MoE-LLaVA's training.
+would, so the layers get their ``ep_size_1`` expert-parallel group as in MoE-LLaVA's training.  (DeepSpeed
+0.19.8's ``MoE`` with ``ep_size=1`` also runs without any process group, as long as
+``set_deepspeed_parallelism`` is not called; the tests use the group to be faithful.)
 """
 from __future__ import annotations
 
@@ -30,7 +32,6 @@ import os
 import tempfile
 
 import torch
-from torch import nn
 
 ROUTER_AUX_LOSS_COEF = 0.01
 # MoE-LLaVA's released settings (scripts/v1/*/finetune_moe.sh and the released config.json files)
