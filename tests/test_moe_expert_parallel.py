@@ -155,10 +155,10 @@ def check_config(cfg, seed):
     if cfg.get("backend") == "triton":
         # the Triton kernels (interpreter) under EP vs the float64 single-process reference; the host
         # reads of the EP forward and backward are counted: one each (dropless: the split sizes;
-        # capacity: the equal-token-count check)
+        # capacity: the capacity agreement)
         with use_backend("triton"), HostReads() as reads:
             x, y, l_aux, counts = _run(ep, *inputs[r])
-        assert [where for _, where in reads.calls] == ["check_same_token_count" if cfg["drop"]
+        assert [where for _, where in reads.calls] == ["agree_capacity" if cfg["drop"]
                                                       else "expert_parallel_ffn"], (name, reads.calls)
         ref = copy.deepcopy(ref).double()
         inputs = [(x.double(), noise, order, dy.double()) for x, noise, order, dy in inputs]
@@ -253,6 +253,9 @@ CONFIGS_2 = [
     _cfg("skew: nearly all to rank 0, capacity", 2, 4, 1, True, (12, 12), skew="nearly", use_rts=False),
     _cfg("skew: nearly all to rank 0, dropless", 2, 4, 2, False, (12, 5), skew="nearly"),
     _cfg("an empty rank", 2, 4, 2, False, (9, 0)),
+    _cfg("capacity: an empty rank takes the other's C", 2, 4, 1, True, (8, 0), min_capacity=4),
+    _cfg("capacity: no tokens anywhere", 2, 4, 2, True, (0, 0)),
+    _cfg("capacity: S 9 and 10, one C", 2, 4, 2, True, (9, 10)),
     _cfg("triton dropless", 2, 4, 2, False, (7, 5), dtype=torch.float32, backend="triton"),
     _cfg("triton capacity", 2, 4, 1, True, (6, 6), cf=1.0, dtype=torch.float32, backend="triton",
          form="stablelm", use_rts=False),   # (a given token order is checked: a host read of its own)
@@ -268,10 +271,20 @@ def _errors_2(seed):
         _build(cfg, seed, ep_size=4, ep_group=dist.group.WORLD)
     with pytest.raises(ValueError, match=r"num_experts \(6\) must be divisible by ep_size \(4\)"):
         MoE(H, PhiMLP(), num_experts=6, ep_size=4)
+    rank = dist.get_rank()
     _, ep = _build(cfg, seed, ep_size=2)
-    S = 5 + dist.get_rank()   # capacity mode needs the same token count on every rank
-    with pytest.raises(ValueError, match=r"same number of tokens.*between 5 and 6"):
-        ep(torch.randn(S, H, dtype=torch.float64))
+    # capacity mode needs one capacity C on every rank: S = 4 and 12 give C = 1 and 3 ...
+    with pytest.raises(ValueError, match=r"same capacity C = .*got C between 1 and 3"):
+        ep(torch.randn(4 + 8 * rank, H, dtype=torch.float64))
+    # ... and so do train and eval with different capacity factors (C = 2 and 4 at S = 8)
+    ep.eval_capacity_factor = 2.0
+    ep.train(rank == 0)
+    with pytest.raises(ValueError, match=r"same capacity C = .*got C between 2 and 4"):
+        ep(torch.randn(8, H, dtype=torch.float64))
+    # a routing error on one rank (k = 1, fewer than min_capacity tokens) raises on every rank
+    _, ep = _build(_cfg("err", 2, 4, 1, True, (8, 2), min_capacity=4), seed, ep_size=2)
+    with pytest.raises(ValueError, match="min_capacity=4" if rank else "another rank of the expert-parallel group"):
+        ep(torch.randn(8 - 6 * rank, H, dtype=torch.float64))
 
 
 def _deepspeed_2(seed):

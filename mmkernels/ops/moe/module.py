@@ -338,8 +338,12 @@ class MoE(nn.Module):
     * Capacity mode (``drop_tokens=True``): the ``[E, C, H]`` capacity buffer is exchanged with an
       equal-split ``all_to_all_single``, DeepSpeed's ``_AllToAll``, and the local experts run on all
       ``P*C`` rows each (zero padding included, as DeepSpeed's), so the results equal DeepSpeed's.
-      Equal splits need the same C, i.e. the same token count, on every rank: a small ``all_reduce``
-      checks it first (its one host read; every rank raises the same ``ValueError`` on a mismatch).
+      Equal splits need the same C on every rank, i.e. the same token count (or one giving the same C)
+      and train/eval mode; a rank without tokens takes the others' C.  A small ``all_reduce`` checks
+      this first (its one host read): a mismatch, or a routing error on any rank (k = 1 with fewer than
+      ``min_capacity`` tokens), raises ``ValueError`` on every rank.  In dropless mode an error raised
+      on one rank only (such bad input) leaves the others waiting in the exchange until the process
+      group's timeout, as with any collective.
     * Dropless (``drop_tokens=False``): one ``all_to_all_single`` of the per-expert counts ``[E]``,
       then an uneven ``all_to_all_single`` of exactly the routed rows.  Sizing the receive buffer (and
       the split lists the collective takes) needs the counts on the host: that is the one
@@ -529,13 +533,14 @@ class MoE(nn.Module):
                             f"{self.w1.dtype}; convert one (e.g. moe.to({hidden_states.dtype}))")
         check_same_device([("hidden_states", hidden_states), ("gate_weight", self.gate_weight), ("w1", self.w1)])
         x2 = hidden_states.reshape(-1, self.hidden_size)
+        capacity = None
         if self.ep_size > 1 and self.drop_tokens:
             # before routing, so that every rank raises the same error (no rank left waiting in a collective)
-            parallel.check_same_token_count(x2.shape[0], self.ep_group, x2.device)
+            capacity = parallel.agree_capacity(self.capacity, x2.shape[0], self.ep_group, x2.device)
         routing = self.route(x2, second_expert_noise, token_order)
         if self.ep_size > 1:
             y = parallel.expert_parallel_ffn(x2, routing, self.w1, self.b1, self.w2, self.b2, self.activation,
-                                             self.ep_group)
+                                             self.ep_group, capacity)
         else:
             y = moe_ffn(x2, routing, self.w1, self.b1, self.w2, self.b2, self.activation)
         return y.view(hidden_states.shape), routing.l_aux, routing.exp_counts

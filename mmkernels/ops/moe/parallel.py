@@ -11,7 +11,7 @@ Two exchanges, each an ``all_to_all_single`` whose backward is the reverse all-t
 * **capacity mode** (``drop_tokens=True``): the ``[E, C, H]`` capacity buffer (expert e's kept rows at
   positions ``0 .. count-1``, zero padding after) goes out with *equal* splits, ``L*C`` rows per rank,
   exactly DeepSpeed's ``_AllToAll``; every rank therefore needs the same C, i.e. the same token count
-  (checked, see :func:`check_same_token_count`).  The receiver runs its experts on all ``P*C`` rows
+  and train/eval mode (checked first, see :func:`agree_capacity`).  The receiver runs its experts on all ``P*C`` rows
   of each local expert, padding included, as DeepSpeed does.
 * **dropless mode**: one small ``all_to_all_single`` of the per-expert row counts ``[E]``, then one
   *uneven* ``all_to_all_single`` of exactly the routed rows (no padding).  The split sizes are host
@@ -132,19 +132,44 @@ def all_to_all(x: torch.Tensor, group, output_splits: Optional[list] = None,
     return _AllToAll.apply(x, group, output_splits, input_splits)
 
 
-def check_same_token_count(num_tokens: int, group, device: torch.device) -> None:
-    """Capacity mode's precondition: every rank of ``group`` routes the same number of tokens (so the
-    same capacity C, so equal-split buffers of one size).  One ``all_reduce`` of two integers and one
-    host read; every rank sees the same result, so a mismatch raises on all of them (instead of a
-    hung or mis-sized exchange)."""
-    t = torch.tensor([num_tokens, -num_tokens], dtype=torch.int64, device=device)
+def agree_capacity(capacity_fn, num_tokens: int, group, device: torch.device) -> int:
+    """Capacity mode's precondition, checked before anything is exchanged: every rank of ``group`` has
+    the same capacity C (equal-split ``[E, C, H]`` buffers of one size), i.e. the same token count (or
+    one that gives the same C) and the same train/eval capacity factor.  ``capacity_fn(num_tokens)``
+    gives this rank's C (it may raise, e.g. k = 1 with fewer than ``min_capacity`` tokens); a rank
+    without tokens takes the others' C.  Returns C.
+
+    One ``all_reduce`` of three integers and one host read.  Every rank sees the same result, so a
+    mismatch, or an error on any rank, raises on all of them, instead of leaving the others waiting
+    in a collective (or exchanging mis-sized buffers)."""
+    error = None
+    capacity = None
+    if num_tokens > 0:
+        try:
+            capacity = int(capacity_fn(num_tokens))
+        except (TypeError, ValueError) as e:
+            error = e
+    big = 2 ** 62
+    mine = -1 if capacity is None else capacity
+    t = torch.tensor([mine, -(big if capacity is None else capacity), int(error is not None)], dtype=torch.int64,
+                     device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
-    hi, neg_lo = t.tolist()
+    hi, neg_lo, failed = t.tolist()
+    if error is not None:
+        raise error
+    if failed:
+        raise ValueError("another rank of the expert-parallel group could not route its tokens (see its error); "
+                         "this rank stops too instead of waiting in the exchange")
+    if hi < 0:
+        return 0   # no rank has tokens
     if hi != -neg_lo:
-        raise ValueError(f"hidden_states: with drop_tokens=True (capacity mode) every rank of the expert-parallel "
-                         f"group must pass the same number of tokens (the [E, C, H] buffers are exchanged with equal "
-                         f"splits, as DeepSpeed does); got between {-neg_lo} and {hi} (this rank: {num_tokens}). "
-                         "Pad the batch, or use drop_tokens=False (uneven exchange)")
+        raise ValueError(
+            f"hidden_states: with drop_tokens=True (capacity mode) every rank of the expert-parallel group must have "
+            f"the same capacity C = max(ceil(S / E * capacity_factor * k), min_capacity) (the [E, C, H] buffers are "
+            f"exchanged with equal splits, as DeepSpeed does); got C between {-neg_lo} and {hi} (this rank: "
+            f"S={num_tokens} tokens, C={capacity}).  Pass the same number of tokens, in the same train/eval mode, on "
+            "every rank, or use drop_tokens=False (an uneven exchange)")
+    return hi
 
 
 def gather_experts(t: torch.Tensor, group) -> torch.Tensor:
@@ -156,13 +181,15 @@ def gather_experts(t: torch.Tensor, group) -> torch.Tensor:
 
 
 def expert_parallel_ffn(x2: torch.Tensor, routing: MoERouting, w1: torch.Tensor, b1: Optional[torch.Tensor],
-                        w2: torch.Tensor, b2: Optional[torch.Tensor], activation: str, group) -> torch.Tensor:
+                        w2: torch.Tensor, b2: Optional[torch.Tensor], activation: str, group,
+                        capacity: Optional[int]) -> torch.Tensor:
     """``y [S, H]``: :func:`moe_ffn`'s result for this rank's rows ``x2 [S, H]`` and ``routing`` (over all E
     experts), with the experts spread over ``group`` (``w1 [L, ...]`` etc. are this rank's L = E / P).
 
-    ``routing.capacity`` None: dropless (uneven exchange, one host read of the split sizes); an int C:
-    capacity mode (equal-split exchange of ``[E, C, H]``).  Collective: every rank of ``group`` calls it,
-    in the same mode, and (through autograd) its backward."""
+    ``capacity`` None: dropless (uneven exchange, one host read of the split sizes); an int C: capacity
+    mode (equal-split exchange of ``[E, C, H]``; C from :func:`agree_capacity`, the routing's own
+    capacity when this rank has tokens).  Collective: every rank of ``group`` calls it, in the same
+    mode, and (through autograd) its backward."""
     S, H = x2.shape
     k = routing.k
     E = routing.num_experts
@@ -173,7 +200,7 @@ def expert_parallel_ffn(x2: torch.Tensor, routing: MoERouting, w1: torch.Tensor,
     slots = routing.sorted_slots.long()
     # order[t]: where slot t = s*k + j stands in the expert-sorted order (the inverse permutation)
     order = torch.empty_like(slots).scatter_(0, slots, torch.arange(M, device=dev))
-    C = routing.capacity
+    C = capacity
     if C is None:
         # dropless: every slot is kept; row r of the send buffer is the r-th slot in expert order, so the
         # rows for rank p (experts p*L .. p*L+L-1) are one contiguous block, in rank order
