@@ -239,7 +239,8 @@ def test_nothing_to_patch_names_what_it_looked_for():
 
 @pytest.mark.parametrize("option,error", [
     (dict(noisy_gate_policy="Jitter"), "Jitter"), (dict(use_residual=True), "use_residual"),
-    (dict(enable_expert_tensor_parallelism=True), "enable_expert_tensor_parallelism")])
+    (dict(enable_expert_tensor_parallelism=True), "enable_expert_tensor_parallelism"),
+    (dict(ep_size=2), "ep_size=2")])
 def test_unsupported_option_raises_at_patch_time_naming_layer_and_option(option, error):
     """4 layers: layer 0 patchable, layer 2 not: nothing at all is replaced."""
     model = mirror.build("phi", num_layers=4, **CONFIGS["phi-capacity-sampled"][1])

@@ -19,8 +19,9 @@ objects: those are retired (:func:`._common.retire_parameters`), so an optimizer
 raises at its next ``step()``.  Patch first, then build the optimizer.
 
 Refused at plan time, before anything changes, with the layer's qualified name: every option
-``mmkernels.MoE`` would compute differently (``noisy_gate_policy='Jitter'``, ``use_residual``,
-``use_tutel``, expert tensor parallelism, ... as ``from_deepspeed`` names them), an expert whose forward
+``mmkernels.MoE`` would compute differently (``noisy_gate_policy='Jitter'``, ``use_residual``, expert
+tensor parallelism, ... as ``from_deepspeed`` names them), ``ep_size > 1`` (the state-dict keys would
+change on ranks > 0; ``MoE.from_deepspeed`` converts such a layer), an expert whose forward
 is not a supported FFN form, ZeRO-3 partitioned parameters, hooks on the layer or inside it (they would
 be dropped), a ``forward`` overridden on the layer or its DeepSpeed parts, and experts frozen unevenly.
 
@@ -84,6 +85,15 @@ def _check_layer(qualname: str, ds: nn.Module) -> None:
         raise ValueError("the model itself is a DeepSpeed MoE layer; apply_mmkernels replaces layers inside a "
                          "model: use mmkernels.MoE.from_deepspeed(layer, state_dict_layout='deepspeed') instead")
     _check_forward(qualname, ds, _DS_MOE, "layer")
+    ep_size = getattr(ds, "ep_size", 1)
+    if ep_size != 1:
+        # mmkernels.MoE(ep_size > 1) names a rank's experts by global id (DeepSpeed's EP checkpoint files);
+        # DeepSpeed's module names them 0..L-1, so the model's state-dict keys would change on ranks > 0
+        raise NotImplementedError(
+            f"cannot patch DeepSpeed MoE layer {qualname!r}: ep_size={ep_size} (expert parallelism) is not patched "
+            "in place, because the patched layer's state dict would name each rank's experts by global id where "
+            "DeepSpeed's names them 0..L-1; build the layer with mmkernels.MoE.from_deepspeed(layer) instead "
+            "(MoE-LLaVA uses ep_size=1)")
     for path, ident in _DS_PARTS.items():
         try:
             part = ds.get_submodule(path)
