@@ -164,6 +164,28 @@ def test_without_im_mask_the_lora_stays_out_of_the_graph():
     assert holder.wo.Plora_A.weight.grad is None and holder.wo.Plora_B.weight.grad is None
 
 
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_autocast_runs_in_the_autocast_dtype(backend):
+    """Mixed-precision training (fp32 weights under ``torch.autocast(bfloat16)``): like the original's
+    ``nn.Linear`` calls, every GEMM and the output are bfloat16; gradients reach the fp32 parameters."""
+    holder = nn.Module()
+    holder.wqkv = build(lora_dropout=0.0).model.layers[0].attention.wqkv
+    patched = copy.deepcopy(holder)
+    _patch(patched)
+    x, mask = torch.randn(B, N, 64), image_mask(B, N, [(1, 5), (0, 2)])
+    results = []
+    for model in (holder, patched):
+        model.zero_grad(set_to_none=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16), mmkernels.use_backend(backend):
+            y = model.wqkv(x, mask)
+        y.float().pow(2).sum().backward()
+        results.append([y] + [p.grad for p in model.parameters()])
+    assert results[1][0].dtype == results[0][0].dtype == torch.bfloat16
+    for i, (got, expected) in enumerate(zip(results[1], results[0])):
+        assert got.dtype == expected.dtype, i
+        assert_close(f"output/grad {i}", got, expected.double(), torch.bfloat16)
+
+
 def _break(model, case):
     """Make layer 1's ``wo`` something the fused op cannot run exactly; returns the words the error names."""
     wo = model.model.layers[1].attention.wo

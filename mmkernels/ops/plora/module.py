@@ -26,7 +26,8 @@ class PLoRALinear(nn.Linear):
     ``forward(x, im_mask=None)``: ``x [..., in]``, ``im_mask`` bool ``x.shape[:-1]`` (0-d for a single
     token ``x [in]``).  ``im_mask=None`` is the original's text-only call: the base linear alone, so
     ``Plora_A``/``Plora_B`` get no gradient (None), whereas an all-False mask gives them zero gradients.
-    Builds and runs on the ``meta`` device (shape only).
+    Under ``torch.autocast`` every GEMM runs in the autocast dtype, as the original's ``nn.Linear`` calls
+    do.  Builds and runs on the ``meta`` device (shape only).
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool = False, lora_r: int = 256,
@@ -65,8 +66,16 @@ class PLoRALinear(nn.Linear):
     def forward(self, x: torch.Tensor, im_mask: torch.Tensor | None = None) -> torch.Tensor:
         if im_mask is None:  # as the original: the base linear alone, Plora_A/B outside the graph (grads None)
             return F.linear(x, self.weight, self.bias)
-        return plora_linear(x, self.weight, self.bias, self.Plora_A.weight, self.Plora_B.weight, im_mask,
-                            scaling=self.lora_scaling, dropout_p=self.lora_dropout_p, training=self.training)
+        weights = (self.weight, self.bias, self.Plora_A.weight, self.Plora_B.weight)
+        dev = x.device.type
+        if dev in ("cpu", "cuda") and x.is_floating_point() and torch.is_autocast_enabled(dev):
+            # the original's three nn.Linear calls run in autocast's dtype; so do all GEMMs here (and the
+            # output has that dtype), with gradients flowing back to the full-precision parameters
+            dtype = torch.get_autocast_dtype(dev)
+            x = x.to(dtype)
+            weights = tuple(None if t is None else t.to(dtype) for t in weights)
+        return plora_linear(x, *weights, im_mask, scaling=self.lora_scaling, dropout_p=self.lora_dropout_p,
+                            training=self.training)
 
     def extra_repr(self) -> str:
         return (f"{super().extra_repr()}, lora_r={self.lora_r}, lora_alpha={self.lora_alpha}, "
