@@ -210,6 +210,15 @@ def check_checkpoints(cfg, seed):
     fresh.load_state_dict(sd)                             # its own (local) state dict round-trips
     for n, p in ep.named_parameters():
         assert torch.equal(p, getattr(fresh, n)), n
+    assert all(p.allreduce is False and p.group_name == f"ep_size_{P}" for p in ep.expert_parameters())
+    # a layer built on the meta device takes a full checkpoint's slice with assign=True (either layout)
+    for full in (ref.state_dict(), ref.deepspeed_state_dict()):
+        with torch.device("meta"):
+            meta = _build(cfg, seed, P, cfg.get("group"))[1]
+        meta.load_state_dict(full, assign=True)
+        for n, p in ep.named_parameters():
+            assert torch.equal(p, getattr(meta, n)), n
+        assert all(p.allreduce is False for p in meta.expert_parameters())
     for layout in ("packed", "deepspeed"):
         ep.state_dict_layout = ref.state_dict_layout = layout
         got, expect = ep.full_state_dict(), ref.state_dict()
@@ -414,6 +423,8 @@ def _world4(rank, world, seed):
     # a caller's group (not consecutive ranks): {0, 2} and {1, 3}
     groups = [dist.new_group([0, 2]), dist.new_group([1, 3])]
     mine = groups[rank % 2]
+    with pytest.raises(ValueError, match="ep_group does not contain this rank"):
+        MoE(H, PhiMLP(), num_experts=4, ep_size=2, ep_group=groups[1 - rank % 2])
     cfg = _cfg("ep2 on the caller's groups {0,2}, {1,3}: E4 k2 dropless", 2, 4, 2, False, (7, 4), group=mine)
     out["rows"][cfg["name"]] = check_config(cfg, seed + 99)
     out["configs"].append(cfg["name"])

@@ -467,7 +467,10 @@ class MoE(nn.Module):
         self.b2 = nn.Parameter(b2.detach().unsqueeze(0).repeat(E, 1)) if b2 is not None else None
         wg = nn.Linear(hidden_size, num_experts, bias=False, device=w1.device, dtype=torch.float32)  # DeepSpeed's init
         self.gate_weight = nn.Parameter(wg.weight.detach())
-        if ep_size > 1:
+        self._mark_expert_parameters()
+
+    def _mark_expert_parameters(self) -> None:
+        if self.ep_size > 1:
             # what DeepSpeed's Experts set: a DeepSpeed engine reduces these gradients only within the
             # expert-data-parallel group of that name, not over the whole data-parallel world
             for p in self.expert_parameters():
@@ -583,6 +586,7 @@ class MoE(nn.Module):
             self._translate_deepspeed_keys(state_dict, prefix, strict, missing_keys, error_msgs)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
+        self._mark_expert_parameters()   # assign=True replaced the Parameters
 
     def _translate_deepspeed_keys(self, state_dict, prefix, strict, missing_keys, error_msgs):
         gate_key, native_gate = prefix + _DS_GATE, prefix + "gate_weight"

@@ -85,6 +85,9 @@ def expert_parallel_groups(ep_size: int):
 def resolve_ep_group(ep_size: int, ep_group):
     """``(ep_group, expert_data_parallel_group, rank in ep_group)`` for ``MoE(ep_size=..., ep_group=...)``;
     ``(None, None, 0)`` for ``ep_size=1``.  Errors name the argument."""
+    if dist is not None and ep_group is dist.GroupMember.NON_GROUP_MEMBER:   # new_group() on a rank outside it
+        raise ValueError(f"ep_group does not contain this rank (global rank {dist.get_rank()}): pass the group this "
+                         "rank belongs to")
     if ep_group is not None and (dist is None or not isinstance(ep_group, dist.ProcessGroup)):
         raise TypeError(f"ep_group must be None or a torch.distributed.ProcessGroup, got {type(ep_group).__name__}")
     if ep_size == 1:
