@@ -100,11 +100,16 @@ def grads_by_key(model) -> dict:
 def test_logits_loss_and_every_gradient_match(config, backend):
     ref, pat = pair(config)
     ids = torch.randint(2, VOCAB, (2, 7))
-    outs = []
-    for m in (ref, pat):
+    outs, returned = [], []
+    for m in (ref, pat):   # the MoE layer's own (output, l_aux, exp_counts), as the decoder layer receives it
+        m.model.layers[0].mlp.register_forward_hook(lambda mod, args, out: returned.append(out))
         out = run(m, ids, 1234, backend, labels=ids)
         out.loss.backward()
         outs.append(out)
+    (y_ds, l_ds, counts_ds), (y, l_aux, counts) = returned
+    assert_close("MoE output", y, y_ds.double(), torch.float32)
+    assert_close("l_aux", l_aux, l_ds.double(), torch.float32)
+    assert torch.equal(counts, counts_ds), (counts, counts_ds)
     if config.startswith("phi-capacity"):   # the case is what it says: tokens were dropped
         counts = ref.model.layers[0].mlp.deepspeed_moe.exp_counts
         assert int(counts.max()) > capacity_for(14, 4, 0.5, 2, 0), counts
