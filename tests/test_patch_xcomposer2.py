@@ -22,6 +22,17 @@ V, B, N = 61, 2, 7
 PROJECTIONS = ("attention.wqkv", "attention.wo", "feed_forward.w1", "feed_forward.w2", "feed_forward.w3")
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _one_intra_op_thread():
+    # tiny matrices: on a busy 2-core machine OpenMP's spinning threads made these steps ~30x slower
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 def _patch(model, **kwargs):
     # the other kinds' patchers are separate modules; this file tests the PLoRA one alone
     return apply_mmkernels(model, moe=False, hyper_attention=False, **kwargs)
