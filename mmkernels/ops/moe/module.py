@@ -312,7 +312,10 @@ class MoE(nn.Module):
         state_dict_layout (mmkernels only): the keys ``state_dict()`` writes: ``"packed"`` (``gate_weight``,
             ``w1``, ``b1``, ``w2``, ``b2``) or ``"deepspeed"`` (DeepSpeed's own keys, as a DeepSpeed ``MoE`` in
             the same place would write them; what ``apply_mmkernels`` uses so a patched model's checkpoint
-            keeps its keys).  ``load_state_dict`` accepts either layout whatever this says.
+            keeps its keys).  ``load_state_dict`` accepts either layout whatever this says.  With
+            ``ep_size > 1``, ``state_dict()`` writes DeepSpeed's expert-parallel names whatever this says
+            (packed tensors of this rank's experts would mean all E under ``ep_size=1``'s keys);
+            :meth:`full_state_dict` follows it.
         ep_size: expert parallelism over ``torch.distributed`` (P ranks share the E experts, see below);
             1 (the default) needs no process group.
         ep_group (mmkernels only; DeepSpeed builds it inside its engine): the expert-parallel
@@ -632,7 +635,8 @@ class MoE(nn.Module):
                 error_msgs.append(f"size mismatch for {key}: copying a param with shape "
                                   f"{tuple(getattr(value, 'shape', ())) if isinstance(value, torch.Tensor) else type(value).__name__} "
                                   f"from checkpoint, the shape in current model is {tuple(want)} "
-                                  f"(expert {i}'s part of the packed {pname} {tuple(getattr(self, pname).shape)}).")
+                                  f"(expert {self.ep_rank * self.num_local_experts + i}'s part of the packed {pname} "
+                                  f"{tuple(getattr(self, pname).shape)}).")
                 continue
             pieces[key] = value
         if complete:
@@ -725,7 +729,12 @@ class MoE(nn.Module):
 
         Every DeepSpeed option is passed through, so one this layer does not compute as DeepSpeed does
         raises (``NotImplementedError`` naming it); the template expert is verified like a constructor
-        argument, and the weights load strictly."""
+        argument, and the weights load strictly.
+
+        A DeepSpeed layer built with ``ep_size > 1`` gives an expert-parallel layer on the same group (its
+        ``deepspeed_moe.ep_group``; DeepSpeed's layout built from the default group when it has none yet)
+        holding the same local experts, which DeepSpeed names ``0 .. L-1`` in memory and this layer by
+        their global ids.  Collective then: every rank of the group converts its layer."""
         try:
             inner = ds_moe.deepspeed_moe
             gate = inner.gate
@@ -742,11 +751,12 @@ class MoE(nn.Module):
         ep_size = getattr(ds_moe, "ep_size", 1)
         num_experts = getattr(ds_moe, "num_experts", len(experts) * ep_size)
         if isinstance(ep_size, int) and ep_size >= 1 and len(experts) * ep_size != num_experts:
-            raise ValueError(f"ds_moe holds {len(experts)} experts but num_experts={num_experts} with ep_size={ep_size} "
-                             f"means {num_experts // ep_size} per rank")
+            raise ValueError(f"ds_moe holds {len(experts)} experts but num_experts={num_experts} with "
+                             f"ep_size={ep_size} means {num_experts // ep_size} per rank")
         layer = cls(
-            hidden_size=wg.shape[1], expert=experts[0], num_experts=num_experts,
-            ep_size=ep_size, ep_group=getattr(inner, "ep_group", None) if ep_size != 1 else None, k=gate.k, capacity_factor=gate.capacity_factor,
+            hidden_size=wg.shape[1], expert=experts[0], num_experts=num_experts, ep_size=ep_size,
+            ep_group=getattr(inner, "ep_group", None) if ep_size != 1 else None, k=gate.k,
+            capacity_factor=gate.capacity_factor,
             eval_capacity_factor=gate.eval_capacity_factor, min_capacity=int(gate.min_capacity),
             use_residual=bool(getattr(ds_moe, "use_residual", False)),
             noisy_gate_policy=getattr(gate, "noisy_gate_policy", None),

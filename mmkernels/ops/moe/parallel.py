@@ -230,7 +230,7 @@ def expert_parallel_ffn(x2: torch.Tensor, routing: MoERouting, w1: torch.Tensor,
         padded = torch.cat([x2, x2.new_zeros((1, H))], 0)
         send_rows = padded.index_select(0, source[:E * C])                      # [E*C, H] = [P, L, C, H]
         send_splits = recv_splits = None
-        received = all_to_all(send_rows, group)                                 # [P, L, C, H]: (source rank, local expert, c)
+        received = all_to_all(send_rows, group)              # [P, L, C, H]: (source rank, local expert, c)
         local_expert = torch.div(torch.arange(P * L * C, device=dev), C, rounding_mode="floor") % L
     # the local experts: the fused grouped-GEMM FFN over the received rows, one choice per row with
     # weight 1; moe_route_topk groups the rows by local expert (a stable sort) without a host read
