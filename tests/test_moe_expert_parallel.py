@@ -278,6 +278,8 @@ def _errors_2(seed):
         _build(cfg, seed, ep_size=4)
     with pytest.raises(ValueError, match="ep_group has 2 ranks but ep_size=4"):
         _build(cfg, seed, ep_size=4, ep_group=dist.group.WORLD)
+    with pytest.raises(ValueError, match="ep_group is only used with ep_size > 1"):
+        MoE(H, PhiMLP(), num_experts=4, ep_group=dist.group.WORLD)
     with pytest.raises(ValueError, match=r"num_experts \(6\) must be divisible by ep_size \(4\)"):
         MoE(H, PhiMLP(), num_experts=6, ep_size=4)
     rank = dist.get_rank()
