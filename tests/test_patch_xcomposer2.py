@@ -140,6 +140,8 @@ def test_nothing_to_patch_names_what_it_looked_for():
         _patch(model)
     assert _patch(model, strict=False) == {"plora": 0}
     assert xcomposer2.plan(model) == []
+    with pytest.raises(ValueError, match="wrap it in a parent module"):   # nothing to replace it in
+        _patch(PLoRA(8, 8, lora_r=2))
 
 
 def test_applying_twice_does_not_double_patch():
@@ -148,6 +150,8 @@ def test_applying_twice_does_not_double_patch():
     modules = dict(model.named_modules())
     assert _patch(model, strict=False) == {"plora": 0}
     assert xcomposer2.plan(model) == []
+    with pytest.raises(ValueError, match="wrap it in a parent module"):   # nothing to replace it in
+        _patch(PLoRA(8, 8, lora_r=2))
     assert dict(model.named_modules()) == modules
 
 
