@@ -16,7 +16,7 @@ from transformers.models.qwen2.modeling_qwen2 import Qwen2Model
 
 import mmkernels
 from mmkernels.patching import apply_mmkernels, mplug_owl3
-from mmkernels.testing import assert_close
+from mmkernels.testing import assert_close, compare
 
 from conftest import HAS_CUDA
 from mirrors.qwen2_hyper import build, v1_media_offset
@@ -74,14 +74,16 @@ def _run(model, inputs, backend="reference", dtype=torch.float32, device="cpu"):
             {n: p.grad.cpu() if p.grad is not None else None for n, p in model.named_parameters()})
 
 
-@pytest.mark.parametrize("backend, device, version, attn",
-                         [("reference", "cpu", "v1", "sdpa"), ("reference", "cpu", "v2", "eager")]
-                         + _triton_cases(("v1", "sdpa"), ("v2", "sdpa")))
-def test_patched_matches_unpatched(backend, device, version, attn):
+@pytest.mark.parametrize("backend, device, version, attn, dtype",
+                         [("reference", "cpu", "v1", "sdpa", torch.float32),
+                          ("reference", "cpu", "v2", "eager", torch.float32),
+                          ("reference", "cpu", "v1", "eager", torch.bfloat16)]
+                         + _triton_cases(("v1", "sdpa", torch.float32), ("v2", "sdpa", torch.float32)))
+def test_patched_matches_unpatched(backend, device, version, attn, dtype):
     inputs = _inputs(version)
     expected = build(version, attn=attn).double().train()
     logits, loss, grads = _run(expected, inputs, dtype=torch.float64)
-    model = build(version, attn=attn).to(device).train()
+    model = build(version, attn=attn, dtype=dtype).to(device).train()
     params = dict(model.named_parameters())
     shapes = {k: v.shape for k, v in model.state_dict().items()}
     assert _patch(model) == {"hyper_attention": 1}
@@ -91,13 +93,22 @@ def test_patched_matches_unpatched(backend, device, version, attn):
     # the same Parameter objects, the same state-dict keys and shapes
     assert all(p is params[n] for n, p in model.named_parameters()) and len(params) == len(list(model.parameters()))
     assert {k: v.shape for k, v in model.state_dict().items()} == shapes
-    logits2, loss2, grads2 = _run(model, inputs, backend, device=device)
-    assert_close("logits", logits2, logits, torch.float32)
-    assert_close("loss", loss2, loss, torch.float32)
+    logits2, loss2, grads2 = _run(model, inputs, backend, dtype=dtype, device=device)
+    assert_close("logits", logits2, logits, dtype)
+    assert_close("loss", loss2, loss, dtype)
     assert grads2.keys() == grads.keys()
+    # bfloat16: the q/k bias gradients sum terms that nearly cancel (softmax shift invariance), so the
+    # unpatched model in bfloat16 misses the one-operation tolerance there too; such a gradient must then
+    # be no worse than twice the unpatched bfloat16 model's own error.
+    own = _run(build(version, attn=attn, dtype=dtype).train(), inputs, dtype=dtype)[2] if dtype != torch.float32 else {}
     for name, g in grads.items():
         assert grads2[name] is not None, name
-        assert_close(f"grad {name}", grads2[name], g, torch.float32)
+        c = compare(f"grad {name}", grads2[name], g, dtype)
+        if not c.ok and name in own:
+            u = compare(name, own[name], g, dtype)
+            assert c.rms_err <= 2 * u.rms_err and c.max_err <= 2 * u.max_err, f"{c}; unpatched {dtype}: {u}"
+        else:
+            assert c.ok, str(c)
     assert grads2[f"{HYPER}.v_kv_proj.weight"].abs().sum() > 0
     if version == "v1":
         assert grads2[f"{HYPER}.gate"].abs().sum() > 0
