@@ -13,8 +13,9 @@ and :class:`~mmkernels.MoE` (``ep_size=1``) trains under:
 Oracle: the same model in one process on the whole batch.  Each rank gets its own half of the batch
 (equal token counts), the loss is the mean squared error over the rank's tokens, and every engine
 averages gradients over ranks, so the averaged rank losses and the parameters after each step equal
-the single-process ones (fp32 tolerance of :mod:`mmkernels.testing`; the parameter *updates* are
-compared too, so the check is not diluted by the weights' size).  What makes this exact:
+the single-process ones (fp32 tolerance of :mod:`mmkernels.testing`; the whole model's *update* is
+compared too, so the check is not diluted by the weights' size, and each parameter's update loosely:
+see ``UPDATE_TOL``).  The Triton run's oracle runs the Triton kernels too.  What makes this exact:
 
 * MoE is dropless (``drop_tokens=False``), ``k=2`` with ``top2_2nd_expert_sampling=False``: a token's
   routing depends on that token only (capacity would depend on the rank's token count);
@@ -173,6 +174,12 @@ def _ddp(rank, seed, steps):
     return {"losses": losses, "params": _full(model.state_dict())}
 
 
+def _cpu_mesh():
+    """FSDP2's default mesh is on the accelerator where there is one; these ranks shard CPU tensors."""
+    from torch.distributed.device_mesh import init_device_mesh
+    return init_device_mesh("cpu", (dist.get_world_size(),))
+
+
 def _fsdp2_meta(rank, seed, steps, inplace_residual=False):
     """FSDP2 as a large model is brought up: built on ``meta`` (MoE verifies its template expert on a
     CPU probe, so that works), sharded, materialised with ``to_empty`` and filled from a full state
@@ -181,9 +188,10 @@ def _fsdp2_meta(rank, seed, steps, inplace_residual=False):
     from torch.distributed.fsdp import fully_shard
     with torch.device("meta"):
         model = TinyModel(inplace_residual)
+    mesh = _cpu_mesh()
     for layer in (model.attn, model.proj, model.moe):
-        fully_shard(layer)
-    fully_shard(model)
+        fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
     model.to_empty(device="cpu")
     # set_model_state_dict turns the given dict's values into shards in place: give it its own dict
     set_model_state_dict(model, _weights(seed), options=StateDictOptions(full_state_dict=True))
@@ -193,7 +201,7 @@ def _fsdp2_meta(rank, seed, steps, inplace_residual=False):
 
 
 def _zero2(rank, seed, steps):
-    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    os.environ["DS_ACCELERATOR"] = "cpu"   # this rank's process only; CPU tensors even where CUDA is present
     os.environ["LOCAL_RANK"] = str(rank)   # deepspeed's launcher sets it; the group is already up
     import deepspeed  # noqa: F401  (imports deepspeed.comm.torch)
     # the CPU backend would JIT-compile a shared-memory op (inference_all_reduce only): see the docstring
@@ -214,31 +222,53 @@ def _zero2(rank, seed, steps):
     return {"losses": losses, "params": _full(model.state_dict())}
 
 
-def _error(fn, *args):
+def _fsdp2_deepspeed_layout_checkpoint(rank, seed):
+    """A MoE writing DeepSpeed's keys (``state_dict_layout="deepspeed"``, what ``apply_mmkernels`` uses) under
+    FSDP2, through torch.distributed.checkpoint's full state dict: save, then load what was saved."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, set_model_state_dict
+    from torch.distributed.fsdp import fully_shard
+    torch.manual_seed(seed)
+    moe = mmkernels.MoE(H, PhiMLP(), num_experts=E, k=2, drop_tokens=False, top2_2nd_expert_sampling=False,
+                        state_dict_layout="deepspeed")
+    full = moe.state_dict()
+    fully_shard(moe, mesh=_cpu_mesh())
+    options = StateDictOptions(full_state_dict=True)
+    return {"get": _error(get_model_state_dict, moe, options=options),
+            "set": _error(set_model_state_dict, moe, dict(full), options=options)}
+
+
+def _error(fn, *args, **kwargs):
     try:
-        fn(*args)
+        fn(*args, **kwargs)
     except Exception as e:   # noqa: BLE001 - what failed is the result
         return f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"
     return None
 
 
 def _engines(rank, world, seed, with_triton, with_deepspeed):
+    """Every engine in turn on this rank; the single-process oracles first, one on each rank (in parallel)."""
     assert world == WORLD
-    out, cpu = {"single_1": None}, {}
+    out, cpu = {"single_triton": None}, {}
 
     def run(key, fn, *args):
         t = time.process_time()
         out[key] = fn(*args)
         cpu[key] = round(time.process_time() - t, 2)
 
-    run("single_2", _single_process, seed, 2)
+    if rank == 0:
+        run("single", _single_process, seed, 2)
+    elif with_triton:
+        # the Triton run's oracle runs the same kernels: the check is of the engine, not of the kernels'
+        # fp32 rounding against the reference (their own tests do that)
+        with mmkernels.use_backend("triton"):
+            run("single_triton", _single_process, seed, 1)
     run("ddp", _ddp, rank, seed, 2)
     run("fsdp2_meta", _fsdp2_meta, rank, seed, 2)
     if with_triton:
         with mmkernels.use_backend("triton"):
             run("fsdp2_meta_triton", _fsdp2_meta, rank, seed, 1)
-        run("single_1", _single_process, seed, 1)
     run("fsdp2_inplace_residual_error", _error, _fsdp2_meta, rank, seed, 1, True)
+    run("fsdp2_deepspeed_layout_errors", _fsdp2_deepspeed_layout_checkpoint, rank, seed)
     if with_deepspeed:
         run("zero2", _zero2, rank, seed, 2)
     out["cpu_seconds"] = cpu   # per engine, for the test budget (pytest -s prints them)
@@ -249,28 +279,42 @@ def _engines(rank, world, seed, with_triton, with_deepspeed):
 def engines():
     seed = (SESSION_SEED + zlib.crc32(b"test_distributed_wrappers")) % 2**30   # replayable: see conftest
     results = run_ranks(_engines, WORLD, seed, mmkernels.interpreter_enabled(), HAS_DEEPSPEED, timeout=150)
-    print("CPU seconds per engine on rank 0:", results[0]["cpu_seconds"])
+    print("CPU seconds per engine and rank:", [r["cpu_seconds"] for r in results])
     return seed, results
 
 
-def _check_engine(engines, key, single_key="single_2"):
-    """Every rank's averaged losses and parameters (and updates: parameters minus the initial ones)
-    equal the single-process step's."""
+# Per-parameter updates are checked loosely: the key projection's bias gets a gradient that the softmax's
+# shift invariance nearly cancels (only RoPE breaks it), so fp32 rounding that differs with the batch split
+# (e.g. kernel block sizes chosen by row count) is ~1e-5 of it.  The whole model's update is checked at
+# the fp32 tolerance, and each parameter after the step too.
+UPDATE_TOL = 1e-3
+
+
+def _check_engine(engines, key, single_key="single"):
+    """Every rank's averaged losses, parameters after the step(s) and the whole model's update equal the
+    single-process run's at the fp32 tolerance; each parameter's update to UPDATE_TOL."""
     seed, results = engines
     initial = _weights(seed)
+    single = next(r[single_key] for r in results if r.get(single_key) is not None)
+    names = list(single["params"])
     for rank, result in enumerate(results):
-        got, single = result[key], result[single_key]
+        got = result[key]
+        tag = f"rank {rank} {key}"
         for step, (loss, want) in enumerate(zip(got["losses"], single["losses"], strict=True)):
-            c = compare(f"rank {rank} {key}: loss of step {step}", torch.tensor(loss),
-                        torch.tensor(want, dtype=torch.float64), torch.float32)
+            c = compare(f"{tag}: loss of step {step}", torch.tensor(loss), torch.tensor(want, dtype=torch.float64),
+                        torch.float32)
             assert c.ok, str(c)
-        for name, want in single["params"].items():
-            want = torch.from_numpy(want).double()
-            for what, a, e in (("", torch.from_numpy(got["params"][name]), want),
-                               (" update", torch.from_numpy(got["params"][name]) - initial[name],
-                                want - initial[name].double())):
-                c = compare(f"rank {rank} {key}: {name}{what}", a, e, torch.float32)
-                assert c.ok, str(c)
+        updates, want_updates = [], []
+        for name in names:
+            a, e = torch.from_numpy(got["params"][name]), torch.from_numpy(single["params"][name]).double()
+            c = compare(f"{tag}: {name}", a, e, torch.float32)
+            assert c.ok, str(c)
+            updates.append((a - initial[name]).flatten())
+            want_updates.append((e - initial[name].double()).flatten())
+            c = compare(f"{tag}: {name} update", updates[-1], want_updates[-1], torch.float32)
+            assert c.max_err <= UPDATE_TOL and c.rms_err <= UPDATE_TOL, f"{c} (tolerance here {UPDATE_TOL})"
+        c = compare(f"{tag}: the model's update", torch.cat(updates), torch.cat(want_updates), torch.float32)
+        assert c.ok, str(c)
 
 
 def test_ddp_step_equals_single_process(engines):
@@ -282,9 +326,9 @@ def test_fsdp2_meta_init_to_empty_load_step_equals_single_process(engines):
 
 
 def test_fsdp2_triton_step_equals_single_process(engines):
-    if engines[1][0]["single_1"] is None:
+    if all(r["single_triton"] is None for r in engines[1]):
         pytest.skip("the Triton kernels need the interpreter on the gloo ranks' CPU tensors (TRITON_INTERPRET=1)")
-    _check_engine(engines, "fsdp2_meta_triton", "single_1")
+    _check_engine(engines, "fsdp2_meta_triton", "single_triton")
 
 
 @pytest.mark.skipif(not HAS_DEEPSPEED, reason="DeepSpeed is not installed")
@@ -316,3 +360,15 @@ def test_moe_output_is_not_a_view():
     moe = mmkernels.MoE(H, PhiMLP(), num_experts=E, k=2, drop_tokens=False, top2_2nd_expert_sampling=False)
     y, _, _ = moe(torch.randn(2, 3, H))
     assert not y._is_view()
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "MoE(state_dict_layout='deepspeed') writes keys (deepspeed_moe.gate.wg.weight, "
+    "deepspeed_moe.experts.deepspeed_experts.<i>.<linear>.weight) that are not attribute paths of the module; "
+    "torch.distributed.checkpoint's get_model_state_dict resolves every state-dict key with getattr "
+    "(AttributeError: no attribute 'deepspeed_moe'; so on one process too), and set_model_state_dict under FSDP2 "
+    "rejects them as unexpected keys.  FSDP2's own checkpoints therefore need the packed layout (the default, "
+    "tested above).  Fix in mmkernels/ops/moe/module.py (see the report of issue 12, section 2)"))
+def test_fsdp2_dcp_checkpoint_of_deepspeed_layout_moe(engines):
+    errors = [result["fsdp2_deepspeed_layout_errors"] for result in engines[1]]
+    assert errors == [{"get": None, "set": None}] * WORLD, errors
