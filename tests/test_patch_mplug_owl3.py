@@ -7,6 +7,7 @@ the unpatched model in float64; the patched one runs in float32 and is held to t
 The batch has a left-padded sample, two images in one sample and one in the other, images starting
 mid-sequence.
 """
+import copy
 import inspect
 
 import pytest
@@ -175,13 +176,18 @@ def test_generate_greedy_matches_and_computes_visual_kv_once(backend, device, ve
                         use_cache=True, **{CACHE: past})
             nxt = out.logits[:, -1:].argmax(-1)
             mask2 = torch.cat([mask, torch.ones(B, 1, dtype=mask.dtype)], 1)
+            elsewhere = copy.deepcopy(past)      # a cache the patch has no visual K/V for (filled elsewhere)
             step = model(input_ids=nxt, attention_mask=mask2, image_embeds=images, media_offset=media_offset,
                          use_cache=True, **{CACHE: past})
+            assert calls == [3, 3]
+            rebuilt = model(input_ids=nxt, attention_mask=mask2, image_embeds=images, media_offset=media_offset,
+                            use_cache=True, **{CACHE: elsewhere})
+            assert calls == [3, 3, 3]           # rebuilt from image_embeds and the prompt's media_offset
             exp = build(version)(input_ids=torch.cat([ids, nxt], 1), attention_mask=mask2, image_embeds=images,
                                  media_offset=media_offset if version == "v2" else
                                  torch.cat([media_offset, media_offset[:, -1:]], 1))
-        assert calls == [3, 3]
         assert_close("decode step logits", step.logits[:, -1], exp.logits[:, -1].double(), torch.float32)
+        assert torch.equal(rebuilt.logits, step.logits)
 
 
 @pytest.mark.parametrize("version", ["v1", "v2"])
