@@ -16,6 +16,7 @@ from mmkernels import PLoRALinear
 from mmkernels.patching import apply_mmkernels, xcomposer2
 from mmkernels.testing import assert_close
 
+from conftest import HAS_CUDA
 from mirrors.internlm2_plora import PLoRA, build, image_mask
 
 V, B, N = 61, 2, 7
@@ -31,6 +32,17 @@ def _one_intra_op_thread():
         yield
     finally:
         torch.set_num_threads(threads)
+
+
+def _backends():
+    """(backend, device): the reference backend on CPU, the Triton kernels where they run (CPU under the
+    interpreter, CUDA on a GPU machine)."""
+    cases = [("reference", "cpu")]
+    if mmkernels.interpreter_enabled():
+        cases.append(("triton", "cpu"))
+    if HAS_CUDA:
+        cases.append(pytest.param("triton", "cuda", marks=pytest.mark.gpu))
+    return cases
 
 
 def _patch(model, **kwargs):
@@ -51,10 +63,10 @@ def _loss_and_grads(model, ids, mask, backend):
     return logits.detach(), loss.detach(), {n: p.grad for n, p in model.named_parameters()}
 
 
-@pytest.mark.parametrize("backend", ["reference", "triton"])
-def test_patched_matches_unpatched(backend):
-    model = build(lora_dropout=0.0).train()        # p = 0: XComposer2's identity ``lambda x: x``
-    ids, mask = _batch()
+@pytest.mark.parametrize("backend, device", _backends())
+def test_patched_matches_unpatched(backend, device):
+    model = build(lora_dropout=0.0).to(device).train()        # p = 0: XComposer2's identity ``lambda x: x``
+    ids, mask = (t.to(device) for t in _batch())
     logits, loss, grads = _loss_and_grads(model, ids, mask, backend)
     params = dict(model.named_parameters())
     shapes = {k: v.shape for k, v in model.state_dict().items()}
@@ -74,12 +86,12 @@ def test_patched_matches_unpatched(backend):
         assert_close(f"grad {name}", grads2[name], g.double(), torch.float32)
 
 
-@pytest.mark.parametrize("backend", ["reference", "triton"])
-def test_greedy_generate_identical(backend):
+@pytest.mark.parametrize("backend, device", _backends())
+def test_greedy_generate_identical(backend, device):
     """Eval mode with XComposer2's dropout 0.05 (inactive); the prompt holds an image span, the decode
     steps are text only (PLoRA's no-visual-token path) and reuse a K/V cache."""
-    model = build().eval()
-    ids, mask = torch.randint(0, V, (B, 5)), image_mask(B, 5, [(1, 4), (0, 2)])
+    model = build().to(device).eval()
+    ids, mask = torch.randint(0, V, (B, 5), device=device), image_mask(B, 5, [(1, 4), (0, 2)]).to(device)
     expected = model.generate(ids, mask, max_new_tokens=3)
     _patch(model)
     with mmkernels.use_backend(backend):
@@ -179,19 +191,19 @@ def test_without_im_mask_the_lora_stays_out_of_the_graph():
     assert holder.wo.Plora_A.weight.grad is None and holder.wo.Plora_B.weight.grad is None
 
 
-@pytest.mark.parametrize("backend", ["reference", "triton"])
-def test_autocast_runs_in_the_autocast_dtype(backend):
+@pytest.mark.parametrize("backend, device", _backends())
+def test_autocast_runs_in_the_autocast_dtype(backend, device):
     """Mixed-precision training (fp32 weights under ``torch.autocast(bfloat16)``): like the original's
     ``nn.Linear`` calls, every GEMM and the output are bfloat16; gradients reach the fp32 parameters."""
     holder = nn.Module()
-    holder.wqkv = build(lora_dropout=0.0).model.layers[0].attention.wqkv
+    holder.wqkv = build(lora_dropout=0.0).model.layers[0].attention.wqkv.to(device)
     patched = copy.deepcopy(holder)
     _patch(patched)
-    x, mask = torch.randn(B, N, 64), image_mask(B, N, [(1, 5), (0, 2)])
+    x, mask = torch.randn(B, N, 64, device=device), image_mask(B, N, [(1, 5), (0, 2)]).to(device)
     results = []
     for model in (holder, patched):
         model.zero_grad(set_to_none=True)
-        with torch.autocast("cpu", dtype=torch.bfloat16), mmkernels.use_backend(backend):
+        with torch.autocast(device, dtype=torch.bfloat16), mmkernels.use_backend(backend):
             y = model.wqkv(x, mask)
         y.float().pow(2).sum().backward()
         results.append([y] + [p.grad for p in model.parameters()])

@@ -77,9 +77,18 @@ def _model(family, implementation="eager", **extra):
     return model.train()
 
 
+# where the Triton kernels run: CPU tensors under the interpreter (make test here), CUDA on a GPU machine
+TRITON_DEVICE = "cpu" if mmkernels.interpreter_enabled() else "cuda"
+
+
+def _device(backend):
+    return TRITON_DEVICE if backend == "triton" else "cpu"
+
+
 def _run(model, ids, implementation, backend=None):
     model.set_experts_implementation(implementation)
-    model.zero_grad(set_to_none=True)
+    model.to(_device(backend)).zero_grad(set_to_none=True)
+    ids = ids.to(_device(backend))
     if backend is None:
         out = model(ids, labels=ids)
     else:
@@ -146,8 +155,8 @@ def test_greedy_generate_matches_eager(family):
         expected = model.generate(ids, **kwargs)
         model.set_experts_implementation("mmkernels")
         with mmkernels.use_backend("triton"):
-            got = model.generate(ids, **kwargs)
-    assert torch.equal(got, expected)
+            got = model.to(TRITON_DEVICE).generate(ids.to(TRITON_DEVICE), **kwargs)
+    assert torch.equal(got.cpu(), expected)
 
 
 def test_from_config_and_save_load_round_trip(tmp_path):
@@ -167,10 +176,11 @@ def test_from_config_and_save_load_round_trip(tmp_path):
 def _adamw_steps(model, implementation, backend, batches, steps=20):
     """``steps`` AdamW steps over ``batches`` (cycled) with one experts implementation; the losses."""
     model.set_experts_implementation(implementation)
+    model.to(_device(backend))
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
     losses = []
     for step in range(steps):
-        ids = batches[step % len(batches)]
+        ids = batches[step % len(batches)].to(_device(backend))
         opt.zero_grad()
         with mmkernels.use_backend(backend):
             loss = model(ids, labels=ids).loss
@@ -331,6 +341,8 @@ def _compare_module(mod, backend="triton", dense_weights=False):
     wr = w
     if dense_weights:
         wr = torch.zeros(T, mod.num_experts).scatter(1, idx, w)
+    mod.to(_device(backend))
+    x, idx, wr = x.to(_device(backend)), idx.to(_device(backend)), wr.to(_device(backend))
     res = {}
     for impl in ("eager", "mmkernels"):
         mod.config._experts_implementation = impl

@@ -63,7 +63,7 @@ def _rotate_half(x):
 def _rope(q, k, positions, theta):
     """Rotary embedding of ``q``/``k`` [B, heads, N, D] at integer ``positions`` [N]."""
     d = q.shape[-1]
-    inv_freq = 1.0 / theta ** (torch.arange(0, d, 2, dtype=torch.float32) / d)
+    inv_freq = 1.0 / theta ** (torch.arange(0, d, 2, dtype=torch.float32, device=q.device) / d)
     freqs = positions.float()[:, None] * inv_freq[None, :]
     emb = torch.cat((freqs, freqs), dim=-1)
     cos, sin = emb.cos().to(q.dtype), emb.sin().to(q.dtype)
@@ -93,7 +93,7 @@ class Attention(nn.Module):
         k = qkv[..., -2, :].transpose(1, 2)            # [B, kv_heads, N, D]
         v = qkv[..., -1, :].transpose(1, 2)
         start = 0 if past is None else past[0].shape[2]
-        q, k = _rope(q, k, torch.arange(start, start + N), cfg.rope_theta)
+        q, k = _rope(q, k, torch.arange(start, start + N, device=x.device), cfg.rope_theta)
         if past is not None:
             k, v = torch.cat((past[0], k), dim=2), torch.cat((past[1], v), dim=2)
         present = (k, v)
@@ -101,7 +101,7 @@ class Attention(nn.Module):
         v = v.repeat_interleave(self.q_per_kv, dim=1)
         scores = q @ k.transpose(-1, -2) / D ** 0.5
         total = k.shape[2]
-        causal = torch.ones(N, total, dtype=torch.bool).tril(diagonal=start)
+        causal = torch.ones(N, total, dtype=torch.bool, device=x.device).tril(diagonal=start)
         scores = scores.masked_fill(~causal, torch.finfo(scores.dtype).min)
         out = (scores.softmax(-1, dtype=torch.float32).to(q.dtype) @ v).transpose(1, 2).reshape(B, N, -1)
         return self.wo(out, im_mask), present
