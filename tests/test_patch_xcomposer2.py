@@ -244,6 +244,16 @@ def _break(model, case):
     if case == "extra_parameter":
         wo.magnitude = nn.Parameter(torch.ones(64))
         return "magnitude"
+    if case == "nonfinite_scaling":
+        wo.lora_scaling = float("inf")
+        return "lora_scaling must be finite"
+    if case == "plain_tensor_weight":
+        del wo.weight
+        wo.weight = torch.randn(64, 64)
+        return "weight is a Tensor, not an nn.Parameter"
+    if case == "parametrized":
+        torch.nn.utils.parametrize.register_parametrization(wo, "weight", nn.Identity())
+        return "parametrizations"
     if case == "rank_mismatch":
         wo.Plora_B = nn.Linear(4, 64, bias=False)
         return "Plora_B.weight must have shape"
@@ -251,7 +261,8 @@ def _break(model, case):
 
 
 @pytest.mark.parametrize("case", ["lora_bias", "alpha_dropout", "custom_dropout", "no_scaling", "forward_hook",
-                                  "child_hook", "wrapped_lora", "mixed_dtype", "extra_parameter", "rank_mismatch"])
+                                  "child_hook", "wrapped_lora", "mixed_dtype", "extra_parameter", "rank_mismatch",
+                                  "nonfinite_scaling", "plain_tensor_weight", "parametrized"])
 def test_unsupported_option_raises_at_patch_time(case):
     model = build()
     needle = _break(model, case)

@@ -30,13 +30,13 @@ or children, and mismatched shapes, dtypes or devices.
 """
 from __future__ import annotations
 
-import numbers
 from typing import Callable, List
 
 import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
+from .._validation import check_float
 from ..ops.plora.module import PLoRALinear
 from ._common import set_child
 
@@ -88,15 +88,19 @@ def _validate(name: str, module: nn.Linear) -> float:
         if not hasattr(module, attr):
             raise ValueError(f"{name} has Plora_A/Plora_B but no {attr}: it is not an XComposer2 PLoRA "
                              "linear, and its missing option is not assumed")
+    if parametrize.is_parametrized(module):
+        raise NotImplementedError(f"{name} has parametrizations on {sorted(module.parametrizations)}")
     extra = sorted(set(module._modules) - _CHILDREN)
     extra += sorted(set(module._parameters) - {"weight", "bias"}) + sorted(module._buffers)
     if extra:
         raise NotImplementedError(f"{name} holds {extra}, which XComposer2's PLoRA does not have; the "
                                   "patched module would drop it")
-    if parametrize.is_parametrized(module):
-        raise NotImplementedError(f"{name} has parametrizations on {sorted(module.parametrizations)}")
     in_f, out_f = module.in_features, module.out_features
     weight, bias = module.weight, module.bias
+    for what, t in (("weight", weight), ("bias", bias)):
+        if t is not None and not isinstance(t, nn.Parameter):
+            raise NotImplementedError(f"{name}.{what} is a {type(t).__name__}, not an nn.Parameter; the "
+                                      "replacement shares the module's Parameters")
     if not isinstance(weight, torch.Tensor) or tuple(weight.shape) != (out_f, in_f):
         raise ValueError(f"{name}.weight must have shape ({out_f}, {in_f}), got "
                          f"{tuple(getattr(weight, 'shape', ()))} (a sharded or offloaded weight is not supported)")
@@ -128,9 +132,7 @@ def _validate(name: str, module: nn.Linear) -> float:
             raise ValueError(f"{name}.{what} is on {t.device} but {name}.weight is on {weight.device}")
     if not weight.is_floating_point():
         raise TypeError(f"{name}.weight must be floating point, got {weight.dtype}")
-    scaling = module.lora_scaling
-    if isinstance(scaling, bool) or not isinstance(scaling, numbers.Real):
-        raise TypeError(f"{name}.lora_scaling must be a real number, got {type(scaling).__name__}")
+    check_float(f"{name}.lora_scaling", module.lora_scaling)
     dropout = module.lora_dropout
     if isinstance(dropout, nn.Module) and _hooks(dropout):
         raise NotImplementedError(f"{name}.lora_dropout has hooks ({', '.join(_hooks(dropout))})")
@@ -151,8 +153,10 @@ def _validate(name: str, module: nn.Linear) -> float:
 def _replacement(module: nn.Linear, p: float) -> PLoRALinear:
     """A PLoRALinear holding ``module``'s own Parameters and its Plora_A / Plora_B children."""
     r = module.Plora_A.weight.shape[0]
-    alpha = getattr(module, "lora_alpha", module.lora_scaling * r)
-    if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real):
+    alpha = getattr(module, "lora_alpha", None)   # only shown in the repr; the forward uses lora_scaling
+    try:
+        check_float("lora_alpha", alpha)
+    except (TypeError, ValueError):
         alpha = module.lora_scaling * r
     # built on the meta device (no allocation), then handed the original's tensors
     new = PLoRALinear(module.in_features, module.out_features, bias=module.bias is not None, lora_r=r,
