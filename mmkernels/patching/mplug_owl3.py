@@ -67,9 +67,6 @@ from ..ops.hyper_attention.reference import rope_cos_sin, rotate_half
 
 LOOKS_FOR = "mPLUG-Owl3 hyper attention layers (a Qwen2 attention with v_kv_proj, plus gate in v1)"
 
-_NO_IMAGES = -1  # a v1 media_offset [.., 1] below 0 marks a sample without images (the processors use -1000000)
-
-
 @dataclass(frozen=True)
 class _Spec:
     name: str
@@ -190,7 +187,7 @@ def plan(model: nn.Module) -> list:
 
 # =========================================================================== media_offset -> image layout
 
-def _v1_layout(spec, media_offset, B, S_expected, N, where):
+def _v1_layout(media_offset, B, S_expected, N, where):
     """The v1 ``[B, S, 2]`` tensor -> (per-sample image ranges, per-image token index)."""
     if media_offset.is_floating_point() or media_offset.is_complex() or media_offset.dtype == torch.bool:
         raise TypeError(f"{where}: media_offset must be an integer tensor, got {media_offset.dtype}")
@@ -251,12 +248,12 @@ def _v2_layout(media_offset, B, N, Lk, where):
     return ranges, positions
 
 
-def _layout(spec, media_offset, B, S_expected, N, Lk, device, where):
+def _layout(media_offset, B, S_expected, N, Lk, device, where):
     """``(gather index or None, images used, image_positions [N'], cu_images [B+1])``."""
     if media_offset is None:
         raise ValueError(f"{where}: image_embeds needs media_offset (which tokens see which images)")
     if isinstance(media_offset, torch.Tensor):
-        ranges, positions = _v1_layout(spec, media_offset, B, S_expected, N, where)
+        ranges, positions = _v1_layout(media_offset, B, S_expected, N, where)
     elif isinstance(media_offset, (list, tuple)):
         ranges, positions = _v2_layout(media_offset, B, N, Lk, where)
     else:
@@ -378,7 +375,7 @@ def _visual(self, spec, image_embeds, media_offset, cache, past_len, B, L, Lk, d
     else:
         S_expected = L
     N = image_embeds.shape[0]
-    gather, n_used, positions, cu = _layout(spec, media_offset, B, S_expected, N,
+    gather, n_used, positions, cu = _layout(media_offset, B, S_expected, N,
                                             Lk if past_len == 0 else past_len, device, where)
     if n_used == 0:
         return None
