@@ -18,7 +18,8 @@ holds E/P experts, routing uniform over the experts):
   its latency is the host sync that sizes the receive buffer).
 * **time.**  Bytes leaving one rank / the per-direction bandwidth of that rank's link (an all-to-all
   sends and receives at once, and every rank sends the same amount), plus ``--latency-us`` per
-  all-to-all (default 0: bandwidth only, so the times are lower bounds).  NVLink 4 on an H200: 900 GB/s
+  all-to-all, the dropless counts exchange included (default 0: bandwidth only, so the times are
+  lower bounds; latency is what dominates at decode-sized token counts).  NVLink 4 on an H200: 900 GB/s
   bidirectional per GPU, i.e. 450 GB/s each way (``NVLink4``); InfiniBand NDR 400 Gb/s per GPU, i.e.
   50 GB/s each way (``IB-NDR``), the link an EP group that spans nodes crosses.
 * **grouped GEMMs.**  Each rank runs its experts on the rows it receives: ``S*k`` rows (dropless,
@@ -77,8 +78,8 @@ def ep_cost(*, tokens: int, hidden: int, ffn: int, gated: bool, experts: int, k:
         raise ValueError(f"k must be <= experts={experts}, got {k}")
     if experts % ep_size:
         raise ValueError(f"experts ({experts}) must be divisible by ep_size ({ep_size})")
-    for name, value in (("link_gbps", link_gbps), ("tflops", tflops)):
-        if not value > 0:
+    for name, value in (("link_gbps", link_gbps), ("tflops", tflops), ("bwd_tflops", bwd_tflops)):
+        if value is not None and not value > 0:
             raise ValueError(f"{name} must be > 0, got {value!r}")
     if capacity_factor is not None and not capacity_factor > 0:
         raise ValueError(f"capacity_factor must be > 0 (or None: dropless), got {capacity_factor!r}")
@@ -99,6 +100,8 @@ def ep_cost(*, tokens: int, hidden: int, ffn: int, gated: bool, experts: int, k:
     fwd_flops = 2.0 * gemm_rows * hidden * (first + ffn)
     a2a_us = bytes_per_a2a / (link_gbps * 1e9) * 1e6 + (latency_us if ep_size > 1 else 0.0)
     comm_fwd, comm_step = ALLTOALLS_FWD * a2a_us, ALLTOALLS_FWD_BWD * a2a_us
+    if capacity_factor is None and ep_size > 1:   # dropless: the counts exchange before the dispatch
+        comm_fwd, comm_step = comm_fwd + latency_us, comm_step + latency_us
     gemm_fwd = fwd_flops / (tflops * 1e12) * 1e6
     gemm_step = gemm_fwd + 2 * fwd_flops / (bwd_tflops * 1e12) * 1e6
     return {
@@ -143,7 +146,8 @@ def rows(args) -> list[dict]:
                             capacity_factor=cf, link_gbps=gbps, tflops=args.tflops, bwd_tflops=args.bwd_tflops,
                             min_capacity=args.min_capacity, latency_us=args.latency_us)
                 out.append({"model": name, "H": shape["hidden"], "F": shape["ffn"],
-                            "form": "swiglu" if shape["gated"] else "gelu", "mode": mode if cf is None else f"{mode} cf={cf:g}",
+                            "form": "swiglu" if shape["gated"] else "gelu",
+                            "mode": mode if cf is None else f"{mode} cf={cf:g}",
                             "link": link, "link_gbps": gbps, "moe_layers": shape.get("moe_layers"),
                             "kib_token_fwd": c["bytes_per_token_fwd"] / 1024,
                             "kib_token_step": c["bytes_per_token_step"] / 1024,

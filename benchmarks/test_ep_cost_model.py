@@ -47,6 +47,13 @@ def test_capacity_bytes_swiglu_and_single_rank_by_hand():
     one = M.ep_cost(tokens=S, hidden=H, ffn=F_, gated=True, experts=E, k=k, ep_size=1, dtype_bytes=2,
                     capacity_factor=None, link_gbps=50.0, tflops=600.0, latency_us=20.0)
     assert one["bytes_per_token_step"] == 0 and one["comm_step_us"] == 0 and one["overlap_saves"] == 0
+    # latency: per all-to-all, and dropless adds the counts exchange in the forward
+    lat = M.ep_cost(tokens=S, hidden=H, ffn=F_, gated=True, experts=E, k=k, ep_size=2, dtype_bytes=2,
+                    capacity_factor=None, link_gbps=50.0, tflops=600.0, latency_us=20.0)
+    bw = M.ep_cost(tokens=S, hidden=H, ffn=F_, gated=True, experts=E, k=k, ep_size=2, dtype_bytes=2,
+                   capacity_factor=None, link_gbps=50.0, tflops=600.0)
+    assert lat["comm_fwd_us"] == pytest.approx(bw["comm_fwd_us"] + 3 * 20.0)
+    assert lat["comm_step_us"] == pytest.approx(bw["comm_step_us"] + 5 * 20.0)
 
 
 @pytest.mark.parametrize("kwargs, match", [({"ep_size": 3}, "divisible"), ({"k": 5}, "k must"),
