@@ -104,7 +104,7 @@ def test_convergence_20_adamw_steps():
     patched model's optimizer is built *before* patching (the parameters are shared, so it keeps
     training the model); text-only batches on odd steps take PLoRA's no-visual-token path (zero
     gradients for Plora_A/B, which AdamW still decays).  Reference backend: 20 Triton-interpreter steps
-    would cost ~50 s; the Triton kernels train for 2 steps in the next test.
+    would cost ~50 s; the Triton kernels train for 2 steps in the next test."""
     original = build(lora_dropout=0.0).train()
     patched = copy.deepcopy(original)
     opts = [torch.optim.AdamW(m.parameters(), lr=1e-2, weight_decay=0.1) for m in (original, patched)]
