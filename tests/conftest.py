@@ -19,6 +19,10 @@ os.environ.setdefault("MMKERNELS_POISON_OUTPUTS", "1")
 
 import mmkernels  # noqa: E402  (after the environment is set)
 
+# One intra-op thread per test process: the tests' matrices are tiny, and on a busy 2-core machine
+# (or with pytest-xdist workers side by side) OpenMP's spinning threads made small steps 30-50x slower.
+torch.set_num_threads(1)
+
 # Devices on which the Triton kernels can run in this process.
 KERNEL_DEVICES = []
 if mmkernels.interpreter_enabled():

@@ -45,15 +45,8 @@ CONFIGS = {
 
 @pytest.fixture(scope="module", autouse=True)
 def _deepspeed_group():
-    # one intra-op thread: these matrices are tiny, and on a busy 2-core machine OpenMP's spinning
-    # threads made the reference backend's steps 50x slower (49 s instead of 0.9 s for 20 AdamW steps)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        with mirror.deepspeed_process_group():
-            yield
-    finally:
-        torch.set_num_threads(threads)
+    with mirror.deepspeed_process_group():
+        yield
 
 
 def patch(model):

@@ -23,17 +23,6 @@ V, B, N = 61, 2, 7
 PROJECTIONS = ("attention.wqkv", "attention.wo", "feed_forward.w1", "feed_forward.w2", "feed_forward.w3")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_intra_op_thread():
-    # tiny matrices: on a busy 2-core machine OpenMP's spinning threads made these steps ~30x slower
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
-
-
 def _backends():
     """(backend, device): the reference backend on CPU, the Triton kernels where they run (CPU under the
     interpreter, CUDA on a GPU machine)."""

@@ -113,3 +113,8 @@ def test_moe_state_dict_layouts(tmp_path):
     assert kept["deepspeed_moe.experts.deepspeed_experts.1.fc2.weight"].grad_fn is not None
     with pytest.raises(ValueError, match="state_dict_layout must be one of"):
         mmkernels.MoE(8, _PhiMLP(8, 12), num_experts=3, state_dict_layout="megatron")
+
+
+def test_applying_twice_is_not_an_error():
+    model = nn.Sequential(mmkernels.MoE(8, _PhiMLP(8, 12), num_experts=2, k=1))
+    assert patching.apply_mmkernels(model) == {kind: 0 for kind in patching.PATCHERS}   # already mmkernels

@@ -30,17 +30,6 @@ COMMON = dict(vocab_size=V, hidden_size=H, num_hidden_layers=2, num_attention_he
               max_position_embeddings=64, tie_word_embeddings=False)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_intra_op_thread():
-    # tiny matrices: on a busy 2-core machine OpenMP's spinning threads made these steps ~30x slower
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
-
-
 def _config(family, **extra):
     if family == "qwen2_moe":   # a shared expert next to the routed ones
         cfg = transformers.Qwen2MoeConfig(intermediate_size=24, moe_intermediate_size=16,

@@ -1,7 +1,8 @@
 """In-place patching of the seed models: ``apply_mmkernels(model)`` (also ``mmkernels.transformers.apply_mmkernels``).
 
 One patcher per model family, each a module here with ``LOOKS_FOR`` (what it recognises, for error
-messages) and ``plan(model) -> list of swaps`` (zero-argument callables).  ``plan`` validates every
+messages), ``count_patched(model)`` (how many of its modules already run mmkernels) and
+``plan(model) -> list of swaps`` (zero-argument callables).  ``plan`` validates every
 candidate and raises for an option it cannot run; it changes nothing.  ``apply_mmkernels`` plans every
 chosen kind first and only then runs the swaps, so a model is patched wholly or not at all:
 
@@ -34,7 +35,9 @@ def apply_mmkernels(model: nn.Module, *, plora: bool = True, moe: bool = True, h
     """Swap mmkernels' operators into ``model`` in place; returns ``{kind: number replaced}``.
 
     ``plora`` / ``moe`` / ``hyper_attention`` choose the kinds.  A model in which the chosen kinds find
-    nothing to patch raises ``ValueError`` naming what was looked for, unless ``strict=False``.  An option
+    nothing to patch raises ``ValueError`` naming what was looked for, unless ``strict=False``; a model
+    whose modules of those kinds are all patched already is not an error (applying twice patches nothing
+    twice and returns zeros).  An option
     a patcher cannot run (e.g. DeepSpeed's noisy gating) raises here, before anything is changed.
     """
     if not isinstance(model, nn.Module):
@@ -52,7 +55,7 @@ def apply_mmkernels(model: nn.Module, *, plora: bool = True, moe: bool = True, h
         for swap in swaps:
             swap()
     counts = {kind: len(swaps) for kind, swaps in plans.items()}
-    if strict and not any(counts.values()):
+    if strict and not any(counts.values()) and not any(p.count_patched(model) for p in patchers.values()):
         looked = "; ".join(f"{kind}: {patcher.LOOKS_FOR}" for kind, patcher in patchers.items())
         raise ValueError(f"apply_mmkernels found nothing to patch in {type(model).__name__}. It looked for "
                          f"{looked}. Pass strict=False to allow a model without any.")

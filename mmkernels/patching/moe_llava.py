@@ -196,6 +196,12 @@ class _Swap:
         return f"<swap DeepSpeed MoE {self._names[0]!r} -> mmkernels.MoE>"
 
 
+def count_patched(model: nn.Module) -> int:
+    """How many modules of ``model`` already are ``mmkernels.MoE`` layers."""
+    from ..ops.moe.module import MoE
+    return sum(isinstance(m, MoE) for m in model.modules())
+
+
 def plan(model: nn.Module) -> List[Callable[[], None]]:
     """One swap per DeepSpeed ``MoE`` layer of ``model``; raises (changing nothing) for a layer that
     ``mmkernels.MoE`` cannot reproduce, naming the layer and the reason."""

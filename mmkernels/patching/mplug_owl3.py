@@ -174,6 +174,11 @@ def _install(module: nn.Module, spec: _Spec) -> None:
     module.forward = types.MethodType(hyper_forward, module)
 
 
+def count_patched(model: nn.Module) -> int:
+    """How many hyper attention layers of ``model`` already run the patched forward."""
+    return sum(getattr(m, "_mmkernels_hyper", None) is not None for m in model.modules())
+
+
 def plan(model: nn.Module) -> list:
     """One swap per hyper attention layer of ``model`` (already patched ones are skipped); raises
     (changing nothing) for a layer that cannot be run exactly."""

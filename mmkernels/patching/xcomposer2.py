@@ -172,6 +172,11 @@ def _replacement(module: nn.Linear, p: float) -> PLoRALinear:
     return new
 
 
+def count_patched(model: nn.Module) -> int:
+    """How many modules of ``model`` already are mmkernels' ``PLoRALinear``."""
+    return sum(isinstance(m, PLoRALinear) for m in model.modules())
+
+
 def plan(model: nn.Module) -> List[Callable[[], None]]:
     """Validate every PLoRA linear of ``model`` and return the swaps (nothing is changed here).
 
