@@ -483,3 +483,21 @@ def test_raw_op_lora_hidden_is_not_differentiable():
     assert y.requires_grad and not s.requires_grad
     with pytest.raises(RuntimeError, match="does not require grad"):
         s.sum().backward()
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_functional_plora_linear_under_autocast(backend):
+    """fp32 tensors under ``torch.autocast(bfloat16)``: both backends compute in bf16 and return bf16, as
+    the original's nn.Linear calls do (the Triton path used to return fp32), with fp32 gradients."""
+    x = torch.randn(2, 9, 24, requires_grad=True)
+    w, a, b = torch.randn(20, 24), torch.randn(8, 24), torch.randn(20, 8)
+    w.requires_grad_()
+    m = torch.rand(2, 9) < 0.5
+    with torch.autocast("cpu", dtype=torch.bfloat16), use_backend(backend):
+        y = plora_linear(x, w, None, a, b, m, scaling=0.5)
+    assert y.dtype == torch.bfloat16
+    expected = plora_linear_reference(x.bfloat16().double(), w.bfloat16().double(), None, a.bfloat16().double(),
+                                      b.bfloat16().double(), m, 0.5)
+    assert_close("y", y, expected, torch.bfloat16)
+    y.float().sum().backward()
+    assert x.grad.dtype == torch.float32 and w.grad.dtype == torch.float32

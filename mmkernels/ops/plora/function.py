@@ -231,7 +231,8 @@ def plora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
         im_mask: bool ``x.shape[:-1]``, True for visual (image) tokens.
         scaling: ``lora_alpha / lora_r``.   dropout_p: LoRA dropout on visual rows, used when ``training``.
 
-    Returns ``[..., N]``.  Text rows equal the base linear exactly; with no visual row the gradients of
+    Under ``torch.autocast`` the floating-point arguments are cast to the autocast dtype first, as the
+    original's ``nn.Linear`` calls are.  Returns ``[..., N]``.  Text rows equal the base linear exactly; with no visual row the gradients of
     ``lora_a``/``lora_b`` are zero tensors.  The Triton backend draws its dropout mask from torch's
     generator (one seed per call) and redraws it in the backward instead of storing it: a Philox
     stream keyed by that seed with one counter per (row, column), so masks never repeat across rows.
@@ -244,6 +245,13 @@ def plora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
         >>> plora_linear(x, w, None, a, b, m).shape
         torch.Size([2, 5, 32])
     """
+    dev = x.device.type if isinstance(x, torch.Tensor) else None
+    if dev in ("cpu", "cuda") and x.is_floating_point() and torch.is_autocast_enabled(dev):
+        # as XComposer2's three nn.Linear calls under autocast: every GEMM (and the output) in autocast's
+        # dtype on both backends, the gradients flowing back to the full-precision tensors
+        dtype = torch.get_autocast_dtype(dev)
+        x, weight, bias, lora_a, lora_b = (t.to(dtype) if isinstance(t, torch.Tensor) and t.is_floating_point()
+                                           else t for t in (x, weight, bias, lora_a, lora_b))
     _validate(x, weight, bias, lora_a, lora_b, im_mask, scaling, dropout_p, training)
     if x.device.type == "meta":  # shape inference only (e.g. models built under torch.device("meta"))
         return plora_linear_reference(x, weight, bias, lora_a, lora_b, im_mask, scaling, dropout_p, training)

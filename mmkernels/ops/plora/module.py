@@ -66,14 +66,8 @@ class PLoRALinear(nn.Linear):
     def forward(self, x: torch.Tensor, im_mask: torch.Tensor | None = None) -> torch.Tensor:
         if im_mask is None:  # as the original: the base linear alone, Plora_A/B outside the graph (grads None)
             return F.linear(x, self.weight, self.bias)
+        # under torch.autocast plora_linear runs every GEMM in autocast's dtype, as the original does
         weights = (self.weight, self.bias, self.Plora_A.weight, self.Plora_B.weight)
-        dev = x.device.type
-        if dev in ("cpu", "cuda") and x.is_floating_point() and torch.is_autocast_enabled(dev):
-            # the original's three nn.Linear calls run in autocast's dtype; so do all GEMMs here (and the
-            # output has that dtype), with gradients flowing back to the full-precision parameters
-            dtype = torch.get_autocast_dtype(dev)
-            x = x.to(dtype)
-            weights = tuple(None if t is None else t.to(dtype) for t in weights)
         return plora_linear(x, *weights, im_mask, scaling=self.lora_scaling, dropout_p=self.lora_dropout_p,
                             training=self.training)
 
