@@ -342,9 +342,10 @@ MOE_VIEW_OUTPUT = (
     "MoE.forward returns a view (moe_ffn ends with y.view(x.shape), MoE.forward with .view(hidden_states.shape)). "
     "FSDP2 attaches its pre-backward hook (the all-gather of the layer's parameters for backward) to a module's "
     "outputs, and an in-place op on a view output drops it (FSDP2 warns 'returned a view tensor'): `y += x` on the "
-    "MoE output then fails in backward on the freed (resharded) expert weights; with reshard_after_forward=False "
-    "it would skip the gradient reduce-scatter instead.  A non-view output (checked: y.clone()) makes it train "
-    "correctly.  Fix in mmkernels/ops/moe: allocate the output in x's shape and write through its [S, H] view")
+    "MoE output then fails in backward on the freed (resharded) expert weights (with reshard_after_forward=False "
+    "the weights stay gathered and it trains correctly: checked).  A non-view output (checked: y.clone()) makes "
+    "it train correctly with the default resharding.  Fix in mmkernels/ops/moe: allocate the output in x's shape "
+    "and write through its [S, H] view")
 
 
 @pytest.mark.xfail(strict=True, reason=MOE_VIEW_OUTPUT)
