@@ -28,7 +28,7 @@ see ``UPDATE_TOL``).  The Triton run's oracle runs the Triton kernels too.  What
 DeepSpeed on CPU needs, besides ``DS_ACCELERATOR=cpu``: ``LOCAL_RANK`` in the environment (its
 launcher's job), ``"gradient_clipping": 0.0`` (0.19's default is 1.0, which would clip this step) and
 ``"zero_allow_untested_optimizer": true`` for the client SGD.  Its CPU communication backend
-JIT-compiles a shared-memory C++ op (``deepspeed_shm_comm``, ~40 s on a fresh machine) that serves
+JIT-compiles a shared-memory C++ op (``deepspeed_shm_comm``: 30 s, 60 CPU-s, on a fresh machine) that serves
 only ``inference_all_reduce``; the ranks replace ``deepspeed.comm.torch.build_shm_op`` with
 ``lambda: None`` so training never waits for that compiler.
 
