@@ -336,31 +336,27 @@ def test_deepspeed_zero2_step_equals_single_process(engines):
     _check_engine(engines, "zero2")
 
 
-# Found by this file; the fix belongs to mmkernels/ops/moe (not this file's to make).  Both tests below pass
-# once it is made (strict xfail: an XPASS fails, so the marks go with the fix).
-MOE_VIEW_OUTPUT = (
-    "MoE.forward returns a view (moe_ffn ends with y.view(x.shape), MoE.forward with .view(hidden_states.shape)). "
-    "FSDP2 attaches its pre-backward hook (the all-gather of the layer's parameters for backward) to a module's "
-    "outputs, and an in-place op on a view output drops it (FSDP2 warns 'returned a view tensor'): `y += x` on the "
-    "MoE output then fails in backward on the freed (resharded) expert weights (with reshard_after_forward=False "
-    "the weights stay gathered and it trains correctly: checked).  A non-view output (checked: y.clone()) makes "
-    "it train correctly with the default resharding.  Fix in mmkernels/ops/moe: allocate the output in x's shape "
-    "and write through its [S, H] view")
+# MoE's output is never a view: FSDP2 attaches its pre-backward hook (the all-gather of the layer's
+# parameters for backward) to a module's outputs, and an in-place op on a view output dropped it, so
+# `y += x` on the MoE output failed in backward on the freed (resharded) expert weights.
 
-
-@pytest.mark.xfail(strict=True, reason=MOE_VIEW_OUTPUT)
 def test_fsdp2_inplace_residual_on_moe_output(engines):
     """An in-place residual add on the MoE output under FSDP2 (what a decoder layer may do)."""
     errors = [result["fsdp2_inplace_residual_error"] for result in engines[1]]
     assert errors == [None] * WORLD, errors
 
 
-@pytest.mark.xfail(strict=True, reason=MOE_VIEW_OUTPUT)
-def test_moe_output_is_not_a_view():
-    """The cause of the FSDP2 case above, on one process (no engine)."""
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+@pytest.mark.parametrize("shape", [(5, H), (2, 3, H), (H,)])
+def test_moe_output_is_not_a_view(backend, shape):
+    """The cause of the FSDP2 case above, on one process (no engine); the input gradient keeps x's shape."""
     moe = mmkernels.MoE(H, PhiMLP(), num_experts=E, k=2, drop_tokens=False, top2_2nd_expert_sampling=False)
-    y, _, _ = moe(torch.randn(2, 3, H))
-    assert not y._is_view()
+    x = torch.randn(shape, requires_grad=True)
+    with mmkernels.use_backend(backend):
+        y, _, _ = moe(x)
+        assert y.shape == x.shape and not y._is_view()
+        (y + 0).sum().backward()
+    assert x.grad.shape == x.shape
 
 
 @pytest.mark.xfail(strict=True, reason=(
@@ -368,8 +364,9 @@ def test_moe_output_is_not_a_view():
     "deepspeed_moe.experts.deepspeed_experts.<i>.<linear>.weight) that are not attribute paths of the module; "
     "torch.distributed.checkpoint's get_model_state_dict resolves every state-dict key with getattr "
     "(AttributeError: no attribute 'deepspeed_moe'; so on one process too), and set_model_state_dict under FSDP2 "
-    "rejects them as unexpected keys.  FSDP2's own checkpoints therefore need the packed layout (the default, "
-    "tested above).  Fix in mmkernels/ops/moe/module.py (see the report of issue 12, section 2)"))
+    "rejects them as unexpected keys.  A documented limit: DCP checkpoints need the packed layout (the default, "
+    "tested above; a patched model's layers can be switched with layer.state_dict_layout = 'packed'), and "
+    "MoE.deepspeed_state_dict() exports DeepSpeed's keys"))
 def test_fsdp2_dcp_checkpoint_of_deepspeed_layout_moe(engines):
     errors = [result["fsdp2_deepspeed_layout_errors"] for result in engines[1]]
     assert errors == [{"get": None, "set": None}] * WORLD, errors

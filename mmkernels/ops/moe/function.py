@@ -292,9 +292,9 @@ def _ffn_fwd_impl(x, weights, keep, sorted_slots, expert_offsets, w1, b1, w2, b2
 
 
 def _ffn_fwd_fake(x, weights, keep, sorted_slots, expert_offsets, w1, b1, w2, b2, activation):
-    S, H = x.shape
-    M = S * weights.shape[1]
-    return (x.new_empty((S, H)), x.new_empty((M, w1.shape[1])), x.new_empty((M, w2.shape[2])),
+    H = x.shape[-1]
+    M = weights.shape[0] * weights.shape[1]          # S*k slots (weights is [S, k])
+    return (x.new_empty(x.shape), x.new_empty((M, w1.shape[1])), x.new_empty((M, w2.shape[2])),
             x.new_empty((M, H)))
 
 
@@ -495,17 +495,19 @@ def moe_ffn(x: torch.Tensor, routing: MoERouting, w1: torch.Tensor, b1: Optional
     if check_metadata and not torch.compiler.is_compiling() and not routing._is_sealed():
         _check_routing_values(routing, S)
     backend = resolve_backend(x.device, x.dtype)
+    # the result is never a view (FSDP2 hooks a module's outputs, and an in-place residual `y += x` on a
+    # view output loses that hook): the Triton op allocates y in x's shape, the reference copies
     if backend == "reference":
         y = moe_ffn_reference(x2, routing.weights, routing.sorted_slots, routing.expert_offsets, w1, b1, w2, b2,
                               activation)
-        return y.view(x.shape)
-    if x2.numel() and x2.stride(-1) != 1:
-        x2 = x2.contiguous()
+        return y if x.dim() == 2 else y.reshape(x.shape).clone()
+    if x.numel() and x.stride(-1) != 1:
+        x = x.contiguous()
     slots = routing.sorted_slots.to(torch.int32).contiguous()
     offsets = routing.expert_offsets.to(torch.int32).contiguous()
-    y, _, _, _ = moe_ffn_forward_op(x2, routing.weights.float().contiguous(), routing.keep.contiguous(),
+    y, _, _, _ = moe_ffn_forward_op(x, routing.weights.float().contiguous(), routing.keep.contiguous(),
                                     slots, offsets, w1, b1, w2, b2, activation)
-    return y.view(x.shape)
+    return y
 
 
 # --------------------------------------------------------------------------------------- grouped_gemm

@@ -7,6 +7,8 @@ launcher reads a device value on the host (the grouped GEMM grid is an upper bou
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
 from ..._extension import has_op
@@ -142,19 +144,23 @@ def grouped_wgrad(g, a, offsets, *, N, K, need_db, need_dbias, g_idx=None, g_div
     return db, dbias
 
 
-def combine(o, weights, keep_u8, S, H, out_dtype):
-    """``y[s] = sum_j keep * w * o[s*k+j]`` (``weights=None``: unweighted sum of the kept slots)."""
+def combine(o, weights, keep_u8, S, H, out_dtype, out_shape=None):
+    """``y[s] = sum_j keep * w * o[s*k+j]`` (``weights=None``: unweighted sum of the kept slots).
+
+    ``y`` is allocated as ``out_shape`` (default ``(S, H)``; any shape of S*H elements, e.g. the layer
+    input's ``[B, T, H]``) so a caller never has to return a view of it."""
     k = keep_u8.shape[1] if keep_u8.dim() == 2 else 1
-    y = new_output((S, H), dtype=out_dtype, device=o.device)
+    y = new_output(tuple(out_shape) if out_shape is not None else (S, H), dtype=out_dtype, device=o.device)
     if S == 0 or H == 0:
         return y
     if k == 0:
         return y.zero_()
+    y2 = y.view(S, H)
     cfg = _config("combine", o.device, o.dtype)
     grid = (cdiv(S, cfg["BLOCK_S"]), cdiv(H, cfg["BLOCK_H"]))
     kernels._moe_combine_kernel[grid](
-        o, weights if weights is not None else o, keep_u8, y, S, H, k,
-        o.stride(0), o.stride(1), y.stride(0), y.stride(1),
+        o, weights if weights is not None else o, keep_u8, y2, S, H, k,
+        o.stride(0), o.stride(1), y2.stride(0), y2.stride(1),
         HAS_WEIGHT=weights is not None, **cfg)
     return y
 
@@ -188,9 +194,13 @@ def moe_ffn_forward(x, weights, keep, sorted_slots, offsets, w1, b1, w2, b2, act
     """Permute -> grouped GEMM + activation -> grouped GEMM -> un-permute -> weighted combine (k = 1:
     fused into the second GEMM's epilogue).
 
-    Returns ``(y [S, H], z [S*k, F1] pre-activation, h [S*k, F] activation (sorted space),
-    o [S*k, H] expert outputs (slot space))``; ``z``, ``h`` and ``o`` are saved for the backward."""
-    S, H = x.shape
+    ``x`` is ``[..., H]`` with S rows.  Returns ``(y [..., H] (x's shape, not a view), z [S*k, F1]
+    pre-activation, h [S*k, F] activation (sorted space), o [S*k, H] expert outputs (slot space))``;
+    ``z``, ``h`` and ``o`` are saved for the backward."""
+    out_shape = x.shape
+    H = x.shape[-1]
+    S = math.prod(x.shape[:-1])
+    x = x.reshape(S, H)
     k = weights.shape[1]
     F1, F = w1.shape[1], w2.shape[2]
     M = S * k
@@ -203,24 +213,27 @@ def moe_ffn_forward(x, weights, keep, sorted_slots, offsets, w1, b1, w2, b2, act
     grouped_mm(x, w1, b1, offsets, M, h, N=F, K=H, z=z, a_idx=sorted_slots, a_div=k, epilogue=epi, act=act,
                half_n=F)
     if k == 1:  # weighted scatter fused into the second GEMM's epilogue; dropped rows stay 0
-        y = torch.zeros((S, H), dtype=dt, device=dev)
-        grouped_mm(h, w2, b2, offsets, M, o, N=H, K=F, c_idx=sorted_slots, y=y, y_weights=weights)
+        y = torch.zeros(out_shape, dtype=dt, device=dev)
+        grouped_mm(h, w2, b2, offsets, M, o, N=H, K=F, c_idx=sorted_slots, y=y.view(S, H), y_weights=weights)
         return y, z, h, o
     grouped_mm(h, w2, b2, offsets, M, o, N=H, K=F, c_idx=sorted_slots)
-    y = combine(o, weights, keep.view(torch.uint8), S, H, dt)
+    y = combine(o, weights, keep.view(torch.uint8), S, H, dt, out_shape)
     return y, z, h, o
 
 
 def moe_ffn_backward(dy, x, weights, keep, sorted_slots, offsets, w1, w2, z, h, o, activation, output_mask):
     """Gradients ``(dx, dweights, dw1, db1, dw2, db2)``; entries not in ``output_mask`` are empty."""
     need_dx, need_dwts, need_dw1, need_db1, need_dw2, need_db2 = (bool(v) for v in output_mask)
-    S, H = x.shape
+    out_shape = x.shape                      # x, dy and dx are [..., H] with S rows
+    H = x.shape[-1]
+    S = math.prod(x.shape[:-1])
+    x = x.reshape(S, H)
     k = weights.shape[1]
     F1, F = w1.shape[1], w2.shape[2]
     M = S * k
     dev, dt = x.device, x.dtype
     empty = x.new_empty(0)
-    dy, weights, keep = dy.contiguous(), weights.contiguous(), keep.contiguous()
+    dy, weights, keep = dy.reshape(S, H).contiguous(), weights.contiguous(), keep.contiguous()
     keep_u8 = keep.view(torch.uint8)
     _, epi_bwd, act = ACT_CODES[activation]
     do, dwts = combine_backward(dy, o, weights, keep_u8, need_dwts)
@@ -233,7 +246,7 @@ def moe_ffn_backward(dy, x, weights, keep, sorted_slots, offsets, w1, w2, z, h, 
     if need_dx:
         dxp = new_output((M, H), dtype=dt, device=dev)
         grouped_mm(dz, w1, None, offsets, M, dxp, N=H, K=F1, c_idx=sorted_slots, b_strides=_swap_last(w1))
-        dx = combine(dxp, None, keep_u8, S, H, dt)
+        dx = combine(dxp, None, keep_u8, S, H, dt, out_shape)
     dw2, db2 = grouped_wgrad(do, h, offsets, N=H, K=F, need_db=need_dw2, need_dbias=need_db2,
                              g_idx=sorted_slots, g_div=1)
     dw1, db1 = empty, empty

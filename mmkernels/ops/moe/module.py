@@ -544,12 +544,13 @@ class MoE(nn.Module):
             # before routing, so that every rank raises the same error (no rank left waiting in a collective)
             capacity = parallel.agree_capacity(self.capacity, x2.shape[0], self.ep_group, x2.device)
         routing = self.route(x2, second_expert_noise, token_order)
+        # the output is never a view (see moe_ffn): FSDP2 hooks it, and a residual `y += x` must keep that hook
         if self.ep_size > 1:
             y = parallel.expert_parallel_ffn(x2, routing, self.w1, self.b1, self.w2, self.b2, self.activation,
-                                             self.ep_group, capacity)
+                                             self.ep_group, capacity, out_shape=hidden_states.shape)
         else:
-            y = moe_ffn(x2, routing, self.w1, self.b1, self.w2, self.b2, self.activation)
-        return y.view(hidden_states.shape), routing.l_aux, routing.exp_counts
+            y = moe_ffn(hidden_states, routing, self.w1, self.b1, self.w2, self.b2, self.activation)
+        return y, routing.l_aux, routing.exp_counts
 
     # ------------------------------------------------------------------ DeepSpeed interop
 

@@ -185,14 +185,15 @@ def gather_experts(t: torch.Tensor, group) -> torch.Tensor:
 
 def expert_parallel_ffn(x2: torch.Tensor, routing: MoERouting, w1: torch.Tensor, b1: Optional[torch.Tensor],
                         w2: torch.Tensor, b2: Optional[torch.Tensor], activation: str, group,
-                        capacity: Optional[int]) -> torch.Tensor:
+                        capacity: Optional[int], out_shape=None) -> torch.Tensor:
     """``y [S, H]``: :func:`moe_ffn`'s result for this rank's rows ``x2 [S, H]`` and ``routing`` (over all E
     experts), with the experts spread over ``group`` (``w1 [L, ...]`` etc. are this rank's L = E / P).
 
     ``capacity`` None: dropless (uneven exchange, one host read of the split sizes); an int C: capacity
     mode (equal-split exchange of ``[E, C, H]``; C from :func:`agree_capacity`, the routing's own
     capacity when this rank has tokens).  Collective: every rank of ``group`` calls it, in the same
-    mode, and (through autograd) its backward."""
+    mode, and (through autograd) its backward.  ``out_shape`` (default ``[S, H]``): the shape of the result,
+    which is never a view."""
     S, H = x2.shape
     k = routing.k
     E = routing.num_experts
@@ -242,5 +243,6 @@ def expert_parallel_ffn(x2: torch.Tensor, routing: MoERouting, w1: torch.Tensor,
         back = torch.cat([back, back.new_zeros((1, H))], 0)                     # dropped slots read the zero row
     per_slot = back.index_select(0, dest)                                       # [S*k, H] in slot order
     acc = torch.promote_types(x2.dtype, torch.float32)
-    y = (per_slot.to(acc) * routing.weights.reshape(M, 1).to(acc)).view(S, k, H).sum(1)
+    lead = tuple(out_shape[:-1]) if out_shape is not None else (S,)
+    y = (per_slot.to(acc) * routing.weights.reshape(M, 1).to(acc)).view(*lead, k, H).sum(-2)
     return y.to(x2.dtype)
