@@ -80,3 +80,20 @@ def run_ranks(fn, world_size: int, *args, timeout: float = 120.0) -> list:
         raise AssertionError(f"{fn.__name__} on {world_size} ranks failed:"
                              + "".join(f"\n--- rank {r}:\n{tb}" for r, tb in sorted(failures)))
     return [got[r] for r in range(world_size)]
+
+
+def skip_deepspeed_shm_build() -> None:
+    """Make DeepSpeed's communication backend skip building its shared-memory all-reduce op.
+
+    ``deepspeed.init_distributed`` on CPU JIT-compiles ``deepspeed_shm_comm`` (about 30 s and 60 CPU-s of
+    C++ on a fresh machine) for ``inference_all_reduce`` alone, which no test uses.  Call it in a rank
+    (or the test process) before ``deepspeed.init_distributed`` / ``deepspeed.initialize``; it returns
+    the original builder's restorer for callers that must leave DeepSpeed as they found it."""
+    import importlib
+    ds_torch = importlib.import_module("deepspeed.comm.torch")   # (the attribute deepspeed.comm.torch is torch)
+    real = ds_torch.build_shm_op
+    ds_torch.build_shm_op = lambda: None
+
+    def restore() -> None:
+        ds_torch.build_shm_op = real
+    return restore

@@ -37,7 +37,6 @@ read its results.
 """
 import importlib.util
 import os
-import sys
 import time
 import zlib
 
@@ -50,7 +49,7 @@ from torch import nn
 import mmkernels
 from mmkernels.testing import compare
 
-from _distributed import run_ranks
+from _distributed import run_ranks, skip_deepspeed_shm_build
 from conftest import SESSION_SEED
 
 WORLD = 2
@@ -204,8 +203,7 @@ def _zero2(rank, seed, steps):
     os.environ["DS_ACCELERATOR"] = "cpu"   # this rank's process only; CPU tensors even where CUDA is present
     os.environ["LOCAL_RANK"] = str(rank)   # deepspeed's launcher sets it; the group is already up
     import deepspeed  # noqa: F401  (imports deepspeed.comm.torch)
-    # the CPU backend would JIT-compile a shared-memory op (inference_all_reduce only): see the docstring
-    sys.modules["deepspeed.comm.torch"].build_shm_op = lambda: None
+    skip_deepspeed_shm_build()   # no JIT build of a shared-memory op (inference_all_reduce only)
     model = TinyModel()
     model.load_state_dict(_weights(seed))
     config = {"train_micro_batch_size_per_gpu": B // WORLD, "gradient_accumulation_steps": 1,

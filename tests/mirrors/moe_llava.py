@@ -33,6 +33,8 @@ import tempfile
 
 import torch
 
+from _distributed import skip_deepspeed_shm_build
+
 ROUTER_AUX_LOSS_COEF = 0.01
 # MoE-LLaVA's released settings (scripts/v1/*/finetune_moe.sh and the released config.json files)
 MOE_LLAVA_SETTINGS = dict(num_experts=4, k=2, capacity_factor=1.5, eval_capacity_factor=2.0, min_capacity=0,
@@ -183,20 +185,18 @@ def deepspeed_process_group():
     import torch.distributed as dist
     import deepspeed
     ds_comm = importlib.import_module("deepspeed.comm.comm")
-    ds_torch = importlib.import_module("deepspeed.comm.torch")   # (deepspeed.comm.torch the attribute is torch)
     from deepspeed.utils import groups
 
     if dist.is_initialized() or ds_comm.cdb is not None:
         raise RuntimeError("a process group already exists")
     with tempfile.TemporaryDirectory(prefix="mmkernels-moe-llava-") as tmp:
         dist.init_process_group("gloo", init_method=f"file://{os.path.join(tmp, 'store')}", rank=0, world_size=1)
-        real_build = ds_torch.build_shm_op
-        ds_torch.build_shm_op = lambda: None
+        restore_shm_build = skip_deepspeed_shm_build()
         try:
             deepspeed.init_distributed(dist_backend="gloo")
             yield
         finally:
-            ds_torch.build_shm_op = real_build
+            restore_shm_build()
             for registry in (groups._EXPERT_PARALLEL_GROUP, groups._EXPERT_PARALLEL_GROUP_RANKS,
                              groups._EXPERT_DATA_PARALLEL_GROUP, groups._EXPERT_DATA_PARALLEL_GROUP_RANKS):
                 registry.clear()
