@@ -75,6 +75,19 @@ def _git_commit() -> str:
     return os.environ.get("GIT_COMMIT", "unknown")
 
 
+def git_commit_full() -> str:
+    """The full sha of HEAD (``-dirty`` when tracked files differ): the results JSON's ``"commit"``,
+    the kernels it measured."""
+    short = _git_commit()
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=10)
+        if out.returncode == 0 and out.stdout.strip():
+            return out.stdout.strip() + ("-dirty" if short.endswith("-dirty") else "")
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return short
+
+
 def device_name() -> str:
     if is_cuda():
         try:
@@ -431,7 +444,7 @@ def write_results(op: str, payload: dict[str, Any], out_dir: str | Path | None =
     ``<op>-<slug>-latest.json`` under ``out_dir`` (default benchmarks/results).  Returns the paths."""
     paths = result_paths(op, out_dir)
     paths["json"].parent.mkdir(parents=True, exist_ok=True)
-    doc = _jsonable({"op": op, "machine": machine_header(), **payload})
+    doc = _jsonable({"op": op, "commit": git_commit_full(), "machine": machine_header(), **payload})
     text = json.dumps(doc, indent=1, sort_keys=False) + "\n"
     written = []
     targets = [paths["json"], paths["json_latest"]] if keep_timestamped else [paths["json_latest"]]
@@ -523,6 +536,19 @@ def median(values: Iterable[float]) -> float:
 def geomean(values: Iterable[float]) -> float:
     vals = [v for v in values if v and v > 0]
     return math.exp(sum(math.log(v) for v in vals) / len(vals)) if vals else float("nan")
+
+
+def target(id: str, value: float | None, goal: float, better: str, what: str) -> dict[str, Any]:
+    """One entry of a results JSON's ``"targets"`` list: ``{id, value, goal, better, met, target}``.
+
+    ``value`` is the worst case over the target's shapes (None when nothing was measured: not met);
+    ``better`` is ``"higher"`` (met when value >= goal) or ``"lower"`` (value <= goal); ``target`` is the
+    human-readable line that :func:`print_targets` prints."""
+    if better not in ("higher", "lower"):
+        raise ValueError(f"better must be 'higher' or 'lower', got {better!r}")
+    met = value is not None and (value >= goal if better == "higher" else value <= goal)
+    return {"id": id, "value": None if value is None else round(float(value), 4), "goal": goal, "better": better,
+            "met": bool(met), "target": what}
 
 
 def print_targets(op: str, targets: list[dict], on_cuda: bool, cpu_note: str) -> None:

@@ -40,3 +40,14 @@ def test_pin_cpu_threads(monkeypatch):
             H.pin_cpu_threads()
     finally:
         torch.set_num_threads(before)
+
+
+def test_target_schema():
+    t = H.target("moe.layer_fwd_vs_torch", 1.3, 1.2, "higher", "MoE fwd vs torch-native")
+    assert t == {"id": "moe.layer_fwd_vs_torch", "value": 1.3, "goal": 1.2, "better": "higher", "met": True,
+                 "target": "MoE fwd vs torch-native"}
+    assert H.target("plora.fwd_vs_base", 1.2, 1.1, "lower", "x")["met"] is False
+    assert H.target("hyper.decode_kernel_us", None, 20, "lower", "x")["met"] is False   # not measured
+    with pytest.raises(ValueError, match="better"):
+        H.target("x", 1.0, 1.0, "more", "x")
+    assert len(H.git_commit_full().split("-")[0]) == 40
