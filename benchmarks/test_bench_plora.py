@@ -75,3 +75,26 @@ def test_plora_cpu(benchmark, size, fraction, mode, provider):
     assert result.ok, str(result)
     if mode == "fwd+bwd":
         assert x.grad is not None and x.grad.shape == x.shape
+
+
+def test_targets_use_the_results_schema():
+    """The issue's target ids, value = the worst case over the stated shapes, goal, better, met."""
+    from .bench_plora import evaluate_targets
+
+    rows = []
+    for M, x_base, speedup, text_x in ((4096, 1.30, 1.2, 1.10), (8192, 1.05, 1.7, 1.02), (16384, 1.08, 1.6, 1.01)):
+        for frac, mode, xb, sp in ((0.5, "fwd", x_base, 1.0), (0.5, "fwd+bwd", 1.0, speedup), (0.0, "fwd", text_x, 1.0)):
+            for prov, peak in (("mmkernels", 90.0), ("xcomposer", 100.0)):
+                rows.append(dict(provider=prov, proj="wqkv", M=M, visual_fraction=frac, layout="span",
+                                 visual=f"{frac:g}", mode=mode, x_base_linear=xb, speedup_vs_xcomposer=sp,
+                                 peak_mb=peak if M == 16384 else None))
+    assert evaluate_targets(rows, on_cuda=False) == []
+    got = {t["id"]: t for t in evaluate_targets(rows, on_cuda=True)}
+    assert set(got) == {"plora.fwd_vs_base", "plora.fwd_bwd_vs_xcomposer", "plora.all_text_vs_base",
+                        "plora.fwd_bwd_peak_memory_vs_xcomposer"}
+    for t in got.values():
+        assert set(t) >= {"id", "value", "goal", "better", "met", "target", "detail"}
+    assert got["plora.fwd_vs_base"]["value"] == 1.08 and got["plora.fwd_vs_base"]["met"]   # 4k is not a target M
+    assert got["plora.fwd_bwd_vs_xcomposer"]["value"] == 1.2 and not got["plora.fwd_bwd_vs_xcomposer"]["met"]
+    assert got["plora.all_text_vs_base"]["value"] == 1.10 and not got["plora.all_text_vs_base"]["met"]
+    assert got["plora.fwd_bwd_peak_memory_vs_xcomposer"]["met"]
