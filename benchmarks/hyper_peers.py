@@ -71,6 +71,13 @@ def _flex_fn(device: torch.device, compiled: bool | None):
     if not compiled:
         return flex_attention
     if "flex" not in _COMPILED:
+        # one compile per shape (dynamic=False, as the issue's peers were measured): a sweep needs more
+        # recompiles than dynamo's default limit (8), past which it would silently fall back to eager
+        import torch._dynamo
+
+        for name in ("recompile_limit", "cache_size_limit"):
+            if hasattr(torch._dynamo.config, name):
+                setattr(torch._dynamo.config, name, max(getattr(torch._dynamo.config, name), 64))
         _COMPILED["flex"] = torch.compile(flex_attention, dynamic=False)
     return _COMPILED["flex"]
 
@@ -216,8 +223,10 @@ class GatedPeer(_Peer):
         """``gate``: as mmkernels takes it, ``[H*D]`` or broadcastable to ``[B, L_q, H, D]``."""
         self.dtype = q.dtype
         B, Lq, H, D = q.shape
-        g = gate.view(H, D) if gate.dim() == 1 and gate.numel() == H * D else gate
-        g = g.expand(B, Lq, H, D).transpose(1, 2)                      # [B, H, L_q, D], a view
+        if gate.dim() == 1 and gate.numel() == H * D:                  # the checkpoints' [H*D] gate
+            g = gate.view(1, H, 1, D)                                  # broadcasts over [B, H, L_q, D]
+        else:
+            g = gate.expand(B, Lq, H, D).transpose(1, 2)               # [B, H, L_q, D], a view
         xs = [_heads_first(q), _heads_first(k), _heads_first(v)]
         if self.n_max:
             xs += [_padded_visual(k_vis, self.cu_images, self.n_max), _padded_visual(v_vis, self.cu_images, self.n_max)]
