@@ -12,6 +12,8 @@ Run: ``pytest benchmarks`` (``--benchmark-disable`` to only run the checks once)
 """
 from __future__ import annotations
 
+import time
+
 import pytest
 import torch
 
@@ -122,8 +124,58 @@ def test_targets_say_what_they_were_measured_against():
     for on_cuda in (False, True):
         targets = evaluate_targets(rows, [], on_cuda, BASELINE)
         ds = [t for t in targets if "measured_against" in t]
+        assert all({"id", "value", "goal", "better", "met", "detail"} <= set(t) for t in targets)
+        assert all(isinstance(t["value"], float) for t in targets)
         assert len(ds) == 2
         assert BASELINE["measured_against"] in [t["measured_against"] for t in ds]
         assert any("0.9.5" in t["measured_against"] and "mirror" in t["measured_against"] for t in ds)
         if not BASELINE["installed"]:
             assert "mirror" in BASELINE["measured_against"] and "not installed" in BASELINE["measured_against"]
+
+
+def test_peer_sections_smoke(monkeypatch):
+    """Issue 7's peer sections run end to end on CPU at a tiny shape: every provider gives a row (a
+    measured time or "not measured: <why>"), and the targets come out in the results schema.  (One
+    timed call per case: a smoke test, not a timing.)"""
+    from .bench_moe import grouped_gemm_peers, layer_peers, peer_targets
+
+    def once(fn, grad_to_none=None, **_):
+        for t in grad_to_none or []:
+            t.grad = None
+        t0 = time.perf_counter()
+        fn()
+        ms = (time.perf_counter() - t0) * 1e3
+        return H.Timing(ms, ms, ms, ms, 1, torch.get_num_threads())
+
+    monkeypatch.setattr(H, "time_ms", once)
+
+    models = {"tiny": (32, 48, "swiglu")}
+    gg = grouped_gemm_peers(torch.device("cpu"), True, models=models, S=40)
+    assert [r["provider"] for r in gg if r["routing"] == "random"] == [
+        "mmkernels", "torch._grouped_mm", "dense", "mmkernels wgrad", "torch._grouped_mm wgrad"]
+    for r in gg:
+        assert (r["ms"] is not None and r["ms"] > 0 and r["flops"] == 2 * 80 * 32 * 96) or \
+            r["note"].startswith("not measured: ")
+    layer = layer_peers(torch.device("cpu"), True, models=models, S=40)
+    assert {(r["routing"], r["mode"], r["provider"]) for r in layer} == {
+        (ro, m, p) for ro in ("random", "skewed") for m in ("fwd", "fwd+bwd") for p in ("mmkernels", "torch_native")}
+    assert all(r["ms"] for r in layer)
+    assert {r["path"] for r in layer if r["provider"] == "torch_native"} == {"per-expert matmul loop"}  # fp32, CPU
+    targets = {t["id"]: t for t in peer_targets(gg, layer)}
+    assert set(targets) == {"moe.grouped_gemm_vs_torch", "moe.wgrad_tflops", "moe.layer_fwd_vs_torch",
+                            "moe.layer_fwd_bwd_vs_torch"}
+    for t in targets.values():
+        assert set(t) >= {"id", "value", "goal", "better", "met", "target", "detail"} and t["better"] == "higher"
+    worst = min(r["speedup_vs_torch_native"] for r in layer if r["provider"] == "mmkernels" and r["mode"] == "fwd")
+    assert targets["moe.layer_fwd_vs_torch"]["value"] == round(worst, 4)
+
+
+def test_peer_targets_not_measured_is_not_met():
+    from .bench_moe import peer_targets
+
+    gg = [dict(provider="mmkernels", model="phi2", routing="random", speedup_vs_torch=None, tflops=600.0),
+          dict(provider="mmkernels wgrad", model="phi2", routing="random", speedup_vs_torch=None, tflops=450.0)]
+    t = {x["id"]: x for x in peer_targets(gg, [])}
+    assert t["moe.grouped_gemm_vs_torch"]["value"] is None and not t["moe.grouped_gemm_vs_torch"]["met"]
+    assert t["moe.wgrad_tflops"]["value"] == 450.0 and not t["moe.wgrad_tflops"]["met"]
+    assert t["moe.layer_fwd_bwd_vs_torch"]["value"] is None
