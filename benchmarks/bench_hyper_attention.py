@@ -38,13 +38,19 @@ Sections:
    TFLOP/s count visible (query, key) pairs only: forward ``4*H*D`` FLOPs per pair (QK^T and PV);
    forward+backward ``3.5x`` that (the FlashAttention convention: the backward's five matmuls are
    ``2.5x`` the forward's two; the recomputation of P is not counted).  A peer or measurement that
-   cannot run says ``not measured: <reason>`` and the run goes on.
+   cannot run says ``not measured: <reason>`` and the run goes on.  The shapes the targets name run
+   first; after every shape ``hyper_attention_partial-<card>-latest.json`` (the rows and targets so
+   far) is rewritten and, once the section completes, removed -- a run cut short by a timeout keeps
+   what it measured.  ``--quick`` keeps only the target shapes (prefill 1k+8 and 2k+32, causal 4k,
+   decode after 2k with 32 images); FlexAttention compiles once per shape, which dominates a full sweep.
 4. GPU targets (printed as MET / NOT MET on CUDA only; the results JSON's ``"targets"`` list of
    ``{id, value, goal, better, met, target}``, ``value`` the worst case over the stated shapes).
 """
 from __future__ import annotations
 
 import argparse
+import time
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -372,13 +378,21 @@ def _prefill_vs_peer(model, mode, L, n, device, dtype, timer, log, dense: bool =
                                      detach=True)
                 plv = [x for x in prep if x is not None and x.requires_grad]
                 if need:
-                    dyp = torch.randn_like(peer.run(*prep))
+                    t0 = time.perf_counter()
+                    out = peer.run(*prep)                                               # compiles here
+                    dyp = torch.randn_like(out)
+                    out.backward(dyp)
+                    H.synchronize()
+                    extra["first_call_s"] = time.perf_counter() - t0
 
                     def fn(peer=peer, prep=prep, dyp=dyp):
                         peer.run(*prep).backward(dyp)
                 else:
+                    t0 = time.perf_counter()
                     with torch.no_grad():
                         extra["rel_err_vs_mk"] = _rel_err(peer.output(peer.run(*prep)), ref)   # compiles here
+                    H.synchronize()
+                    extra["first_call_s"] = time.perf_counter() - t0
 
                     def fn(peer=peer, prep=prep):
                         return peer.run(*prep)
@@ -470,6 +484,10 @@ def _kernel_us(fn, calls: int = PROFILE_CALLS) -> tuple[float | None, str | None
                 us = getattr(e, "self_cuda_time_total", 0.0)
             if us:
                 per[e.key] = per.get(e.key, 0.0) + us / calls
+        if not per:  # older/newer profilers: the raw device events
+            for e in prof.events():
+                if str(getattr(e, "device_type", "")).split(".")[-1] == "CUDA":
+                    per[e.name] = per.get(e.name, 0.0) + e.time_range.elapsed_us() / calls
         if not per:
             return None, "not measured: the profiler recorded no CUDA kernel", {}
         return sum(per.values()), None, {"kernels_us": {k: round(v, 2) for k, v in per.items()}}
@@ -536,27 +554,49 @@ def _decode_step(model, mode, past, n, device, dtype, timer, log, modules=None) 
     return rows
 
 
-def run_peers(device: torch.device, cfg: dict, log=print, timer=None) -> list[dict]:
-    """Section 3: the prefill, causal and decode comparisons of ``cfg`` (:data:`GPU_PEERS`)."""
+def run_peers(device: torch.device, cfg: dict, log=print, timer=None, on_progress=None) -> list[dict]:
+    """Section 3: the prefill, causal and decode comparisons of ``cfg`` (:data:`GPU_PEERS`).  The shapes
+    the targets name run first (prefill 1k+8 / 2k+32, the causal lengths, decode after 2k with 32
+    images), then the rest of the sweep; ``on_progress(rows)`` is called after each shape (the run
+    writes a partial results file with it, so a run cut short by a timeout keeps what it measured)."""
     timer = timer or H.time_ms
     model, dtype = cfg["model"], cfg["dtype"]
+    prefill = sorted(cfg["prefill"], key=lambda s: s not in TARGET_SHAPES_VS_FLEX)       # stable: targets first
+    decode = sorted(cfg["decode"], key=lambda s: s != (2048, 32))
+    n_first = sum(s in TARGET_SHAPES_VS_FLEX for s in prefill)
+    d_first = sum(s == (2048, 32) for s in decode)
     rows: list[dict] = []
-    for mode in MODES:
-        for L, n in cfg["prefill"]:
-            rows += _prefill_vs_peer(model, mode, L, n, device, dtype, timer, log)
-    for L in cfg["causal"]:
-        rows += _prefill_vs_peer(model, "joint", L, 0, device, dtype, timer, log, dense=True)
-    for mode in MODES:
-        try:
-            modules = _make_modules(model, mode, device, dtype, seed=0)
-        except Exception as e:
-            log(f"  decode_step {mode}: module {_not_measured(e)}", flush=True)
-            modules = None
-        for past, n in cfg["decode"]:
-            rows += _decode_step(model, mode, past, n, device, dtype, timer, log, modules)
-        del modules
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
+
+    def step(new_rows):
+        rows.extend(new_rows)
+        if on_progress is not None:
+            on_progress(rows)
+
+    def decode_points(points):
+        for mode in MODES:
+            if not points:
+                continue
+            try:
+                modules = _make_modules(model, mode, device, dtype, seed=0)
+            except Exception as e:
+                log(f"  decode_step {mode}: module {_not_measured(e)}", flush=True)
+                modules = None
+            for past, n in points:
+                step(_decode_step(model, mode, past, n, device, dtype, timer, log, modules))
+            del modules
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+
+    for shapes in (prefill[:n_first], None, prefill[n_first:]):
+        if shapes is None:   # between the targets' prefill shapes and the rest: causal + the target decode point
+            for L in cfg["causal"]:
+                step(_prefill_vs_peer(model, "joint", L, 0, device, dtype, timer, log, dense=True))
+            decode_points(decode[:d_first])
+            continue
+        for L, n in shapes:
+            for mode in MODES:
+                step(_prefill_vs_peer(model, mode, L, n, device, dtype, timer, log))
+    decode_points(decode[d_first:])
     return rows
 
 
@@ -686,7 +726,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         print(f"\n### {OP}: mmkernels vs the peers (FlexAttention compiled, SDPA) in the same run, "
               f"{str(pcfg['dtype']).replace('torch.', '')}; TFLOP/s over visible pairs (fwd 4*H*D per pair, "
               f"fwd+bwd {FWD_BWD_FLOP_FACTOR}x fwd)", flush=True)
-        peer_rows = run_peers(device, pcfg)
+        partial_op = f"{OP}_partial"
+
+        def progress(rows_so_far):
+            H.write_results(partial_op, {"partial": True, "peer_rows": rows_so_far,
+                                         "targets": peer_targets(rows_so_far)},
+                            getattr(args, "out", None), keep_timestamped=False)
+        peer_rows = run_peers(device, pcfg, on_progress=progress)
+        partial = H.result_paths(partial_op, getattr(args, "out", None))["json_latest"]
+        Path(partial).unlink(missing_ok=True)          # complete: the results JSON has everything
         H.print_table(f"{OP} vs peers", peer_rows, PEER_COLUMNS)
     else:
         print(f"\n### {OP}: peers (FlexAttention compiled, SDPA; benchmarks/hyper_peers.py) are GPU-only; "

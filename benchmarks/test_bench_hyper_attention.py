@@ -71,7 +71,10 @@ def test_peer_section_runs_on_cpu():
     out in the results schema."""
     from .bench_hyper_attention import peer_targets, run_peers
 
-    rows = run_peers(torch.device("cpu"), TINY, log=lambda *a, **k: None, timer=_once)
+    progress = []
+    rows = run_peers(torch.device("cpu"), TINY, log=lambda *a, **k: None, timer=_once,
+                     on_progress=lambda r: progress.append(len(r)))
+    assert progress == sorted(progress) and progress[-1] == len(rows)   # a partial file after every shape
     by = {(r["case"], r["mode"], r["provider"], r.get("pass")): r for r in rows}
     for mode, peer in (("gated", "sdpa+flex_gated"), ("joint", "flex_joint")):
         assert by[("prefill_peer", mode, "mmkernels", "fwd")]["ms"] > 0
