@@ -3,20 +3,28 @@
 #
 #   OUT=./gpu_out bash benchmarks/gpu_check.sh
 #
-# Steps (each under `timeout`, the whole script < 8 min on one H100/H200):
+# Steps (each under `timeout`; the whole script < 8 min on one H100/H200 -- the profile step adds
+# <= 60 s, and its Triton compiles land in the on-disk cache the benchmarks then reuse; the worst case,
+# every step at its timeout, is ~520 s, still inside one 10-min device call):
 #   1. nvidia-smi + versions                               -> $OUT/build.log (head)
 #   2. build _C in place (setup.py build_ext --inplace)    -> $OUT/build.log  (failure is not fatal:
 #      mmkernels works without _C), in the background while
 #   2b. the PLoRA block-size sweep (benchmarks.tune_plora)  -> $OUT/tune.log, plora_configs.json,
 #      plora_configs-sweep.json; later steps run with MMKERNELS_PLORA_CONFIGS pointing at the winners
+#   2c. profile: one fwd+bwd step per operator under torch.profiler (benchmarks.profile_step: MoE phi-2
+#      16k tokens dropless, PLoRA wqkv 8k 50 % visual, hyper attention 7B joint + gated), kernels by
+#      self CUDA time                                      -> $OUT/profile.log, profile.txt, profile.json
 #   3. GPU tests: pytest -x tests -m gpu (xdist if there)  -> $OUT/tests.log
-#   4. benchmarks: python3 -m benchmarks.run --out $OUT    -> $OUT/bench.log, plora-<dev>-latest.{json,png}
+#   4. benchmarks: python3 -m benchmarks.run --out $OUT    -> $OUT/bench.log, <op>-<dev>-latest.{json,png}
+#      (each JSON: "commit" and "targets" [{id, value, goal, better, met, ...}], issue 7's peers included)
 #   5. summary table                                       -> stdout
-# $OUT stays flat and small (<= 8 files).
+# $OUT stays flat (about 15 small files).
 #
-# Knobs: PYTHON (python3), OUT, QUICK=1 (bench --quick), SKIP_BUILD=1, SKIP_TUNE=1, SKIP_TESTS=1,
-#        SKIP_BENCH=1, BUILD_TIMEOUT (120), TUNE_TIMEOUT (110), TESTS_TIMEOUT (180), BENCH_TIMEOUT (150),
-#        TORCH_CUDA_ARCH_LIST (9.0a), BENCH_OPS ("plora moe ..."; default all), TEST_PATHS (default tests).
+# Knobs: PYTHON (python3), OUT, QUICK=1 (bench --quick), SKIP_BUILD=1, SKIP_TUNE=1, SKIP_PROFILE=1,
+#        SKIP_TESTS=1, SKIP_BENCH=1, BUILD_TIMEOUT (120), TUNE_TIMEOUT (110), PROFILE_TIMEOUT (60),
+#        TESTS_TIMEOUT (180), BENCH_TIMEOUT (150), TORCH_CUDA_ARCH_LIST (9.0a),
+#        BENCH_OPS ("plora moe ..."; default all), PROFILE_CASES ("moe plora hyper_joint hyper_gated"; default
+#        all), TEST_PATHS (default tests).
 set -uo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.." || exit 1
@@ -29,6 +37,7 @@ BUILD_TIMEOUT="${BUILD_TIMEOUT:-120}"
 TESTS_TIMEOUT="${TESTS_TIMEOUT:-180}"
 TUNE_TIMEOUT="${TUNE_TIMEOUT:-110}"
 BENCH_TIMEOUT="${BENCH_TIMEOUT:-150}"
+PROFILE_TIMEOUT="${PROFILE_TIMEOUT:-60}"
 export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONUNBUFFERED=1
 
@@ -109,6 +118,18 @@ if [ -n "${BUILD_PID:-}" ]; then
   record build "${rc:-1}" $(( $(date +%s) - t_build )) "$info"
 fi
 
+# ---------------------------------------------------------------- 2c. profile (kernel times of one step)
+if [ "${SKIP_PROFILE:-0}" = "1" ]; then
+  record profile skip 0 "SKIP_PROFILE=1"
+else
+  t0=$(date +%s)
+  pargs=(--out "$OUT")
+  for c in ${PROFILE_CASES:-}; do pargs+=(--case "$c"); done
+  timeout -k 10 "$PROFILE_TIMEOUT" "$PY" -m benchmarks.profile_step "${pargs[@]}" 2>&1 | tee "$OUT/profile.log"
+  rc=${PIPESTATUS[0]}
+  record profile "$rc" $(( $(date +%s) - t0 )) "$(grep -c '^== .*total' "$OUT/profile.log") cases profiled, $(grep -c 'not measured' "$OUT/profile.log") not measured"
+fi
+
 # ---------------------------------------------------------------- 3. GPU tests
 if [ "${SKIP_TESTS:-0}" = "1" ]; then
   record tests skip 0 "SKIP_TESTS=1"
@@ -145,7 +166,7 @@ fi
   printf '%-8s %-12s %7s  %s\n' step status time note
   for line in "${SUMMARY[@]}"; do echo "$line"; done
   if [ -n "${TARGETS:-}" ]; then
-    echo "--- plora targets"
+    echo "--- targets"
     echo "$TARGETS"
   fi
   echo "--- files"
