@@ -361,8 +361,16 @@ def _prefill_vs_peer(model, mode, L, n, device, dtype, timer, log, dense: bool =
         peers.append(("sdpa+flex_gated", lambda need_grad: P.GatedPeer(pos, cu, L, L, T, visibility=vis, device=device,
                                                                        needs_grad=need_grad), (q, k, v, kv, vv, gate)))
     rows = []
-    with torch.no_grad():
-        ref = mk()
+    ref = dq_ref = None
+    try:  # mmkernels' output and dq once, for the peers' agreement
+        with torch.no_grad():
+            ref = mk()
+        mk_fb()
+        dq_ref = q.grad.clone()
+    except Exception as e:
+        log(f"  {case} {mode} L={L} images={n}: mmkernels {_not_measured(e)}", flush=True)
+    for x in leaves:
+        x.grad = None
     mk_t = {"fwd": _measure(timer, mk, grad=False), "fwd+bwd": _measure(timer, mk_fb, grad=True, leaves=leaves)}
     peer_t: dict[str, dict] = {}
     for name, build, args in peers:
@@ -380,17 +388,21 @@ def _prefill_vs_peer(model, mode, L, n, device, dtype, timer, log, dense: bool =
                 if need:
                     t0 = time.perf_counter()
                     out = peer.run(*prep)                                               # compiles here
-                    dyp = torch.randn_like(out)
+                    dyp = dy.transpose(1, 2).contiguous()          # mmkernels' dy in the peer's [B, H, L, D]
                     out.backward(dyp)
                     H.synchronize()
                     extra["first_call_s"] = time.perf_counter() - t0
+                    if dq_ref is not None and prep[0].grad is not None:
+                        extra["rel_err_dq_vs_mk"] = _rel_err(prep[0].grad.transpose(1, 2), dq_ref)
 
                     def fn(peer=peer, prep=prep, dyp=dyp):
                         peer.run(*prep).backward(dyp)
                 else:
                     t0 = time.perf_counter()
                     with torch.no_grad():
-                        extra["rel_err_vs_mk"] = _rel_err(peer.output(peer.run(*prep)), ref)   # compiles here
+                        out = peer.output(peer.run(*prep))                                  # compiles here
+                    if ref is not None:
+                        extra["rel_err_vs_mk"] = _rel_err(out, ref)
                     H.synchronize()
                     extra["first_call_s"] = time.perf_counter() - t0
 
@@ -603,7 +615,8 @@ def run_peers(device: torch.device, cfg: dict, log=print, timer=None, on_progres
 PEER_COLUMNS = [("case", "case", None), ("mode", "mode", None), ("L", "L", None), ("images", "images", None),
                 ("pass", "pass", None), ("provider", "provider", None), ("ms", "median ms", ".4f"),
                 ("tflops", "TFLOP/s (visible)", ".3g"), ("speedup_vs_peer", "speedup vs peer", ".2f"),
-                ("rel_err_vs_mk", "rel err vs mk", ".1e"), ("us", "us", ".1f"), ("gbps", "GB/s", ".4g"),
+                ("rel_err_vs_mk", "rel err vs mk", ".1e"), ("rel_err_dq_vs_mk", "dq rel err", ".1e"),
+                ("first_call_s", "1st call s", ".1f"), ("us", "us", ".1f"), ("gbps", "GB/s", ".4g"),
                 ("x_bandwidth_floor", "x BW floor", ".2f"), ("note", "note", None)]
 
 
