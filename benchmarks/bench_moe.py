@@ -568,38 +568,41 @@ def grouped_gemm_peers(device, quick, ceiling=None, models=None, S=None) -> list
             if quick and routing == "skewed" and on_cuda and model != "phi2":
                 continue
             counts = routed_counts(S, routing, device)
-            offs = torch.cat([counts.new_zeros(1), counts.cumsum(0)]).to(torch.int32)
+            offs = torch.cat([counts.new_zeros(1), counts.cumsum(0)]).to(torch.int32)   # mmkernels: [E+1]
+            ends = counts.cumsum(0).to(torch.int32)                                     # torch: [E] ends
             a = torch.randn(M, K, device=device, dtype=dtype)
             b = (torch.randn(E, N, K, device=device, dtype=dtype) * K ** -0.5).requires_grad_(True)
             dc = torch.randn(M, N, device=device, dtype=dtype)
             fl = 2.0 * M * N * K
             base = dict(op=OP, model=model, routing=routing, S=S, M=M, K=K, N=N, dtype="bfloat16",
                         max_group=int(counts.max()), flops=fl)
-            t = {}
-            with torch.no_grad():
-                t["mmkernels"] = H.time_ms(lambda: mmkernels.grouped_gemm(a, b, offs, check_metadata=False))
-                t["dense"] = H.time_ms(lambda: a @ b[0].t())
-                if torch_why is None:
-                    t["torch._grouped_mm"] = H.time_ms(lambda: torch._grouped_mm(a, b.transpose(-2, -1),
-                                                                                 offs=offs[1:]))
-            c_mm = mmkernels.grouped_gemm(a, b, offs, check_metadata=False)
-            t["mmkernels wgrad"] = H.time_ms(lambda: torch.autograd.grad(c_mm, b, dc, retain_graph=True))
+            fns = {"mmkernels": lambda: mmkernels.grouped_gemm(a, b, offs, check_metadata=False),
+                   "dense": lambda: a @ b[0].t()}
             if torch_why is None:
-                c_t = torch._grouped_mm(a, b.transpose(-2, -1), offs=offs[1:])
-                t["torch._grouped_mm wgrad"] = H.time_ms(lambda: torch.autograd.grad(c_t, b, dc, retain_graph=True))
-                del c_t
-            del c_mm
+                fns["torch._grouped_mm"] = lambda: torch._grouped_mm(a, b.transpose(-2, -1), offs=ends)
+            t, why = {}, {}
+            for prov, fn in list(fns.items()):
+                try:
+                    with torch.no_grad():
+                        t[prov] = H.time_ms(fn)
+                    if prov != "dense":   # the weight gradient alone: backward of a graph built once
+                        c = fn()
+                        t[prov + " wgrad"] = H.time_ms(lambda c=c: torch.autograd.grad(c, b, dc, retain_graph=True))
+                        del c
+                except Exception as e:  # noqa: BLE001 -- a failing peer is a row, not a crashed run
+                    msg = str(e).splitlines()[0][:200] if str(e) else ""
+                    why[prov] = why[prov + " wgrad"] = f"{type(e).__name__}: {msg}"
             nb = _gemm_bytes(M, K, N, elem)
             for prov in ("mmkernels", "torch._grouped_mm", "dense", "mmkernels wgrad", "torch._grouped_mm wgrad"):
                 if prov not in t:
-                    rows.append(dict(base, provider=prov, ms=None, note=_not_measured(torch_why)))
+                    rows.append(dict(base, provider=prov, ms=None, note=_not_measured(why.get(prov, torch_why))))
                     continue
                 ms = t[prov][0]
                 tf = H.tflops(fl, ms)
                 peer = t.get("torch._grouped_mm wgrad" if prov.endswith("wgrad") else "torch._grouped_mm")
+                nbytes = _gemm_bytes(M, K, N, elem, e=1) if prov == "dense" else nb
                 rows.append(dict(base, provider=prov, ms=ms, ms_min=t[prov].min, tflops=tf,
-                                 pct_ceiling=H.pct_of(tf, peak), bytes=nb if prov != "dense" else
-                                 _gemm_bytes(M, K, N, elem, e=1), gbps=H.gbps(nb, ms),
+                                 pct_ceiling=H.pct_of(tf, peak), bytes=nbytes, gbps=H.gbps(nbytes, ms),
                                  speedup_vs_torch=(peer[0] / ms) if peer and prov.startswith("mmkernels") else None,
                                  note=None))
             print(f"  {model:<16} {routing:<6} M={M:<6} " + "  ".join(f"{p}={v[0]:.3f}ms" for p, v in t.items()),

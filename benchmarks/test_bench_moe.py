@@ -179,3 +179,23 @@ def test_peer_targets_not_measured_is_not_met():
     assert t["moe.grouped_gemm_vs_torch"]["value"] is None and not t["moe.grouped_gemm_vs_torch"]["met"]
     assert t["moe.wgrad_tflops"]["value"] == 450.0 and not t["moe.wgrad_tflops"]["met"]
     assert t["moe.layer_fwd_bwd_vs_torch"]["value"] is None
+
+
+def test_a_missing_or_failing_peer_is_a_not_measured_row(monkeypatch):
+    from . import torch_native_moe
+    from .bench_moe import grouped_gemm_peers, peer_targets
+
+    monkeypatch.setattr(torch_native_moe, "grouped_mm_unavailable", lambda *a: "torch X has no torch._grouped_mm")
+
+    def boom(*a, **k):
+        raise RuntimeError("kernel exploded")
+
+    monkeypatch.setattr(mmkernels, "grouped_gemm", boom)
+    monkeypatch.setattr(H, "time_ms", lambda fn, grad_to_none=None, **k: (fn(), H.Timing(1.0, 1.0, 1.0, 1.0, 1, 1))[1])
+    rows = {r["provider"]: r for r in grouped_gemm_peers(torch.device("cpu"), True, models={"t": (16, 24, "gelu_tanh")},
+                                                         S=8) if r["routing"] == "random"}
+    assert rows["torch._grouped_mm"]["note"] == "not measured: torch X has no torch._grouped_mm"
+    assert rows["mmkernels"]["note"] == rows["mmkernels wgrad"]["note"] == "not measured: RuntimeError: kernel exploded"
+    assert rows["dense"]["ms"] == 1.0
+    t = {x["id"]: x for x in peer_targets(list(rows.values()), [])}
+    assert t["moe.grouped_gemm_vs_torch"]["value"] is None and not t["moe.grouped_gemm_vs_torch"]["met"]

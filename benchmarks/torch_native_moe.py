@@ -34,7 +34,8 @@ def _probe(device_type: str, index, dtype: torch.dtype) -> str | None:
     device = torch.device(device_type, index) if index is not None else torch.device(device_type)
     try:
         a = torch.randn(24, 16, device=device, dtype=dtype, requires_grad=True)
-        b = torch.randn(3, 16, 8, device=device, dtype=dtype, requires_grad=True)
+        # b as the callers pass it: [E, N, K] weights viewed as [E, K, N] (column-major)
+        b = torch.randn(3, 8, 16, device=device, dtype=dtype).transpose(-2, -1).requires_grad_(True)
         offs = torch.tensor([8, 8, 24], device=device, dtype=torch.int32)
         out = torch._grouped_mm(a, b, offs=offs)
         out.backward(torch.randn_like(out))   # (a zero-stride grad, e.g. from .sum(), is not supported)
