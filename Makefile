@@ -21,7 +21,9 @@ ifeq ($(origin TORCH_SPEC),undefined)
 TORCH_SPEC := $(shell $(PYTHON) setup.py --requirements torch)
 endif
 VENV ?= .venv
-PYTEST_ARGS ?= -q
+# One pytest worker per core (pytest-xdist): the interpreter-bound suite is CPU-bound and single-threaded
+# per test (conftest.py pins one intra-op thread), so two cores run it in about half the time.
+PYTEST_ARGS ?= -q -n auto
 # pytest-benchmark cases are smoke tests in `make test`; timing is `make bench`'s job.
 PYTEST_BENCH_ARGS ?= --benchmark-disable
 # Libraries the wheel must NOT bundle: torch's own and CUDA's (they come with the torch wheel).
