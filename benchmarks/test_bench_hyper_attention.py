@@ -83,10 +83,11 @@ def test_peer_section_runs_on_cpu():
         assert fwd["ms"] > 0 and fwd["rel_err_vs_mk"] < 1e-5
         assert by[("prefill_peer", mode, "mmkernels", "fwd")]["speedup_vs_peer"] > 0
         assert by[("prefill_peer", mode, peer, "fwd+bwd")]["note"].startswith("not measured:")
-        for prov in ("op_eager", "module_eager"):
+        for prov in ("op_eager", "module_eager", "sdpa_all_kv"):
             assert by[("decode_step", mode, prov, None)]["us"] > 0
         for prov in ("op_kernels", "op_graph", "module_graph"):
             assert by[("decode_step", mode, prov, None)]["note"].startswith("not measured:")
+    assert by[("decode_step", "joint", "sdpa_all_kv", None)]["rel_err_vs_mk"] < 1e-5
     sdpa = by[("causal", "joint", "sdpa_causal", "fwd+bwd")]
     assert sdpa["ms"] > 0 and sdpa["rel_err_dq_vs_mk"] < 1e-5               # SDPA has a CPU backward
     assert by[("causal", "joint", "sdpa_causal", "fwd")]["rel_err_vs_mk"] < 1e-5
@@ -122,3 +123,22 @@ def test_peer_targets_take_the_worst_case():
     assert t["hyper.fwd_tflops_32img"]["value"] == 390.0 and not t["hyper.fwd_tflops_32img"]["met"]
     assert t["hyper.decode_kernel_us"]["value"] == 21.0 and t["hyper.decode_kernel_us"]["better"] == "lower"
     assert t["hyper.decode_graph_us"]["value"] is None and not t["hyper.decode_graph_us"]["met"]
+
+
+def test_baseline_targets_keep_their_place_in_the_schema():
+    """The targets against the mPLUG-Owl3 baseline come out in the same {id, value, goal, better, met}
+    schema as issue 8's, in one list."""
+    from .bench_hyper_attention import evaluate_targets
+
+    rows = [dict(case="prefill", provider="mmkernels", mode="gated", L=1024, images=8, speedup_vs_baseline=2.5),
+            dict(case="prefill", provider="mmkernels", mode="joint", L=1024, images=32, speedup_vs_baseline=3.0),
+            dict(case="prefill", provider="attention", mode="joint", L=1024, images=32, tflops=310.0),
+            dict(case="decode", provider="mmkernels", mode="joint", L=2048, images=32, speedup_vs_baseline=12.0),
+            dict(case="decode", provider="attention", mode="joint", L=2049, images=32, x_bandwidth_floor=2.5,
+                 gbps=1900.0)]
+    assert evaluate_targets(rows, on_cuda=False) == []
+    t = {x["id"]: x for x in evaluate_targets(rows, on_cuda=True, peer_rows=[])}
+    assert t["hyper.prefill_vs_owl3_8img"]["met"] and not t["hyper.prefill_vs_owl3_32img"]["met"]
+    assert t["hyper.fwd_tflops_8img_plus"]["met"] and t["hyper.decode_vs_owl3"]["met"]
+    assert not t["hyper.decode_x_bw_floor"]["met"] and t["hyper.decode_x_bw_floor"]["better"] == "lower"
+    assert "hyper.decode_eager_us" in t and t["hyper.decode_eager_us"]["value"] is None
