@@ -297,8 +297,11 @@ def _measure(timer, fn, *, grad: bool, leaves=()):
         return timer(call, grad_to_none=list(leaves) if grad else None), None
     except Exception as e:  # a peer/feature that cannot run must not end the run
         if torch.cuda.is_available():
-            torch.cuda.synchronize()
-            torch.cuda.empty_cache()
+            try:
+                torch.cuda.synchronize()
+                torch.cuda.empty_cache()
+            except Exception:  # a sticky CUDA error: the next measurement reports it
+                pass
         return None, _not_measured(e)
 
 
