@@ -626,6 +626,8 @@ def layer_peers(device, quick, ceiling=None, models=None, S=None) -> list[dict]:
     models (GPU: phi-2 and StableLM-2 at 16k tokens, bf16; CPU: the CPU model at 1k tokens, fp32,
     where MoE runs its reference path and the torch-native layer its per-expert loop), random and
     skewed routing.  Each row names the torch-native path that ran."""
+    from mmkernels.backend import resolve_backend
+
     from .torch_native_moe import torch_native_moe
 
     on_cuda = device.type == "cuda"
@@ -671,7 +673,7 @@ def layer_peers(device, quick, ceiling=None, models=None, S=None) -> list[dict]:
                     fl = flops(S, Hd, Fd, act, mode)
                     base = dict(op=OP, model=model, routing=routing, S=S, H=Hd, F=Fd, activation=act,
                                 dtype=str(dtype).replace("torch.", ""), mode=mode, provider=prov,
-                                path=path.get(prov, "mmkernels.MoE (" + ("triton" if on_cuda else "reference") + ")"),
+                                path=path.get(prov, f"mmkernels.MoE ({resolve_backend(device, dtype)})"),
                                 flops=fl, bytes=layer_bytes(S, Hd, w_bytes, mode, elem))
                     if isinstance(res, str):
                         rows.append(dict(base, ms=None, note=_not_measured(res)))
