@@ -38,8 +38,11 @@ def _entry(fn, rank, world_size, init_file, results, timeout, args):
         results.put((rank, False, traceback.format_exc()))
 
 
-def run_ranks(fn, world_size: int, *args, timeout: float = 120.0) -> list:
-    """``[fn(0, world_size, *args), ..., fn(world_size - 1, ...)]``, each run on its own gloo rank."""
+def run_ranks(fn, world_size: int, *args, timeout: float = 120.0, startup: float = 60.0) -> list:
+    """``[fn(0, world_size, *args), ..., fn(world_size - 1, ...)]``, each run on its own gloo rank.
+
+    ``timeout`` bounds the collectives (the process group's timeout) and, with ``startup`` seconds for
+    the children's imports, the whole call."""
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
     with tempfile.TemporaryDirectory(prefix="mmkernels-dist-") as tmp:
@@ -48,7 +51,7 @@ def run_ranks(fn, world_size: int, *args, timeout: float = 120.0) -> list:
                              daemon=True) for rank in range(world_size)]
         for p in procs:
             p.start()
-        deadline = time.monotonic() + timeout + 60.0   # + start-up (imports) of the children
+        deadline = time.monotonic() + timeout + startup
         got, failures = {}, []
         try:
             while len(got) + len(failures) < world_size:
@@ -56,7 +59,7 @@ def run_ranks(fn, world_size: int, *args, timeout: float = 120.0) -> list:
                 if remaining <= 0:
                     raise AssertionError(f"{fn.__name__} on {world_size} ranks: ranks "
                                          f"{sorted(set(range(world_size)) - set(got) - {r for r, _ in failures})} "
-                                         f"did not finish within {timeout + 60.0:.0f} s (a hung collective?)"
+                                         f"did not finish within {timeout + startup:.0f} s (a hung collective?)"
                                          + "".join(f"\n--- rank {r} failed:\n{tb}" for r, tb in failures))
                 try:
                     rank, ok, value = results.get(timeout=min(remaining, 1.0))
