@@ -281,8 +281,7 @@ TARGET_SHAPES_VS_FLEX = ((1024, 8), (2048, 32))
 
 
 def _not_measured(e: BaseException) -> str:
-    first = (str(e).strip().splitlines() or [""])[0]
-    return f"not measured: {type(e).__name__}: {first[:200]}"
+    return f"not measured: {H.error_line(e)}"
 
 
 def _measure(timer, fn, *, grad: bool, leaves=()):

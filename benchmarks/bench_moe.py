@@ -590,8 +590,7 @@ def grouped_gemm_peers(device, quick, ceiling=None, models=None, S=None) -> list
                         t[prov + " wgrad"] = H.time_ms(lambda c=c: torch.autograd.grad(c, b, dc, retain_graph=True))
                         del c
                 except Exception as e:  # noqa: BLE001 -- a failing peer is a row, not a crashed run
-                    msg = str(e).splitlines()[0][:200] if str(e) else ""
-                    why[prov] = why[prov + " wgrad"] = f"{type(e).__name__}: {msg}"
+                    why[prov] = why[prov + " wgrad"] = H.error_line(e)
             nb = _gemm_bytes(M, K, N, elem)
             for prov in ("mmkernels", "torch._grouped_mm", "dense", "mmkernels wgrad", "torch._grouped_mm wgrad"):
                 if prov not in t:
@@ -667,7 +666,7 @@ def layer_peers(device, quick, ceiling=None, models=None, S=None) -> list[dict]:
                         else:
                             t[(mode, prov)] = H.time_ms(lambda fn=fn: fn().backward(dy), grad_to_none=leaves)
                     except Exception as e:  # noqa: BLE001 -- a failing peer is a row, not a crashed run
-                        t[(mode, prov)] = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+                        t[(mode, prov)] = H.error_line(e)
                 for prov in fns:
                     res = t[(mode, prov)]
                     fl = flops(S, Hd, Fd, act, mode)

@@ -538,6 +538,13 @@ def geomean(values: Iterable[float]) -> float:
     return math.exp(sum(math.log(v) for v in vals) / len(vals)) if vals else float("nan")
 
 
+def error_line(e: BaseException, limit: int = 200) -> str:
+    """``"<ExceptionType>: <first line of its message, at most limit characters>"``: the reason a
+    "not measured" row or a failed case gives."""
+    first = (str(e).strip().splitlines() or [""])[0]
+    return f"{type(e).__name__}: {first[:limit]}"
+
+
 def target(id: str, value: float | None, goal: float, better: str, what: str) -> dict[str, Any]:
     """One entry of a results JSON's ``"targets"`` list: ``{id, value, goal, better, met, target}``.
 

@@ -179,7 +179,7 @@ def main(argv=None) -> int:
             res, table = profile_case(case, device, dtype, shapes, args.rows)
         except Exception as e:  # noqa: BLE001 -- one failing case must not hide the others
             ok = False
-            why = f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
+            why = H.error_line(e, 300)
             results.append(dict(case=case, error=why))
             block = f"\n== {case}: not measured: {why}"
         else:

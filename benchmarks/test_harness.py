@@ -51,3 +51,9 @@ def test_target_schema():
     with pytest.raises(ValueError, match="better"):
         H.target("x", 1.0, 1.0, "more", "x")
     assert len(H.git_commit_full().split("-")[0]) == 40
+
+
+def test_error_line_is_the_type_and_first_message_line():
+    assert H.error_line(RuntimeError("kernel exploded\nsecond line")) == "RuntimeError: kernel exploded"
+    assert H.error_line(ValueError("x" * 50), limit=10) == "ValueError: " + "x" * 10
+    assert H.error_line(KeyError()) == "KeyError: "

@@ -21,6 +21,8 @@ import torch.nn.functional as F
 
 from mmkernels.ops.moe.reference import GATED_ACTIVATIONS, elementwise_activation
 
+from .harness import error_line
+
 GROUPED = "torch._grouped_mm"
 LOOP = "per-expert matmul loop"
 
@@ -41,7 +43,7 @@ def _probe(device_type: str, index, dtype: torch.dtype) -> str | None:
         out.backward(torch.randn_like(out))   # (a zero-stride grad, e.g. from .sum(), is not supported)
     except Exception as e:  # noqa: BLE001 -- any failure means "use the loop", and says why
         return f"torch._grouped_mm fails on {device_type} {str(dtype).replace('torch.', '')}: " \
-               f"{type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"
+               f"{error_line(e, 160)}"
     return None
 
 
