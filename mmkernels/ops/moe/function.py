@@ -203,6 +203,15 @@ def moe_route(logits: torch.Tensor, k: int, capacity: Optional[int] = None,
     return routing
 
 
+def _check_int(name: str, value, low: int) -> int:
+    """An int (not a bool) ``>= low``: ``TypeError`` / ``ValueError`` naming ``name`` (also :class:`.module.MoE`'s)."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
+    if value < low:
+        raise ValueError(f"{name} must be >= {low}, got {value}")
+    return value
+
+
 def _check_topk_index_values(top_k_index: torch.Tensor, num_experts: int) -> None:
     """Every index lies in [0, num_experts) (one host sync)."""
     if top_k_index.numel() == 0:
@@ -247,10 +256,7 @@ def moe_route_topk(top_k_index: torch.Tensor, top_k_weights: torch.Tensor, num_e
     check_tensor("top_k_weights", top_k_weights, ndim=2, dtypes=FLOAT_DTYPES)
     check_shape("top_k_weights", top_k_weights, tuple(top_k_index.shape), "like top_k_index")
     check_same_device([("top_k_index", top_k_index), ("top_k_weights", top_k_weights)])
-    if isinstance(num_experts, bool) or not isinstance(num_experts, int):
-        raise TypeError(f"num_experts must be an int, got {type(num_experts).__name__}")
-    if num_experts < 1:
-        raise ValueError(f"num_experts must be >= 1, got {num_experts}")
+    _check_int("num_experts", num_experts, 1)
     S, k = top_k_index.shape
     if k < 1:
         raise ValueError(f"top_k_index must have at least one choice per row, got shape {tuple(top_k_index.shape)}")

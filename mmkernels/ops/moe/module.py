@@ -50,7 +50,7 @@ from torch import nn
 
 from ..._validation import FLOAT_DTYPES, check_float, check_same_device, check_tensor
 from . import parallel
-from .function import moe_ffn, moe_route
+from .function import _check_int, moe_ffn, moe_route
 from .reference import capacity_for, expert_ffn
 
 _FORMS = {  # form -> (first-layer names stacked in order, second-layer name, activation)
@@ -102,14 +102,6 @@ def _same_structure(a: nn.Module, b: nn.Module) -> bool:
             return False
     return all((x is None and y is None) or (x is not None and y is not None and _same_structure(x, y))
                for x, y in ((a._modules[n], b._modules[n]) for n in a._modules))
-
-
-def _check_int(name: str, value, low: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
-    if value < low:
-        raise ValueError(f"{name} must be >= {low}, got {value}")
-    return value
 
 
 def _check_bool(name: str, value) -> bool:
