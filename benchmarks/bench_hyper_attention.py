@@ -642,13 +642,6 @@ PEER_COLUMNS = [("case", "case", None), ("mode", "mode", None), ("L", "L", None)
                 ("x_bandwidth_floor", "x BW floor", ".2f"), ("note", "note", None)]
 
 
-def _worst(vals, better: str):
-    vals = [v for v in vals if v is not None]
-    if not vals:
-        return None
-    return min(vals) if better == "higher" else max(vals)
-
-
 def peer_targets(rows: list[dict]) -> list[dict]:
     """The issue-8 targets from :func:`run_peers`'s rows (value: the worst case over the stated shapes;
     None -- not met -- when nothing was measured there)."""
@@ -660,7 +653,7 @@ def peer_targets(rows: list[dict]) -> list[dict]:
                and (r["L"], r["images"]) in TARGET_SHAPES_VS_FLEX]
         vals = [r.get("speedup_vs_peer") for r in sel]
         n_meas = sum(v is not None for v in vals)
-        t = H.target(id_, _worst(vals, "higher"), goal, "higher",
+        t = H.target(id_, H.worst(vals, "higher"), goal, "higher",
                      f"{what} >= {goal}x the peer (gated: SDPA+FlexAttention, joint: FlexAttention), 1k+8 and "
                      f"2k+32 images ({n_meas}/{2 * len(TARGET_SHAPES_VS_FLEX)} cases measured)")
         out.append(dict(t, detail={f"{r['mode']} L={r['L']} n={r['images']}": r.get("speedup_vs_peer") for r in sel}))
@@ -668,13 +661,13 @@ def peer_targets(rows: list[dict]) -> list[dict]:
     vs_flex("fwd", "hyper.fwd_vs_flex", TARGET_FWD_VS_FLEX, "fwd speed-up")
     sel = [r for r in mk if r["case"] == "prefill_peer" and r["pass"] == "fwd" and r["L"] == 2048
            and r["images"] == 32]
-    out.append(H.target("hyper.fwd_tflops_32img", _worst([r.get("tflops") for r in sel], "higher"),
+    out.append(H.target("hyper.fwd_tflops_32img", H.worst([r.get("tflops") for r in sel], "higher"),
                         TARGET_FWD_TFLOPS_32, "higher",
                         f"fwd >= {TARGET_FWD_TFLOPS_32:.0f} TFLOP/s over visible pairs, 2k text + 32 images, "
                         "both modes"))
     sel = [r for r in mk if r["case"] == "causal" and r["pass"] == "fwd+bwd"]
     out.append(H.target("hyper.causal_fwd_bwd_vs_sdpa",
-                        _worst([r.get("speedup_vs_sdpa_causal") for r in sel], "higher"), TARGET_CAUSAL_VS_SDPA,
+                        H.worst([r.get("speedup_vs_sdpa_causal") for r in sel], "higher"), TARGET_CAUSAL_VS_SDPA,
                         "higher", f"zero images, L {sorted({r['L'] for r in sel})}: fwd+bwd time SDPA / mmkernels "
                         f">= {TARGET_CAUSAL_VS_SDPA}"))
     dec = [r for r in rows if r["case"] == "decode_step" and r["L"] == 2048 and r["images"] == 32]
@@ -685,7 +678,7 @@ def peer_targets(rows: list[dict]) -> list[dict]:
              "one decode step (the op) replayed in a CUDA graph, 2k text + 32 images, us"),
             ("hyper.decode_eager_us", "module_eager", TARGET_DECODE_EAGER_US,
              "one eager decode step through the module's cache path, 2k text + 32 images, us")):
-        out.append(H.target(id_, _worst([r.get("us") for r in dec if r["provider"] == prov], "lower"), goal, "lower",
+        out.append(H.target(id_, H.worst([r.get("us") for r in dec if r["provider"] == prov], "lower"), goal, "lower",
                             f"{what} <= {goal:.0f}"))
     return out
 

@@ -712,7 +712,7 @@ def peer_targets(gg_rows, layer_rows) -> list[dict]:
 
     def add(id_, pool, key, goal, better, what):
         pool = [r for r in pool if r.get(key) is not None]
-        worst = (min if better == "higher" else max)(pool, key=lambda r: r[key]) if pool else None
+        worst = H.worst(pool, better, key=lambda r: r[key])
         t = H.target(id_, worst[key] if worst else None, goal, better, what)
         t["detail"] = (f"worst {worst[key]:.3g} ({worst['model']} {worst['routing']}); {len(pool)} cases"
                        if worst else "not measured (see the rows' notes)")

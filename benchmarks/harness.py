@@ -545,6 +545,17 @@ def error_line(e: BaseException, limit: int = 200) -> str:
     return f"{type(e).__name__}: {first[:limit]}"
 
 
+def worst(items: Iterable[Any], better: str, key: Callable[[Any], float | None] | None = None) -> Any:
+    """The worst of ``items`` for a target where ``better`` is ``"higher"`` (the minimum) or ``"lower"``
+    (the maximum), by ``key`` (default: the item itself); items whose key is None (not measured) are
+    skipped; None when nothing is left."""
+    key = key or (lambda v: v)
+    pool = [v for v in items if key(v) is not None]
+    if not pool:
+        return None
+    return min(pool, key=key) if better == "higher" else max(pool, key=key)
+
+
 def target(id: str, value: float | None, goal: float, better: str, what: str) -> dict[str, Any]:
     """One entry of a results JSON's ``"targets"`` list: ``{id, value, goal, better, met, target}``.
 

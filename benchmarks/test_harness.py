@@ -57,3 +57,11 @@ def test_error_line_is_the_type_and_first_message_line():
     assert H.error_line(RuntimeError("kernel exploded\nsecond line")) == "RuntimeError: kernel exploded"
     assert H.error_line(ValueError("x" * 50), limit=10) == "ValueError: " + "x" * 10
     assert H.error_line(KeyError()) == "KeyError: "
+
+
+def test_worst_skips_unmeasured_and_follows_better():
+    assert H.worst([3.0, None, 1.0, 2.0], "higher") == 1.0
+    assert H.worst([3.0, None, 1.0, 2.0], "lower") == 3.0
+    assert H.worst([None], "lower") is None
+    rows = [dict(x=2.0), dict(x=None), dict(x=5.0)]
+    assert H.worst(rows, "higher", key=lambda r: r["x"]) == dict(x=2.0)
