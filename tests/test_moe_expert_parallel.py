@@ -28,7 +28,7 @@ from torch.overrides import TorchFunctionMode
 
 from mmkernels import MoE, use_backend
 from mmkernels.ops.moe.module import _DS_EXPERT, _DS_GATE
-from mmkernels.testing import compare
+from mmkernels.testing import assert_close
 
 from _distributed import run_ranks, skip_deepspeed_shm_build
 
@@ -78,11 +78,6 @@ class HostReads(TorchFunctionMode):
         if func in self.READS or sizing:
             self.calls.append((func.__name__, sys._getframe(1).f_code.co_name))
         return func(*args, **kwargs)
-
-
-def _close(what, actual, expected, dtype):
-    c = compare(what, actual, expected.double(), dtype)
-    assert c.ok, str(c)
 
 
 def _gumbel(S, E, gen):
@@ -171,17 +166,17 @@ def check_config(cfg, seed):
     dt = cfg["dtype"]
     name = cfg["name"]
     xr, yr, lr, cr = ref_runs[r]
-    _close(f"{name}: y", y, yr, dt)
+    assert_close(f"{name}: y", y, yr, dt)
     assert torch.equal(counts, cr), name
     torch.testing.assert_close(l_aux, lr, rtol=1e-6, atol=1e-7, msg=lambda m: f"{name}: l_aux {m}")
     # the input and router gradients pass through the float32 gate: float32 tolerance
-    _close(f"{name}: dx", x.grad, xr.grad, torch.float32)
+    assert_close(f"{name}: dx", x.grad, xr.grad, torch.float32)
     for n in ("w1", "b1", "w2", "b2"):
         if getattr(ref, n) is not None:
-            _close(f"{name}: d{n}", getattr(ep, n).grad, getattr(ref, n).grad[r * L:(r + 1) * L], dt)
+            assert_close(f"{name}: d{n}", getattr(ep, n).grad, getattr(ref, n).grad[r * L:(r + 1) * L], dt)
     g = ep.gate_weight.grad.clone()
     dist.all_reduce(g, group=ep.ep_group)
-    _close(f"{name}: d gate (summed over the EP group)", g, ref.gate_weight.grad, torch.float32)
+    assert_close(f"{name}: d gate (summed over the EP group)", g, ref.gate_weight.grad, torch.float32)
     # rows this rank's experts computed (dropless: kept choices of every rank; capacity: P*L*C)
     if not cfg["drop"]:
         got = torch.zeros(E, dtype=torch.int64)
