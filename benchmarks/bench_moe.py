@@ -852,13 +852,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
           f"{'' if on_cuda else ', torch.set_num_threads(1)'})\n"
           f"    deepspeed* = {baseline['provider']}: {baseline['measured_against']}\n"
           f"    {EINSUM} = {EINSUM_LABEL}", flush=True)
-    threads = torch.get_num_threads()
-    if not on_cuda:  # one thread: on a shared CPU, load elsewhere then slows every provider alike
-        torch.set_num_threads(1)
-    try:
+    # one thread on the CPU: on a shared CPU, load elsewhere then slows every provider alike
+    with H.cpu_threads(None if on_cuda else 1):
         rows = run_timing(device, quick, baseline=baseline)
-    finally:
-        torch.set_num_threads(threads)
     H.print_table(f"{OP} timing", rows, TIMING_COLUMNS)
     ceil = H.ceilings(measure=on_cuda)
     if on_cuda:
@@ -866,14 +862,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     print(f"\n### {OP}: the strongest peers side by side (issue 7): grouped_gemm vs torch._grouped_mm vs dense, "
           f"the grouped weight gradient, MoE vs the torch-native layer (dropless top-2)\n"
           f"timer: {H.timer_description(on_cuda)}", flush=True)
-    threads = torch.get_num_threads()
-    if not on_cuda:
-        torch.set_num_threads(1)
-    try:
+    with H.cpu_threads(None if on_cuda else 1):
         gg_peer_rows = grouped_gemm_peers(device, quick, ceil["reference"])
         layer_rows = layer_peers(device, quick, ceil["reference"])
-    finally:
-        torch.set_num_threads(threads)
     H.print_table(f"{OP} grouped GEMM peers (bf16, up-projection, {gg_peer_rows[0]['M'] if gg_peer_rows else '-'} rows)",
                   gg_peer_rows, GG_PEER_COLUMNS)
     H.print_table(f"{OP} layer vs the torch-native layer (dropless top-2)", layer_rows, LAYER_PEER_COLUMNS)

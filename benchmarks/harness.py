@@ -22,6 +22,7 @@ Nothing here imports mmkernels at module level: :mod:`benchmarks.run` must be ab
 """
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import gc
 import json
@@ -197,6 +198,19 @@ def pin_cpu_threads(n: int | None = None) -> int:
     n = cpu_threads_setting() if n is None else n
     torch.set_num_threads(n)
     return n
+
+
+@contextlib.contextmanager
+def cpu_threads(n: int | None):
+    """``torch.set_num_threads(n)`` inside the block (None: the count is left as it is); the count
+    before the block is restored after it."""
+    before = torch.get_num_threads()
+    if n is not None:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 class Timing(tuple):
@@ -580,17 +594,14 @@ def print_targets(op: str, targets: list[dict], on_cuda: bool, cpu_note: str) ->
 
 
 def pedantic_cpu(benchmark, fn, rounds: int, setup=None, warmup_rounds: int = 2):
-    """``benchmark.pedantic`` on CPU with the thread count pinned (:func:`pin_cpu_threads`, restored
+    """``benchmark.pedantic`` on CPU with the thread count pinned (:func:`cpu_threads_setting`, restored
     afterwards and recorded in ``extra_info``), ``warmup_rounds`` untimed rounds first, and the
     result of the last round returned.  Under ``--benchmark-disable`` (``make test``) it is a smoke
     test: ``fn`` runs once, nothing is timed or printed."""
-    before = torch.get_num_threads()
-    threads = pin_cpu_threads()
+    threads = cpu_threads_setting()
     benchmark.extra_info["threads"] = threads
-    try:
+    with cpu_threads(threads):
         return benchmark.pedantic(fn, setup=setup, rounds=rounds, iterations=1, warmup_rounds=warmup_rounds)
-    finally:
-        torch.set_num_threads(before)
 
 
 def cpu_benchmark_case(benchmark, forward, mode: str, dy, leaves, rounds: int):

@@ -65,3 +65,14 @@ def test_worst_skips_unmeasured_and_follows_better():
     assert H.worst([None], "lower") is None
     rows = [dict(x=2.0), dict(x=None), dict(x=5.0)]
     assert H.worst(rows, "higher", key=lambda r: r["x"]) == dict(x=2.0)
+
+
+def test_cpu_threads_sets_and_restores():
+    before = torch.get_num_threads()
+    with H.cpu_threads(1):
+        assert torch.get_num_threads() == 1
+    assert torch.get_num_threads() == before
+    with pytest.raises(RuntimeError), H.cpu_threads(None):
+        assert torch.get_num_threads() == before
+        raise RuntimeError("restored on the way out")
+    assert torch.get_num_threads() == before
