@@ -47,7 +47,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import mmkernels
-from mmkernels.testing import compare
+from mmkernels.testing import assert_close, compare
 
 from _distributed import run_ranks, skip_deepspeed_shm_build
 from conftest import SESSION_SEED
@@ -299,20 +299,17 @@ def _check_engine(engines, key, single_key="single"):
         got = result[key]
         tag = f"rank {rank} {key}"
         for step, (loss, want) in enumerate(zip(got["losses"], single["losses"], strict=True)):
-            c = compare(f"{tag}: loss of step {step}", torch.tensor(loss), torch.tensor(want, dtype=torch.float64),
-                        torch.float32)
-            assert c.ok, str(c)
+            assert_close(f"{tag}: loss of step {step}", torch.tensor(loss), torch.tensor(want, dtype=torch.float64),
+                         torch.float32)
         updates, want_updates = [], []
         for name in names:
             a, e = torch.from_numpy(got["params"][name]), torch.from_numpy(single["params"][name]).double()
-            c = compare(f"{tag}: {name}", a, e, torch.float32)
-            assert c.ok, str(c)
+            assert_close(f"{tag}: {name}", a, e, torch.float32)
             updates.append((a - initial[name]).flatten())
             want_updates.append((e - initial[name].double()).flatten())
             c = compare(f"{tag}: {name} update", updates[-1], want_updates[-1], torch.float32)
             assert c.max_err <= UPDATE_TOL and c.rms_err <= UPDATE_TOL, f"{c} (tolerance here {UPDATE_TOL})"
-        c = compare(f"{tag}: the model's update", torch.cat(updates), torch.cat(want_updates), torch.float32)
-        assert c.ok, str(c)
+        assert_close(f"{tag}: the model's update", torch.cat(updates), torch.cat(want_updates), torch.float32)
 
 
 def test_ddp_step_equals_single_process(engines):
