@@ -157,7 +157,7 @@ def _time(fn):
 
 def _row(case: str, mode: str, provider: str, L: int, n: int, T: int, times, dtype, **extra) -> dict:
     return dict(op=OP, case=case, mode=mode, provider=provider, L=L, images=n, T=T,
-                dtype=str(dtype).replace("torch.", ""), **times.fields(), **extra)
+                dtype=H.dtype_name(dtype), **times.fields(), **extra)
 
 
 def run_timing(device: torch.device, quick: bool, ceiling: dict | None, log=print) -> list[dict]:
@@ -325,7 +325,7 @@ def _attention_inputs(model: dict, L_q: int, L_k: int, n: int, mode: str, device
 def _peer_row(case, mode, provider, L, n, T, pas, t, note, dtype, **extra) -> dict:
     fields = t.fields() if t is not None else dict(ms=None)
     return dict(op=OP, case=case, mode=mode, provider=provider, L=L, images=n, T=T, **{"pass": pas},
-                dtype=str(dtype).replace("torch.", ""), **fields, note=note, **extra)
+                dtype=H.dtype_name(dtype), **fields, note=note, **extra)
 
 
 def _prefill_vs_peer(model, mode, L, n, device, dtype, timer, log, dense: bool = False) -> list[dict]:
@@ -530,7 +530,7 @@ def _decode_step(model, mode, past, n, device, dtype, timer, log, modules=None) 
     def add(provider, us, note, **extra):
         gb = nb / (us * 1e-6) / 1e9 if us else None
         rows.append(dict(op=OP, case="decode_step", mode=mode, provider=provider, L=past, images=n, T=T,
-                         dtype=str(dtype).replace("torch.", ""), us=us, ms=us / 1e3 if us else None, note=note,
+                         dtype=H.dtype_name(dtype), us=us, ms=us / 1e3 if us else None, note=note,
                          gbps=gb, x_bandwidth_floor=(us / floor_us) if (us and floor_us) else None,
                          floor_us=floor_us, **extra))
         shown = f"{us:.1f}us" + (f" {gb:.0f} GB/s" if gb else "") if us else note
@@ -744,7 +744,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     ref = ceil["reference"]
     cfg = _sweep(device, quick)
     m = cfg["model"]
-    print(f"\n### {OP}: timing on {device.type} ({str(cfg['dtype']).replace('torch.', '')}, hidden {m['hidden']}, "
+    print(f"\n### {OP}: timing on {device.type} ({H.dtype_name(cfg['dtype'])}, hidden {m['hidden']}, "
           f"H {m['heads']}/{m['kv_heads']}, D {m['head_dim']}, T {m['T']}; no grad)", flush=True)
     print(f"timer: {H.timer_description(on_cuda)}", flush=True)
     rows = run_timing(device, quick, ref)
@@ -754,7 +754,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if on_cuda:
         pcfg = GPU_PEERS_QUICK if quick else GPU_PEERS
         print(f"\n### {OP}: mmkernels vs the peers (FlexAttention compiled, SDPA) in the same run, "
-              f"{str(pcfg['dtype']).replace('torch.', '')}; TFLOP/s over visible pairs (fwd 4*H*D per pair, "
+              f"{H.dtype_name(pcfg['dtype'])}; TFLOP/s over visible pairs (fwd 4*H*D per pair, "
               f"fwd+bwd {FWD_BWD_FLOP_FACTOR}x fwd)", flush=True)
         partial_op = f"{OP}_partial"
 
@@ -774,7 +774,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     plot = H.plot_sweep(
         OP, [r for r in rows if r["provider"] in ("mmkernels", "owl3_baseline")], panel_keys=("case", "mode", "L"),
         x_key="images", y_key="ms", series_key="provider", out_dir=getattr(args, "out", None),
-        title=f"Hyper attention layer time, {str(cfg['dtype']).replace('torch.', '')} (lower is better)",
+        title=f"Hyper attention layer time, {H.dtype_name(cfg['dtype'])} (lower is better)",
         y_label="ms", x_label="images", panel_title=lambda k: f"{k[0]} {k[1]} L={k[2]}")
     return {
         "plot": str(plot) if plot else None,

@@ -325,7 +325,7 @@ def verify(device, quick) -> tuple[list[dict], bool]:
     rows, _ = V.verify_moe(device, quick, progress=lambda line: print(line, flush=True))
 
     def add(check, dtype, tensor, ok, c=None):
-        rows.append(dict(check=check, dtype=str(dtype).replace("torch.", ""), tensor=tensor,
+        rows.append(dict(check=check, dtype=H.dtype_name(dtype), tensor=tensor,
                          max_err=c.max_err if c else None, rms_err=c.rms_err if c else None,
                          tol_max=c.tolerance.max_err if c else None, tol_rms=c.tolerance.rms_err if c else None,
                          result="PASS" if ok else "FAIL"))
@@ -473,7 +473,7 @@ def run_timing(device, quick, log=print, baseline=None) -> list[dict]:
                         fl = flops(S, Hd, Fd, act, mode, K_TOP * S if prov == "dense_ffn" else kept)
                         mine = prov == "mmkernels"
                         rows.append(dict(op=OP, model=model, routing=routing, S=S, H=Hd, F=Fd, activation=act,
-                                         dtype=str(dtype).replace("torch.", ""), mode=mode, provider=prov,
+                                         dtype=H.dtype_name(dtype), mode=mode, provider=prov,
                                          capacity=cap, kept=kept, ms=ms[0], ms_p20=ms[1], ms_p80=ms[2],
                                          tflops=H.tflops(fl, ms[0]),
                                          deepspeed_baseline=DS,
@@ -671,7 +671,7 @@ def layer_peers(device, quick, ceiling=None, models=None, S=None) -> list[dict]:
                     res = t[(mode, prov)]
                     fl = flops(S, Hd, Fd, act, mode)
                     base = dict(op=OP, model=model, routing=routing, S=S, H=Hd, F=Fd, activation=act,
-                                dtype=str(dtype).replace("torch.", ""), mode=mode, provider=prov,
+                                dtype=H.dtype_name(dtype), mode=mode, provider=prov,
                                 path=path.get(prov, f"mmkernels.MoE ({resolve_backend(device, dtype)})"),
                                 flops=fl, bytes=layer_bytes(S, Hd, w_bytes, mode, elem))
                     if isinstance(res, str):
@@ -848,7 +848,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     cfg = _sweep(device, quick)
     print(f"\n### {OP}: timing on {device.type} ({'quick' if quick else 'full'} sweep, "
-          f"{str(cfg['dtype']).replace('torch.', '')}, E={E}, k={K_TOP}, capacity_factor={CF}"
+          f"{H.dtype_name(cfg['dtype'])}, E={E}, k={K_TOP}, capacity_factor={CF}"
           f"{'' if on_cuda else ', torch.set_num_threads(1)'})\n"
           f"    deepspeed* = {baseline['provider']}: {baseline['measured_against']}\n"
           f"    {EINSUM} = {EINSUM_LABEL}", flush=True)
@@ -885,7 +885,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     plot = H.plot_sweep(
         OP, [r for r in rows if r["routing"] == "random"], panel_keys=("mode", "model"), x_key="S", y_key="ms",
         series_key="provider", out_dir=out_dir,
-        title=f"MoE (E={E}, k={K_TOP}, cf={CF}) time per layer, {str(cfg['dtype']).replace('torch.', '')} "
+        title=f"MoE (E={E}, k={K_TOP}, cf={CF}) time per layer, {H.dtype_name(cfg['dtype'])} "
               "(lower is better)", y_label="ms", x_label="tokens S", panel_title=lambda k: f"{k[0]}  {k[1]}")
     return {
         "ok": ver_ok, "verification_ok": ver_ok, "verification": ver_rows, "rows": rows,

@@ -214,7 +214,7 @@ def run_timing(device: torch.device, quick: bool, ceiling: dict | None, log=prin
                         tf = H.tflops(fl, res["ms"])
                         row = dict(op=OP, provider=prov, mode=mode, proj=proj, M=M, K=K, N=N, r=r,
                                    visual_fraction=fraction, layout=layout, visual=_visual_label(fraction, layout),
-                                   Mv=Mv, dtype=str(dtype).replace("torch.", ""), ms=res["ms"], ms_min=res["ms_min"],
+                                   Mv=Mv, dtype=H.dtype_name(dtype), ms=res["ms"], ms_min=res["ms_min"],
                                    ms_p20=res["ms_p20"], ms_p80=res["ms_p80"], reps=res["reps"],
                                    threads=res["threads"], tflops=tf, gbps=H.gbps(nb, res["ms"]),
                                    pct_ceiling=H.pct_of(tf, (ceiling or {}).get("bf16_tflops")) if dtype == torch.bfloat16 else None,
@@ -326,7 +326,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     cfg = _sweep_config(device, quick)
     print(f"\n### {OP}: timing on {device.type} ({'quick' if quick else 'full'} sweep, "
-          f"{str(cfg['dtype']).replace('torch.', '')}, r={cfg['rank']}, scaling {SCALING}, no bias, dropout off "
+          f"{H.dtype_name(cfg['dtype'])}, r={cfg['rank']}, scaling {SCALING}, no bias, dropout off "
           f"(training=False / eval()))", flush=True)
     print(f"timer: {H.timer_description(on_cuda)}", flush=True)
     rows = run_timing(device, quick, ref)
@@ -342,7 +342,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         OP, [r for r in rows if r["M"] == max_m], panel_keys=("mode", "proj"), x_key="visual",
         y_key="x_base_linear", series_key="provider", out_dir=out_dir,
         title=f"PLoRA: time / base-linear time, M={max_m} tokens, r={cfg['rank']}, "
-              f"{str(cfg['dtype']).replace('torch.', '')} (lower is better)",
+              f"{H.dtype_name(cfg['dtype'])} (lower is better)",
         y_label="time / base linear", x_label="visual fraction",
         hlines={"fwd:1.10x target": TARGET_FWD_VS_BASE} if on_cuda else None,
         panel_title=lambda k: f"{k[0]}  {k[1]}")

@@ -427,13 +427,18 @@ def print_table(title: str, rows: Sequence[dict[str, Any]], columns: Sequence[tu
     print(format_table(rows, columns) if rows else "(no rows)", flush=True)
 
 
+def dtype_name(dtype: torch.dtype) -> str:
+    """``torch.bfloat16`` -> ``"bfloat16"`` (rows, titles, the results JSON)."""
+    return str(dtype).replace("torch.", "")
+
+
 def _jsonable(obj: Any) -> Any:
     if isinstance(obj, dict):
         return {str(k): _jsonable(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
         return [_jsonable(v) for v in obj]
     if isinstance(obj, torch.dtype):
-        return str(obj).replace("torch.", "")
+        return dtype_name(obj)
     if isinstance(obj, float) and (math.isnan(obj) or math.isinf(obj)):
         return None
     if isinstance(obj, (str, int, float, bool)) or obj is None:

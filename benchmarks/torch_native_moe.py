@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 from mmkernels.ops.moe.reference import GATED_ACTIVATIONS, elementwise_activation
 
-from .harness import error_line
+from .harness import dtype_name, error_line
 
 GROUPED = "torch._grouped_mm"
 LOOP = "per-expert matmul loop"
@@ -42,7 +42,7 @@ def _probe(device_type: str, index, dtype: torch.dtype) -> str | None:
         out = torch._grouped_mm(a, b, offs=offs)
         out.backward(torch.randn_like(out))   # (a zero-stride grad, e.g. from .sum(), is not supported)
     except Exception as e:  # noqa: BLE001 -- any failure means "use the loop", and says why
-        return f"torch._grouped_mm fails on {device_type} {str(dtype).replace('torch.', '')}: " \
+        return f"torch._grouped_mm fails on {device_type} {dtype_name(dtype)}: " \
                f"{error_line(e, 160)}"
     return None
 
