@@ -1,4 +1,5 @@
-"""What the in-place patchers share: replacing a child module, and guarding parameters a patch retired.
+"""What the in-place patchers share: finding the modules to patch, listing hooks a patch would drop,
+replacing a child module, and guarding parameters a patch retired.
 
 A patch that can keep the model's own ``Parameter`` objects does (PLoRA, hyper attention).  One that
 cannot (a DeepSpeed ``MoE``'s per-expert linears become packed ``[E, ...]`` tensors) copies the values
@@ -8,7 +9,7 @@ then build the optimizer.
 """
 from __future__ import annotations
 
-from typing import Iterable, Tuple
+from typing import Callable, Iterable, List, Tuple
 
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 from torch import nn
@@ -47,3 +48,29 @@ def set_child(model: nn.Module, qualified_name: str, new: nn.Module) -> None:
     parent_name, _, child = qualified_name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
     setattr(parent, child, new)
+
+
+# module hook dicts: the ones that run in forward/backward, and the state-dict ones
+RUN_HOOKS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
+STATE_DICT_HOOKS = ("_state_dict_hooks", "_state_dict_pre_hooks", "_load_state_dict_pre_hooks",
+                    "_load_state_dict_post_hooks")
+
+
+def hooks(module: nn.Module, kinds: Tuple[str, ...] = RUN_HOOKS + STATE_DICT_HOOKS) -> List[str]:
+    """The names of ``module``'s non-empty hook dicts among ``kinds`` (a replacement would drop them)."""
+    return [kind for kind in kinds if getattr(module, kind, None)]
+
+
+def find_modules(model: nn.Module, predicate: Callable[[nn.Module], bool],
+                 outermost: bool = False) -> List[Tuple[nn.Module, List[str]]]:
+    """``(module, its qualified names)`` for every module of ``model`` matching ``predicate``, once each,
+    in ``named_modules`` order: a module registered under several names is one entry with all of them.
+    ``outermost``: skip matches inside an earlier match (they go with it)."""
+    found: dict = {}   # id(module) -> (module, names)
+    for name, module in model.named_modules(remove_duplicate=False):
+        if not predicate(module):
+            continue
+        if outermost and any(name.startswith(n + ".") for _, names in found.values() for n in names):
+            continue
+        found.setdefault(id(module), (module, []))[1].append(name)
+    return list(found.values())

@@ -35,7 +35,7 @@ from typing import Callable, Dict, List
 import torch
 from torch import nn
 
-from ._common import retire_parameters, set_child
+from ._common import RUN_HOOKS, find_modules, hooks, retire_parameters, set_child
 
 __all__ = ["LOOKS_FOR", "plan", "is_deepspeed_moe"]
 
@@ -47,7 +47,6 @@ _DS_MOE = ("deepspeed.moe.layer", "MoE")
 _DS_PARTS = {"deepspeed_moe": ("deepspeed.moe.sharded_moe", "MOELayer"),
              "deepspeed_moe.gate": ("deepspeed.moe.sharded_moe", "TopKGate"),
              "deepspeed_moe.experts": ("deepspeed.moe.experts", "Experts")}
-_HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
 _DS_PARAM_MARKS = ("allreduce", "group_name")   # set by deepspeed.moe.experts.Experts on every expert parameter
 
 
@@ -102,11 +101,11 @@ def _check_layer(qualname: str, ds: nn.Module) -> None:
                              "deepspeed.moe.layer.MoE builds)") from None
         _check_forward(qualname, part, ident, path)
     for name, sub in ds.named_modules():
-        hooks = [h for h in _HOOK_DICTS if getattr(sub, h, None)]
-        if hooks:
+        found = hooks(sub, RUN_HOOKS)
+        if found:
             where = f"{qualname}.{name}" if name else qualname
             raise ValueError(f"cannot patch DeepSpeed MoE layer {qualname!r}: module {where!r} has hooks "
-                             f"({', '.join(hooks)}) that replacing it would drop; remove them, patch, and register "
+                             f"({', '.join(found)}) that replacing it would drop; remove them, patch, and register "
                              "them on the new layer")
     for name, p in ds.named_parameters():
         if hasattr(p, "ds_id") or hasattr(p, "ds_tensor"):
@@ -205,13 +204,9 @@ def count_patched(model: nn.Module) -> int:
 def plan(model: nn.Module) -> List[Callable[[], None]]:
     """One swap per DeepSpeed ``MoE`` layer of ``model``; raises (changing nothing) for a layer that
     ``mmkernels.MoE`` cannot reproduce, naming the layer and the reason."""
-    found: Dict[int, List] = {}   # id(layer) -> [layer, names]: a layer reachable under two names is one swap
-    for name, module in model.named_modules(remove_duplicate=False):
-        if is_deepspeed_moe(module) and not any(name.startswith(n + ".") for _, names in found.values()
-                                                for n in names):
-            found.setdefault(id(module), [module, []])[1].append(name)
     swaps: List[Callable[[], None]] = []
-    for ds, names in found.values():
+    # a layer reachable under two names is one swap; a DeepSpeed MoE inside another goes with it
+    for ds, names in find_modules(model, is_deepspeed_moe, outermost=True):
         qualname = names[0]
         _check_layer(qualname, ds)
         param_state = _expert_param_state(qualname, ds)

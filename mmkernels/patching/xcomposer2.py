@@ -38,7 +38,7 @@ from torch.nn.utils import parametrize
 
 from .._validation import check_float
 from ..ops.plora.module import PLoRALinear
-from ._common import set_child
+from ._common import RUN_HOOKS, find_modules, hooks, set_child
 
 LOOKS_FOR = ("InternLM-XComposer2 PLoRA linears (nn.Linear with Plora_A / Plora_B linear children, "
              "lora_scaling and lora_dropout)")
@@ -51,13 +51,6 @@ def _is_candidate(module: nn.Module) -> bool:
     """Looks like a PLoRA linear (the checks of :func:`_validate` then decide whether it can be run)."""
     return (isinstance(module, nn.Linear) and not isinstance(module, PLoRALinear)
             and (hasattr(module, "Plora_A") or hasattr(module, "Plora_B")))
-
-
-def _hooks(module: nn.Module) -> List[str]:
-    kinds = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks",
-             "_state_dict_hooks", "_state_dict_pre_hooks", "_load_state_dict_pre_hooks",
-             "_load_state_dict_post_hooks")
-    return [kind for kind in kinds if getattr(module, kind, None)]
 
 
 def _dropout_p(name: str, dropout) -> float:
@@ -134,18 +127,18 @@ def _validate(name: str, module: nn.Linear) -> float:
         raise TypeError(f"{name}.weight must be floating point, got {weight.dtype}")
     check_float(f"{name}.lora_scaling", module.lora_scaling)
     dropout = module.lora_dropout
-    if isinstance(dropout, nn.Module) and _hooks(dropout):
-        raise NotImplementedError(f"{name}.lora_dropout has hooks ({', '.join(_hooks(dropout))})")
+    if isinstance(dropout, nn.Module) and hooks(dropout):
+        raise NotImplementedError(f"{name}.lora_dropout has hooks ({', '.join(hooks(dropout))})")
     p = _dropout_p(name, dropout)
     if not 0.0 <= p <= 1.0:
         raise ValueError(f"{name}.lora_dropout has p={p}; expected 0 <= p <= 1")
-    if _hooks(module):
-        raise NotImplementedError(f"{name} has hooks ({', '.join(_hooks(module))}); the replacement module "
+    if hooks(module):
+        raise NotImplementedError(f"{name} has hooks ({', '.join(hooks(module))}); the replacement module "
                                   "would not have them")
     for child in ("Plora_A", "Plora_B"):   # kept as they are, so only their forward/backward hooks matter
-        hooks = [h for h in _hooks(getattr(module, child)) if "state_dict" not in h]
-        if hooks:
-            raise NotImplementedError(f"{name}.{child} has hooks ({', '.join(hooks)}); the fused op does not "
+        found = hooks(getattr(module, child), RUN_HOOKS)
+        if found:
+            raise NotImplementedError(f"{name}.{child} has hooks ({', '.join(found)}); the fused op does not "
                                       "call the child modules, so they would not run")
     return p
 
@@ -183,15 +176,12 @@ def plan(model: nn.Module) -> List[Callable[[], None]]:
     A module already patched is a :class:`PLoRALinear` and is not planned again.  A module registered
     under several names is replaced by one new module under all of them.
     """
-    names: dict = {}
-    for name, module in model.named_modules(remove_duplicate=False):
-        if _is_candidate(module):
-            names.setdefault(id(module), (module, []))[1].append(name)
-    if model in (m for m, _ in names.values()):
+    found = find_modules(model, _is_candidate)
+    if model in (m for m, _ in found):
         raise ValueError("the model itself is a PLoRA linear; apply_mmkernels replaces submodules in place, "
                          "so wrap it in a parent module first")
     swaps = []
-    for module, qualified in names.values():
+    for module, qualified in found:
         p = _validate(qualified[0], module)
 
         def swap(module=module, qualified=qualified, p=p):
