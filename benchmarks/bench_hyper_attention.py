@@ -149,10 +149,7 @@ def _sweep(device: torch.device, quick: bool) -> dict[str, Any]:
 
 
 def _time(fn):
-    def call():
-        with torch.no_grad():
-            return fn()
-    return H.time_ms(call)
+    return H.time_mode(fn, "fwd")   # the layer sweep times forward passes (no_grad)
 
 
 def _row(case: str, mode: str, provider: str, L: int, n: int, T: int, times, dtype, **extra) -> dict:

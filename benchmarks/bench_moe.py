@@ -448,16 +448,7 @@ def run_timing(device, quick, log=print, baseline=None) -> list[dict]:
                     for prov, (fn, leaves, g) in fns.items():
                         if prov in skip:
                             continue
-                        if mode == "fwd":
-                            def call(fn=fn):
-                                with torch.no_grad():
-                                    return fn()
-                            t = H.time_ms(call)
-                        else:
-                            def call(fn=fn, g=g):
-                                fn().backward(g)
-                            t = H.time_ms(call, grad_to_none=leaves)
-                        results[(mode, prov)] = t
+                        results[(mode, prov)] = H.time_mode(fn, mode, g, leaves)
                     paired = None
                     if device.type == "cpu" and mode == "fwd+bwd":
                         (f_mm, l_mm, g_mm), (f_ds, l_ds, g_ds) = fns["mmkernels"], fns[DS]
@@ -658,13 +649,7 @@ def layer_peers(device, quick, ceiling=None, models=None, S=None) -> list[dict]:
             for mode in ("fwd", "fwd+bwd"):
                 for prov, fn in fns.items():
                     try:
-                        if mode == "fwd":
-                            def call(fn=fn):
-                                with torch.no_grad():
-                                    return fn()
-                            t[(mode, prov)] = H.time_ms(call)
-                        else:
-                            t[(mode, prov)] = H.time_ms(lambda fn=fn: fn().backward(dy), grad_to_none=leaves)
+                        t[(mode, prov)] = H.time_mode(fn, mode, dy, leaves)
                     except Exception as e:  # noqa: BLE001 -- a failing peer is a row, not a crashed run
                         t[(mode, prov)] = H.error_line(e)
                 for prov in fns:

@@ -155,10 +155,7 @@ def _sweep_config(device: torch.device, quick: bool) -> dict[str, Any]:
 def _bench_case(fwd_fn, mode: str, dy, leaves, measure_memory: bool):
     """Time ``fwd_fn`` in ``mode``; optionally measure peak memory of one fwd+bwd."""
     if mode == "fwd":
-        def fn():
-            with torch.no_grad():
-                return fwd_fn()
-        return H.time_ms(fn), None
+        return H.time_mode(fwd_fn, "fwd"), None
 
     def fn():
         fwd_fn().backward(dy)

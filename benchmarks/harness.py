@@ -312,6 +312,18 @@ def time_ms(fn: Callable[[], Any], grad_to_none: Iterable[torch.Tensor] | None =
     return cpu_time_ms(fn, grad_to_none=grad_to_none, **kwargs)
 
 
+def time_mode(forward: Callable[[], Any], mode: str, dy: torch.Tensor | None = None,
+              leaves: Iterable[torch.Tensor] = ()) -> Timing:
+    """:func:`time_ms` of ``forward`` in a benchmark mode: ``"fwd"`` under no_grad, ``"fwd+bwd"`` as
+    ``forward().backward(dy)`` with the ``leaves``' gradients cleared before each call."""
+    if mode == "fwd":
+        def call():
+            with torch.no_grad():
+                return forward()
+        return time_ms(call)
+    return time_ms(lambda: forward().backward(dy), grad_to_none=list(leaves))
+
+
 def peak_memory_mb(fn: Callable[[], Any], grad_to_none: Iterable[torch.Tensor] | None = None
                    ) -> float | None:
     """Peak CUDA memory of one call of ``fn`` (e.g. one fwd+bwd), in MB (1e6 bytes) above what was
