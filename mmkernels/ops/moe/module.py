@@ -693,9 +693,7 @@ class MoE(nn.Module):
         """This layer's weights in DeepSpeed's key layout (relative to the MoE module).  With ep_size > 1:
         this rank's experts under their global ids (DeepSpeed's expert-parallel checkpoint names), like
         ``state_dict()``; :meth:`full_state_dict` gathers all of them."""
-        out = self._deepspeed_tensors()
-        out[_DS_GATE] = out[_DS_GATE].clone()
-        return out
+        return self._deepspeed_tensors(gate=self.gate_weight.detach().clone())
 
     def full_state_dict(self) -> dict:
         """The full single-rank state dict: all E experts, in the keys ``ep_size=1`` writes for this
@@ -707,12 +705,11 @@ class MoE(nn.Module):
         returns loads into a layer of any ``ep_size`` (each rank keeps its slice)."""
         packed = {n: getattr(self, n).detach() for n in ("w1", "b1", "w2", "b2") if getattr(self, n) is not None}
         if self.ep_size > 1:
-            packed = {n: parallel.gather_experts(t, self.ep_group) for n, t in packed.items()}
-        else:
-            packed = {n: t.clone() for n, t in packed.items()}
+            packed = {n: parallel.gather_experts(t, self.ep_group) for n, t in packed.items()}   # new tensors
         gate = self.gate_weight.detach().clone()
         if self.state_dict_layout == "packed":
-            return {**packed, "gate_weight": gate}
+            return {**{n: t.clone() if self.ep_size == 1 else t for n, t in packed.items()}, "gate_weight": gate}
+        # _deepspeed_tensors copies each expert's slice: no copy of the packed tensors first
         return self._deepspeed_tensors(packed=packed, gate=gate,
                                        experts=[(g, g) for g in range(self.num_experts)])
 
