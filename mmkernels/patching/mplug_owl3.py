@@ -64,6 +64,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 from .._validation import FLOAT_DTYPES, check_tensor
 from ..ops.hyper_attention.function import hyper_attention, visual_kv
 from ..ops.hyper_attention.reference import rope_cos_sin, rotate_half
+from ._common import find_modules
 
 LOOKS_FOR = "mPLUG-Owl3 hyper attention layers (a Qwen2 attention with v_kv_proj, plus gate in v1)"
 
@@ -182,12 +183,9 @@ def count_patched(model: nn.Module) -> int:
 def plan(model: nn.Module) -> list:
     """One swap per hyper attention layer of ``model`` (already patched ones are skipped); raises
     (changing nothing) for a layer that cannot be run exactly."""
-    swaps = []
-    for name, module in model.named_modules():
-        if not _is_hyper_layer(module) or getattr(module, "_mmkernels_hyper", None) is not None:
-            continue
-        swaps.append(functools.partial(_install, module, _spec(name, module)))
-    return swaps
+    return [functools.partial(_install, module, _spec(names[0], module))
+            for module, names in find_modules(model, _is_hyper_layer)
+            if getattr(module, "_mmkernels_hyper", None) is None]
 
 
 # =========================================================================== media_offset -> image layout
