@@ -18,6 +18,7 @@ import queue as queue_module
 import tempfile
 import time
 import traceback
+from typing import Callable
 
 import torch.multiprocessing as mp
 
@@ -85,7 +86,7 @@ def run_ranks(fn, world_size: int, *args, timeout: float = 120.0, startup: float
     return [got[r] for r in range(world_size)]
 
 
-def skip_deepspeed_shm_build() -> None:
+def skip_deepspeed_shm_build() -> Callable[[], None]:
     """Make DeepSpeed's communication backend skip building its shared-memory all-reduce op.
 
     ``deepspeed.init_distributed`` on CPU JIT-compiles ``deepspeed_shm_comm`` (about 30 s and 60 CPU-s of
