@@ -28,6 +28,8 @@ from pathlib import Path
 
 import torch
 
+from . import harness as H
+
 CASES = ("moe", "plora", "hyper_joint", "hyper_gated")
 GPU_SHAPES = {"moe": dict(H=2560, F=10240, S=16384), "plora": dict(K=4096, N=6144, M=8192, r=256),
               "hyper": dict(L=2048, H=28, H_kv=4, D=128, T=729, images=32)}
@@ -145,7 +147,7 @@ def profile_case(case, device, dtype, shapes, rows):
     total = sum(d["self_us"] for d in kernels)   # on CUDA: the step's kernel time (ops have no self device time)
     for d in kernels:
         d["pct"] = 100.0 * d["self_us"] / total if total else None
-    return dict(case=case, what=what, dtype=str(dtype).replace("torch.", ""), wall_ms_profiled=wall_ms,
+    return dict(case=case, what=what, dtype=H.dtype_name(dtype), wall_ms_profiled=wall_ms,
                 total_self_ms=total / 1e3, time_kind="self device (CUDA) time" if on_cuda else "self CPU time",
                 kernels=kernels[:rows]), table
 
@@ -164,8 +166,6 @@ def main(argv=None) -> int:
     device = torch.device("cuda" if on_cuda else "cpu")
     dtype = torch.bfloat16 if on_cuda else torch.float32
     shapes = GPU_SHAPES if on_cuda else CPU_SHAPES
-    from . import harness as H
-
     header = H.machine_header()
     lines = [f"profile_step: one forward+backward step per case, {header['device']}, torch {header['torch_version']}, "
              f"triton {header['triton_version']}, commit {H.git_commit_full()}"]
