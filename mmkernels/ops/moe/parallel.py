@@ -203,7 +203,8 @@ def expert_parallel_ffn(x2: torch.Tensor, routing: MoERouting, w1: torch.Tensor,
     M = S * k
     slots = routing.sorted_slots.long()
     # order[t]: where slot t = s*k + j stands in the expert-sorted order (the inverse permutation)
-    order = torch.empty_like(slots).scatter_(0, slots, torch.arange(M, device=dev))
+    slot_ids = torch.arange(M, device=dev)
+    order = torch.empty_like(slots).scatter_(0, slots, slot_ids)
     C = capacity
     if C is None:
         # dropless: every slot is kept; row r of the send buffer is the r-th slot in expert order, so the
@@ -227,7 +228,7 @@ def expert_parallel_ffn(x2: torch.Tensor, routing: MoERouting, w1: torch.Tensor,
         place = order - routing.expert_offsets.to(torch.int64)[idx]
         dest = torch.where(routing.keep.reshape(-1), idx * C + place, E * C)
         source = torch.full((E * C + 1,), S, dtype=torch.int64, device=dev)     # S: the zero padding row
-        source.scatter_(0, dest, torch.div(torch.arange(M, device=dev), k, rounding_mode="floor"))
+        source.scatter_(0, dest, torch.div(slot_ids, k, rounding_mode="floor"))
         padded = torch.cat([x2, x2.new_zeros((1, H))], 0)
         send_rows = padded.index_select(0, source[:E * C])                      # [E*C, H] = [P, L, C, H]
         send_splits = recv_splits = None
