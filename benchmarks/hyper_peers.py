@@ -131,6 +131,29 @@ def _heads_first(x: torch.Tensor) -> torch.Tensor:
     return x.transpose(1, 2).contiguous()
 
 
+def _text_mask(L_q: int, L_k: int, device) -> torch.Tensor | None:
+    """SDPA's ``is_causal`` is aligned top-left: right for L_q == L_k (None); otherwise the explicit
+    bottom-right causal mask ``[L_q, L_k]`` (query i is key position L_k - L_q + i)."""
+    if L_q == L_k:
+        return None
+    t = torch.arange(L_k - L_q, L_k, device=device)
+    return torch.arange(L_k, device=device)[None, :] <= t[:, None]
+
+
+def _causal_sdpa(q, k, v, text_mask, scale):
+    """Causal SDPA over the text keys (GQA), with :func:`_text_mask`'s mask when L_q != L_k."""
+    if text_mask is None:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=True)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=text_mask, scale=scale, enable_gqa=True)
+
+
+def _detached(xs, detach: bool) -> tuple:
+    """``xs`` as new leaves (same requires_grad; None kept) when ``detach``, else as they are."""
+    if not detach:
+        return tuple(xs)
+    return tuple(x if x is None else x.detach().requires_grad_(x.requires_grad) for x in xs)
+
+
 class _Peer:
     name = "peer"
     unavailable: str | None = None
@@ -181,8 +204,7 @@ class JointFlexPeer(_Peer):
         self.dtype = q.dtype
         kk = torch.cat([_padded_visual(k_vis, self.cu_images, self.n_max), _heads_first(k)], 2)
         vv = torch.cat([_padded_visual(v_vis, self.cu_images, self.n_max), _heads_first(v)], 2)
-        xs = (_heads_first(q), kk, vv)
-        return tuple(x.detach().requires_grad_(x.requires_grad) for x in xs) if detach else xs
+        return _detached((_heads_first(q), kk, vv), detach)
 
     def run(self, q, k, v):
         return _flex_call(self.fn, q, k, v, self.block_mask, self.scale, want_lse=False)[0]
@@ -202,9 +224,7 @@ class GatedPeer(_Peer):
         self.scale, self.T, self.L_q, self.L_k = scale, T, L_q, L_k
         self.cu_images = cu_images
         self.pos, self.counts, self.n_max = _layout(image_positions, cu_images)
-        # SDPA's is_causal is aligned top-left: right for L_q == L_k; otherwise an explicit mask
-        t = torch.arange(L_k - L_q, L_k, device=device)
-        self.text_mask = None if L_q == L_k else (torch.arange(L_k, device=device)[None, :] <= t[:, None])
+        self.text_mask = _text_mask(L_q, L_k, device)
         if self.unavailable or self.n_max == 0:
             return
         from torch.nn.attention.flex_attention import create_block_mask
@@ -233,15 +253,10 @@ class GatedPeer(_Peer):
         else:
             xs += [None, None]
         xs.append(g)
-        if detach:
-            xs = [x if x is None else x.detach().requires_grad_(x.requires_grad) for x in xs]
-        return tuple(xs)
+        return _detached(xs, detach)
 
     def run(self, q, k, v, k_vis, v_vis, gate):
-        if self.text_mask is None:
-            o_t = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale, enable_gqa=True)
-        else:
-            o_t = F.scaled_dot_product_attention(q, k, v, attn_mask=self.text_mask, scale=self.scale, enable_gqa=True)
+        o_t = _causal_sdpa(q, k, v, self.text_mask, self.scale)
         if not self.n_max:                                           # no image anywhere: plain causal
             return o_t
         o_v, lse = _flex_call(self.fn, q, k_vis, v_vis, self.block_mask, self.scale, want_lse=True)
@@ -260,15 +275,11 @@ class DenseCausalPeer(_Peer):
     def __init__(self, L_q: int, L_k: int, *, scale: float | None = None, device=None):
         self.unavailable = sdpa_gqa_unavailable()
         self.scale = scale
-        t = torch.arange(L_k - L_q, L_k, device=device)
-        self.text_mask = None if L_q == L_k else (torch.arange(L_k, device=device)[None, :] <= t[:, None])
+        self.text_mask = _text_mask(L_q, L_k, device)
 
     def prepare(self, q, k, v, *, detach: bool = False):
         self.dtype = q.dtype
-        xs = (_heads_first(q), _heads_first(k), _heads_first(v))
-        return tuple(x.detach().requires_grad_(x.requires_grad) for x in xs) if detach else xs
+        return _detached((_heads_first(q), _heads_first(k), _heads_first(v)), detach)
 
     def run(self, q, k, v):
-        if self.text_mask is None:
-            return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale, enable_gqa=True)
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=self.text_mask, scale=self.scale, enable_gqa=True)
+        return _causal_sdpa(q, k, v, self.text_mask, self.scale)
