@@ -533,3 +533,13 @@ def test_torch_compile_fullgraph(device):
         got = torch.compile(layer, fullgraph=True, backend="aot_eager")(x, wg, w1, b1, w2, b2)
     torch.testing.assert_close(got[0], want[0])
     torch.testing.assert_close(got[1], want[1])
+
+
+def test_from_deepspeed_leaves_the_random_stream_alone():
+    """Converting a layer draws nothing from torch's generator: a converted model's dropout and Gumbel
+    samples continue where the unconverted model's would."""
+    ds = FakeDeepSpeedMoE(24, FORMS["phi"](24, 32), 4, 2, 1.5, 2.0, 0)
+    state = torch.get_rng_state()
+    moe = MoE.from_deepspeed(ds)
+    assert torch.equal(torch.get_rng_state(), state)
+    assert torch.equal(moe.gate_weight, ds.deepspeed_moe.gate.wg.weight)

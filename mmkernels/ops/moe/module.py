@@ -743,18 +743,23 @@ class MoE(nn.Module):
         if isinstance(ep_size, int) and ep_size >= 1 and len(experts) * ep_size != num_experts:
             raise ValueError(f"ds_moe holds {len(experts)} experts but num_experts={num_experts} with "
                              f"ep_size={ep_size} means {num_experts // ep_size} per rank")
-        layer = cls(
-            hidden_size=wg.shape[1], expert=experts[0], num_experts=num_experts, ep_size=ep_size,
-            ep_group=getattr(inner, "ep_group", None) if ep_size != 1 else None, k=gate.k,
-            capacity_factor=gate.capacity_factor,
-            eval_capacity_factor=gate.eval_capacity_factor, min_capacity=int(gate.min_capacity),
-            use_residual=bool(getattr(ds_moe, "use_residual", False)),
-            noisy_gate_policy=getattr(gate, "noisy_gate_policy", None),
-            drop_tokens=bool(getattr(gate, "drop_tokens", True)), use_rts=bool(getattr(gate, "use_rts", True)),
-            enable_expert_tensor_parallelism=bool(getattr(ds_moe, "enable_expert_tensor_parallelism", False)),
-            top2_2nd_expert_sampling=bool(getattr(gate, "top2_2nd_expert_sampling", True)),
-            drop_policy=getattr(gate, "drop_policy", None) if gate.k >= 3 else None,
-            state_dict_layout=state_dict_layout)
+        # The constructor draws a router init that the loaded weights then replace: under a forked
+        # generator, so converting a layer leaves torch's random stream (dropout, the Gumbel sampling of
+        # training) where the unconverted model would have it
+        device = next((p.device for p in experts[0].parameters()), torch.device("cpu"))
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            layer = cls(
+                hidden_size=wg.shape[1], expert=experts[0], num_experts=num_experts, ep_size=ep_size,
+                ep_group=getattr(inner, "ep_group", None) if ep_size != 1 else None, k=gate.k,
+                capacity_factor=gate.capacity_factor,
+                eval_capacity_factor=gate.eval_capacity_factor, min_capacity=int(gate.min_capacity),
+                use_residual=bool(getattr(ds_moe, "use_residual", False)),
+                noisy_gate_policy=getattr(gate, "noisy_gate_policy", None),
+                drop_tokens=bool(getattr(gate, "drop_tokens", True)), use_rts=bool(getattr(gate, "use_rts", True)),
+                enable_expert_tensor_parallelism=bool(getattr(ds_moe, "enable_expert_tensor_parallelism", False)),
+                top2_2nd_expert_sampling=bool(getattr(gate, "top2_2nd_expert_sampling", True)),
+                drop_policy=getattr(gate, "drop_policy", None) if gate.k >= 3 else None,
+                state_dict_layout=state_dict_layout)
         for i, ex in enumerate(experts[1:], 1):
             # DeepSpeed's experts are deep copies of one template: verified once, unless one was changed
             if not _same_structure(ex, experts[0]):
