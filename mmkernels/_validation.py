@@ -54,6 +54,19 @@ def check_same_device(named: Iterable[tuple[str, torch.Tensor | None]]) -> torch
     return first.device
 
 
+def check_int(name: str, value, *, low: int | None = None, high: int | None = None) -> int:
+    """An integer (a Python or numpy int, not a bool) in ``[low, high]``: ``TypeError`` / ``ValueError``
+    naming ``name``."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
+    value = int(value)
+    if low is not None and value < low:
+        raise ValueError(f"{name} must be >= {low}, got {value}")
+    if high is not None and value > high:
+        raise ValueError(f"{name} must be <= {high}, got {value}")
+    return value
+
+
 def check_float(name: str, value, *, low: float | None = None, high: float | None = None,
                 high_inclusive: bool = True) -> float:
     if isinstance(value, bool) or not isinstance(value, numbers.Real):  # numpy scalars are Real too

@@ -170,22 +170,22 @@ def test_module_built_on_meta_infers_shapes_then_loads(mode):
 # --------------------------------------------------------------------------- named errors
 
 CONSTRUCTOR_ERRORS = [
-    ("odd head dim", (60, 4, 2), {}, "even"),
-    ("odd explicit head dim", (64, 4, 2), {"head_dim": 15}, "even"),
-    ("zero head dim", (64, 4, 2), {"head_dim": 0}, "head_dim"),
-    ("zero kv heads", (64, 4, 0), {}, "num_kv_heads"),
-    ("zero heads", (64, 0, 1), {}, "num_heads"),
-    ("float heads", (64, 4.0, 2), {}, "num_heads"),
-    ("hidden not a multiple of heads", (62, 4, 2), {}, "multiple of num_heads"),
-    ("kv heads not dividing heads", (64, 4, 3), {}, "multiple of num_kv_heads"),
-    ("rope theta", (64, 4, 2), {"rope_theta": 0.0}, "rope_theta"),
+    ("odd head dim", (60, 4, 2), {}, ValueError, "even"),
+    ("odd explicit head dim", (64, 4, 2), {"head_dim": 15}, ValueError, "even"),
+    ("zero head dim", (64, 4, 2), {"head_dim": 0}, ValueError, "head_dim"),
+    ("zero kv heads", (64, 4, 0), {}, ValueError, "num_kv_heads"),
+    ("zero heads", (64, 0, 1), {}, ValueError, "num_heads"),
+    ("float heads", (64, 4.0, 2), {}, TypeError, "num_heads must be an int, got float"),
+    ("hidden not a multiple of heads", (62, 4, 2), {}, ValueError, "multiple of num_heads"),
+    ("kv heads not dividing heads", (64, 4, 3), {}, ValueError, "multiple of num_kv_heads"),
+    ("rope theta", (64, 4, 2), {"rope_theta": 0.0}, ValueError, "rope_theta"),
 ]
 
 
-@pytest.mark.parametrize("args,kwargs,match", [c[1:] for c in CONSTRUCTOR_ERRORS],
+@pytest.mark.parametrize("args,kwargs,exc,match", [c[1:] for c in CONSTRUCTOR_ERRORS],
                          ids=[c[0] for c in CONSTRUCTOR_ERRORS])
-def test_module_constructor_rejects_bad_config(args, kwargs, match):
-    with pytest.raises(ValueError, match=match):
+def test_module_constructor_rejects_bad_config(args, kwargs, exc, match):
+    with pytest.raises(exc, match=match):
         HyperAttention(*args, **kwargs)
 
 

@@ -13,6 +13,7 @@ import sys
 import textwrap
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -425,6 +426,20 @@ def test_k1_without_rts_keeps_what_deepspeeds_topk_keeps():
 def test_route_slot_count_must_fit_int32():
     with pytest.raises(ValueError, match="2\\*\\*31"):
         moe_route(torch.empty(1, 4).expand(2 ** 30, 4), 2, None)
+
+
+def test_route_integer_arguments_are_validated():
+    logits = torch.randn(8, 4)
+    with pytest.raises(TypeError, match="k must be an int, got float"):
+        moe_route(logits, 2.0, 4)
+    with pytest.raises(TypeError, match="capacity .*must be an int, got float"):
+        moe_route(logits, 2, 4.0)
+    with pytest.raises(ValueError, match="capacity .*must be >= 0, got -1"):
+        moe_route(logits, 2, -1)
+    # numpy integers (a capacity computed with numpy, say) are integers
+    want = moe_route(logits, 2, 4, torch.zeros(8, 4))
+    got = moe_route(logits, np.int64(2), np.int32(4), torch.zeros(8, 4))
+    assert torch.equal(got.keep, want.keep) and got.capacity == 4 and type(got.capacity) is int
 
 
 def test_drop_policy_arguments_are_validated():

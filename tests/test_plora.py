@@ -1,6 +1,7 @@
 """Partial-LoRA: Triton kernels (interpreter on CPU, compiled on GPU) against the float64 reference."""
 import copy
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -326,6 +327,9 @@ def test_mixed_devices_rejected():
 def test_module_validates_constructor_args():
     with pytest.raises(ValueError, match="lora_r"):
         PLoRALinear(8, 8, lora_r=0)
+    with pytest.raises(TypeError, match="lora_r must be an int, got float"):
+        PLoRALinear(8, 8, lora_r=4.0)
+    assert PLoRALinear(8, 8, lora_r=np.int64(4)).lora_r == 4   # numpy ints are ints
     with pytest.raises(ValueError, match="lora_dropout"):
         PLoRALinear(8, 8, lora_dropout=2.0)
 

@@ -15,8 +15,8 @@ from __future__ import annotations
 import torch
 
 from ..._library import define_op
-from ..._validation import (FLOAT_DTYPES, check_float, check_same_device, check_same_dtype, check_shape,
-                             check_tensor)
+from ..._validation import (FLOAT_DTYPES, check_float, check_int, check_same_device, check_same_dtype,
+                             check_shape, check_tensor)
 from ...backend import get_backend, require_triton, resolve_backend
 from . import launch
 from .reference import MODES, VISIBILITIES, hyper_attention_reference
@@ -393,10 +393,8 @@ def visual_kv(image_embeds: torch.Tensor, norm_weight: torch.Tensor | None, v_kv
         check_tensor("norm_weight", norm_weight, ndim=1, dtypes=FLOAT_DTYPES)
     if v_kv_bias is not None:
         check_tensor("v_kv_bias", v_kv_bias, ndim=1, dtypes=FLOAT_DTYPES)
-    if isinstance(num_kv_heads, bool) or not isinstance(num_kv_heads, int) or num_kv_heads < 1:
-        raise ValueError(f"num_kv_heads must be a positive int, got {num_kv_heads!r}")
-    if isinstance(position_offset, bool) or not isinstance(position_offset, int):
-        raise TypeError(f"position_offset must be an int (1 for gated/v1, 0 for joint/v2), got {position_offset!r}")
+    num_kv_heads = check_int("num_kv_heads", num_kv_heads, low=1)
+    position_offset = check_int("position_offset (1 for gated/v1, 0 for joint/v2)", position_offset)
     check_float("rope_theta", rope_theta, low=1.0)
     check_float("eps", eps, low=0.0)
     N, T, Dm = image_embeds.shape

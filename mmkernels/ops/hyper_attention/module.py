@@ -6,15 +6,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..._validation import check_float, check_tensor
+from ..._validation import check_float, check_int, check_tensor
 from .function import hyper_attention, text_rope, visual_kv
 from .reference import MODES, VISIBILITIES
-
-
-def _check_positive_int(name: str, value) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
-    return value
 
 
 @dataclass
@@ -108,8 +102,8 @@ class HyperAttention(nn.Module):
         visibility = visibility or ("strict" if mode == "gated" else "inclusive")
         if visibility not in VISIBILITIES:
             raise ValueError(f"visibility must be one of {VISIBILITIES}, got {visibility!r}")
-        for name, value in (("hidden_size", hidden_size), ("num_heads", num_heads), ("num_kv_heads", num_kv_heads)):
-            _check_positive_int(name, value)
+        hidden_size, num_heads, num_kv_heads = (check_int(name, value, low=1) for name, value in (
+            ("hidden_size", hidden_size), ("num_heads", num_heads), ("num_kv_heads", num_kv_heads)))
         if num_heads % num_kv_heads != 0:
             raise ValueError(f"num_heads={num_heads} must be a multiple of num_kv_heads={num_kv_heads}")
         if head_dim is None:
@@ -118,7 +112,7 @@ class HyperAttention(nn.Module):
                                  "head_dim is not given")
             D = hidden_size // num_heads
         else:
-            D = _check_positive_int("head_dim", head_dim)
+            D = check_int("head_dim", head_dim, low=1)
         if D % 2 != 0:
             raise ValueError(f"the head dim must be even (RoPE rotates channel i with channel i + D/2), got "
                              f"head_dim={D}" + ("" if head_dim is not None else

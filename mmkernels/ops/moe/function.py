@@ -23,7 +23,8 @@ from typing import Optional
 import torch
 
 from ..._library import define_op
-from ..._validation import FLOAT_DTYPES, check_same_device, check_same_dtype, check_shape, check_tensor
+from ..._validation import (FLOAT_DTYPES, check_int, check_same_device, check_same_dtype, check_shape,
+                             check_tensor)
 from ...backend import require_triton, resolve_backend
 from . import launch
 from .reference import ACTIVATIONS, GATED_ACTIVATIONS, combine_weights_and_aux, moe_ffn_reference, resolve_drop_policy
@@ -158,8 +159,7 @@ def moe_route(logits: torch.Tensor, k: int, capacity: Optional[int] = None,
     """
     check_tensor("logits", logits, ndim=2, dtypes=FLOAT_DTYPES)
     S, E = logits.shape
-    if isinstance(k, bool) or not isinstance(k, int):
-        raise TypeError(f"k must be an int, got {type(k).__name__}")
+    k = check_int("k", k)
     if E < 1:
         raise ValueError(f"logits must have at least one expert column, got shape {tuple(logits.shape)}")
     if not 1 <= k <= E:
@@ -167,10 +167,8 @@ def moe_route(logits: torch.Tensor, k: int, capacity: Optional[int] = None,
     if S * k >= 2 ** 31:
         raise ValueError(f"logits has S={S} rows: S*k={S * k} slots must stay below 2**31 (int32 slot indices)")
     if capacity is not None:
-        if isinstance(capacity, bool) or not isinstance(capacity, (int, torch.SymInt)):
-            raise TypeError(f"capacity must be an int or None, got {type(capacity).__name__}")
-        if capacity < 0:
-            raise ValueError(f"capacity must be >= 0 (or None for dropless), got {capacity}")
+        if not isinstance(capacity, torch.SymInt):   # traced by torch.compile: checked when it was an int
+            capacity = check_int("capacity (None for dropless)", capacity, low=0)
     policy = resolve_drop_policy(drop_policy, k, token_order is not None)
     logits32 = logits.float()
     noise = None
@@ -201,15 +199,6 @@ def moe_route(logits: torch.Tensor, k: int, capacity: Optional[int] = None,
     if not torch.compiler.is_compiling():
         routing._seal()
     return routing
-
-
-def _check_int(name: str, value, low: int) -> int:
-    """An int (not a bool) ``>= low``: ``TypeError`` / ``ValueError`` naming ``name`` (also :class:`.module.MoE`'s)."""
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
-    if value < low:
-        raise ValueError(f"{name} must be >= {low}, got {value}")
-    return value
 
 
 def _check_topk_index_values(top_k_index: torch.Tensor, num_experts: int) -> None:
@@ -256,7 +245,7 @@ def moe_route_topk(top_k_index: torch.Tensor, top_k_weights: torch.Tensor, num_e
     check_tensor("top_k_weights", top_k_weights, ndim=2, dtypes=FLOAT_DTYPES)
     check_shape("top_k_weights", top_k_weights, tuple(top_k_index.shape), "like top_k_index")
     check_same_device([("top_k_index", top_k_index), ("top_k_weights", top_k_weights)])
-    _check_int("num_experts", num_experts, 1)
+    num_experts = check_int("num_experts", num_experts, low=1)
     S, k = top_k_index.shape
     if k < 1:
         raise ValueError(f"top_k_index must have at least one choice per row, got shape {tuple(top_k_index.shape)}")

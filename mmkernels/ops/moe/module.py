@@ -48,9 +48,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..._validation import FLOAT_DTYPES, check_float, check_same_device, check_tensor
+from ..._validation import FLOAT_DTYPES, check_float, check_int, check_same_device, check_tensor
 from . import parallel
-from .function import _check_int, moe_ffn, moe_route
+from .function import moe_ffn, moe_route
 from .reference import capacity_for, expert_ffn
 
 _FORMS = {  # form -> (first-layer names stacked in order, second-layer name, activation)
@@ -379,11 +379,11 @@ class MoE(nn.Module):
                  state_dict_layout: str = "packed", ep_group=None) -> None:
         super().__init__()
         # types and ranges first (ValueError / TypeError), then what is not implemented
-        _check_int("hidden_size", hidden_size, 1)
-        _check_int("num_experts", num_experts, 1)
-        _check_int("ep_size", ep_size, 1)
-        _check_int("k", k, 1)
-        _check_int("min_capacity", min_capacity, 0)
+        hidden_size = check_int("hidden_size", hidden_size, low=1)
+        num_experts = check_int("num_experts", num_experts, low=1)
+        ep_size = check_int("ep_size", ep_size, low=1)
+        k = check_int("k", k, low=1)
+        min_capacity = check_int("min_capacity", min_capacity, low=0)
         if k > num_experts:
             raise ValueError(f"k must be in [1, num_experts={num_experts}], got k={k}")
         if num_experts % ep_size:

@@ -18,6 +18,7 @@ import triton
 from ..._extension import has_op
 from ..._interpreter import interpreter_enabled
 from ..._utils import allow_tf32, cdiv, new_output
+from ..._validation import check_int
 from . import kernels
 from .kernels import FLAG_ROWS
 
@@ -252,8 +253,7 @@ def dropout_keep_mask(dropout_seed: torch.Tensor, M: int, K: int, dropout_p: flo
                       row_offset: int = 0) -> torch.Tensor:
     """The bool keep-mask that the kernels draw from ``dropout_seed`` for rows
     ``[row_offset, row_offset + M)`` of an ``[*, K]`` input, as ``[M, K]`` (for tests)."""
-    if not isinstance(row_offset, int) or isinstance(row_offset, bool) or not 0 <= row_offset < 2**62:
-        raise ValueError(f"row_offset must be an int in [0, 2**62), got {row_offset!r}")
+    row_offset = check_int("row_offset", row_offset, low=0, high=2**62 - 1)
     keep = new_output((M, K), dtype=torch.int8, device=dropout_seed.device)
     if M and K:
         block_m = min(32, triton.next_power_of_2(M))  # ~1024 elements per program, few rows or many

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 
-from ..._validation import check_float
+from ..._validation import check_float, check_int
 from .function import plora_linear
 
 
@@ -32,8 +32,7 @@ class PLoRALinear(nn.Linear):
 
     def __init__(self, in_features: int, out_features: int, bias: bool = False, lora_r: int = 256,
                  lora_alpha: float = 256, lora_dropout: float = 0.05, device=None, dtype=None):
-        if not isinstance(lora_r, int) or isinstance(lora_r, bool) or lora_r < 1:
-            raise ValueError(f"lora_r must be a positive int, got {lora_r!r}")
+        lora_r = check_int("lora_r", lora_r, low=1)
         check_float("lora_alpha", lora_alpha)
         check_float("lora_dropout", lora_dropout, low=0.0, high=1.0)
         super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
