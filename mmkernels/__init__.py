@@ -16,7 +16,7 @@ from ._library import DoubleBackwardError
 from .backend import get_backend, use_backend
 from .ops.plora import PLoRAFunction, PLoRALinear, plora_linear, plora_linear_reference
 from .ops.moe import MoE, MoERouting, grouped_gemm, moe_ffn, moe_route, moe_route_topk
-from .ops.hyper_attention import (HyperAttention, HyperAttentionCache, hyper_attention,
+from .ops.hyper_attention import (HyperAttention, HyperAttentionCache, StaticHyperAttentionCache, hyper_attention,
                                   hyper_attention_reference, visual_kv, visual_kv_reference)
 
 __version__ = "0.1.0"
@@ -26,5 +26,5 @@ __all__ = [
     "plora_linear", "plora_linear_reference", "PLoRALinear", "PLoRAFunction",
     "MoE", "MoERouting", "grouped_gemm", "moe_ffn", "moe_route", "moe_route_topk",
     "hyper_attention", "hyper_attention_reference", "visual_kv", "visual_kv_reference", "HyperAttention",
-    "HyperAttentionCache",
+    "HyperAttentionCache", "StaticHyperAttentionCache",
 ]

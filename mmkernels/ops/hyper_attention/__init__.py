@@ -1,7 +1,7 @@
 """mPLUG-Owl3 Hyper Attention: reference -> kernels -> launch -> function -> module."""
 from .function import HyperAttentionFunction, hyper_attention, visual_kv
-from .module import HyperAttention, HyperAttentionCache
+from .module import HyperAttention, HyperAttentionCache, StaticHyperAttentionCache
 from .reference import hyper_attention_reference, visual_kv_reference
 
 __all__ = ["HyperAttention", "HyperAttentionCache", "HyperAttentionFunction", "hyper_attention",
-           "hyper_attention_reference", "visual_kv", "visual_kv_reference"]
+           "hyper_attention_reference", "StaticHyperAttentionCache", "visual_kv", "visual_kv_reference"]

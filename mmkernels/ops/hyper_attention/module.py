@@ -32,6 +32,63 @@ class HyperAttentionCache:
     def seq_len(self) -> int:
         return self.k.shape[1]
 
+    def to_static(self, max_len: int, key_padding_mask: torch.Tensor | None = None) -> StaticHyperAttentionCache:
+        """This cache copied into buffers of ``max_len`` text positions, for decode steps whose shapes
+        and host work never change, so a step can be captured in a CUDA graph and replayed.
+
+        ``key_padding_mask``: bool ``[B, seq_len]`` (True = keep), the prompt's mask when the prompt
+        was padded; the decode tokens are always kept.  See :class:`StaticHyperAttentionCache`."""
+        if isinstance(self, StaticHyperAttentionCache):
+            raise TypeError("this cache is already static")
+        B, L = self.k.shape[:2]
+        max_len = check_int("max_len", max_len, low=max(L, 1))
+        valid = torch.zeros(B, max_len, dtype=torch.bool, device=self.k.device)
+        if key_padding_mask is None:
+            valid[:, :L] = True
+        else:
+            check_tensor("key_padding_mask", key_padding_mask, ndim=2, dtypes=(torch.bool,))
+            if tuple(key_padding_mask.shape) != (B, L) or key_padding_mask.device != self.k.device:
+                raise ValueError(f"key_padding_mask must be a bool [B={B}, seq_len={L}] tensor on {self.k.device} "
+                                 f"(the prompt's mask), got {tuple(key_padding_mask.shape)} on "
+                                 f"{key_padding_mask.device}")
+            valid[:, :L] = key_padding_mask
+        k, v = (t.new_zeros((B, max_len) + tuple(t.shape[2:])) for t in (self.k, self.v))
+        k[:, :L], v[:, :L] = self.k, self.v
+        return StaticHyperAttentionCache(k, v, self.k_vis, self.v_vis, self.image_positions, self.cu_images,
+                                         length=torch.full((1,), L, dtype=torch.int64, device=self.k.device),
+                                         valid=valid, filled=L)
+
+
+@dataclass
+class StaticHyperAttentionCache(HyperAttentionCache):
+    """A :class:`HyperAttentionCache` in fixed buffers (made by :meth:`HyperAttentionCache.to_static`),
+    for generation under ``torch.no_grad()`` / ``torch.inference_mode()``.
+
+    ``k``, ``v`` are ``[B, max_len, H_kv, D]``, of which the first ``length`` positions are filled;
+    ``valid [B, max_len]`` marks the keys a row may attend (the prompt's mask, then each decode
+    token).  A decode step (one token per sample, no new images, no ``key_padding_mask``) writes its
+    K/V at position ``length`` and advances ``length`` *in place*, on the device: the step's kernel
+    launches, shapes and host work are the same every time, so it can be captured in a CUDA graph and
+    replayed (update the captured ``hidden_states`` / ``position_ids`` tensors in place between
+    replays).  The step attends over all ``max_len`` positions with the unfilled ones masked out, so
+    ``max_len`` should be what the generation needs, not more.
+
+    ``filled`` counts the eager steps on the host, so an eager step past ``max_len`` raises
+    ``ValueError``; a replayed graph does not run Python, so a replay past ``max_len`` cannot raise:
+    its output is NaN instead (checked on the device, without a host sync) and nothing is written."""
+    length: torch.Tensor = None
+    valid: torch.Tensor = None
+    filled: int = 0
+
+    @property
+    def max_len(self) -> int:
+        return self.k.shape[1]
+
+    @property
+    def seq_len(self) -> int:
+        """The filled positions (reads ``length`` from the device: a host sync)."""
+        return int(self.length)
+
 
 def append_images(cache: HyperAttentionCache, k_new: torch.Tensor, v_new: torch.Tensor, positions_new: torch.Tensor,
                   cu_new: torch.Tensor):
@@ -85,6 +142,8 @@ class HyperAttention(nn.Module):
       sample (``image_positions``/``cu_images`` then describe the new images only).  The cache's
       shapes, dtype and device are checked; its image layout was checked when it was built, so decode
       steps skip the host-synchronising value checks;
+    * a :class:`StaticHyperAttentionCache` (``cache.to_static(max_len)``) instead takes decode steps
+      of one token in fixed buffers, updated in place and returned, with no host sync (CUDA graphs);
     * ``key_padding_mask``: bool ``[B, L_past + L]`` (True = keep) for the text keys;
     * ``check_metadata``: None (default) checks the values of a new image layout (prefill, new images:
       one host sync) and trusts the cached one on decode steps; True always checks, False never
@@ -189,6 +248,55 @@ class HyperAttention(nn.Module):
                              f"image_positions entry per cached image ({cache.k_vis.shape[0]}), got "
                              f"{tuple(cache.cu_images.shape)} and {tuple(cache.image_positions.shape)}")
 
+    def _static_step(self, hidden_states, position_ids, cache: StaticHyperAttentionCache, image_embeds,
+                     key_padding_mask, check_metadata):
+        """One decode step on a static cache: write this token's K/V at ``cache.length``, attend over the
+        whole buffer with the unfilled positions masked, advance ``cache.length``; no host sync and the
+        same launches every step.  The row sits at the buffer's last position for the kernels, which
+        changes nothing: every filled key precedes it, and every image of the prompt precedes it too."""
+        B, L, _ = hidden_states.shape
+        H, Hkv, D = self.num_heads, self.num_key_value_heads, self.head_dim
+        if L != 1:
+            raise ValueError(f"a static cache takes one token per sample per step (decode), got hidden_states with "
+                             f"L={L}; run longer chunks through a growing cache, then convert it with to_static()")
+        if image_embeds is not None or key_padding_mask is not None:
+            raise ValueError("a static cache's decode step takes no image_embeds and no key_padding_mask (the "
+                             "prompt's mask is kept in the cache; new images need a growing cache)")
+        length, valid, dev = cache.length, cache.valid, hidden_states.device
+        if not (isinstance(length, torch.Tensor) and isinstance(valid, torch.Tensor)
+                and tuple(length.shape) == (1,) and length.dtype == torch.int64 and length.device == dev
+                and tuple(valid.shape) == (B, cache.max_len) and valid.dtype == torch.bool and valid.device == dev):
+            raise ValueError(f"past_key_value is a StaticHyperAttentionCache without a length (int64 [1]) and a valid "
+                             f"(bool [B={B}, max_len={cache.max_len}]) on {dev} (make one with "
+                             "HyperAttentionCache.to_static)")
+        if torch.is_grad_enabled() and any(p.requires_grad for p in (self.q_proj.weight, self.k_proj.weight)):
+            raise RuntimeError("a static cache is written in place, which autograd cannot differentiate through: "
+                               "run decode steps under torch.no_grad() or torch.inference_mode()")
+        if cache.filled >= cache.max_len:
+            raise ValueError(f"the static cache is full: max_len={cache.max_len} positions are filled")
+        q = text_rope(self.q_proj(hidden_states).view(B, 1, H, D), position_ids, self.rope_theta)
+        k = text_rope(self.k_proj(hidden_states).view(B, 1, Hkv, D), position_ids, self.rope_theta)
+        v = self.v_proj(hidden_states).view(B, 1, Hkv, D)
+        if cache.k.dtype != k.dtype or cache.k_vis.dtype != k.dtype:
+            raise TypeError(f"past_key_value holds {cache.k.dtype} text / {cache.k_vis.dtype} visual K/V but this "
+                            f"step computes {k.dtype}")
+        # Past the end (only a replayed graph gets here): write nothing, poison the output.
+        full = cache.length >= cache.max_len
+        at = cache.length.clamp(max=cache.max_len - 1)
+        keep = torch.where(full, cache.k.index_select(1, at), k), torch.where(full, cache.v.index_select(1, at), v)
+        cache.k.index_copy_(1, at, keep[0])
+        cache.v.index_copy_(1, at, keep[1])
+        cache.valid.index_fill_(1, at, True)
+        o = hyper_attention(q, cache.k, cache.v, cache.k_vis, cache.v_vis, cache.image_positions, cache.cu_images,
+                            mode=self.mode, gate=self.gate.to(q.dtype) if self.mode == "gated" else None,
+                            visibility=self.visibility, key_padding_mask=cache.valid,
+                            check_metadata=bool(check_metadata))
+        out = self.o_proj(o.reshape(B, 1, H * D))
+        out = out.masked_fill(full, float("nan"))
+        cache.length.add_((~full).to(torch.int64))
+        cache.filled += 1
+        return out, cache
+
     def forward(self, hidden_states: torch.Tensor, position_ids: torch.Tensor, image_embeds: torch.Tensor | None = None,
                 image_positions: torch.Tensor | None = None, cu_images: torch.Tensor | None = None,
                 past_key_value: HyperAttentionCache | None = None, use_cache: bool = False,
@@ -210,6 +318,9 @@ class HyperAttention(nn.Module):
         position_ids = self._position_ids(position_ids, B, L, hidden_states.device)
         if past_key_value is not None:
             self._check_cache(past_key_value, B, hidden_states)
+        if isinstance(past_key_value, StaticHyperAttentionCache):
+            return self._static_step(hidden_states, position_ids, past_key_value, image_embeds, key_padding_mask,
+                                     check_metadata)
         if image_embeds is None and (image_positions is not None or cu_images is not None):
             raise ValueError("image_positions and cu_images describe image_embeds: pass image_embeds with them "
                              "(a cached layout is reused from past_key_value)")
