@@ -580,6 +580,19 @@ def _decode_step(model, mode, past, n, device, dtype, timer, log, modules=None) 
         add("module_eager", t[0] * 1e3 if t else None, note)
         t, note, info = _graph_measure(step, timer)
         add("module_graph", t[0] * 1e3 if t else None, note, **info)
+        # the generation loop's step: a static cache (fixed buffers, position advanced on the device);
+        # each call rewinds it to `past`, so every eager call and replay is the same step
+        static = cache.to_static(past + 1)
+
+        def static_step():
+            static.length.fill_(past)
+            static.filled = past
+            return ours(xs, ps, past_key_value=static)[0]
+        t, note = _measure(timer, static_step, grad=False)
+        add("module_static_eager", t[0] * 1e3 if t else None, note, includes="a 1-element rewind of the length")
+        t, note, info = _graph_measure(static_step, timer)
+        add("module_static_graph", t[0] * 1e3 if t else None, note, includes="a 1-element rewind of the length",
+            **info)
     except Exception as e:
         add("module_eager", None, _not_measured(e))
     return rows

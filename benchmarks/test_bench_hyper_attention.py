@@ -83,9 +83,9 @@ def test_peer_section_runs_on_cpu():
         assert fwd["ms"] > 0 and fwd["rel_err_vs_mk"] < 1e-5
         assert by[("prefill_peer", mode, "mmkernels", "fwd")]["speedup_vs_peer"] > 0
         assert by[("prefill_peer", mode, peer, "fwd+bwd")]["note"].startswith("not measured:")
-        for prov in ("op_eager", "module_eager", "sdpa_all_kv"):
+        for prov in ("op_eager", "module_eager", "module_static_eager", "sdpa_all_kv"):
             assert by[("decode_step", mode, prov, None)]["us"] > 0
-        for prov in ("op_kernels", "op_graph", "module_graph"):
+        for prov in ("op_kernels", "op_graph", "module_graph", "module_static_graph"):
             assert by[("decode_step", mode, prov, None)]["note"].startswith("not measured:")
     assert by[("decode_step", "joint", "sdpa_all_kv", None)]["rel_err_vs_mk"] < 1e-5
     sdpa = by[("causal", "joint", "sdpa_causal", "fwd+bwd")]
