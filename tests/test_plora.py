@@ -223,6 +223,21 @@ def test_from_linear_shares_parameters():
 
 
 @pytest.mark.parametrize("backend", ["reference"] + (["triton"] if KERNEL_DEVICES else []))
+def test_module_takes_xcomposer25_flat_mask(backend):
+    """XComposer2.5's PLoRA flattens im_mask (``im_mask.view(-1)``): a [B*N] mask with x [B, N, K] is the
+    [B, N] mask; one of any other length is still an error."""
+    device = "cuda" if HAS_CUDA else "cpu"
+    layer = PLoRALinear(32, 24, bias=True, lora_r=8, lora_alpha=16, lora_dropout=0.0, device=device)
+    nn.init.normal_(layer.Plora_B.weight)
+    x = torch.randn(2, 7, 32, device=device)
+    mask = make_mask("span", (2, 7)).to(device)
+    with use_backend(backend):
+        torch.testing.assert_close(layer(x, mask.reshape(-1)), layer(x, mask), rtol=0, atol=0)
+        with pytest.raises(ValueError, match="im_mask"):
+            layer(x, mask.reshape(-1)[:-1])
+
+
+@pytest.mark.parametrize("backend", ["reference"] + (["triton"] if KERNEL_DEVICES else []))
 def test_empty_input(backend):
     device = "cuda" if HAS_CUDA else "cpu"
     x, w, b, a, lb = make_inputs((0,), 32, 24, 16, torch.float32, device)

@@ -24,7 +24,8 @@ class PLoRALinear(nn.Linear):
     leaves W0 uninitialised; real weights come from checkpoints either way).
 
     ``forward(x, im_mask=None)``: ``x [..., in]``, ``im_mask`` bool ``x.shape[:-1]`` (0-d for a single
-    token ``x [in]``).  ``im_mask=None`` is the original's text-only call: the base linear alone, so
+    token ``x [in]``), or that mask flattened to 1-D (``[B*N]`` for ``x [B, N, in]``), which
+    XComposer2.5's PLoRA accepts through ``im_mask.view(-1)``.  ``im_mask=None`` is the original's text-only call: the base linear alone, so
     ``Plora_A``/``Plora_B`` get no gradient (None), whereas an all-False mask gives them zero gradients.
     Under ``torch.autocast`` every GEMM runs in the autocast dtype, as the original's ``nn.Linear`` calls
     do.  Builds and runs on the ``meta`` device (shape only).
@@ -65,6 +66,9 @@ class PLoRALinear(nn.Linear):
     def forward(self, x: torch.Tensor, im_mask: torch.Tensor | None = None) -> torch.Tensor:
         if im_mask is None:  # as the original: the base linear alone, Plora_A/B outside the graph (grads None)
             return F.linear(x, self.weight, self.bias)
+        if isinstance(im_mask, torch.Tensor) and im_mask.dim() == 1 and x.dim() > 2 \
+                and im_mask.numel() == math.prod(x.shape[:-1]):
+            im_mask = im_mask.view(x.shape[:-1])     # XComposer2.5's flattened mask, row-major like x
         # under torch.autocast plora_linear runs every GEMM in autocast's dtype, as the original does
         weights = (self.weight, self.bias, self.Plora_A.weight, self.Plora_B.weight)
         return plora_linear(x, *weights, im_mask, scaling=self.lora_scaling, dropout_p=self.lora_dropout_p,
