@@ -32,7 +32,6 @@ from __future__ import annotations
 
 from typing import Callable, Dict, List
 
-import torch
 from torch import nn
 
 from ._common import RUN_HOOKS, find_modules, hooks, retire_parameters, set_child
@@ -137,14 +136,10 @@ def _build(qualname: str, ds: nn.Module, param_state: Dict[str, tuple]) -> nn.Mo
 
     gate = ds.deepspeed_moe.gate
     wg = gate.wg.weight
-    devices = [wg.device] if wg.device.type not in ("cpu", "meta") else []
-    # MoE's constructor initialises a router (as DeepSpeed's does) that from_deepspeed then overwrites:
-    # fork the generator so patching does not shift the random stream of what runs after it
-    with torch.random.fork_rng(devices=devices, device_type=devices[0].type if devices else "cuda"):
-        try:
-            new = MoE.from_deepspeed(ds, state_dict_layout="deepspeed")
-        except (NotImplementedError, ValueError, TypeError) as e:
-            raise type(e)(f"cannot patch DeepSpeed MoE layer {qualname!r}: {e}") from e
+    try:   # from_deepspeed leaves torch's random generators as they were
+        new = MoE.from_deepspeed(ds, state_dict_layout="deepspeed")
+    except (NotImplementedError, ValueError, TypeError) as e:
+        raise type(e)(f"cannot patch DeepSpeed MoE layer {qualname!r}: {e}") from e
     if new.gate_weight.shape != wg.shape:   # from_deepspeed built the router from wg's shape: cannot differ
         raise AssertionError(f"{qualname}: router shape {tuple(new.gate_weight.shape)} != {tuple(wg.shape)}")
     new.gate_weight = wg   # the router keeps its Parameter (dtype, device, optimizer state, requires_grad)
