@@ -248,6 +248,19 @@ class HyperAttention(nn.Module):
                              f"image_positions entry per cached image ({cache.k_vis.shape[0]}), got "
                              f"{tuple(cache.cu_images.shape)} and {tuple(cache.image_positions.shape)}")
 
+    def _qkv(self, hidden_states, position_ids, cache):
+        """``q [B, L, H, D]`` and ``k``, ``v [B, L, H_kv, D]`` of ``hidden_states`` (q, k rotated by the text
+        RoPE at ``position_ids``); ``TypeError`` if ``cache`` holds K/V of another dtype."""
+        B, L, _ = hidden_states.shape
+        H, Hkv, D = self.num_heads, self.num_key_value_heads, self.head_dim
+        q = text_rope(self.q_proj(hidden_states).view(B, L, H, D), position_ids, self.rope_theta)
+        k = text_rope(self.k_proj(hidden_states).view(B, L, Hkv, D), position_ids, self.rope_theta)
+        v = self.v_proj(hidden_states).view(B, L, Hkv, D)
+        if cache is not None and (cache.k.dtype != k.dtype or cache.k_vis.dtype != k.dtype):
+            raise TypeError(f"past_key_value holds {cache.k.dtype} text / {cache.k_vis.dtype} visual K/V but this "
+                            f"step computes {k.dtype}")
+        return q, k, v
+
     def _static_step(self, hidden_states, position_ids, cache: StaticHyperAttentionCache, image_embeds,
                      key_padding_mask, check_metadata):
         """One decode step on a static cache: write this token's K/V at ``cache.length``, attend over the
@@ -255,7 +268,7 @@ class HyperAttention(nn.Module):
         same launches every step.  The row sits at the buffer's last position for the kernels, which
         changes nothing: every filled key precedes it, and every image of the prompt precedes it too."""
         B, L, _ = hidden_states.shape
-        H, Hkv, D = self.num_heads, self.num_key_value_heads, self.head_dim
+        H, D = self.num_heads, self.head_dim
         if L != 1:
             raise ValueError(f"a static cache takes one token per sample per step (decode), got hidden_states with "
                              f"L={L}; run longer chunks through a growing cache, then convert it with to_static()")
@@ -274,12 +287,7 @@ class HyperAttention(nn.Module):
                                "run decode steps under torch.no_grad() or torch.inference_mode()")
         if cache.filled >= cache.max_len:
             raise ValueError(f"the static cache is full: max_len={cache.max_len} positions are filled")
-        q = text_rope(self.q_proj(hidden_states).view(B, 1, H, D), position_ids, self.rope_theta)
-        k = text_rope(self.k_proj(hidden_states).view(B, 1, Hkv, D), position_ids, self.rope_theta)
-        v = self.v_proj(hidden_states).view(B, 1, Hkv, D)
-        if cache.k.dtype != k.dtype or cache.k_vis.dtype != k.dtype:
-            raise TypeError(f"past_key_value holds {cache.k.dtype} text / {cache.k_vis.dtype} visual K/V but this "
-                            f"step computes {k.dtype}")
+        q, k, v = self._qkv(hidden_states, position_ids, cache)
         # Past the end (only a replayed graph gets here): write nothing, poison the output.
         full = cache.length >= cache.max_len
         at = cache.length.clamp(max=cache.max_len - 1)
@@ -324,13 +332,8 @@ class HyperAttention(nn.Module):
         if image_embeds is None and (image_positions is not None or cu_images is not None):
             raise ValueError("image_positions and cu_images describe image_embeds: pass image_embeds with them "
                              "(a cached layout is reused from past_key_value)")
-        q = text_rope(self.q_proj(hidden_states).view(B, L, H, D), position_ids, self.rope_theta)
-        k = text_rope(self.k_proj(hidden_states).view(B, L, Hkv, D), position_ids, self.rope_theta)
-        v = self.v_proj(hidden_states).view(B, L, Hkv, D)
+        q, k, v = self._qkv(hidden_states, position_ids, past_key_value)
         if past_key_value is not None:
-            if past_key_value.k.dtype != k.dtype or past_key_value.k_vis.dtype != k.dtype:
-                raise TypeError(f"past_key_value holds {past_key_value.k.dtype} text / {past_key_value.k_vis.dtype} "
-                                f"visual K/V but this step computes {k.dtype}")
             k = torch.cat([past_key_value.k, k], 1)
             v = torch.cat([past_key_value.v, v], 1)
             if image_embeds is not None:  # a new turn brings new images: append them per sample
