@@ -30,6 +30,13 @@ if mmkernels.interpreter_enabled():
 if HAS_CUDA:
     KERNEL_DEVICES.append(pytest.param("cuda", marks=pytest.mark.gpu))
 
+# (backend, device) pairs: the reference on CPU, the Triton kernels on every kernel device (the
+# interpreter on CPU, the GPU when there is one).
+BACKEND_DEVICES = [pytest.param("reference", "cpu", id="reference-cpu")]
+for _d in KERNEL_DEVICES:
+    _marks, _name = (_d.marks, _d.values[0]) if hasattr(_d, "values") else ((), _d)
+    BACKEND_DEVICES.append(pytest.param("triton", _name, marks=_marks, id=f"triton-{_name}"))
+
 
 def pytest_collection_modifyitems(config, items):
     if HAS_CUDA:

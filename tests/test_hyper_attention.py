@@ -9,23 +9,10 @@ from mmkernels.ops.hyper_attention.baseline import Owl3HyperAttentionBaseline
 from mmkernels.ops.hyper_attention.function import hyper_attention_fwd_op
 from mmkernels.testing import assert_close
 
-from conftest import KERNEL_DEVICES
+from conftest import BACKEND_DEVICES, KERNEL_DEVICES
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 DT_IDS = ["float32", "float16", "bfloat16"]
-
-
-def _backend_devices():
-    """(backend, device) pairs: the reference on CPU, the Triton kernels on every kernel device (the
-    interpreter on CPU, the GPU when there is one)."""
-    pairs = [pytest.param("reference", "cpu", id="reference-cpu")]
-    for d in KERNEL_DEVICES:
-        marks, name = (d.marks, d.values[0]) if hasattr(d, "values") else ((), d)
-        pairs.append(pytest.param("triton", name, marks=marks, id=f"triton-{name}"))
-    return pairs
-
-
-BACKEND_DEVICES = _backend_devices()
 
 
 def layout(Lk, device):

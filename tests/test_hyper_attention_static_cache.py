@@ -8,17 +8,9 @@ import torch
 
 from mmkernels import HyperAttention, HyperAttentionCache, StaticHyperAttentionCache, use_backend
 
-from conftest import KERNEL_DEVICES
+from conftest import BACKEND_DEVICES
 
 hidden, H, Hkv, D, T = 64, 4, 2, 16, 5
-
-
-def _backend_devices():
-    pairs = [pytest.param("reference", "cpu", id="reference-cpu")]
-    for d in KERNEL_DEVICES:
-        marks, name = (d.marks, d.values[0]) if hasattr(d, "values") else ((), d)
-        pairs.append(pytest.param("triton", name, marks=marks, id=f"triton-{name}"))
-    return pairs
 
 
 def _layer(mode, device):
@@ -40,7 +32,7 @@ def _prompt(device, L=9):
     return x, img, pos, cu, kpm, pid
 
 
-@pytest.mark.parametrize("backend,device", _backend_devices())
+@pytest.mark.parametrize("backend,device", BACKEND_DEVICES)
 @pytest.mark.parametrize("mode", ["gated", "joint"])
 def test_static_decode_matches_the_growing_cache(mode, backend, device):
     """Decode steps on a static cache equal the same steps on a growing cache (with the prompt's padding
@@ -70,7 +62,7 @@ def test_static_decode_matches_the_growing_cache(mode, backend, device):
         assert static.valid[:, :L + steps].tolist() == mask.tolist() and not static.valid[:, L + steps:].any()
 
 
-@pytest.mark.parametrize("backend,device", _backend_devices())
+@pytest.mark.parametrize("backend,device", BACKEND_DEVICES)
 def test_static_cache_full(backend, device):
     """An eager step past max_len raises; a replayed one (Python's counter no longer advancing) writes
     nothing and returns NaN, checked on the device."""
