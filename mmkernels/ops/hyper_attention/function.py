@@ -384,7 +384,8 @@ def visual_kv(image_embeds: torch.Tensor, norm_weight: torch.Tensor | None, v_kv
     rstd * (x @ (W * w).T)``), so the work is one fp32 row reduction for ``rstd``, one GEMM (cuBLAS)
     and one fused kernel that applies ``rstd``, the bias, the K/V split and MI-RoPE in fp32 with a
     single rounding (its backward is the exact inverse rotation, itself differentiable, so
-    ``visual_kv`` can be differentiated twice on both backends).  Meta tensors give the shapes.
+    ``visual_kv`` can be differentiated twice on both backends).  A one-channel input (``Dm = 1``) with a
+    norm runs the reference instead: its norm gradient is all cancellation.  Meta tensors give the shapes.
     """
     check_tensor("image_embeds", image_embeds, ndim=3, dtypes=FLOAT_DTYPES)
     check_tensor("v_kv_weight", v_kv_weight, ndim=2, dtypes=FLOAT_DTYPES)
@@ -419,7 +420,10 @@ def visual_kv(image_embeds: torch.Tensor, norm_weight: torch.Tensor | None, v_kv
     check_same_device(floats + [("image_positions", image_positions)])
     meta = _is_meta(image_embeds)  # shapes only: the Triton path's ops run their fake kernels
     backend = "triton" if meta else resolve_backend(image_embeds.device, image_embeds.dtype)
-    if backend == "reference" or D not in TRITON_HEAD_DIMS:
+    # Dm = 1 with a norm: RMSNorm of one channel is x / sqrt(x^2 + eps), whose gradient (~eps) is what is
+    # left of two nearly equal terms; the folded form below takes their difference after a half-precision
+    # GEMM backward, which cannot resolve it (relative errors of 2-3 in fp16/bf16), so the reference runs.
+    if backend == "reference" or D not in TRITON_HEAD_DIMS or (norm_weight is not None and Dm == 1):
         from .reference import visual_kv_reference
         return visual_kv_reference(image_embeds, norm_weight, v_kv_weight, v_kv_bias, image_positions,
                                    num_kv_heads=num_kv_heads, rope_theta=rope_theta,
