@@ -11,9 +11,10 @@ DeepSpeed's randomness: k = 2 samples the second expert with Gumbel noise (in tr
 the same noise (:func:`~mirrors.moe_llava.same_gumbel_draws`, reseeding before each forward); the
 "dropless" one turns it off (``top2_2nd_expert_sampling=False``).  k = 2 has no random token selection.
 
-Expected values are the unpatched (DeepSpeed) model's in the same dtype: both models compute in
+Expected outputs are the unpatched (DeepSpeed) model's in the same dtype: both models compute in
 float32 and route from bitwise-equal router inputs, so their difference is two float32 roundings,
-checked at float32's tolerance (measured: ~4e-7).
+checked at float32's tolerance (measured: ~4e-7).  Gradients are checked against the unpatched model in
+float64 (see the test).
 """
 import re
 
@@ -112,7 +113,23 @@ def test_logits_loss_and_every_gradient_match(config, backend):
     assert_close("loss", outs[1].loss, outs[0].loss.double(), f32)               # LM loss + moe_loss
     want, got = grads_by_key(ref), grads_by_key(pat)
     assert got.keys() == want.keys() == ref.state_dict().keys()
-    failed = [str(c) for c in (compare(k, got[k], want[k].double(), f32) for k in want) if not c.ok]
+    # Gradients against the unpatched model in float64: the router's passes through the softmax backward,
+    # which cancels, so float32 evaluations of it are ~2e-6 from the truth (DeepSpeed's and ours alike)
+    # and up to 1.1e-5 from each other (measured over seeds); one that misses float32's tolerance must be
+    # within twice DeepSpeed's own float32 error.
+    ref64 = mirror.build(CONFIGS[config][0], **CONFIGS[config][1]).train()
+    ref64.load_state_dict(ref.state_dict())
+    ref64.double()
+    mirror.set_expert_parallel_groups(ref64)
+    run(ref64, ids, 1234, "reference", labels=ids).loss.backward()
+    truth = grads_by_key(ref64)
+    failed = []
+    for k in want:
+        c = compare(k, got[k], truth[k], f32)
+        if not c.ok:
+            u = compare(k, want[k], truth[k], f32)
+            if not (c.rms_err <= 2 * u.rms_err and c.max_err <= 2 * u.max_err):
+                failed.append(f"{c}; DeepSpeed float32: {u}")
     assert not failed, failed
 
 
