@@ -16,22 +16,11 @@ from mmkernels import PLoRALinear
 from mmkernels.patching import apply_mmkernels, xcomposer2
 from mmkernels.testing import assert_close
 
-from conftest import HAS_CUDA
+from conftest import BACKEND_DEVICES
 from mirrors.internlm2_plora import PLoRA, build, image_mask
 
 V, B, N = 61, 2, 7
 PROJECTIONS = ("attention.wqkv", "attention.wo", "feed_forward.w1", "feed_forward.w2", "feed_forward.w3")
-
-
-def _backends():
-    """(backend, device): the reference backend on CPU, the Triton kernels where they run (CPU under the
-    interpreter, CUDA on a GPU machine)."""
-    cases = [("reference", "cpu")]
-    if mmkernels.interpreter_enabled():
-        cases.append(("triton", "cpu"))
-    if HAS_CUDA:
-        cases.append(pytest.param("triton", "cuda", marks=pytest.mark.gpu))
-    return cases
 
 
 def _patch(model, **kwargs):
@@ -52,7 +41,7 @@ def _loss_and_grads(model, ids, mask, backend):
     return logits.detach(), loss.detach(), {n: p.grad for n, p in model.named_parameters()}
 
 
-@pytest.mark.parametrize("backend, device", _backends())
+@pytest.mark.parametrize("backend, device", BACKEND_DEVICES)
 def test_patched_matches_unpatched(backend, device):
     model = build(lora_dropout=0.0).to(device).train()        # p = 0: XComposer2's identity ``lambda x: x``
     ids, mask = (t.to(device) for t in _batch())
@@ -75,7 +64,7 @@ def test_patched_matches_unpatched(backend, device):
         assert_close(f"grad {name}", grads2[name], g.double(), torch.float32)
 
 
-@pytest.mark.parametrize("backend, device", _backends())
+@pytest.mark.parametrize("backend, device", BACKEND_DEVICES)
 def test_greedy_generate_identical(backend, device):
     """Eval mode with XComposer2's dropout 0.05 (inactive); the prompt holds an image span, the decode
     steps are text only (PLoRA's no-visual-token path) and reuse a K/V cache."""
@@ -117,7 +106,7 @@ def test_convergence_20_adamw_steps():
         assert_close(f"final {name}", q, p.double(), torch.float32)
 
 
-@pytest.mark.parametrize("backend, device", [c for c in _backends() if "triton" in str(c)])
+@pytest.mark.parametrize("backend, device", [c for c in BACKEND_DEVICES if c.values[0] == "triton"])
 def test_training_steps_on_triton_kernels(backend, device):
     """2 AdamW steps with the PLoRA kernels (one layer, to keep the interpreter cheap) against the
     unpatched model.  ``bias=False`` (as InternLM2-7B): the key part of the wqkv bias has a pure
@@ -204,7 +193,7 @@ def test_without_im_mask_the_lora_stays_out_of_the_graph():
     assert holder.wo.Plora_A.weight.grad is None and holder.wo.Plora_B.weight.grad is None
 
 
-@pytest.mark.parametrize("backend, device", _backends())
+@pytest.mark.parametrize("backend, device", BACKEND_DEVICES)
 def test_autocast_runs_in_the_autocast_dtype(backend, device):
     """Mixed-precision training (fp32 weights under ``torch.autocast(bfloat16)``): like the original's
     ``nn.Linear`` calls, every GEMM and the output are bfloat16; gradients reach the fp32 parameters."""
