@@ -127,13 +127,15 @@ def _validate(name: str, module: nn.Linear) -> float:
         raise TypeError(f"{name}.weight must be floating point, got {weight.dtype}")
     check_float(f"{name}.lora_scaling", module.lora_scaling)
     dropout = module.lora_dropout
-    if isinstance(dropout, nn.Module) and hooks(dropout):
-        raise NotImplementedError(f"{name}.lora_dropout has hooks ({', '.join(hooks(dropout))})")
+    found = hooks(dropout) if isinstance(dropout, nn.Module) else []
+    if found:
+        raise NotImplementedError(f"{name}.lora_dropout has hooks ({', '.join(found)})")
     p = _dropout_p(name, dropout)
     if not 0.0 <= p <= 1.0:
         raise ValueError(f"{name}.lora_dropout has p={p}; expected 0 <= p <= 1")
-    if hooks(module):
-        raise NotImplementedError(f"{name} has hooks ({', '.join(hooks(module))}); the replacement module "
+    found = hooks(module)
+    if found:
+        raise NotImplementedError(f"{name} has hooks ({', '.join(found)}); the replacement module "
                                   "would not have them")
     for child in ("Plora_A", "Plora_B"):   # kept as they are, so only their forward/backward hooks matter
         found = hooks(getattr(module, child), RUN_HOOKS)
