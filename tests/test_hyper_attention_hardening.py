@@ -22,8 +22,8 @@ from mmkernels.ops.hyper_attention.function import text_rope
 from mmkernels.ops.hyper_attention.reference import apply_rope
 from mmkernels.testing import assert_close
 
-from conftest import KERNEL_DEVICES
-from test_hyper_attention import BACKEND_DEVICES, layout, make_inputs, run_both
+from conftest import BACKEND_DEVICES, KERNEL_DEVICES
+from test_hyper_attention import layout, make_inputs, run_both
 
 NEEDS_KERNELS = pytest.mark.skipif(not KERNEL_DEVICES, reason="no Triton device")
 INT = dict(dtype=torch.int32)
