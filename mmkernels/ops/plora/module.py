@@ -70,9 +70,8 @@ class PLoRALinear(nn.Linear):
                 and im_mask.numel() == math.prod(x.shape[:-1]):
             im_mask = im_mask.view(x.shape[:-1])     # XComposer2.5's flattened mask, row-major like x
         # under torch.autocast plora_linear runs every GEMM in autocast's dtype, as the original does
-        weights = (self.weight, self.bias, self.Plora_A.weight, self.Plora_B.weight)
-        return plora_linear(x, *weights, im_mask, scaling=self.lora_scaling, dropout_p=self.lora_dropout_p,
-                            training=self.training)
+        return plora_linear(x, self.weight, self.bias, self.Plora_A.weight, self.Plora_B.weight, im_mask,
+                            scaling=self.lora_scaling, dropout_p=self.lora_dropout_p, training=self.training)
 
     def extra_repr(self) -> str:
         return (f"{super().extra_repr()}, lora_r={self.lora_r}, lora_alpha={self.lora_alpha}, "
