@@ -491,9 +491,7 @@ def _kernel_us(fn, calls: int = PROFILE_CALLS) -> tuple[float | None, str | None
         for e in prof.key_averages():
             if str(getattr(e, "device_type", "")).split(".")[-1] != "CUDA":
                 continue
-            us = getattr(e, "self_device_time_total", None)
-            if us is None:
-                us = getattr(e, "self_cuda_time_total", 0.0)
+            us = getattr(e, H.profiler_device_time_attr(e), 0.0)
             if us:
                 per[e.key] = per.get(e.key, 0.0) + us / calls
         if not per:  # older/newer profilers: the raw device events

@@ -324,6 +324,12 @@ def time_mode(forward: Callable[[], Any], mode: str, dy: torch.Tensor | None = N
     return time_ms(lambda: forward().backward(dy), grad_to_none=list(leaves))
 
 
+def profiler_device_time_attr(evt: Any) -> str:
+    """The self device-time attribute of a ``torch.profiler`` average (``FunctionEventAvg``): it was
+    renamed across torch versions (``self_device_time_total``, earlier ``self_cuda_time_total``)."""
+    return "self_device_time_total" if hasattr(evt, "self_device_time_total") else "self_cuda_time_total"
+
+
 def peak_memory_mb(fn: Callable[[], Any], grad_to_none: Iterable[torch.Tensor] | None = None
                    ) -> float | None:
     """Peak CUDA memory of one call of ``fn`` (e.g. one fwd+bwd), in MB (1e6 bytes) above what was

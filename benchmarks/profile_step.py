@@ -102,10 +102,7 @@ def _self_time(evt, on_cuda):
     torch versions), CPU time otherwise."""
     if not on_cuda:
         return float(evt.self_cpu_time_total)
-    for name in ("self_device_time_total", "self_cuda_time_total"):
-        if hasattr(evt, name):
-            return float(getattr(evt, name))
-    return 0.0
+    return float(getattr(evt, H.profiler_device_time_attr(evt), 0.0))
 
 
 def profile_case(case, device, dtype, shapes, rows):
@@ -132,8 +129,7 @@ def profile_case(case, device, dtype, shapes, rows):
             torch.cuda.synchronize()
     wall_ms = (time.perf_counter() - t0) * 1e3
     averages = prof.key_averages()
-    sort_key = ("self_device_time_total" if hasattr(averages[0], "self_device_time_total") else
-                "self_cuda_time_total") if on_cuda and len(averages) else "self_cpu_time_total"
+    sort_key = H.profiler_device_time_attr(averages[0]) if on_cuda and len(averages) else "self_cpu_time_total"
     try:
         table = averages.table(sort_by=sort_key, row_limit=rows)
     except Exception:  # noqa: BLE001 -- a sort key this torch does not know: the table unsorted
