@@ -202,7 +202,7 @@ def _fsdp2_meta(rank, seed, steps, inplace_residual=False):
 def _zero2(rank, seed, steps):
     os.environ["DS_ACCELERATOR"] = "cpu"   # this rank's process only; CPU tensors even where CUDA is present
     os.environ["LOCAL_RANK"] = str(rank)   # deepspeed's launcher sets it; the group is already up
-    import deepspeed  # noqa: F401  (imports deepspeed.comm.torch)
+    import deepspeed
     skip_deepspeed_shm_build()   # no JIT build of a shared-memory op (inference_all_reduce only)
     model = TinyModel()
     model.load_state_dict(_weights(seed))
