@@ -154,14 +154,10 @@ def _sweep_config(device: torch.device, quick: bool) -> dict[str, Any]:
 
 def _bench_case(fwd_fn, mode: str, dy, leaves, measure_memory: bool):
     """Time ``fwd_fn`` in ``mode``; optionally measure peak memory of one fwd+bwd."""
+    times = H.time_mode(fwd_fn, mode, dy, leaves)
     if mode == "fwd":
-        return H.time_mode(fwd_fn, "fwd"), None
-
-    def fn():
-        fwd_fn().backward(dy)
-
-    times = H.time_ms(fn, grad_to_none=leaves)
-    peak = H.peak_memory_mb(fn, grad_to_none=leaves) if measure_memory else None
+        return times, None
+    peak = H.peak_memory_mb(lambda: fwd_fn().backward(dy), grad_to_none=leaves) if measure_memory else None
     for t in leaves:
         t.grad = None
     return times, peak
