@@ -167,7 +167,10 @@ def moe_route(logits: torch.Tensor, k: int, capacity: Optional[int] = None,
     if S * k >= 2 ** 31:
         raise ValueError(f"logits has S={S} rows: S*k={S * k} slots must stay below 2**31 (int32 slot indices)")
     if capacity is not None:
-        if not isinstance(capacity, torch.SymInt):   # traced by torch.compile: checked when it was an int
+        if isinstance(capacity, torch.SymInt):   # traced by torch.compile
+            if capacity < 0:
+                raise ValueError(f"capacity (None for dropless) must be >= 0, got {capacity}")
+        else:
             capacity = check_int("capacity (None for dropless)", capacity, low=0)
     policy = resolve_drop_policy(drop_policy, k, token_order is not None)
     logits32 = logits.float()
