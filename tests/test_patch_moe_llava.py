@@ -156,11 +156,18 @@ def test_convergence_20_adamw_steps(config="phi-capacity-sampled"):
     AdamW over DeepSpeed's per-expert parameters and over the packed [E, ...] ones is the same
     elementwise arithmetic.  Key biases are frozen: their exact gradient is zero (softmax ignores a
     per-query constant), so AdamW would only normalise rounding noise into full-size steps.  The final
-    weights carry 20 steps of float32 rounding through Adam's 1/sqrt(v): checked at 10x float32's
-    single-operation tolerance (measured 4e-5 at worst)."""
+    weights carry 20 steps of float32 rounding through Adam's 1/sqrt(v), which turns a gradient that is
+    rounding noise (an embedding row's, say) into full-size steps: checked against the same training of
+    the unpatched model in float64, within 10x float32's single-operation tolerance or, where that is
+    missed, within twice the unpatched float32 model's own distance from that float64 run."""
     ref, pat = pair(config)
+    ref64 = mirror.build(CONFIGS[config][0], **CONFIGS[config][1]).train()
+    ref64.load_state_dict(ref.state_dict())
+    ref64.double()
+    mirror.set_expert_parallel_groups(ref64)
+    models = (ref, pat, ref64)
     opts = []
-    for m in (ref, pat):
+    for m in models:
         for n, p in m.named_parameters():
             if n.endswith("k_proj.bias"):
                 p.requires_grad_(False)
@@ -168,7 +175,7 @@ def test_convergence_20_adamw_steps(config="phi-capacity-sampled"):
     for step in range(20):
         ids = torch.randint(2, VOCAB, (2, 7))
         losses = []
-        for m, opt in zip((ref, pat), opts):
+        for m, opt in zip(models, opts):
             opt.zero_grad()
             out = run(m, ids, 1000 + step, "reference", labels=ids)
             out.loss.backward()
@@ -177,13 +184,15 @@ def test_convergence_20_adamw_steps(config="phi-capacity-sampled"):
         assert_close(f"loss at step {step}", losses[1], losses[0].double(), torch.float32)
     f32 = TOLERANCES[torch.float32]
     trajectory = Tolerance(max_err=10 * f32.max_err, rms_err=10 * f32.rms_err)
-    want, got = ref.state_dict(), pat.state_dict()
+    want, got, truth = ref.state_dict(), pat.state_dict(), ref64.state_dict()
     assert got.keys() == want.keys()
     failed = []
     for k in want:
-        c = compare(k, got[k], want[k].double(), torch.float32)
+        c = compare(k, got[k], truth[k], torch.float32)
         if c.max_err > trajectory.max_err or c.rms_err > trajectory.rms_err:
-            failed.append(str(c))
+            u = compare(k, want[k], truth[k], torch.float32)
+            if not (c.max_err <= 2 * u.max_err and c.rms_err <= 2 * u.rms_err):
+                failed.append(f"{c}; unpatched float32: {u}")
     assert not failed, failed
 
 
