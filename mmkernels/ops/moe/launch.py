@@ -75,7 +75,7 @@ def route(logits: torch.Tensor, k: int, capacity, noise, token_order, drop_polic
     ``capacity < 0`` means dropless.  ``drop_policy="choice"`` runs the native op (C++ on CPU, CUDA
     kernels on GPU, no host sync) when the extension has it; the other policies (and ``"choice"``
     without the extension, or with a capacity while torch.compile traces) run the torch reference,
-    which needs no host sync either."""
+    which needs no host sync either and scans no one-hot ``[S*k, E]`` tensor along its rows."""
     # While torch.compile traces, a capacity may be symbolic (a SymInt from capacity_for on a dynamic
     # token count; Dynamo shows it as an int, so it cannot be told apart) and the native op's schema
     # takes a plain int, which would specialise the graph on every capacity value: the torch path is

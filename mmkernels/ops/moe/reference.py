@@ -43,6 +43,10 @@ Semantics (DeepSpeed ``sharded_moe.py``; S = B*T rows, E experts, C capacity)::
 
 ``token_order`` (a permutation of the rows) replaces token order in "choice" and "position": DeepSpeed's
 random token selection for k = 1 (``use_rts``) is ``token_order = argsort(-uniform)``.
+
+No policy scans a one-hot ``[S*k, E]`` tensor along its rows (DeepSpeed's ``cumsum(mask, dim=0)``; with
+E = 4 columns such a scan has almost no parallelism on a GPU): a position is a rank among equal
+experts in a 1-D sequence, from a stable sort by expert (:func:`_ranks_among_equal`).
 """
 from __future__ import annotations
 
@@ -218,6 +222,35 @@ def _counts(values: torch.Tensor, n: int) -> torch.Tensor:
     return _group_starts(torch.sort(values.reshape(-1)).values, n).diff()
 
 
+def _ranks_among_equal(seq: torch.Tensor, n: int) -> torch.Tensor:
+    """``rank[i] = #{i' < i : seq[i'] = seq[i]}`` for a 1-D int64 ``seq`` of values in ``[0, n)``.
+
+    A stable sort by value puts each value's elements together in sequence order; an element's rank is
+    its distance from the start of its group.  (DeepSpeed writes this as ``cumsum(one_hot(seq), dim=0)``:
+    a scan down the rows of a ``[len, n]`` tensor, which has only n columns of parallelism.)"""
+    sorted_values, perm = torch.sort(seq, stable=True)
+    starts = _group_starts(sorted_values, n)
+    rank_sorted = torch.arange(seq.shape[0], device=seq.device) - starts[sorted_values]
+    return torch.empty_like(rank_sorted).scatter_(0, perm, rank_sorted)
+
+
+def _claim_positions(idx: torch.Tensor, token_order: Optional[torch.Tensor], choice_major: bool,
+                     num_experts: int) -> torch.Tensor:
+    """``pos[s, j]``: how many choices claim expert ``idx[s, j]`` before choice (s, j) does.  Choices claim
+    in rows of ``token_order`` (default: row order); ``choice_major``: all first choices, then all second
+    choices ... (top2gating); else a row's choices together (topkgating 'position': its experts differ)."""
+    S, k = idx.shape
+    ordered = idx if token_order is None else idx[token_order]
+    seq = (ordered.t() if choice_major else ordered).reshape(-1)
+    ranks = _ranks_among_equal(seq, num_experts)
+    ranks = ranks.view(k, S).t() if choice_major else ranks.view(S, k)
+    if token_order is None:
+        return ranks.contiguous()
+    pos = torch.empty_like(ranks, memory_format=torch.contiguous_format)
+    pos[token_order] = ranks
+    return pos
+
+
 def route_reference(logits: torch.Tensor, k: int, capacity: Optional[int],
                     noise: Optional[torch.Tensor] = None,
                     token_order: Optional[torch.Tensor] = None, drop_policy: str = "choice") -> RouteDecisions:
@@ -239,23 +272,19 @@ def route_reference(logits: torch.Tensor, k: int, capacity: Optional[int],
       by making the same call.
     """
     S, E = logits.shape
-    dev = logits.device
     if drop_policy in ("position", "probs"):
         probs = torch.softmax(logits, dim=1)
         top_p, idx = torch.topk(probs, k, dim=1)
-        mask = torch.zeros_like(probs, dtype=torch.bool).scatter_(1, idx, True)          # [S, E]
         if capacity is None:
-            kept_se = mask
+            keep = torch.ones_like(idx, dtype=torch.bool)
         elif drop_policy == "position":
-            order = token_order if token_order is not None else torch.arange(S, device=dev)
-            loc = torch.cumsum(mask[order].long(), dim=0) - 1          # rank among the rows in order
-            kept_se = torch.empty_like(mask)
-            kept_se[order] = mask[order] & (loc < capacity)
+            # an expert's rank among the rows (in token order) that chose it, whichever choice it was
+            keep = _claim_positions(idx, token_order, False, E) < capacity
         else:
+            mask = torch.zeros_like(probs, dtype=torch.bool).scatter_(1, idx, True)      # [S, E]
             gated = torch.zeros_like(probs).scatter(1, idx, top_p)
             sel = torch.topk(gated, k=_sym_min(capacity, S), dim=0, sorted=False).indices
-            kept_se = mask & torch.zeros_like(mask).scatter_(0, sel, True)
-        keep = kept_se.gather(1, idx)
+            keep = (mask & torch.zeros_like(mask).scatter_(0, sel, True)).gather(1, idx)
     elif drop_policy == "topk_ties":
         idx = topk_indices_reference(logits, 1, None)
         onehot = F.one_hot(idx[:, 0], E)                                 # int64 [S, E], as DeepSpeed
@@ -266,14 +295,11 @@ def route_reference(logits: torch.Tensor, k: int, capacity: Optional[int],
             keep = (onehot * torch.zeros_like(onehot).scatter_(0, sel, 1)).gather(1, idx).bool()
     elif drop_policy == "choice":
         idx = topk_indices_reference(logits, k, noise)
-        order = token_order if token_order is not None else torch.arange(S, device=dev)
-        # Positions: walk the choices j-major (all first choices, then all second ...), rows in `order`.
-        seq = idx[order].t().reshape(-1)                                   # [k*S]
-        onehot = F.one_hot(seq, E)                                         # [k*S, E] (no capacity axis)
-        pos_seq = (onehot.cumsum(0) - 1).gather(1, seq[:, None]).squeeze(1)
-        pos = torch.empty(S, k, dtype=torch.int64, device=dev)
-        pos[order] = pos_seq.view(k, S).t()
-        keep = pos < capacity if capacity is not None else torch.ones_like(pos, dtype=torch.bool)
+        if capacity is None:
+            keep = torch.ones_like(idx, dtype=torch.bool)
+        else:
+            # positions: the choices claim j-major (all first choices, then all second ...), rows in order
+            keep = _claim_positions(idx, token_order, True, E) < capacity
     else:
         raise ValueError(f"drop_policy must be one of {DROP_POLICIES}, got {drop_policy!r}")
     exp_counts = _counts(idx, E)
