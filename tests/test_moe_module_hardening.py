@@ -389,10 +389,14 @@ def run_both(ds, ours, x, noise, monkeypatch):
 
     monkeypatch.setattr(sharded_moe, "gumbel_rsample", lambda shape, device: noise.clone())
     xd, xo = x.clone().requires_grad_(), x.clone().requires_grad_()
+    state = torch.get_rng_state()
     y_ds, l_ds, c_ds = ds(xd)
+    after_ds = torch.get_rng_state()
+    torch.set_rng_state(state)   # k = 1 random token selection: both draw from the same generator state
     with use_backend("reference"):
         y, l_aux, counts = ours(xo, second_expert_noise=noise if ours.k == 2 and ours.top2_2nd_expert_sampling
                                 else None)
+    assert torch.equal(torch.get_rng_state(), after_ds), "the random stream must end where DeepSpeed's does"
     (y_ds.square().sum() + l_ds).backward()
     (y.square().sum() + l_aux).backward()
     torch.testing.assert_close(y, y_ds, rtol=1e-5, atol=1e-6)
@@ -408,6 +412,10 @@ def run_both(ds, ours, x, noise, monkeypatch):
     ("stablelm", 2, dict(eval_capacity_factor=2.0), False),  # eval, dropless by capacity
     ("qwen", 2, dict(top2_2nd_expert_sampling=False, capacity_factor=0.75), True),
     ("phi", 1, dict(use_rts=False, capacity_factor=0.5), True),   # top1gating's topk over the 0/1 mask
+    ("phi", 1, dict(capacity_factor=0.5), True),             # top1gating, random token selection (the default)
+    ("stablelm", 1, dict(eval_capacity_factor=0.5), False),  # ... in eval (DeepSpeed draws there too)
+    ("phi", 1, dict(drop_tokens=False), True),               # ... dropless: the draw still happens
+    ("phi", 2, dict(use_rts=True, capacity_factor=0.5), False),   # k = 2: top2gating has no RTS
     ("phi", 3, dict(capacity_factor=0.5), True),             # topkgating drop_policy='probs'
     ("phi", 3, dict(drop_tokens=False), True),
 ], ids=lambda v: str(v))

@@ -9,14 +9,16 @@ not, both backends) and on the aten graphs torch.compile produces (forward and b
 
 The positions themselves are checked against a hand-written loop (the rule as DeepSpeed's docs state it).
 """
+import itertools
+
 import pytest
 import torch
 import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from mmkernels import MoE, moe_route, use_backend
+from mmkernels import MoE, moe_ffn, moe_route, use_backend
 from mmkernels.ops.moe import launch
-from mmkernels.ops.moe.reference import _claim_positions, route_reference
+from mmkernels.ops.moe.reference import _claim_positions, capacity_for, route_reference
 
 from conftest import BACKEND_DEVICES, KERNEL_DEVICES
 from test_moe import PhiMLP
@@ -167,3 +169,169 @@ def test_torch_route_keeps_what_the_loop_keeps(policy):
     assert torch.equal(d.keep, want)
     r = moe_route(logits, k, C, token_order=order, drop_policy=policy)
     assert torch.equal(r.keep, want) and not bool(want.all())
+
+
+# ------------------------------------------------------------------ k = 1 random token selection (DeepSpeed's rule)
+
+def _rts_spec(indices, uniform, capacity):
+    """DeepSpeed's top1gating(use_rts=True) as its comment states it, written out: expert e keeps, of the
+    rows that chose it, the ``capacity`` rows with the largest ``uniform[s, e]`` (distinct draws here)."""
+    S = indices.shape[0]
+    keep = torch.zeros(S, dtype=torch.bool)
+    for e in range(uniform.shape[1]):
+        rows = [s for s in range(S) if int(indices[s]) == e]
+        rows.sort(key=lambda s: -float(uniform[s, e]))
+        keep[rows[:capacity]] = True
+    return keep
+
+
+@pytest.mark.parametrize("S,C", [(29, 3), (29, 0), (40, 9), (7, 12), (1, 1), (0, 2)])
+def test_rts_keeps_each_experts_largest_draws(S, C):
+    logits = torch.randn(S, E) * 2
+    logits[:, 1] += 1.0                                       # expert 1 is over-full
+    uniform = (torch.randperm(S * E).float() / (S * E)).view(S, E)   # distinct values: no ties
+    r = moe_route(logits, 1, C, rts_uniform=uniform)
+    want = _rts_spec(logits.argmax(1), uniform, C)
+    assert torch.equal(r.keep[:, 0], want)
+    assert torch.equal(r.indices[:, 0], logits.argmax(1))
+    probs = torch.softmax(logits, 1)
+    assert torch.equal(r.weights[:, 0], probs.gather(1, r.indices)[:, 0] * want)   # raw gate value, as top1gating
+    if S:   # top1gating's l_aux: E * sum_e mean_s p[s, e] * (fraction of first choices of e)
+        top1_share = F.one_hot(logits.argmax(1), E).double().mean(0)
+        torch.testing.assert_close(r.l_aux.double(), (probs.double().mean(0) * top1_share).sum() * E)
+    assert torch.equal(r.exp_counts, torch.bincount(logits.argmax(1), minlength=E))
+    bounds = r.expert_offsets.tolist()               # kept rows grouped by expert, in row order
+    for e in range(E):
+        rows = r.sorted_slots[bounds[e]:bounds[e + 1]].tolist()
+        assert rows == [s for s in range(S) if want[s] and int(r.indices[s, 0]) == e]
+    same = moe_route(logits, 1, C, rts_uniform=uniform, drop_policy="rts")
+    assert torch.equal(same.keep, r.keep) and torch.equal(same.sorted_slots, r.sorted_slots)
+    assert moe_route(logits, 1, None, rts_uniform=uniform).keep.all()       # dropless keeps every row
+    if S == 29 and C == 3:
+        assert 0 < int(want.sum()) < S
+
+
+def test_rts_ties_are_broken_by_deepspeeds_topk_call():
+    """Equal draws in an over-full expert: the kept rows are those torch.topk returns from the masked draw,
+    DeepSpeed's own call (not token order)."""
+    S, C = 12, 4
+    logits = torch.randn(S, E)
+    logits[:, 2] += 20.0                                      # every row chooses expert 2
+    uniform = torch.rand(S, E)
+    uniform[:, 2] = 0.5                                       # all tied
+    r = moe_route(logits, 1, C, rts_uniform=uniform)
+    want = torch.zeros(S, dtype=torch.bool)
+    want[torch.topk(F.one_hot(logits.argmax(1), E) * uniform, k=C, dim=0)[1][:, 2]] = True
+    assert torch.equal(r.keep[:, 0], want) and int(want.sum()) == C
+
+
+@pytest.mark.parametrize("drop_tokens", [True, False], ids=["capacity", "dropless"])
+@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
+def test_module_draws_deepspeeds_uniform_and_keeps_what_it_selects(train, drop_tokens):
+    """MoE(k=1, use_rts=True) draws torch.rand(S, E) from torch's generator in training and eval, with or
+    without drops (as DeepSpeed's top1gating does), routes with it, and leaves the generator where that
+    one draw leaves it; use_rts=False draws nothing."""
+    S = 30
+    moe = MoE(H, PhiMLP(H, F_), num_experts=E, k=1, capacity_factor=0.5, eval_capacity_factor=0.75, min_capacity=0,
+              drop_tokens=drop_tokens).train(train)
+    x = torch.randn(S, H)
+    with use_backend("reference"):
+        torch.manual_seed(7)
+        y, l_aux, counts = moe(x)
+        after = torch.get_rng_state()
+        torch.manual_seed(7)
+        uniform = torch.rand(S, E)
+        assert torch.equal(torch.get_rng_state(), after)
+        r = moe_route(F.linear(x, moe.gate_weight), 1, moe.capacity(S), rts_uniform=uniform)
+        want = moe_ffn(x, r, moe.w1, moe.b1, moe.w2, moe.b2)
+    assert torch.equal(y, want) and torch.equal(l_aux, r.l_aux) and torch.equal(counts, r.exp_counts)
+    if drop_tokens:
+        assert not bool(r.keep.all())
+        assert torch.equal(r.keep[:, 0], _rts_spec(r.indices[:, 0], uniform, moe.capacity(S)))
+    moe.use_rts = False
+    state = torch.get_rng_state()
+    with use_backend("reference"):
+        moe(x)
+    assert torch.equal(torch.get_rng_state(), state)
+
+
+def test_rts_uniform_arguments_are_checked():
+    logits = torch.randn(8, E)
+    with pytest.raises(ValueError, match="rts_uniform .*needs k = 1, got k=2"):
+        moe_route(logits, 2, 4, rts_uniform=torch.rand(8, E))
+    with pytest.raises(ValueError, match="rts_uniform must have shape"):
+        moe_route(logits, 1, 4, rts_uniform=torch.rand(8, E + 1))
+    with pytest.raises(TypeError, match="rts_uniform"):
+        moe_route(logits, 1, 4, rts_uniform=torch.rand(8, E).long())
+    with pytest.raises(ValueError, match="rts_uniform"):
+        moe_route(logits, 1, 4, drop_policy="rts")                          # the policy needs the draw
+    with pytest.raises(ValueError, match="rts_uniform"):
+        moe_route(logits, 1, 4, rts_uniform=torch.rand(8, E), drop_policy="topk_ties")
+    with pytest.raises(ValueError, match="token_order"):
+        moe_route(logits, 1, 4, token_order=torch.randperm(8), rts_uniform=torch.rand(8, E))
+
+
+# ------------------------------------------------------------------ DeepSpeed's own gating functions, bit for bit
+
+# (k, DeepSpeed option) -> 12 rules with drop_tokens on and off; x 4 token counts x 2 expert counts x 5 capacity
+# factors x 2 min_capacity = 960 configurations
+_DS_RULES = [(1, dict(use_rts=True)), (1, dict(use_rts=False)), (2, dict(top2_2nd_expert_sampling=True)),
+             (2, dict(top2_2nd_expert_sampling=False)), (3, dict(drop_policy="probs")),
+             (3, dict(drop_policy="position"))]
+
+
+def _deepspeed_gating(sharded_moe, logits, k, cf, min_capacity, drop_tokens, opt, noise):
+    """(kept [S, E], weights [S, E], l_aux, exp_counts) from DeepSpeed's top1/top2/topkgating."""
+    if k == 1:
+        out = sharded_moe.top1gating(logits.clone(), cf, min_capacity, drop_tokens=drop_tokens, use_rts=opt["use_rts"])
+    elif k == 2:
+        out = sharded_moe.top2gating(logits.clone(), cf, min_capacity, drop_tokens=drop_tokens,
+                                     top2_2nd_expert_sampling=opt["top2_2nd_expert_sampling"])
+    else:
+        out = sharded_moe.topkgating(logits.clone(), k, cf, min_capacity, drop_tokens=drop_tokens,
+                                     drop_policy=opt["drop_policy"])
+    l_aux, combine, dispatch, exp_counts = out
+    return dispatch.any(-1), combine.sum(-1), l_aux, exp_counts
+
+
+def test_routing_is_deepspeeds_gating_bit_for_bit(monkeypatch):
+    """moe_route with the policy MoE picks for each DeepSpeed rule against DeepSpeed 0.19.8's top1gating,
+    top2gating and topkgating on 960 configurations (half with a capacity, most of those dropping
+    tokens): the kept (token, expert) pairs, the combine weights and l_aux bit for bit, exp_counts, and
+    -- for k = 1 random token selection -- the same draw from torch's generator, left in the same state."""
+    sharded_moe = pytest.importorskip("deepspeed.moe.sharded_moe", reason="DeepSpeed is not installed (pip install "
+                                      "deepspeed==0.19.8); the rule's own tests above still run")
+    noise_box = []
+    monkeypatch.setattr(sharded_moe, "gumbel_rsample", lambda shape, device: noise_box[0].clone())
+    n = dropped = 0
+    for (k, opt), drop_tokens, S, num_experts, cf, min_capacity in itertools.product(
+            _DS_RULES, (True, False), (5, 17, 33, 64), (4, 8), (0.25, 0.5, 1.0, 1.25, 2.0), (0, 4)):
+        logits = torch.randn(S, num_experts) * 2
+        logits[:, 0] += 1.0                                   # a popular expert
+        noise = -torch.log(-torch.log(torch.rand(S, num_experts).clamp(1e-20, 1 - 1e-7)))
+        noise_box[:] = [noise]
+        state = torch.get_rng_state()
+        kept, weights, l_aux, counts = _deepspeed_gating(sharded_moe, logits, k, cf, min_capacity, drop_tokens, opt,
+                                                         noise)
+        after = torch.get_rng_state()
+        torch.set_rng_state(state)
+        kw = {}
+        if k == 1 and opt["use_rts"]:
+            kw["rts_uniform"] = torch.rand(S, num_experts)    # what MoE draws
+        if k == 2 and opt["top2_2nd_expert_sampling"]:
+            kw["second_expert_noise"] = noise
+        if k == 3:
+            kw["drop_policy"] = opt["drop_policy"]
+        capacity = capacity_for(S, num_experts, cf, k, min_capacity) if drop_tokens else None
+        r = moe_route(logits, k, capacity, **kw)
+        where = (k, opt, drop_tokens, S, num_experts, cf, min_capacity)
+        assert torch.equal(torch.get_rng_state(), after), where
+        ours_kept = torch.zeros(S, num_experts, dtype=torch.bool).scatter(1, r.indices, r.keep)
+        ours_weights = torch.zeros(S, num_experts).scatter(1, r.indices, r.weights)
+        assert torch.equal(ours_kept, kept), where
+        assert torch.equal(ours_weights, weights), where
+        assert torch.equal(r.l_aux, l_aux), where
+        assert torch.equal(r.exp_counts, counts), where
+        n += 1
+        dropped += not bool(r.keep.all())
+    assert n == 960 and dropped > 200, (n, dropped)   # about 300 of the 480 with a capacity drop tokens

@@ -9,7 +9,11 @@ transformers, DeepSpeed 0.19.8's real ``MoE`` on every other layer, ``l_aux`` ad
 DeepSpeed's randomness: k = 2 samples the second expert with Gumbel noise (in training and eval).  The
 "sampled" configuration keeps that (DeepSpeed's default, what MoE-LLaVA runs) and makes both models draw
 the same noise (:func:`~mirrors.moe_llava.same_gumbel_draws`, reseeding before each forward); the
-"dropless" one turns it off (``top2_2nd_expert_sampling=False``).  k = 2 has no random token selection.
+"dropless" one turns it off (``top2_2nd_expert_sampling=False``).  k = 2 has no random token selection;
+MoE-LLaVA's ``top_k_experts=1`` runs DeepSpeed's top-1 gating with it (``use_rts`` is DeepSpeed's default):
+an ``[S, E]`` uniform drawn from torch's generator decides which tokens an over-full expert keeps, and the
+patched layer draws the same numbers, keeps the same tokens and leaves the generator where DeepSpeed does,
+so the residual dropout after it draws the same masks ("phi-top1-rts" and the test with dropout on).
 
 Expected outputs are the unpatched (DeepSpeed) model's in the same dtype: both models compute in
 float32 and route from bitwise-equal router inputs, so their difference is two float32 roundings,
@@ -41,6 +45,9 @@ CONFIGS = {
     # that tokens really are dropped in training (C = ceil(S / E * 0.5 * 2) < the mean load S / 2)
     "phi-capacity-sampled": ("phi", dict(capacity_factor=0.5)),
     "stablelm-dropless": ("stablelm", dict(drop_tokens=False, top2_2nd_expert_sampling=False)),
+    # MoE-LLaVA's top_k_experts=1: DeepSpeed's top1gating with random token selection, tokens dropped
+    # (C = ceil(S / E * 0.5) < the mean load S / E)
+    "phi-top1-rts": ("phi", dict(k=1, capacity_factor=0.5)),
 }
 
 
@@ -104,9 +111,10 @@ def test_logits_loss_and_every_gradient_match(config, backend):
     assert_close("MoE output", y, y_ds.double(), torch.float32)
     assert_close("l_aux", l_aux, l_ds.double(), torch.float32)
     assert torch.equal(counts, counts_ds), (counts, counts_ds)
-    if config.startswith("phi-capacity"):   # the case is what it says: tokens were dropped
+    if config.startswith(("phi-capacity", "phi-top1")):   # the case is what it says: tokens were dropped
+        k = CONFIGS[config][1].get("k", 2)
         counts = ref.model.layers[0].mlp.deepspeed_moe.exp_counts
-        assert int(counts.max()) > capacity_for(14, 4, 0.5, 2, 0), counts
+        assert int(counts.max()) > capacity_for(14, 4, 0.5, k, 0), counts
     f32 = torch.float32
     assert_close("logits", outs[1].logits, outs[0].logits.double(), f32)
     assert_close("moe_loss", outs[1].moe_loss, outs[0].moe_loss.double(), f32)   # 0.01 * l_aux
@@ -133,9 +141,43 @@ def test_logits_loss_and_every_gradient_match(config, backend):
     assert not failed, failed
 
 
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
+def test_top1_random_token_selection_keeps_dropout_in_step(train, backend):
+    """Top-1 MoE-LLaVA on four layers (MoE on 0 and 2) with phi-2's residual dropout on: DeepSpeed's random
+    token selection draws an [S, E] uniform in training and eval; the patched layers draw the same, keep
+    the same tokens (each layer's output, l_aux and counts match, with tokens dropped), and leave the
+    generator where DeepSpeed does, so the dropout masks after the first MoE layer, the second layer's
+    draw and the logits all stay in step."""
+    ref, pat = (mirror.build("phi", num_layers=4, k=1, capacity_factor=0.5, eval_capacity_factor=0.5).train(train)
+                for _ in range(2))
+    for m in (ref, pat):
+        mirror.set_expert_parallel_groups(m)
+        for layer in m.model.layers:
+            layer.resid_dropout.p = 0.25
+    assert patch(pat) == {"moe": 2}
+    ids = torch.randint(2, VOCAB, (2, 7))
+    returned, outs, states = [], [], []
+    for m in (ref, pat):
+        got = []
+        for i in (0, 2):
+            m.model.layers[i].mlp.register_forward_hook(lambda mod, args, out, got=got: got.append(out))
+        outs.append(run(m, ids, 4321, backend, labels=ids))
+        states.append(torch.get_rng_state())
+        returned.append(got)
+    assert torch.equal(states[1], states[0]), "the patched model left torch's generator elsewhere"
+    C = capacity_for(14, 4, 0.5, 1, 0)
+    for (y_ds, l_ds, counts_ds), (y, l_aux, counts) in zip(*returned):
+        assert torch.equal(counts, counts_ds) and int(counts.max()) > C, (counts, C)   # tokens were dropped
+        assert_close("MoE output", y, y_ds.double(), torch.float32)
+        assert_close("l_aux", l_aux, l_ds.double(), torch.float32)
+    assert_close("logits", outs[1].logits, outs[0].logits.double(), torch.float32)
+    assert_close("loss", outs[1].loss, outs[0].loss.double(), torch.float32)
+
+
 @pytest.mark.parametrize("config,backend,new_tokens", [
     ("phi-capacity-sampled", "reference", 6), ("stablelm-dropless", "reference", 6),
-    ("phi-capacity-sampled", "triton", 2)])
+    ("phi-capacity-sampled", "triton", 2), ("phi-top1-rts", "reference", 4)])
 def test_greedy_generate_gives_identical_tokens(config, backend, new_tokens):
     ref, pat = pair(config, train=False)
     assert not pat.model.layers[0].mlp.training

@@ -5,7 +5,8 @@ Ops in the ``mmkernels`` namespace:
 * ``moe_route(logits, k, capacity, noise, token_order)`` -- native (``csrc/moe``, ``csrc/cuda``):
   top-k selection, DeepSpeed capacity positions (``top2gating``'s rule, the ``"choice"`` drop
   policy), counts and the dispatch permutation (no gradient).  The other DeepSpeed drop policies run
-  :func:`~.reference.route_reference` (torch ops, no host sync);
+  :func:`~.reference.route_reference` (torch ops, no host sync, no scan down the rows of a one-hot
+  ``[S*k, E]`` tensor);
 * ``moe_ffn_forward / moe_ffn_backward`` -- Triton: gather -> grouped GEMM + activation -> grouped
   GEMM -> scatter -> weighted combine, and the gradient of x, the combine weights and every expert
   weight/bias;
@@ -103,7 +104,7 @@ def _check_token_order_values(token_order: torch.Tensor, S: int) -> None:
 def moe_route(logits: torch.Tensor, k: int, capacity: Optional[int] = None,
               second_expert_noise: Optional[torch.Tensor] = None,
               token_order: Optional[torch.Tensor] = None, *, drop_policy: Optional[str] = None,
-              check_metadata: bool = True) -> MoERouting:
+              rts_uniform: Optional[torch.Tensor] = None, check_metadata: bool = True) -> MoERouting:
     """DeepSpeed top-k gating on router logits (``x.float() @ Wg.T``).
 
     Args:
@@ -116,14 +117,14 @@ def moe_route(logits: torch.Tensor, k: int, capacity: Optional[int] = None,
             Gumbel sampling of the second expert; pass the sample to make it reproducible).  Only the
             ``"choice"`` policy takes it.
         token_order: optional permutation of ``range(S)`` giving the order in which rows claim capacity
-            (default: row order); k = 1 random token selection is ``argsort(-uniform)``.  Only the
-            ``"choice"`` and ``"position"`` policies take it.
+            (default: row order).  Only the ``"choice"`` and ``"position"`` policies take it.
         drop_policy: which choices an over-full expert keeps (names follow DeepSpeed):
 
             * ``None`` (default): what DeepSpeed's ``TopKGate`` runs for this k -- k = 1
-              ``top1gating`` (``"choice"`` when ``token_order`` is given, i.e. random token selection,
-              else ``"topk_ties"``, i.e. ``use_rts=False``); k = 2 ``top2gating`` (``"choice"``);
-              k >= 3 ``topkgating`` with its default ``drop_policy='probs'`` (``"probs"``).
+              ``top1gating`` (``"rts"`` when ``rts_uniform`` is given, i.e. ``use_rts=True``;
+              ``"choice"`` when ``token_order`` is given; else ``"topk_ties"``, i.e. ``use_rts=False``);
+              k = 2 ``top2gating`` (``"choice"``); k >= 3 ``topkgating`` with its default
+              ``drop_policy='probs'`` (``"probs"``).
             * ``"choice"``: every first choice before every second choice (and so on), then
               ``token_order`` (``top2gating``'s rule; the native op's).
             * ``"position"``: ``topkgating(drop_policy='position')``: an expert keeps the first C rows
@@ -136,9 +137,17 @@ def moe_route(logits: torch.Tensor, k: int, capacity: Optional[int] = None,
               expert survive is torch.topk's tie order -- implementation-defined, not token order,
               and different on CPU and CUDA.  It is reproduced by making the same call on the same
               device.  Use ``"choice"`` for a documented order (first rows win).
+            * ``"rts"`` (k = 1 only, needs ``rts_uniform``): ``top1gating(use_rts=True)``, random token
+              selection: an over-full expert keeps the C rows with the largest ``rts_uniform[s, e]``
+              among the rows that chose it -- the rows ``torch.topk`` returns from
+              ``one_hot(indices) * rts_uniform``, DeepSpeed's own call (so ties, e.g. two equal draws,
+              are broken as DeepSpeed's are on that device).
 
             ``"position"`` and ``"probs"`` choose the experts as ``topk(softmax(logits), k)`` and
             compute ``l_aux`` as ``topkgating`` does (all k choices, ``/ k``), like every k >= 3.
+        rts_uniform: optional ``[S, E]`` float draw of DeepSpeed's random token selection (k = 1):
+            ``torch.rand(S, E)`` on the logits' device, what ``top1gating(use_rts=True)`` draws (and
+            :class:`~mmkernels.MoE` draws from torch's generator).  Selects the ``"rts"`` policy.
         check_metadata: check that ``token_order`` is a permutation of ``range(S)`` (one host
             synchronisation; skipped while torch.compile traces).  Pass False when it is one by
             construction (e.g. ``argsort`` of random numbers); an invalid order is then undefined
@@ -172,7 +181,7 @@ def moe_route(logits: torch.Tensor, k: int, capacity: Optional[int] = None,
                 raise ValueError(f"capacity (None for dropless) must be >= 0, got {capacity}")
         else:
             capacity = check_int("capacity (None for dropless)", capacity, low=0)
-    policy = resolve_drop_policy(drop_policy, k, token_order is not None)
+    policy = resolve_drop_policy(drop_policy, k, token_order is not None, rts_uniform is not None)
     logits32 = logits.float()
     noise = None
     if second_expert_noise is not None and k >= 2:
@@ -193,9 +202,21 @@ def moe_route(logits: torch.Tensor, k: int, capacity: Optional[int] = None,
         if check_metadata and not torch.compiler.is_compiling():
             _check_token_order_values(token_order, S)
         token_order = token_order.to(torch.int64).contiguous()
+    if rts_uniform is not None or policy == "rts":
+        if rts_uniform is not None and k != 1:
+            raise ValueError(f"rts_uniform is the draw of DeepSpeed's random token selection, which only its "
+                             f"top1gating applies: it needs k = 1, got k={k}")
+        if rts_uniform is None or policy != "rts":
+            raise ValueError("rts_uniform (DeepSpeed's random token selection draw) goes with drop_policy='rts', "
+                             f"the default when it is given; got drop_policy={policy!r} with rts_uniform "
+                             f"{'given' if rts_uniform is not None else 'None'}")
+        check_tensor("rts_uniform", rts_uniform, ndim=2, dtypes=FLOAT_DTYPES)
+        check_shape("rts_uniform", rts_uniform, (S, E), "like logits")
+        check_same_device([("logits", logits), ("rts_uniform", rts_uniform)])
+        rts_uniform = rts_uniform.detach()
     cap = -1 if capacity is None else capacity
     idx, keep, exp_counts, top1, slots, offsets = launch.route(logits32.detach().contiguous(), k, cap, noise,
-                                                                token_order, policy)
+                                                                token_order, policy, rts_uniform)
     probs, weights, l_aux = combine_weights_and_aux(logits32, idx, keep, top1, exp_counts,
                                                     topkgating=k >= 3 or policy in ("position", "probs"))
     routing = MoERouting(idx, weights, keep, exp_counts, top1, l_aux, probs, slots, offsets, capacity)

@@ -70,7 +70,8 @@ if NATIVE_ROUTE:
                 logits.new_empty((S * k,), dtype=torch.int32), logits.new_empty((E + 1,), dtype=torch.int32))
 
 
-def route(logits: torch.Tensor, k: int, capacity, noise, token_order, drop_policy: str = "choice"):
+def route(logits: torch.Tensor, k: int, capacity, noise, token_order, drop_policy: str = "choice",
+          rts_uniform=None):
     """Routing decisions ``(indices, keep, exp_counts, top1_counts, sorted_slots, expert_offsets)``;
     ``capacity < 0`` means dropless.  ``drop_policy="choice"`` runs the native op (C++ on CPU, CUDA
     kernels on GPU, no host sync) when the extension has it; the other policies (and ``"choice"``
@@ -83,7 +84,7 @@ def route(logits: torch.Tensor, k: int, capacity, noise, token_order, drop_polic
     traced_capacity = torch.compiler.is_compiling() and capacity >= 0
     if NATIVE_ROUTE and drop_policy == "choice" and not traced_capacity:
         return torch.ops.mmkernels.moe_route(logits, k, capacity, noise, token_order)
-    d = route_reference(logits, k, None if capacity < 0 else capacity, noise, token_order, drop_policy)
+    d = route_reference(logits, k, None if capacity < 0 else capacity, noise, token_order, drop_policy, rts_uniform)
     return d.indices, d.keep, d.exp_counts, d.top1_counts, d.sorted_slots, d.expert_offsets
 
 

@@ -290,8 +290,10 @@ class MoE(nn.Module):
         capacity_factor / eval_capacity_factor: capacity ``max(ceil(S/E * cf * k), min_capacity)``
             in training / eval (k = 1: no factor k).   min_capacity: lower bound of the capacity; for
             k = 1 the token count S must be >= min_capacity (DeepSpeed's ``top1gating`` asserts it).
-        drop_tokens: False = dropless.   use_rts: k = 1 random token selection (randomness from torch's
-            generator); False keeps token order.
+        drop_tokens: False = dropless.   use_rts: k = 1 random token selection, as DeepSpeed's
+            ``top1gating``: an ``[S, E]`` uniform from torch's generator (drawn in training and eval,
+            dropless too), and an over-full expert keeps its rows with the largest draws; False keeps
+            the rows ``torch.topk`` picks from the 0/1 mask (see :func:`~mmkernels.moe_route`).
         top2_2nd_expert_sampling: k = 2 samples the second expert with Gumbel noise (train and eval,
             as DeepSpeed does).
         noisy_gate_policy: None / 'None'; 'RSample' is accepted for k >= 2, where DeepSpeed ignores it
@@ -495,7 +497,8 @@ class MoE(nn.Module):
 
     def route(self, x2: torch.Tensor, second_expert_noise: Optional[torch.Tensor] = None,
               token_order: Optional[torch.Tensor] = None):
-        """Routing for ``x2 [S, H]``; noise / token order are drawn from torch's generator when not given."""
+        """Routing for ``x2 [S, H]``; the second-expert noise (k = 2) and the random token selection draw
+        (k = 1, ``use_rts``; a given ``token_order`` replaces it) come from torch's generator, as DeepSpeed's."""
         S = x2.shape[0]
         if self.k == 1 and 0 < S < self.min_capacity:
             # DeepSpeed's top1gating: assert logits.shape[0] >= min_capacity (whether or not it drops);
@@ -509,14 +512,17 @@ class MoE(nn.Module):
         if second_expert_noise is None and self.k == 2 and self.top2_2nd_expert_sampling:
             u = torch.rand(S, self.num_experts, device=x2.device).clamp_(min=1e-20, max=1.0 - 1e-7)
             second_expert_noise = -torch.log(-torch.log(u))                       # Gumbel(0, 1)
-        check_order = token_order is not None   # one made here is a permutation by construction: no sync
-        if token_order is None and self.k == 1 and self.use_rts and self.drop_tokens:
-            token_order = torch.argsort(torch.rand(S, device=x2.device), descending=True)
+        rts_uniform = None
+        if token_order is None and self.k == 1 and self.use_rts:
+            # DeepSpeed's top1gating draws this whenever use_rts (training and eval, dropless too), so
+            # the random stream stays where DeepSpeed's would be; an over-full expert keeps its C rows
+            # with the largest draws (moe_route's "rts" policy, DeepSpeed's torch.topk call)
+            rts_uniform = torch.rand(S, self.num_experts, device=x2.device)
         capacity = self.capacity(S) if S > 0 else None   # no rows: nothing to drop (and no min_capacity rule)
         if self.k >= 3 and self.drop_tokens:   # topkgating's policy (None: its default, 'probs')
             return moe_route(logits, self.k, capacity, second_expert_noise, token_order,
-                             drop_policy=self.drop_policy or "probs", check_metadata=check_order)
-        return moe_route(logits, self.k, capacity, second_expert_noise, token_order, check_metadata=check_order)
+                             drop_policy=self.drop_policy or "probs")
+        return moe_route(logits, self.k, capacity, second_expert_noise, token_order, rts_uniform=rts_uniform)
 
     def forward(self, hidden_states: torch.Tensor, used_token: Optional[torch.Tensor] = None,
                 second_expert_noise: Optional[torch.Tensor] = None, token_order: Optional[torch.Tensor] = None):

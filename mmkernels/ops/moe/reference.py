@@ -33,6 +33,8 @@ Semantics (DeepSpeed ``sharded_moe.py``; S = B*T rows, E experts, C capacity)::
       keep[s, j] = p[s, e_j] is among the C largest p[., e_j] over the rows that chose e_j
     "topk_ties" (top1gating, use_rts=False; k = 1): keep = the C rows torch.topk picks out of the
       tied 1s of the one-hot mask (torch's tie order)
+    "rts" (top1gating, use_rts=True; k = 1; u = the [S, E] uniform draw): keep = the C rows torch.topk
+      picks out of onehot(e_1) * u, i.e. per expert the C largest u[s, e] over the rows that chose it
     (all True when dropless)
     w[s, j] = p[s, e_j] keep / max(sum_j p[s, e_j] keep, eps)      (k >= 2; k = 1: p[s, e_1] keep)
     y[s] = sum_j w[s, j] Expert_{e_j}(x[s])
@@ -41,8 +43,7 @@ Semantics (DeepSpeed ``sharded_moe.py``; S = B*T rows, E experts, C capacity)::
                                                                     me_i * ce_i with ce over all k choices)
     exp_counts[i] = #{(s, j) : e_j(s) = i}                          (before dropping; sums to k*S)
 
-``token_order`` (a permutation of the rows) replaces token order in "choice" and "position": DeepSpeed's
-random token selection for k = 1 (``use_rts``) is ``token_order = argsort(-uniform)``.
+``token_order`` (a permutation of the rows) replaces token order in "choice" and "position".
 
 No policy scans a one-hot ``[S*k, E]`` tensor along its rows (DeepSpeed's ``cumsum(mask, dim=0)``; with
 E = 4 columns such a scan has almost no parallelism on a GPU): a position is a rank among equal
@@ -191,21 +192,25 @@ def topk_indices_reference(logits: torch.Tensor, k: int, noise: Optional[torch.T
     return idx
 
 
-DROP_POLICIES = ("choice", "position", "probs", "topk_ties")
+DROP_POLICIES = ("choice", "position", "probs", "topk_ties", "rts")
 
 
-def resolve_drop_policy(drop_policy: Optional[str], k: int, token_order_given: bool) -> str:
+def resolve_drop_policy(drop_policy: Optional[str], k: int, token_order_given: bool,
+                        rts_uniform_given: bool = False) -> str:
     """The concrete policy :func:`route_reference` runs; ``None`` is what DeepSpeed's ``TopKGate`` runs for
-    this k: k = 1 ``top1gating`` (``token_order`` given, i.e. random token selection: ``"choice"``;
-    else ``"topk_ties"``), k = 2 ``top2gating`` (``"choice"``), k >= 3 ``topkgating`` (``"probs"``)."""
+    this k: k = 1 ``top1gating`` (``rts_uniform`` given, i.e. random token selection: ``"rts"``;
+    ``token_order`` given: ``"choice"``; else ``"topk_ties"``), k = 2 ``top2gating`` (``"choice"``),
+    k >= 3 ``topkgating`` (``"probs"``)."""
     if drop_policy is None:
         if k == 1:
+            if rts_uniform_given:
+                return "rts"
             return "choice" if token_order_given else "topk_ties"
         return "choice" if k == 2 else "probs"
     if drop_policy not in DROP_POLICIES:
         raise ValueError(f"drop_policy must be None or one of {DROP_POLICIES}, got {drop_policy!r}")
-    if drop_policy == "topk_ties" and k != 1:
-        raise ValueError(f"drop_policy='topk_ties' is DeepSpeed's top1gating rule and needs k = 1, got k={k}")
+    if drop_policy in ("topk_ties", "rts") and k != 1:
+        raise ValueError(f"drop_policy={drop_policy!r} is DeepSpeed's top1gating rule and needs k = 1, got k={k}")
     if drop_policy == "position" and k == 1:
         return "choice"            # one choice per row: the same rule
     return drop_policy
@@ -253,7 +258,8 @@ def _claim_positions(idx: torch.Tensor, token_order: Optional[torch.Tensor], cho
 
 def route_reference(logits: torch.Tensor, k: int, capacity: Optional[int],
                     noise: Optional[torch.Tensor] = None,
-                    token_order: Optional[torch.Tensor] = None, drop_policy: str = "choice") -> RouteDecisions:
+                    token_order: Optional[torch.Tensor] = None, drop_policy: str = "choice",
+                    rts_uniform: Optional[torch.Tensor] = None) -> RouteDecisions:
     """Routing decisions in plain torch, for a concrete ``drop_policy`` (see :func:`mmkernels.moe_route`;
     ``capacity=None`` is dropless).  No host synchronisation: it is the fallback of the native op and
     the path of the policies the native op does not implement.
@@ -270,6 +276,10 @@ def route_reference(logits: torch.Tensor, k: int, capacity: Optional[int],
       rows that ``torch.topk`` returns from the tied entries of the 0/1 one-hot mask -- torch's
       implementation-defined tie order (not token order; it differs between CPU and CUDA), reproduced
       by making the same call.
+    * ``"rts"`` (k = 1, DeepSpeed ``top1gating(use_rts=True)``): an over-full expert keeps the C rows
+      that ``torch.topk`` returns from ``one_hot(indices) * rts_uniform`` -- the rows with the largest
+      ``rts_uniform[s, e]`` among those that chose e, ties as torch breaks them (the same call as
+      DeepSpeed's).  Dropless keeps every row.
     """
     S, E = logits.shape
     if drop_policy in ("position", "probs"):
@@ -285,13 +295,16 @@ def route_reference(logits: torch.Tensor, k: int, capacity: Optional[int],
             gated = torch.zeros_like(probs).scatter(1, idx, top_p)
             sel = torch.topk(gated, k=_sym_min(capacity, S), dim=0, sorted=False).indices
             keep = (mask & torch.zeros_like(mask).scatter_(0, sel, True)).gather(1, idx)
-    elif drop_policy == "topk_ties":
+    elif drop_policy in ("topk_ties", "rts"):
         idx = topk_indices_reference(logits, 1, None)
         onehot = F.one_hot(idx[:, 0], E)                                 # int64 [S, E], as DeepSpeed
         if capacity is None:
             keep = torch.ones_like(idx, dtype=torch.bool)
         else:
-            sel = torch.topk(onehot, k=_sym_min(capacity, S), dim=0).indices
+            # DeepSpeed's top1gating: torch.topk over the rows of the 0/1 mask, or of the mask times the
+            # uniform draw (random token selection), and the same call here
+            scores = onehot if drop_policy == "topk_ties" else onehot * rts_uniform
+            sel = torch.topk(scores, k=_sym_min(capacity, S), dim=0).indices
             keep = (onehot * torch.zeros_like(onehot).scatter_(0, sel, 1)).gather(1, idx).bool()
     elif drop_policy == "choice":
         idx = topk_indices_reference(logits, k, noise)
