@@ -52,7 +52,7 @@ import math
 import os
 import re
 import sys
-from typing import Any, Callable
+from typing import Callable
 
 import torch
 
@@ -173,7 +173,11 @@ def record(case: Case):
     case's ``roles`` no longer match its launches (a kernel launched a different number of times)."""
     from .offline_compile import recording, simulated_gpu
     with simulated_gpu(), recording() as launches:
-        case.run()
+        try:
+            case.run()
+        except Exception as e:
+            raise RuntimeError(f"benchmarks/codegen.py: case {case.op}/{case.name} could not run its launchers on "
+                               f"meta tensors ({e!r}); update the case for the launcher's new signature") from e
     counts = collections.Counter(l.name for l in launches)
     stale = {name: (len(roles), counts.get(name, 0)) for name, roles in case.roles.items()
              if len(roles) != counts.get(name, 0)}
@@ -509,7 +513,9 @@ def report(rows: list[dict], ops, only) -> tuple[str, dict]:
     """The markdown (header, table, targets) and the JSON document."""
     import triton
     head = header()
-    verdict = codegen_targets.evaluate(rows, ops=ops, triton_version=triton.__version__, partial=bool(only))
+    # only some rows of an operator (an op/case/role pattern): a target or gap may match none of them
+    partial = any("/" in o for o in only)
+    verdict = codegen_targets.evaluate(rows, ops=ops, triton_version=triton.__version__, partial=partial)
     text = [f"sm_90a code of the hot kernels: triton {head['triton_version']}, torch {head['torch_version']}, "
             f"commit {head['commit']}; occupancy for {head['machine']}", "", markdown_table(rows), "",
             codegen_targets.format_verdict(verdict)]

@@ -230,7 +230,7 @@ def format_verdict(verdict: dict) -> str:
                      f"| {bad} |")
     lines.append("")
     if verdict["problems"]:
-        lines += ["**Check failed:**", *(f"- {p}" for p in verdict["problems"])]
+        lines += [f"Check failed ({len(verdict['problems'])} problems):", *(f"- {p}" for p in verdict["problems"])]
     else:
         lines.append("Check passed: every target is met or a known gap.")
     return "\n".join(lines)
