@@ -133,6 +133,16 @@ def _hyper_decode():
                          None, True, False, D ** -0.5, False)
 
 
+def _hyper_producers():
+    from mmkernels.ops.hyper_attention import launch
+    H, Hkv, D, T, L, images = 28, 4, 128, 729, 2048, 32
+    pos, inv_freq = _meta(images, dtype=torch.int32), _meta(D // 2, dtype=torch.float32)
+    k_vis, v_vis = launch.visual_kv_rope(_meta(images * T, 2 * Hkv * D), _meta(images * T, dtype=torch.float32),
+                                         _meta(2 * Hkv * D), pos, inv_freq, T, Hkv, 1)
+    launch.visual_kv_rope_backward(k_vis, v_vis, pos, inv_freq, T, 1)
+    launch.rope(_meta(1, L, H, D), torch.arange(L, device="meta").expand(1, L), inv_freq, False)
+
+
 _HYPER_ROLES = {"_hyper_fwd_kernel": ("fwd",), "_hyper_bwd_pre_kernel": ("bwd_pre",),
                 "_hyper_bwd_dq_kernel": ("dQ",), "_hyper_bwd_dkv_kernel": ("dKV_text", "dKV_visual")}
 
@@ -160,6 +170,9 @@ CASES = [
          lambda: _hyper_layer(4096, 0, gated=False), dict(_HYPER_ROLES, _hyper_bwd_dkv_kernel=("dKV_text",))),
     Case("hyper_attention", "decode", "one query row after 2k text + 32 images (gated, inference)", _hyper_decode,
          {"_hyper_decode_split_kernel": ("split",), "_hyper_decode_merge_kernel": ("merge",)}),
+    Case("hyper_attention", "producer", "the elementwise producers: MI-RoPE of 32 images' K/V (with RMSNorm scale "
+         "and bias; and its backward), RoPE of 2k text queries", _hyper_producers,
+         {"_visual_kv_rope_kernel": ("visual_kv_rope", "visual_kv_rope_bwd"), "_rope_kernel": ("rope",)}),
 ]
 OPS = sorted({c.op for c in CASES})
 

@@ -20,8 +20,9 @@ The mechanism, in three pieces:
   compile key keeps two processes from compiling the same kernel at once: the second one waits, then
   reads the first one's result from the cache.
 
-:func:`ptxas_log` and :func:`sass` read back what the cached cubin came from (Triton's ptxas step
-re-run with ``-v``, and ``cuobjdump -sass``); both are stored beside the kernel in Triton's cache.
+:func:`ptxas_log` and :func:`sass` read back ptxas's ``-v`` log (kept from the compile, or Triton's
+ptxas step run again for a kernel found in the cache) and ``cuobjdump -sass``; both are stored beside
+the kernel in Triton's cache.
 
 Run without ``TRITON_INTERPRET``: the interpreter replaces ``@triton.jit`` functions when they are
 defined, so it must be unset before mmkernels is imported.
@@ -36,6 +37,7 @@ import io
 import math
 import os
 import subprocess
+import sys
 import tempfile
 import types
 from typing import Any, Iterator
@@ -203,35 +205,52 @@ def compile_launch(launch: Launch, target: GPUTarget) -> Compiled:
                  sorted((k, repr(v)) for k, v in attrs.items()), sorted((k, repr(v)) for k, v in options.items())))
     key = hashlib.sha256(text.encode()).hexdigest()
     if key not in _COMPILED:
-        with _compile_lock(key):
-            kernel = triton.compile(ASTSource(fn=launch.fn, signature=signature, constexprs=constexprs, attrs=attrs),
-                                    target=target, options=options)
+        printed = io.StringIO()   # ptxas's -v log, which Triton prints when asked (and only when it compiles)
+        with _compile_lock(key), _ptxas_log_printed(printed):
+            try:
+                kernel = triton.compile(ASTSource(fn=launch.fn, signature=signature, constexprs=constexprs,
+                                                  attrs=attrs), target=target, options=options)
+            except Exception:
+                sys.stdout.write(printed.getvalue())   # what Triton printed about the failure
+                raise
         _COMPILED[key] = Compiled(launch, target, kernel, options, key, signature)
+        if "ptxas" in printed.getvalue():
+            _store_text(_COMPILED[key], "ptxas.log", printed.getvalue())
     compiled = _COMPILED[key]
     return dataclasses.replace(compiled, launch=launch) if compiled.launch is not launch else compiled
 
 
+@contextlib.contextmanager
+def _ptxas_log_printed(out: io.StringIO) -> Iterator[None]:
+    """Within the block, Triton's ptxas step prints its ``-v`` log, into ``out``."""
+    with triton.knobs.nvidia.scope(), contextlib.redirect_stdout(out):
+        triton.knobs.nvidia.dump_ptxas_log = True
+        yield
+
+
+def _store_text(compiled: Compiled, suffix: str, text: str) -> None:
+    get_cache_manager(compiled.kernel.hash).put(text, f"{compiled.kernel.name}.{suffix}", binary=False)
+
+
 def _cached_text(compiled: Compiled, suffix: str, make) -> str:
     """A text file beside the kernel in Triton's cache (made once)."""
-    manager = get_cache_manager(compiled.kernel.hash)
-    name = f"{compiled.kernel.name}.{suffix}"
-    path = manager.get_file(name)
+    path = get_cache_manager(compiled.kernel.hash).get_file(f"{compiled.kernel.name}.{suffix}")
     if path is not None:
         with open(path) as f:
             return f.read()
     text = make()
-    manager.put(text, name, binary=False)
+    _store_text(compiled, suffix, text)
     return text
 
 
 def ptxas_log(compiled: Compiled) -> str:
-    """ptxas's ``-v`` output for the kernel (registers, spills, warnings such as C7515): Triton's own
-    ptxas step (same binary, same flags) run again on the kernel's PTX, since Triton keeps no log."""
+    """ptxas's ``-v`` output for the kernel (registers, spills, warnings such as C7515).  Kept from the
+    compile when :func:`compile_launch` compiled it; otherwise (a kernel read from Triton's cache)
+    Triton's own ptxas step -- same binary, same flags -- runs again on the kernel's PTX."""
     def make():
         backend = make_backend(compiled.target)
         out = io.StringIO()
-        with triton.knobs.nvidia.scope(), contextlib.redirect_stdout(out):
-            triton.knobs.nvidia.dump_ptxas_log = True
+        with _ptxas_log_printed(out):
             backend.make_cubin(compiled.kernel.asm["ptx"], {}, backend.parse_options(compiled.options),
                                compiled.target.arch)
         return out.getvalue()
