@@ -32,7 +32,7 @@ GEMM_FORWARD = ("moe/*/gemm", "moe/*/fc*", "moe/*/gate_up", "plora/*/fwd")
 HYPER = ("hyper_attention/*/*",)
 HYPER_FWD = ("hyper_attention/*/_hyper_fwd*",)
 HYPER_BWD = ("hyper_attention/*/_hyper_bwd*",)
-DECODE_SPLIT = ("hyper_attention/*/_hyper_decode_split*",)
+DECODE = ("hyper_attention/*/_hyper_decode*",)   # the split (the merge has no MMA loop)
 
 
 # ------------------------------------------------------------------------------------------- checks
@@ -110,8 +110,8 @@ TARGETS = [
     Target("hyper.bwd_issue_unmasked", HYPER_BWD, "issue", 0.5),     # the leanest (unmasked) loop
     Target("hyper.fwd_issue", HYPER_FWD, "issue", 0.85),
     Target("hyper.fwd_pipelined", HYPER_FWD, "pipelined", 2),        # the visual-key boundary loop too
-    Target("hyper.decode_pipelined", DECODE_SPLIT, "pipelined", 2),
-    Target("hyper.decode_issue", DECODE_SPLIT, "issue", 1.5),
+    Target("hyper.decode_pipelined", DECODE, "pipelined", 2),
+    Target("hyper.decode_issue", DECODE, "issue", 1.5),
 ]
 
 # (target id, row pattern, measured when written (Triton 3.8)[, only under these Triton versions]):
