@@ -14,15 +14,18 @@
 #   2c. profile: one fwd+bwd step per operator under torch.profiler (benchmarks.profile_step: MoE phi-2
 #      16k tokens dropless, PLoRA wqkv 8k 50 % visual, hyper attention 7B joint + gated), kernels by
 #      self CUDA time                                      -> $OUT/profile.log, profile.txt, profile.json
+#   2d. the sm_90 codegen table (python -m benchmarks.codegen: CPU only, in the background during 2c
+#      and 3, finished before the timed benchmarks start; its compiles share Triton's cache with the
+#      other steps)                                        -> $OUT/codegen.md, codegen.json, codegen.log
 #   3. GPU tests: pytest -x tests -m gpu (xdist if there)  -> $OUT/tests.log
 #   4. benchmarks: python3 -m benchmarks.run --out $OUT    -> $OUT/bench.log, <op>-<dev>-latest.{json,png}
 #      (each JSON: "commit" and "targets" [{id, value, goal, better, met, ...}], issue 7's peers included)
 #   5. summary table                                       -> stdout
-# $OUT stays flat (about 15 small files).
+# $OUT stays flat (about 20 small files).
 #
 # Knobs: PYTHON (python3), OUT, QUICK=1 (bench --quick), SKIP_BUILD=1, SKIP_TUNE=1, SKIP_PROFILE=1,
-#        SKIP_TESTS=1, SKIP_BENCH=1, BUILD_TIMEOUT (120), TUNE_TIMEOUT (110), PROFILE_TIMEOUT (60),
-#        TESTS_TIMEOUT (180), BENCH_TIMEOUT (150), TORCH_CUDA_ARCH_LIST (9.0a),
+#        SKIP_TESTS=1, SKIP_BENCH=1, SKIP_CODEGEN=1, BUILD_TIMEOUT (120), TUNE_TIMEOUT (110), PROFILE_TIMEOUT (60),
+#        TESTS_TIMEOUT (180), BENCH_TIMEOUT (150), CODEGEN_TIMEOUT (240), TORCH_CUDA_ARCH_LIST (9.0a),
 #        BENCH_OPS ("plora moe ..."; default all), PROFILE_CASES ("moe plora hyper_joint hyper_gated"; default
 #        all), TEST_PATHS (default tests).
 set -uo pipefail
@@ -38,6 +41,7 @@ TESTS_TIMEOUT="${TESTS_TIMEOUT:-180}"
 TUNE_TIMEOUT="${TUNE_TIMEOUT:-110}"
 BENCH_TIMEOUT="${BENCH_TIMEOUT:-150}"
 PROFILE_TIMEOUT="${PROFILE_TIMEOUT:-60}"
+CODEGEN_TIMEOUT="${CODEGEN_TIMEOUT:-240}"
 export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONUNBUFFERED=1
 
@@ -118,6 +122,19 @@ if [ -n "${BUILD_PID:-}" ]; then
   record build "${rc:-1}" $(( $(date +%s) - t_build )) "$info"
 fi
 
+# ---------------------------------------------------------------- 2d. codegen table (background, CPU only)
+if [ "${SKIP_CODEGEN:-0}" = "1" ]; then
+  record codegen skip 0 "SKIP_CODEGEN=1"
+else
+  t_codegen=$(date +%s)
+  {
+    timeout -k 10 "$CODEGEN_TIMEOUT" "$PY" -m benchmarks.codegen --quiet --json "$OUT/codegen.json" \
+      > "$OUT/codegen.md" 2> "$OUT/codegen.log"
+    echo "codegen rc=$?" >> "$OUT/codegen.log"
+  } &
+  CODEGEN_PID=$!
+fi
+
 # ---------------------------------------------------------------- 2c. profile (kernel times of one step)
 if [ "${SKIP_PROFILE:-0}" = "1" ]; then
   record profile skip 0 "SKIP_PROFILE=1"
@@ -140,6 +157,14 @@ else
   timeout -k 10 "$TESTS_TIMEOUT" "$PY" -m pytest -q -x -p no:cacheprovider "${xdist[@]}" --durations=10 ${TEST_PATHS:-tests} -m gpu 2>&1 | tee "$OUT/tests.log"
   rc=${PIPESTATUS[0]}
   record tests "$rc" $(( $(date +%s) - t0 )) "$(grep -E '[0-9]+ (passed|failed|error)' "$OUT/tests.log" | tail -n 1)"
+fi
+
+# the codegen table is finished before the timed benchmarks start (no CPU load beside them)
+if [ -n "${CODEGEN_PID:-}" ]; then
+  wait "$CODEGEN_PID"
+  rc=$(grep -o '^codegen rc=[0-9]*' "$OUT/codegen.log" | tail -n 1 | cut -d= -f2)
+  record codegen "${rc:-1}" $(( $(date +%s) - t_codegen )) \
+    "$(grep -c '^| [a-z_]*/' "$OUT/codegen.md") kernels; $(grep -E '^Check (passed|failed)' "$OUT/codegen.md" | cut -c1-60)"
 fi
 
 # ---------------------------------------------------------------- 4. benchmarks
