@@ -607,31 +607,36 @@ def _decode_visible_images(pos_ptr, img_lo, img_hi, t, n_uncertain, load_ok,
 
 
 @triton.jit
-def _decode_tiles(acc, m_i, l_i, q, k_base, v_base, k_offs, v_offs, stride_kn, stride_vn, lo, hi, lim, full,
-                  kpm_base, stride_kpn, use_kpm, qk_scale,
+def _decode_tiles(acc, m_i, l_i, q, k_base, v_base, k_offs, v_offs, stride_kn, stride_vn, lo, hi, n_tiles, lim,
+                  full, kpm_base, kpm_offs, stride_kpn, use_kpm, qk_scale,
                   HAS_KPM: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """Online-softmax update of ``(acc, m_i, l_i)`` (``m_i`` base 2, scaled) with keys ``[lo, hi)`` in
-    BLOCK_N tiles: key j is visible from row r iff ``j < lim[r]`` (``lim <= hi``) and, when
-    ``use_kpm``, ``kpm[j]``.  Every row sees every key below ``full``: a tile there skips the mask
-    (unless ``use_kpm``).
+    """Online-softmax update of ``(acc, m_i, l_i)`` (``m_i`` base 2, scaled) with keys ``[lo, hi)``:
+    ``n_tiles`` BLOCK_N tiles from ``lo`` (tiles past ``hi`` load nothing and change nothing; the
+    trip count is the same in every program, so the loop's bookkeeping stays in uniform registers).
+    Key j is visible from row r iff ``j < lim[r]`` (``lim <= hi``) and, when ``use_kpm``,
+    ``kpm[j]``.  Every row sees every key below ``full``: a tile there skips the ``lim`` mask.
 
     One loop serves text and visual keys (the program's bases and strides say which), so the
-    software pipeline's K/V buffers are allocated once.  ``k_offs [D, BLOCK_N]`` / ``v_offs
-    [BLOCK_N, D]`` are the tile's element offsets (loop-invariant); each tile moves the base."""
-    for start in range(lo, hi, BLOCK_N):
+    software pipeline's K/V buffers are allocated once.  ``k_offs [D, BLOCK_N]``, ``v_offs
+    [BLOCK_N, D]`` and ``kpm_offs [BLOCK_N]`` are a tile's element offsets from its first key
+    (loop-invariant, int32 unless the launcher asks for int64); each tile moves the int64 base."""
+    for it in range(0, n_tiles):
+        start = lo + it * BLOCK_N
         offs_n = start + tl.arange(0, BLOCK_N)
         n_ok = offs_n < hi
         s64 = tl.cast(start, tl.int64)
         k = tl.load(k_base + s64 * stride_kn + k_offs, mask=n_ok[None, :], other=0.0)
         v = tl.load(v_base + s64 * stride_vn + v_offs, mask=n_ok[:, None], other=0.0)
-        if HAS_KPM:
-            keep = tl.load(kpm_base + offs_n.to(tl.int64) * stride_kpn, mask=n_ok & use_kpm, other=1) != 0
+        if HAS_KPM:  # (text keys only: a visual program skips the byte loads)
+            keep = offs_n >= 0
+            if use_kpm:
+                keep = tl.load(kpm_base + s64 * stride_kpn + kpm_offs, mask=n_ok, other=1) != 0
         qk = tl.dot(q, k, input_precision=DOT_PRECISION)
-        if (start + BLOCK_N > full) | use_kpm:
-            visible = offs_n[None, :] < lim[:, None]
-            if HAS_KPM:
-                visible = visible & keep[None, :]
-            qk = tl.where(visible, qk, float("-inf"))
+        if start + BLOCK_N > full:
+            qk = tl.where(offs_n[None, :] < lim[:, None], qk, float("-inf"))
+        if HAS_KPM:
+            if use_kpm:
+                qk = tl.where(keep[None, :], qk, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(qk, axis=1) * qk_scale)
         m_base = tl.where(m_new == float("-inf"), 0.0, m_new)
         p = tl.math.exp2(qk * qk_scale - m_base[:, None])
@@ -653,9 +658,9 @@ def _hyper_decode_split_kernel(
     stride_vvn, stride_vvh, stride_vvd,
     stride_kpb, stride_kpn,
     qk_scale,
-    INCLUSIVE: tl.constexpr, HAS_KPM: tl.constexpr, SINGLE_SAMPLE: tl.constexpr, BLOCK_B: tl.constexpr,
-    BLOCK_W: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    INCLUSIVE: tl.constexpr, HAS_KPM: tl.constexpr, SINGLE_SAMPLE: tl.constexpr, WIDE_TILE: tl.constexpr,
+    BLOCK_B: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     """Split-K partials of a few query rows against one chunk of keys.
 
@@ -697,6 +702,8 @@ def _hyper_decode_split_kernel(
         t = i + (Lk - Lq)
         offs_d = tl.arange(0, BLOCK_D)
         offs_n = tl.arange(0, BLOCK_N)
+        if WIDE_TILE:  # a key stride so large that BLOCK_N of them pass 2^31 elements
+            offs_n = offs_n.to(tl.int64)
         q = tl.load(q_ptr + b64 * stride_qb + h[:, None] * stride_qh + i[:, None].to(tl.int64) * stride_qm
                     + offs_d[None, :] * stride_qd, mask=row_ok[:, None], other=0.0)
         # text: causal limit t + 1; visual: the end of the row's visible images
@@ -714,13 +721,14 @@ def _hyper_decode_split_kernel(
         v_base = tl.where(is_text, v_ptr + b64 * stride_vb + hk * stride_vh, vv_ptr + hk * stride_vvh)
         stride_kn_ = tl.where(is_text, stride_kn, stride_kvn)
         stride_vn_ = tl.where(is_text, stride_vn, stride_vvn)
-        k_offs = offs_n[None, :].to(tl.int64) * stride_kn_ + offs_d[:, None] * tl.where(is_text, stride_kd, stride_kvd)
-        v_offs = offs_n[:, None].to(tl.int64) * stride_vn_ + offs_d[None, :] * tl.where(is_text, stride_vd, stride_vvd)
+        k_offs = offs_n[None, :] * stride_kn_ + offs_d[:, None] * tl.where(is_text, stride_kd, stride_kvd)
+        v_offs = offs_n[:, None] * stride_vn_ + offs_d[None, :] * tl.where(is_text, stride_vd, stride_vvd)
         acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
         m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
         l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
         acc, m_i, l_i = _decode_tiles(acc, m_i, l_i, q, k_base, v_base, k_offs, v_offs, stride_kn_, stride_vn_,
-                                      lo, hi, lim, full, kpm_ptr + b64 * stride_kpb, stride_kpn, is_text, qk_scale,
+                                      lo, hi, chunk // BLOCK_N, lim, full, kpm_ptr + b64 * stride_kpb, offs_n * stride_kpn, stride_kpn,
+                                      is_text, qk_scale,
                                       HAS_KPM, BLOCK_N, DOT_PRECISION)
         part = part_ptr + (hk * n_items + item) * (R * (BLOCK_D + 2))
         tl.store(part + r[:, None] * BLOCK_D + offs_d[None, :], acc, mask=row_ok[:, None])

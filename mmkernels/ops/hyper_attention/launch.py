@@ -41,11 +41,12 @@ _ELEMENTWISE_GPU = {"visual_kv_rope": dict(BLOCK_M=32), "rope": dict(BLOCK_R=32)
                     "decode_merge": dict(num_warps=4, TILE=4096)}
 _ELEMENTWISE_INTERPRETER = {"visual_kv_rope": dict(BLOCK_M=16), "rope": dict(BLOCK_R=16),
                             "decode_merge": dict(num_warps=1, TILE=128)}
-# The decode split's grid fills the resident CTA slots (SMs x DECODE_CTAS_PER_SM) once.  The SM count
-# is the CUDA device's; DECODE_SMS["gpu"] (an H100/H200) stands in where no CUDA device is queried
-# (meta tensors: the offline sm_90 compile), DECODE_SMS["cpu"] under the interpreter (small, so the
-# tests see several splits per sample).
-DECODE_CTAS_PER_SM = {"gpu": 3, "cpu": 2}
+# The decode split's grid fills the resident CTA slots (SMs x CTAs per SM) once.  The SM count is the
+# CUDA device's; DECODE_SMS["gpu"] (an H100/H200) stands in where no CUDA device is queried (meta
+# tensors: the offline sm_90 compile), DECODE_SMS["cpu"] under the interpreter (small, so the tests see
+# several splits per sample).  CTAs per SM by head dim (up to 128 / above): the "decode" configs fit 3
+# in shared memory, and the launcher caps registers so that they do (head dim 256 is register-bound).
+DECODE_CTAS_PER_SM = {"gpu": (3, 2), "cpu": (2, 2)}
 DECODE_SMS = {"gpu": 132, "cpu": 4}
 DECODE_REFINE_STEPS = 4  # at most this many BLOCK_N steps below the closed-form chunk (host time)
 
@@ -273,6 +274,7 @@ def visual_kv_rope_backward(dk_vis: torch.Tensor, dv_vis: torch.Tensor, image_po
 
 
 DECODE_MAX_ROWS = 64  # G * L_q rows per split program (the GPU config's BLOCK_M)
+DECODE_INT32_TILE_OFFSETS = 2 ** 31  # a split tile's offsets from its first key are int32 below this
 
 
 def use_decode_path(Lq: int, G: int) -> bool:
@@ -285,15 +287,15 @@ def _cuda_sm_count(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
-def decode_slots(device: torch.device) -> int:
-    """Resident CTA slots the decode split fills: SMs (the CUDA device's, cached; a host query, no
-    sync) x DECODE_CTAS_PER_SM."""
+def decode_residency(device: torch.device, head_dim: int) -> tuple[int, int]:
+    """``(SMs, CTAs per SM)`` the decode split's grid fills: the CUDA device's SM count (cached; a host
+    query, no sync) or DECODE_SMS, and DECODE_CTAS_PER_SM."""
     kind = "cpu" if device.type == "cpu" else "gpu"
     if device.type == "cuda":
         sms = _cuda_sm_count(device.index if device.index is not None else torch.cuda.current_device())
     else:
         sms = DECODE_SMS[kind]
-    return sms * DECODE_CTAS_PER_SM[kind]
+    return sms, DECODE_CTAS_PER_SM[kind][0 if head_dim <= 128 else 1]
 
 
 def decode_plan(B: int, Lk: int, N: int, T: int, Hkv: int, block_n: int, slots: int, tile: int):
@@ -344,19 +346,30 @@ def _decode_forward(q, k, v, kv, vv, image_positions, cu_images, g, key_padding_
     cfg["BLOCK_M"] = max(cfg["BLOCK_M"], _pow2(R))
     merge = _config("decode_merge", dev, dt, D)
     tile = merge.pop("TILE")
-    chunk, n_text, n_items, max_slots = decode_plan(B, Lk, N, T, Hkv, cfg["BLOCK_N"], decode_slots(dev), tile)
+    sms, ctas = decode_residency(dev, D)
+    if dev.type != "cpu":  # registers for `ctas` CTAs of num_warps warps (65536 per SM, in steps of 8)
+        regs = 65536 // (ctas * cfg["num_warps"] * 32) // 8 * 8
+        if regs < 255:
+            cfg["maxnreg"] = regs
+    chunk, n_text, n_items, max_slots = decode_plan(B, Lk, N, T, Hkv, cfg["BLOCK_N"], sms * ctas, tile)
     # rows see every image but (at most) the last n_uncertain ones of their sample (kernels.py, decode)
     n_uncertain = Lq if not inclusive else Lq - 1
     consts = dict(INCLUSIVE=inclusive, SINGLE_SAMPLE=B == 1, BLOCK_B=_pow2(B),
                   BLOCK_W=_pow2(n_uncertain) if (n_uncertain > 0 and N > 0) else 0)
     part = torch.empty(Hkv * n_items * R * (D + 2), dtype=torch.float32, device=dev)
     qk_scale = float(scale) * kernels.LOG2E
+    # a tile's offsets from its first key are int32 unless BLOCK_N keys of some stride pass 2^31 elements
+    # (every base, and each tile's first key, is int64)
+    key_strides = (k.stride(1), v.stride(1), kv.stride(0), vv.stride(0),
+                   key_padding_mask.stride(1) if key_padding_mask is not None else 0)
+    wide = cfg["BLOCK_N"] * max(abs(x) for x in key_strides) + D * max(abs(x) for x in (
+        k.stride(3), v.stride(3), kv.stride(2), vv.stride(2))) >= DECODE_INT32_TILE_OFFSETS
     kernels._hyper_decode_split_kernel[(n_items, Hkv)](
         q, k, v, kv, vv, image_positions, cu_images, kpm, part,
         B, N, Lq, Lk, G, T, chunk, n_text, n_uncertain,
         *q.stride(), *k.stride(), *v.stride(), *kv.stride(), *vv.stride(),
         *(key_padding_mask.stride() if key_padding_mask is not None else (0, 0)),
-        qk_scale, HAS_KPM=key_padding_mask is not None, BLOCK_D=D, DOT_PRECISION=_dot_precision(dt), **consts,
+        qk_scale, HAS_KPM=key_padding_mask is not None, WIDE_TILE=wide, BLOCK_D=D, DOT_PRECISION=_dot_precision(dt), **consts,
         **cfg)
     block_s = _pow2(max_slots)
     block_dm = min(D, max(1, tile // block_s))
