@@ -60,7 +60,7 @@ def test_decode_matches_reference_and_full_forward(device, dtype, mode, visibili
     for sms, chunk, rows in ((1, 32, (1, 3)), (8, 16, (1,))):
         monkeypatch.setitem(launch.DECODE_SMS, "cpu", sms)
         block_n = launch._config("decode", q.device, dtype, D)["BLOCK_N"]
-        slots = sms * launch.decode_residency(q.device, D)[1]
+        slots = sms * launch.decode_residency(q.device, dtype, D)[1]
         assert launch.decode_plan(B, L, 5, T, Hkv, block_n, slots, 128)[0] == chunk
         for Lq in rows:
             out = _decode(q, k, v, kv, vv, pos, cu, kpm, Lq, mode, visibility, gate)

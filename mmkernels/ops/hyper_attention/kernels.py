@@ -614,7 +614,8 @@ def _decode_tiles(acc, m_i, l_i, q, k_base, v_base, k_offs, v_offs, stride_kn, s
     ``n_tiles`` BLOCK_N tiles from ``lo`` (tiles past ``hi`` load nothing and change nothing; the
     trip count is the same in every program, so the loop's bookkeeping stays in uniform registers).
     Key j is visible from row r iff ``j < lim[r]`` (``lim <= hi``) and, when ``use_kpm``,
-    ``kpm[j]``.  Every row sees every key below ``full``: a tile there skips the ``lim`` mask.
+    ``kpm[j]``.  Every row sees every key below ``full`` (``lo`` when ``use_kpm``): a tile there skips
+    the mask.
 
     One loop serves text and visual keys (the program's bases and strides say which), so the
     software pipeline's K/V buffers are allocated once.  ``k_offs [D, BLOCK_N]``, ``v_offs
@@ -633,10 +634,10 @@ def _decode_tiles(acc, m_i, l_i, q, k_base, v_base, k_offs, v_offs, stride_kn, s
                 keep = tl.load(kpm_base + s64 * stride_kpn + kpm_offs, mask=n_ok, other=1) != 0
         qk = tl.dot(q, k, input_precision=DOT_PRECISION)
         if start + BLOCK_N > full:
-            qk = tl.where(offs_n[None, :] < lim[:, None], qk, float("-inf"))
-        if HAS_KPM:
-            if use_kpm:
-                qk = tl.where(keep[None, :], qk, float("-inf"))
+            visible = offs_n[None, :] < lim[:, None]
+            if HAS_KPM:
+                visible = visible & keep[None, :]
+            qk = tl.where(visible, qk, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(qk, axis=1) * qk_scale)
         m_base = tl.where(m_new == float("-inf"), 0.0, m_new)
         p = tl.math.exp2(qk * qk_scale - m_base[:, None])
@@ -717,6 +718,8 @@ def _hyper_decode_split_kernel(
         hi = tl.where(is_text, t_hi, v_hi)
         lim = tl.minimum(tl.where(is_text, t + 1, (img_lo + cnt) * T), hi)
         full = tl.min(tl.where(row_ok, lim, hi), axis=0)
+        if HAS_KPM:  # text tiles all take the masked path
+            full = tl.where(is_text, lo, full)
         k_base = tl.where(is_text, k_ptr + b64 * stride_kb + hk * stride_kh, kv_ptr + hk * stride_kvh)
         v_base = tl.where(is_text, v_ptr + b64 * stride_vb + hk * stride_vh, vv_ptr + hk * stride_vvh)
         stride_kn_ = tl.where(is_text, stride_kn, stride_kvn)

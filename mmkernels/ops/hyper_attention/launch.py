@@ -44,9 +44,10 @@ _ELEMENTWISE_INTERPRETER = {"visual_kv_rope": dict(BLOCK_M=16), "rope": dict(BLO
 # The decode split's grid fills the resident CTA slots (SMs x CTAs per SM) once.  The SM count is the
 # CUDA device's; DECODE_SMS["gpu"] (an H100/H200) stands in where no CUDA device is queried (meta
 # tensors: the offline sm_90 compile), DECODE_SMS["cpu"] under the interpreter (small, so the tests see
-# several splits per sample).  CTAs per SM by head dim (up to 128 / above): the "decode" configs fit 3
-# in shared memory, and the launcher caps registers so that they do (head dim 256 is register-bound).
-DECODE_CTAS_PER_SM = {"gpu": (3, 2), "cpu": (2, 2)}
+# several splits per sample).  CTAs per SM (the launcher caps registers to match): the half-precision
+# "decode" configs up to head dim 128 fit 3 in shared memory; float32 and head dim 256 hold more
+# registers and count on 2.
+DECODE_CTAS_PER_SM = {"gpu": 3, "gpu_wide": 2, "cpu": 2}
 DECODE_SMS = {"gpu": 132, "cpu": 4}
 DECODE_REFINE_STEPS = 4  # at most this many BLOCK_N steps below the closed-form chunk (host time)
 
@@ -287,15 +288,16 @@ def _cuda_sm_count(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
-def decode_residency(device: torch.device, head_dim: int) -> tuple[int, int]:
+def decode_residency(device: torch.device, dtype: torch.dtype, head_dim: int) -> tuple[int, int]:
     """``(SMs, CTAs per SM)`` the decode split's grid fills: the CUDA device's SM count (cached; a host
     query, no sync) or DECODE_SMS, and DECODE_CTAS_PER_SM."""
-    kind = "cpu" if device.type == "cpu" else "gpu"
+    if device.type == "cpu":
+        return DECODE_SMS["cpu"], DECODE_CTAS_PER_SM["cpu"]
     if device.type == "cuda":
         sms = _cuda_sm_count(device.index if device.index is not None else torch.cuda.current_device())
     else:
-        sms = DECODE_SMS[kind]
-    return sms, DECODE_CTAS_PER_SM[kind][0 if head_dim <= 128 else 1]
+        sms = DECODE_SMS["gpu"]
+    return sms, DECODE_CTAS_PER_SM["gpu_wide" if (dtype == torch.float32 or head_dim > 128) else "gpu"]
 
 
 def decode_plan(B: int, Lk: int, N: int, T: int, Hkv: int, block_n: int, slots: int, tile: int):
@@ -346,7 +348,7 @@ def _decode_forward(q, k, v, kv, vv, image_positions, cu_images, g, key_padding_
     cfg["BLOCK_M"] = max(cfg["BLOCK_M"], _pow2(R))
     merge = _config("decode_merge", dev, dt, D)
     tile = merge.pop("TILE")
-    sms, ctas = decode_residency(dev, D)
+    sms, ctas = decode_residency(dev, dt, D)
     if dev.type != "cpu":  # registers for `ctas` CTAs of num_warps warps (65536 per SM, in steps of 8)
         regs = 65536 // (ctas * cfg["num_warps"] * 32) // 8 * 8
         if regs < 255:
