@@ -61,7 +61,7 @@ def test_decode_matches_reference_and_full_forward(device, dtype, mode, visibili
         monkeypatch.setitem(launch.DECODE_SMS, "cpu", sms)
         block_n = launch._config("decode", q.device, dtype, D)["BLOCK_N"]
         slots = sms * launch.decode_residency(q.device, dtype, D)[1]
-        assert launch.decode_plan(B, L, 5, T, Hkv, block_n, slots, 128)[0] == chunk
+        assert launch.decode_plan(B, L, 5, T, Hkv, block_n, slots, 64)[0] == chunk
         for Lq in rows:
             out = _decode(q, k, v, kv, vv, pos, cu, kpm, Lq, mode, visibility, gate)
             assert_close(f"decode rows[-{Lq}:] vs reference ({sms} SMs)", out, ref[:, -Lq:], dtype)

@@ -730,8 +730,8 @@ def _hyper_decode_split_kernel(
         m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
         l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
         acc, m_i, l_i = _decode_tiles(acc, m_i, l_i, q, k_base, v_base, k_offs, v_offs, stride_kn_, stride_vn_,
-                                      lo, hi, chunk // BLOCK_N, lim, full, kpm_ptr + b64 * stride_kpb, offs_n * stride_kpn, stride_kpn,
-                                      is_text, qk_scale,
+                                      lo, hi, chunk // BLOCK_N, lim, full, kpm_ptr + b64 * stride_kpb,
+                                      offs_n * stride_kpn, stride_kpn, is_text, qk_scale,
                                       HAS_KPM, BLOCK_N, DOT_PRECISION)
         part = part_ptr + (hk * n_items + item) * (R * (BLOCK_D + 2))
         tl.store(part + r[:, None] * BLOCK_D + offs_d[None, :], acc, mask=row_ok[:, None])

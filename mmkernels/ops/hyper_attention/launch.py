@@ -40,7 +40,7 @@ _INTERPRETER = {
 _ELEMENTWISE_GPU = {"visual_kv_rope": dict(BLOCK_M=32), "rope": dict(BLOCK_R=32),
                     "decode_merge": dict(num_warps=4, TILE=4096)}
 _ELEMENTWISE_INTERPRETER = {"visual_kv_rope": dict(BLOCK_M=16), "rope": dict(BLOCK_R=16),
-                            "decode_merge": dict(num_warps=1, TILE=128)}
+                            "decode_merge": dict(num_warps=1, TILE=64)}
 # The decode split's grid fills the resident CTA slots (SMs x CTAs per SM) once.  The SM count is the
 # CUDA device's; DECODE_SMS["gpu"] (an H100/H200) stands in where no CUDA device is queried (meta
 # tensors: the offline sm_90 compile), DECODE_SMS["cpu"] under the interpreter (small, so the tests see
@@ -371,8 +371,8 @@ def _decode_forward(q, k, v, kv, vv, image_positions, cu_images, g, key_padding_
         B, N, Lq, Lk, G, T, chunk, n_text, n_uncertain,
         *q.stride(), *k.stride(), *v.stride(), *kv.stride(), *vv.stride(),
         *(key_padding_mask.stride() if key_padding_mask is not None else (0, 0)),
-        qk_scale, HAS_KPM=key_padding_mask is not None, WIDE_TILE=wide, BLOCK_D=D, DOT_PRECISION=_dot_precision(dt), **consts,
-        **cfg)
+        qk_scale, HAS_KPM=key_padding_mask is not None, WIDE_TILE=wide, BLOCK_D=D,
+        DOT_PRECISION=_dot_precision(dt), **consts, **cfg)
     block_s = _pow2(max_slots)
     block_dm = min(D, max(1, tile // block_s))
     kernels._hyper_decode_merge_kernel[(D // block_dm, Lq, B * H)](
