@@ -153,8 +153,7 @@ def _hyper_attention_record(full):
         launch._cpu_config = launch._config
         launch._config = lambda name, device, dt, head_dim: launch._cpu_config(name, torch.device("cuda"), dt,
                                                                                 head_dim)
-        launch.decode_residency = lambda device, dt, head_dim, f=launch.decode_residency: f(torch.device("meta"), dt,
-                                                                                            head_dim)
+        launch.decode_residency = lambda device, *args, f=launch.decode_residency: f(torch.device("meta"), *args)
     for dtype, D, every_kernel in ((torch.bfloat16, 128, full), (torch.float32, 128, False)):
         B, L, H, Hkv, N, T = 2, 40, 4, 2, 3, 9
         q = torch.randn(B, L, H, D, dtype=dtype)

@@ -58,10 +58,10 @@ def test_decode_matches_reference_and_full_forward(device, dtype, mode, visibili
                                     gate=None if gate is None else gate.double(), visibility=visibility,
                                     key_padding_mask=kpm)
     for sms, chunk, rows in ((1, 32, (1, 3)), (8, 16, (1,))):
-        monkeypatch.setitem(launch.DECODE_SMS, "cpu", sms)
-        block_n = launch._config("decode", q.device, dtype, D)["BLOCK_N"]
-        slots = sms * launch.decode_residency(q.device, dtype, D)[1]
-        assert launch.decode_plan(B, L, 5, T, Hkv, block_n, slots, 64)[0] == chunk
+        monkeypatch.setitem(launch.DECODE_MACHINE, "cpu", (sms, None))
+        cfg = launch._config("decode", q.device, dtype, D)
+        slots = sms * launch.decode_residency(q.device, dtype, D, cfg)[1]
+        assert launch.decode_plan(B, L, 5, T, Hkv, cfg["BLOCK_N"], slots, 64)[0] == chunk
         for Lq in rows:
             out = _decode(q, k, v, kv, vv, pos, cu, kpm, Lq, mode, visibility, gate)
             assert_close(f"decode rows[-{Lq}:] vs reference ({sms} SMs)", out, ref[:, -Lq:], dtype)
@@ -75,7 +75,7 @@ def test_decode_matches_reference_and_full_forward(device, dtype, mode, visibili
 def test_decode_one_sample_and_no_images(device, mode, monkeypatch):
     """One sample (its image layout is all of k_vis, cu is not read) and a batch without any image, in
     bf16, one and two rows, several splits."""
-    monkeypatch.setitem(launch.DECODE_SMS, "cpu", 1)
+    monkeypatch.setitem(launch.DECODE_MACHINE, "cpu", (1, None))
     dtype = torch.bfloat16
     gate = torch.randn(H * D, dtype=dtype, device=device) if mode == "gated" else None
     for n_images in (5, 0):

@@ -41,14 +41,15 @@ _ELEMENTWISE_GPU = {"visual_kv_rope": dict(BLOCK_M=32), "rope": dict(BLOCK_R=32)
                     "decode_merge": dict(num_warps=4, TILE=4096)}
 _ELEMENTWISE_INTERPRETER = {"visual_kv_rope": dict(BLOCK_M=16), "rope": dict(BLOCK_R=16),
                             "decode_merge": dict(num_warps=1, TILE=64)}
-# The decode split's grid fills the resident CTA slots (SMs x CTAs per SM) once.  The SM count is the
-# CUDA device's; DECODE_SMS["gpu"] (an H100/H200) stands in where no CUDA device is queried (meta
-# tensors: the offline sm_90 compile), DECODE_SMS["cpu"] under the interpreter (small, so the tests see
-# several splits per sample).  CTAs per SM (the launcher caps registers to match): the half-precision
-# "decode" configs up to head dim 128 fit 3 in shared memory; float32 and head dim 256 hold more
-# registers and count on 2.
+# The decode split's grid fills the resident CTA slots (SMs x CTAs per SM) once.  The SM count and the
+# shared memory per SM are the CUDA device's; DECODE_MACHINE["gpu"] (an H100/H200: 132 SMs, 228 KB)
+# stands in where no CUDA device is queried (meta tensors: the offline sm_90 compile), and
+# DECODE_MACHINE["cpu"] under the interpreter (small, so the tests see several splits per sample).
+# CTAs per SM, at most (fewer where shared memory holds fewer; the launcher caps registers to match):
+# the half-precision "decode" configs up to head dim 128 take 64 KB, so an H100 holds 3; float32 and
+# head dim 256 hold more registers and count on 2.
 DECODE_CTAS_PER_SM = {"gpu": 3, "gpu_wide": 2, "cpu": 2}
-DECODE_SMS = {"gpu": 132, "cpu": 4}
+DECODE_MACHINE = {"gpu": (132, 233472), "cpu": (4, None)}  # (SMs, shared memory bytes per SM)
 DECODE_REFINE_STEPS = 4  # at most this many BLOCK_N steps below the closed-form chunk (host time)
 
 
@@ -284,20 +285,25 @@ def use_decode_path(Lq: int, G: int) -> bool:
 
 
 @functools.lru_cache(maxsize=None)
-def _cuda_sm_count(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
+def _cuda_machine(index: int) -> tuple[int, int]:
+    props = torch.cuda.get_device_properties(index)
+    smem = getattr(props, "shared_memory_per_multiprocessor", None) or DECODE_MACHINE["gpu"][1]
+    return props.multi_processor_count, smem
 
 
-def decode_residency(device: torch.device, dtype: torch.dtype, head_dim: int) -> tuple[int, int]:
-    """``(SMs, CTAs per SM)`` the decode split's grid fills: the CUDA device's SM count (cached; a host
-    query, no sync) or DECODE_SMS, and DECODE_CTAS_PER_SM."""
+def decode_residency(device: torch.device, dtype: torch.dtype, head_dim: int, cfg: dict) -> tuple[int, int]:
+    """``(SMs, CTAs per SM)`` the decode split's grid fills: the CUDA device's (cached; a host query, no
+    sync) or DECODE_MACHINE's SMs, and DECODE_CTAS_PER_SM, or fewer if the SM's shared memory holds
+    fewer programs of ``cfg`` (Q and ``num_stages`` K/V tiles, plus 1 KB reserved per CTA)."""
     if device.type == "cpu":
-        return DECODE_SMS["cpu"], DECODE_CTAS_PER_SM["cpu"]
+        return DECODE_MACHINE["cpu"][0], DECODE_CTAS_PER_SM["cpu"]
     if device.type == "cuda":
-        sms = _cuda_sm_count(device.index if device.index is not None else torch.cuda.current_device())
+        sms, smem = _cuda_machine(device.index if device.index is not None else torch.cuda.current_device())
     else:
-        sms = DECODE_SMS["gpu"]
-    return sms, DECODE_CTAS_PER_SM["gpu_wide" if (dtype == torch.float32 or head_dim > 128) else "gpu"]
+        sms, smem = DECODE_MACHINE["gpu"]
+    ctas = DECODE_CTAS_PER_SM["gpu_wide" if (dtype == torch.float32 or head_dim > 128) else "gpu"]
+    per_cta = (cfg["BLOCK_M"] + 2 * cfg["num_stages"] * cfg["BLOCK_N"]) * head_dim * dtype.itemsize + 1024
+    return sms, max(1, min(ctas, smem // per_cta))
 
 
 def decode_plan(B: int, Lk: int, N: int, T: int, Hkv: int, block_n: int, slots: int, tile: int):
@@ -348,7 +354,7 @@ def _decode_forward(q, k, v, kv, vv, image_positions, cu_images, g, key_padding_
     cfg["BLOCK_M"] = max(cfg["BLOCK_M"], _pow2(R))
     merge = _config("decode_merge", dev, dt, D)
     tile = merge.pop("TILE")
-    sms, ctas = decode_residency(dev, dt, D)
+    sms, ctas = decode_residency(dev, dt, D, cfg)
     if dev.type != "cpu":  # registers for `ctas` CTAs of num_warps warps (65536 per SM, in steps of 8)
         regs = 65536 // (ctas * cfg["num_warps"] * 32) // 8 * 8
         if regs < 255:
