@@ -554,150 +554,276 @@ def _visual_kv_rope_kernel(
 
 
 # =========================================================================== decode (split-K)
+#
+# A decode step (or a chunk of a few rows) has too few query rows to fill the machine with row
+# blocks, so the keys are split across programs instead (flash-decoding), then merged.
+#
+# Work of one K/V head: a list of ``n_items`` chunks of at most ``chunk`` keys.  Item ``j <
+# B * n_text`` is text chunk ``j % n_text`` of sample ``j // n_text``; the items after them are the
+# visual chunks, sample after sample (sample b has ``cdiv(n_b * T, chunk)``; the launcher's count is
+# an upper bound for B > 1, the items past the real ones exit).  The launcher picks ``chunk`` from the
+# shapes alone (no host sync) so that ``n_items * H_kv`` programs fit the GPU's resident CTA slots in
+# one wave.
+#
+# Visible images of a row: image positions are strictly increasing within a sample and below L_k,
+# so image ``img_hi - 1 - j`` sits at or before position ``L_k - 1 - j`` and every row (the last L_q
+# positions) sees it when ``j >= L_q`` (strict) or ``j >= L_q - 1`` (inclusive).  Only the positions of
+# the sample's last L_q (L_q - 1) images are read, in one vector load -- none at all for a one-row
+# step with the inclusive rule -- instead of a loop over every image.
+
+
+@triton.jit
+def _decode_visual_splits(cu_ptr, B, T, chunk, BLOCK_B: tl.constexpr):
+    """Per sample (a ``[BLOCK_B]`` vector, ``BLOCK_B >= B``; lanes past B are empty): its first and
+    end image, its number of visual chunks and the index of its first one among all samples' visual
+    chunks (exclusive prefix sum).  One vector load of ``cu``."""
+    offs = tl.arange(0, BLOCK_B)
+    ok = offs < B
+    img_lo = tl.load(cu_ptr + offs, mask=ok, other=0)
+    img_hi = tl.load(cu_ptr + offs + 1, mask=ok, other=0)
+    n_chunks = tl.cdiv((img_hi - img_lo) * T, chunk)
+    first = tl.cumsum(n_chunks, axis=0) - n_chunks
+    return offs, img_lo, img_hi, n_chunks, first
+
+
+@triton.jit
+def _decode_visible_images(pos_ptr, img_lo, img_hi, t, n_uncertain, load_ok,
+                           INCLUSIVE: tl.constexpr, BLOCK_W: tl.constexpr):
+    """How many of the sample's images ``[img_lo, img_hi)`` rows at positions ``t`` see (a prefix):
+    all but those of the last ``n_uncertain`` images that lie at or after ``t`` (after, inclusive);
+    see the section comment.  ``BLOCK_W >= n_uncertain`` (0: nothing to read)."""
+    n = img_hi - img_lo
+    cnt = (n + tl.zeros(t.shape, tl.int32)).to(tl.int32)
+    if BLOCK_W > 0:
+        offs = tl.arange(0, BLOCK_W)
+        ok = (offs < tl.minimum(n, n_uncertain)) & load_ok
+        p = tl.load(pos_ptr + img_hi - 1 - offs, mask=ok, other=0).to(tl.int32)
+        if INCLUSIVE:
+            unseen = p[None, :] > t[:, None]
+        else:
+            unseen = p[None, :] >= t[:, None]
+        cnt -= tl.sum((unseen & ok[None, :]).to(tl.int32), axis=1)
+    return cnt
+
+
+@triton.jit
+def _decode_tiles(acc, m_i, l_i, q, k_base, v_base, k_offs, v_offs, stride_kn, stride_vn, lo, hi, n_tiles, lim,
+                  full, kpm_base, kpm_offs, stride_kpn, use_kpm, qk_scale,
+                  HAS_KPM: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """Online-softmax update of ``(acc, m_i, l_i)`` (``m_i`` base 2, scaled) with keys ``[lo, hi)``:
+    ``n_tiles`` BLOCK_N tiles from ``lo`` (tiles past ``hi`` load nothing and change nothing; the
+    trip count is the same in every program, so the loop's bookkeeping stays in uniform registers).
+    Key j is visible from row r iff ``j < lim[r]`` (``lim <= hi``) and, when ``use_kpm``,
+    ``kpm[j]``.  Every row sees every key below ``full`` (``lo`` when ``use_kpm``): a tile there skips
+    the mask.
+
+    One loop serves text and visual keys (the program's bases and strides say which), so the
+    software pipeline's K/V buffers are allocated once.  ``k_offs [D, BLOCK_N]``, ``v_offs
+    [BLOCK_N, D]`` and ``kpm_offs [BLOCK_N]`` are a tile's element offsets from its first key
+    (loop-invariant, int32 unless the launcher asks for int64); each tile moves the int64 base."""
+    for it in range(0, n_tiles):
+        start = lo + it * BLOCK_N
+        offs_n = start + tl.arange(0, BLOCK_N)
+        n_ok = offs_n < hi
+        s64 = tl.cast(start, tl.int64)
+        k = tl.load(k_base + s64 * stride_kn + k_offs, mask=n_ok[None, :], other=0.0)
+        v = tl.load(v_base + s64 * stride_vn + v_offs, mask=n_ok[:, None], other=0.0)
+        if HAS_KPM:  # (text keys only: a visual program skips the byte loads)
+            keep = offs_n >= 0
+            if use_kpm:
+                keep = tl.load(kpm_base + s64 * stride_kpn + kpm_offs, mask=n_ok, other=1) != 0
+        qk = tl.dot(q, k, input_precision=DOT_PRECISION)
+        if start + BLOCK_N > full:
+            visible = offs_n[None, :] < lim[:, None]
+            if HAS_KPM:
+                visible = visible & keep[None, :]
+            qk = tl.where(visible, qk, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(qk, axis=1) * qk_scale)
+        m_base = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.math.exp2(qk * qk_scale - m_base[:, None])
+        alpha = tl.math.exp2(m_i - m_base)
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+        m_i = m_new
+    return acc, m_i, l_i
+
 
 @triton.jit
 def _hyper_decode_split_kernel(
-    q_ptr, k_ptr, v_ptr, kv_ptr, vv_ptr, pos_ptr, cu_ptr, kpm_ptr,
-    acc_ptr, m_ptr, l_ptr,
-    Lq, Lk, H, G, T,
+    q_ptr, k_ptr, v_ptr, kv_ptr, vv_ptr, pos_ptr, cu_ptr, kpm_ptr, part_ptr,
+    B, N, Lq, Lk, G, T, chunk, n_text, n_uncertain,
     stride_qb, stride_qm, stride_qh, stride_qd,
     stride_kb, stride_kn, stride_kh, stride_kd,
     stride_vb, stride_vn, stride_vh, stride_vd,
     stride_kvn, stride_kvh, stride_kvd,
     stride_vvn, stride_vvh, stride_vvd,
     stride_kpb, stride_kpn,
-    stride_pb, stride_ph, stride_pm, stride_ps,
     qk_scale,
-    INCLUSIVE: tl.constexpr, HAS_KPM: tl.constexpr, CHUNK: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    INCLUSIVE: tl.constexpr, HAS_KPM: tl.constexpr, SINGLE_SAMPLE: tl.constexpr, WIDE_TILE: tl.constexpr,
+    BLOCK_B: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
-    """Decode / few-row queries against long K/V (flash-decoding).
+    """Split-K partials of a few query rows against one chunk of keys.
 
-    Grid ``(n_splits, B * H_kv)``.  The rows of one program are the ``G * L_q`` (query head, query
-    row) pairs that share K/V head ``hk`` (row ``r`` = head ``hk*G + r // L_q``, query ``r % L_q``),
-    so each K/V byte is read once per group, not once per query head.  Split ``s`` of sample b is
-    either a CHUNK of its visual keys (``s < nvs = cdiv(n_b*T, CHUNK)``) or a CHUNK of its text keys
-    (``nvs <= s < nvs + cdiv(L_k, CHUNK)``); programs beyond that exit.  Each writes its unnormalised
-    partial ``(acc, m, l)`` (base-2 max); :func:`_hyper_decode_merge_kernel` combines them.
+    Grid ``(n_items, H_kv)``: program (j, hk) runs item j (see the section comment) for K/V head hk.
+    Its rows are the ``R = G * L_q`` (query head, query row) pairs sharing hk (row ``r`` = head
+    ``hk*G + r // L_q``, query ``r % L_q``), so each K/V byte is read once per group.  It writes the
+    unnormalised ``(acc [R, D], m [R], l [R])`` (base-2 max) of its chunk to
+    ``part[hk, j] = [acc | m | l]`` (``R * (D + 2)`` floats), which
+    :func:`_hyper_decode_merge_kernel` combines.  ``SINGLE_SAMPLE``: B = 1, whose images are all N
+    (``cu = [0, N]``), so ``cu`` is not read.
     """
-    pid_s = tl.program_id(0)
-    pid_bk = tl.program_id(1)
-    Hkv = H // G
-    b = pid_bk // Hkv
-    hk = (pid_bk % Hkv).to(tl.int64)  # int64: h * (a head-major view's head stride) can pass 2^31
-    b64 = b.to(tl.int64)
-    img_lo = tl.load(cu_ptr + b)
-    img_hi = tl.load(cu_ptr + b + 1)
-    nvs = tl.cdiv((img_hi - img_lo) * T, CHUNK)
-    nts = tl.cdiv(Lk, CHUNK)
-    if pid_s < nvs + nts:
+    item = tl.program_id(0)
+    hk = tl.program_id(1).to(tl.int64)  # int64: h * (a head-major view's head stride) can pass 2^31
+    n_items = tl.num_programs(0)
+    R = G * Lq
+    text_items = B * n_text
+    is_text = item < text_items
+    vi = item - text_items
+    # ---- which sample and keys: text items from the shapes, visual ones from cu's prefix sums
+    if SINGLE_SAMPLE:
+        b_vis = 0
+        img_lo = 0
+        img_hi = N
+        v_split = vi
+    else:
+        offs_b, lo_b, hi_b, nc_b, first_b = _decode_visual_splits(cu_ptr, B, T, chunk, BLOCK_B)
+        b_vis = tl.sum((first_b + nc_b <= vi).to(tl.int32), axis=0)  # samples whose chunks end by vi
+        sel = offs_b == b_vis
+        img_lo = tl.sum(tl.where(sel, lo_b, 0), axis=0)
+        img_hi = tl.sum(tl.where(sel, hi_b, 0), axis=0)
+        v_split = vi - tl.sum(tl.where(sel, first_b, 0), axis=0)
+    b = tl.where(is_text, item // n_text, b_vis)
+    if b < B:  # visual items past the real ones (B > 1: the count is an upper bound) do nothing
+        b64 = b.to(tl.int64)
         r = tl.arange(0, BLOCK_M)
-        row_ok = r < G * Lq
-        g = r // Lq
+        row_ok = r < R
         i = r % Lq
-        h = hk * G + g
+        h = hk * G + r // Lq
         t = i + (Lk - Lq)
         offs_d = tl.arange(0, BLOCK_D)
+        offs_n = tl.arange(0, BLOCK_N)
+        if WIDE_TILE:  # a key stride so large that BLOCK_N of them pass 2^31 elements
+            offs_n = offs_n.to(tl.int64)
         q = tl.load(q_ptr + b64 * stride_qb + h[:, None] * stride_qh + i[:, None].to(tl.int64) * stride_qm
                     + offs_d[None, :] * stride_qd, mask=row_ok[:, None], other=0.0)
+        # text: causal limit t + 1; visual: the end of the row's visible images
+        t_lo = (item - b * n_text) * chunk
+        t_hi = tl.minimum(t_lo + chunk, Lk)
+        v_lo = img_lo * T + v_split * chunk
+        v_hi = tl.minimum(v_lo + chunk, img_hi * T)
+        cnt = _decode_visible_images(pos_ptr, img_lo, img_hi, t, n_uncertain, item >= text_items, INCLUSIVE,
+                                     BLOCK_W)
+        lo = tl.where(is_text, t_lo, v_lo)
+        hi = tl.where(is_text, t_hi, v_hi)
+        lim = tl.minimum(tl.where(is_text, t + 1, (img_lo + cnt) * T), hi)
+        full = tl.min(tl.where(row_ok, lim, hi), axis=0)
+        if HAS_KPM:  # text tiles all take the masked path
+            full = tl.where(is_text, lo, full)
+        k_base = tl.where(is_text, k_ptr + b64 * stride_kb + hk * stride_kh, kv_ptr + hk * stride_kvh)
+        v_base = tl.where(is_text, v_ptr + b64 * stride_vb + hk * stride_vh, vv_ptr + hk * stride_vvh)
+        stride_kn_ = tl.where(is_text, stride_kn, stride_kvn)
+        stride_vn_ = tl.where(is_text, stride_vn, stride_vvn)
+        k_offs = offs_n[None, :] * stride_kn_ + offs_d[:, None] * tl.where(is_text, stride_kd, stride_kvd)
+        v_offs = offs_n[:, None] * stride_vn_ + offs_d[None, :] * tl.where(is_text, stride_vd, stride_vvd)
         acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
         m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
         l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
-        if pid_s < nvs:
-            cnt = _visible_counts(pos_ptr, img_lo, img_hi, t, INCLUSIVE)
-            lim = (img_lo + cnt) * T
-            lo = img_lo * T + pid_s * CHUNK
-            hi = tl.minimum(lo + CHUNK, img_hi * T)
-            acc, m_i, l_i = _attend_tiles(acc, m_i, l_i, q, kv_ptr + hk * stride_kvh, vv_ptr + hk * stride_vvh,
-                                          stride_kvn, stride_kvd, stride_vvn, stride_vvd, lo, hi, lim, kpm_ptr, 0,
-                                          qk_scale, offs_d, BLOCK_N, True, False, DOT_PRECISION)
-        else:
-            lo = (pid_s - nvs) * CHUNK
-            hi = tl.minimum(lo + CHUNK, Lk)
-            acc, m_i, l_i = _attend_tiles(acc, m_i, l_i, q, k_ptr + b64 * stride_kb + hk * stride_kh,
-                                          v_ptr + b64 * stride_vb + hk * stride_vh, stride_kn, stride_kd,
-                                          stride_vn, stride_vd, lo, hi, t + 1, kpm_ptr + b64 * stride_kpb,
-                                          stride_kpn, qk_scale, offs_d, BLOCK_N, True, HAS_KPM, DOT_PRECISION)
-        p_offs = b64 * stride_pb + h.to(tl.int64) * stride_ph + i * stride_pm + pid_s * stride_ps
-        tl.store(acc_ptr + p_offs[:, None] * BLOCK_D + offs_d[None, :], acc, mask=row_ok[:, None])
-        tl.store(m_ptr + p_offs, m_i, mask=row_ok)
-        tl.store(l_ptr + p_offs, l_i, mask=row_ok)
+        acc, m_i, l_i = _decode_tiles(acc, m_i, l_i, q, k_base, v_base, k_offs, v_offs, stride_kn_, stride_vn_,
+                                      lo, hi, chunk // BLOCK_N, lim, full, kpm_ptr + b64 * stride_kpb,
+                                      offs_n * stride_kpn, stride_kpn, is_text, qk_scale,
+                                      HAS_KPM, BLOCK_N, DOT_PRECISION)
+        part = part_ptr + (hk * n_items + item) * (R * (BLOCK_D + 2))
+        tl.store(part + r[:, None] * BLOCK_D + offs_d[None, :], acc, mask=row_ok[:, None])
+        tl.store(part + R * BLOCK_D + r, m_i, mask=row_ok)
+        tl.store(part + R * (BLOCK_D + 1) + r, l_i, mask=row_ok)
 
 
 @triton.jit
-def _merge_state(acc, m, l, acc_s, m_s, l_s):
-    m_new = tl.maximum(m, m_s)
-    base = tl.where(m_new == float("-inf"), 0.0, m_new)
-    a = tl.math.exp2(m - base)
-    a_s = tl.math.exp2(m_s - base)
-    return acc * a + acc_s * a_s, m_new, l * a + l_s * a_s
+def _decode_merge_part(m_s, l_s, acc_s, take):
+    """Softmax merge of the partials ``take`` selects: ``(o, lse)`` with ``lse`` natural log (-inf and
+    o = 0 when no key was visible).  Every partial is rescaled to the global max at once."""
+    m_s = tl.where(take, m_s, float("-inf"))
+    m = tl.max(m_s, axis=0)
+    w = tl.math.exp2(m_s - tl.where(m == float("-inf"), 0.0, m))
+    l = tl.sum(w * tl.where(take, l_s, 0.0), axis=0)
+    acc = tl.sum(w[:, None] * tl.where(take[:, None], acc_s, 0.0), axis=0)
+    has = l > 0.0
+    o = acc / tl.where(has, l, 1.0)
+    lse = tl.where(has, (m + tl.math.log2(tl.where(has, l, 1.0))) * 0.6931471805599453, float("-inf"))
+    return o, lse
 
 
 @triton.jit
 def _hyper_decode_merge_kernel(
-    acc_ptr, m_ptr, l_ptr, pos_ptr, cu_ptr, gate_ptr,
+    part_ptr, pos_ptr, cu_ptr, gate_ptr,
     out_ptr, ot_ptr, ov_ptr, lse_ptr,
-    Lq, Lk, H, T,
-    stride_pb, stride_ph, stride_pm, stride_ps,
+    B, N, Lq, Lk, H, G, T, chunk, n_text, n_items, n_uncertain,
     stride_gb, stride_gm, stride_gh, stride_gd,
     stride_ob, stride_om, stride_oh,
     stride_ls, stride_lb, stride_lh,
-    GATED: tl.constexpr, INCLUSIVE: tl.constexpr, SAVE_PARTS: tl.constexpr, CHUNK: tl.constexpr,
+    GATED: tl.constexpr, INCLUSIVE: tl.constexpr, SAVE_PARTS: tl.constexpr, SINGLE_SAMPLE: tl.constexpr,
+    BLOCK_B: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_DM: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
-    """Combine the split partials of one query row: grid ``(L_q, B * H)``.  Gated: visual splits
-    into ``o_v``, text splits into ``o_t``, then the forward's epilogue; joint: all splits into one."""
-    i = tl.program_id(0)
-    pid_bh = tl.program_id(1)
+    """Combine the split partials of one query row: grid ``(D / BLOCK_DM, L_q, B * H)``, program (c,
+    i, bh) writes channels ``[c*BLOCK_DM, (c+1)*BLOCK_DM)`` of row i of sample ``b = bh // H``, head
+    ``h = bh % H``.  Slot s of the row is its sample's text chunk s (``s < n_text``), then its visual
+    chunks; every slot's (m, l, acc) is loaded at once (``BLOCK_S`` >= the slots of any sample), so
+    the dependent round trips are: cu (B > 1 only), then the partials (and gate, positions), then the
+    store.  Gated: the text slots into ``o_t``, the visual ones into ``o_v``, then the forward's
+    epilogue; joint: all slots into one softmax.  A fixed reduction order: deterministic."""
+    c = tl.program_id(0)
+    i = tl.program_id(1)
+    pid_bh = tl.program_id(2)
     b = pid_bh // H
     h = (pid_bh % H).to(tl.int64)  # int64: h * (a head-major view's head stride) can pass 2^31
     b64 = b.to(tl.int64)
-    offs_d = tl.arange(0, BLOCK_D)
-    img_lo = tl.load(cu_ptr + b)
-    img_hi = tl.load(cu_ptr + b + 1)
-    nvs = tl.cdiv((img_hi - img_lo) * T, CHUNK)
-    nts = tl.cdiv(Lk, CHUNK)
-    base = b64 * stride_pb + h * stride_ph + i * stride_pm
-    acc_v = tl.zeros((BLOCK_D,), dtype=tl.float32)
-    m_v = tl.max(tl.full((1,), float("-inf"), dtype=tl.float32), axis=0)
-    l_v = tl.sum(tl.zeros((1,), dtype=tl.float32), axis=0)
-    acc_t, m_t, l_t = acc_v, m_v, l_v
-    for s in range(0, nvs):
-        acc_s = tl.load(acc_ptr + (base + s * stride_ps) * BLOCK_D + offs_d)
-        acc_v, m_v, l_v = _merge_state(acc_v, m_v, l_v, acc_s, tl.load(m_ptr + base + s * stride_ps),
-                                       tl.load(l_ptr + base + s * stride_ps))
-    if not GATED:
-        acc_t, m_t, l_t = acc_v, m_v, l_v
-    for s in range(nvs, nvs + nts):
-        acc_s = tl.load(acc_ptr + (base + s * stride_ps) * BLOCK_D + offs_d)
-        acc_t, m_t, l_t = _merge_state(acc_t, m_t, l_t, acc_s, tl.load(m_ptr + base + s * stride_ps),
-                                       tl.load(l_ptr + base + s * stride_ps))
-    o_offs = b64 * stride_ob + h * stride_oh + i * stride_om + offs_d
-    lse_off = b64 * stride_lb + h * stride_lh + i
-    has_t = l_t > 0.0
-    o_t = acc_t / tl.where(has_t, l_t, 1.0)
-    tl.store(lse_ptr + lse_off, tl.where(has_t, (m_t + tl.math.log2(tl.where(has_t, l_t, 1.0))) * 0.6931471805599453,
-                                         float("-inf")))
-    if GATED:
-        has_v = l_v > 0.0
-        o_v = acc_v / tl.where(has_v, l_v, 1.0)
-        tl.store(lse_ptr + stride_ls + lse_off,
-                 tl.where(has_v, (m_v + tl.math.log2(tl.where(has_v, l_v, 1.0))) * 0.6931471805599453,
-                          float("-inf")))
-        cnt = tl.sum(_visible_counts(pos_ptr, img_lo, img_hi, tl.full((1,), i + Lk - Lq, tl.int32), INCLUSIVE),
-                     axis=0)
+    hk = h // G
+    R = G * Lq
+    r = (h % G) * Lq + i
+    if SINGLE_SAMPLE:
+        img_lo = 0
+        img_hi = N
+        v_first = 0
+    else:
+        offs_b, lo_b, hi_b, nc_b, first_b = _decode_visual_splits(cu_ptr, B, T, chunk, BLOCK_B)
+        sel = offs_b == b
+        img_lo = tl.sum(tl.where(sel, lo_b, 0), axis=0)
+        img_hi = tl.sum(tl.where(sel, hi_b, 0), axis=0)
+        v_first = tl.sum(tl.where(sel, first_b, 0), axis=0)
+    n_vis = tl.cdiv((img_hi - img_lo) * T, chunk)
+    s = tl.arange(0, BLOCK_S)
+    is_text = s < n_text
+    is_vis = (s >= n_text) & (s < n_text + n_vis)
+    item = tl.where(is_text, b * n_text + s, B * n_text + v_first + (s - n_text))
+    part = part_ptr + (hk * n_items + item.to(tl.int64)) * (R * (BLOCK_D + 2))
+    valid = is_text | is_vis
+    offs_d = c * BLOCK_DM + tl.arange(0, BLOCK_DM)
+    if GATED:  # (loaded first: the same round trip as the partials)
+        cnt = _decode_visible_images(pos_ptr, img_lo, img_hi, tl.full((1,), Lk - Lq, tl.int32) + i, n_uncertain,
+                                     True, INCLUSIVE, BLOCK_W)
         g = tl.load(gate_ptr + b64 * stride_gb + h * stride_gh + i.to(tl.int64) * stride_gm
                     + offs_d * stride_gd).to(tl.float32)
+    acc_s = tl.load(part[:, None] + r * BLOCK_D + offs_d[None, :], mask=valid[:, None], other=0.0)
+    m_s = tl.load(part + R * BLOCK_D + r, mask=valid, other=float("-inf"))
+    l_s = tl.load(part + R * (BLOCK_D + 1) + r, mask=valid, other=0.0)
+    o_offs = b64 * stride_ob + h * stride_oh + i.to(tl.int64) * stride_om + offs_d
+    lse_off = b64 * stride_lb + h * stride_lh + i
+    first_chunk = c == 0
+    if GATED:
+        o_t, lse_t = _decode_merge_part(m_s, l_s, acc_s, is_text)
+        o_v, lse_v = _decode_merge_part(m_s, l_s, acc_s, is_vis)
         sg = 1.0 / (1.0 + tl.math.exp(-g))
-        if cnt > 0:
-            out = o_t + sg * (o_v - o_t)
-        else:
-            out = o_t
+        out = tl.where(tl.sum(cnt, axis=0) > 0, o_t + sg * (o_v - o_t), o_t)
+        tl.store(lse_ptr + lse_off, lse_t, mask=first_chunk)
+        tl.store(lse_ptr + stride_ls + lse_off, lse_v, mask=first_chunk)
         if SAVE_PARTS:
             tl.store(ot_ptr + o_offs, o_t.to(ot_ptr.dtype.element_ty))
             tl.store(ov_ptr + o_offs, o_v.to(ov_ptr.dtype.element_ty))
     else:
-        out = o_t
+        out, lse_j = _decode_merge_part(m_s, l_s, acc_s, valid)
+        tl.store(lse_ptr + lse_off, lse_j, mask=first_chunk)
     tl.store(out_ptr + o_offs, out.to(out_ptr.dtype.element_ty))
 
 

@@ -6,6 +6,7 @@ On the GPU they are tensor-core shaped; under the CPU interpreter they are the s
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -22,9 +23,10 @@ _GPU_HALF = {
                128: dict(BLOCK_M=64, BLOCK_N=64, num_warps=8, num_stages=2)},
     "bwd_dkv": {64: dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2),
                 128: dict(BLOCK_M=64, BLOCK_N=64, num_warps=8, num_stages=2)},
-    # decode is bandwidth-bound: 2 stages keep shared memory near 100 KB, so two programs share an SM
-    "decode": {64: dict(BLOCK_M=16, BLOCK_N=128, num_warps=4, num_stages=2),
-               128: dict(BLOCK_M=16, BLOCK_N=64, num_warps=4, num_stages=2)},
+    # decode split: bandwidth-bound.  One 64-row wgmma tile (all G * L_q rows of a K/V head) and a
+    # 3-stage K/V pipeline in <= 76 KB of shared memory, so DECODE_CTAS_PER_SM programs share an SM.
+    "decode": {64: dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3),
+               128: dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=3)},
 }
 _INTERPRETER = {
     "fwd": dict(BLOCK_M=16, BLOCK_N=16),
@@ -34,22 +36,21 @@ _INTERPRETER = {
 }
 # Element-wise launches (the producer's rotation, the text RoPE, the decode merge): one entry for
 # every head dim and dtype.
-_ELEMENTWISE_GPU = {"visual_kv_rope": dict(BLOCK_M=32), "rope": dict(BLOCK_R=32), "decode_merge": dict(num_warps=4)}
+# (the decode merge's TILE: most elements of its [slots, channels] tile of partials per program)
+_ELEMENTWISE_GPU = {"visual_kv_rope": dict(BLOCK_M=32), "rope": dict(BLOCK_R=32),
+                    "decode_merge": dict(num_warps=4, TILE=4096)}
 _ELEMENTWISE_INTERPRETER = {"visual_kv_rope": dict(BLOCK_M=16), "rope": dict(BLOCK_R=16),
-                            "decode_merge": dict(num_warps=1)}
-DECODE_SPLIT_KEYS = {"gpu": (128, 1024), "cpu": (32, 32)}  # (min, max) keys per split-K program
-# Shared memory (the compile check in tests/gpu_target_compile.py holds every config under the sm_80
-# limit of 163 KB): per pipeline stage a K and a V tile, BLOCK_N * D * 2 bytes each.
-DECODE_TARGET_PROGRAMS = 512  # enough split programs to fill an H100 (132 SMs) a few times over
-
-
-def decode_chunk(total_keys: int, groups: int, device: torch.device) -> int:
-    """Keys per split of the decode path: a power of two between the device's bounds, small enough
-    that ``groups * splits`` reaches DECODE_TARGET_PROGRAMS (a few CHUNK values, so few compiles)."""
-    lo, hi = DECODE_SPLIT_KEYS["cpu" if device.type == "cpu" else "gpu"]
-    want = cdiv(total_keys * max(groups, 1), DECODE_TARGET_PROGRAMS)
-    chunk = 1 << max(0, (want - 1).bit_length())
-    return max(lo, min(hi, chunk))
+                            "decode_merge": dict(num_warps=1, TILE=64)}
+# The decode split's grid fills the resident CTA slots (SMs x CTAs per SM) once.  The SM count and the
+# shared memory per SM are the CUDA device's; DECODE_MACHINE["gpu"] (an H100/H200: 132 SMs, 228 KB)
+# stands in where no CUDA device is queried (meta tensors: the offline sm_90 compile), and
+# DECODE_MACHINE["cpu"] under the interpreter (small, so the tests see several splits per sample).
+# CTAs per SM, at most (fewer where shared memory holds fewer; the launcher caps registers to match):
+# the half-precision "decode" configs up to head dim 128 take 64 KB, so an H100 holds 3; float32 and
+# head dim 256 hold more registers and count on 2.
+DECODE_CTAS_PER_SM = {"gpu": 3, "gpu_wide": 2, "cpu": 2}
+DECODE_MACHINE = {"gpu": (132, 233472), "cpu": (4, None)}  # (SMs, shared memory bytes per SM)
+DECODE_REFINE_STEPS = 4  # at most this many BLOCK_N steps below the closed-form chunk (host time)
 
 
 def _config(name: str, device: torch.device, dtype: torch.dtype, head_dim: int) -> dict:
@@ -274,7 +275,8 @@ def visual_kv_rope_backward(dk_vis: torch.Tensor, dv_vis: torch.Tensor, image_po
     return dx
 
 
-DECODE_MAX_ROWS = 64  # G * L_q rows per split program
+DECODE_MAX_ROWS = 64  # G * L_q rows per split program (the GPU config's BLOCK_M)
+DECODE_INT32_TILE_OFFSETS = 2 ** 31  # a split tile's offsets from its first key are int32 below this
 
 
 def use_decode_path(Lq: int, G: int) -> bool:
@@ -282,39 +284,110 @@ def use_decode_path(Lq: int, G: int) -> bool:
     return 0 < Lq * G <= DECODE_MAX_ROWS and Lq <= 16
 
 
+@functools.lru_cache(maxsize=None)
+def _cuda_machine(index: int) -> tuple[int, int]:
+    props = torch.cuda.get_device_properties(index)
+    smem = getattr(props, "shared_memory_per_multiprocessor", None) or DECODE_MACHINE["gpu"][1]
+    return props.multi_processor_count, smem
+
+
+def decode_residency(device: torch.device, dtype: torch.dtype, head_dim: int, cfg: dict) -> tuple[int, int]:
+    """``(SMs, CTAs per SM)`` the decode split's grid fills: the CUDA device's (cached; a host query, no
+    sync) or DECODE_MACHINE's SMs, and DECODE_CTAS_PER_SM, or fewer if the SM's shared memory holds
+    fewer programs of ``cfg`` (Q and ``num_stages`` K/V tiles, plus 1 KB reserved per CTA)."""
+    if device.type == "cpu":
+        return DECODE_MACHINE["cpu"][0], DECODE_CTAS_PER_SM["cpu"]
+    if device.type == "cuda":
+        sms, smem = _cuda_machine(device.index if device.index is not None else torch.cuda.current_device())
+    else:
+        sms, smem = DECODE_MACHINE["gpu"]
+    ctas = DECODE_CTAS_PER_SM["gpu_wide" if (dtype == torch.float32 or head_dim > 128) else "gpu"]
+    per_cta = (cfg["BLOCK_M"] + 2 * cfg["num_stages"] * cfg["BLOCK_N"]) * head_dim * dtype.itemsize + 1024
+    return sms, max(1, min(ctas, smem // per_cta))
+
+
+def decode_plan(B: int, Lk: int, N: int, T: int, Hkv: int, block_n: int, slots: int, tile: int):
+    """``(chunk, n_text, n_items, max_slots)`` of the split-K decode, from the shapes alone (no host sync).
+
+    Per K/V head, sample b's keys are cut into chunks of ``chunk`` keys (a multiple of ``block_n``):
+    ``n_text = cdiv(L_k, chunk)`` text items per sample, then ``cdiv(n_b * T, chunk)`` visual ones.
+    ``n_items`` counts them (an upper bound for B > 1: the per-sample image counts are on the device);
+    ``chunk`` is about the smallest for which ``n_items * H_kv`` programs fit ``slots`` in one wave
+    (several waves only when the batch alone has more text items than that).  ``max_slots`` bounds the
+    items of any one sample (the merge loads them at once; kept <= ``tile``)."""
+    vis = N * T
+    k = min(B, N) if vis else 0                      # samples that can hold visual keys
+    per_head = max(1, slots // max(Hkv, 1))
+    target = max(1, cdiv(2 * (B + k), per_head)) * per_head
+
+    def items(c):
+        # sum_b cdiv(x_b, c) <= (sum_b x_b + k (c - 1)) // c over the k samples with images
+        return B * cdiv(Lk, c) + (vis + k * (c - 1)) // c
+
+    chunk = cdiv(cdiv(vis + B * Lk, target - B - k), block_n) * block_n
+    for _ in range(DECODE_REFINE_STEPS):
+        if chunk <= block_n or items(chunk - block_n) > target:
+            break
+        chunk -= block_n
+    while 1 << (cdiv(Lk, chunk) + cdiv(vis, chunk) - 1).bit_length() > tile:
+        chunk *= 2
+    return chunk, cdiv(Lk, chunk), items(chunk), cdiv(Lk, chunk) + cdiv(vis, chunk)
+
+
+def _pow2(n: int) -> int:
+    """The smallest power of two >= n (n >= 1)."""
+    return 1 << (n - 1).bit_length()
+
+
 def _decode_forward(q, k, v, kv, vv, image_positions, cu_images, g, key_padding_mask, kpm, out, o_t, o_v, lse,
                     gated, inclusive, scale, save_parts, T):
-    """Split-K forward: partials per (split, sample, K/V head), then one merge program per row."""
+    """Split-K forward (flash-decoding): partials per (key chunk, K/V head), then one merge program
+    per (channel block, query row, sample, head).  Two launches, the same every step for the same
+    shapes, no host sync (CUDA-graph capturable)."""
     B, Lq, H, D = q.shape
     Lk, Hkv = k.shape[1], k.shape[2]
     G = H // Hkv
-    N = kv.shape[0] // max(T, 1) if T else 0
+    N = image_positions.shape[0]
+    R = G * Lq
     dev, dt = q.device, q.dtype
-    chunk = decode_chunk(N * T + Lk, B * Hkv, dev)
-    # Upper bound on the splits of any sample without reading cu_images on the host (no sync):
-    # all N images could belong to one sample.
-    n_splits = cdiv(N * T, chunk) + cdiv(Lk, chunk)
     cfg = _config("decode", dev, dt, D)
-    cfg["BLOCK_M"] = max(cfg["BLOCK_M"], 1 << max(0, (G * Lq - 1).bit_length()))
-    acc = torch.empty((B, H, Lq, n_splits, D), dtype=torch.float32, device=dev)
-    m = torch.empty((B, H, Lq, n_splits), dtype=torch.float32, device=dev)
-    l = torch.empty_like(m)
+    cfg["BLOCK_M"] = max(cfg["BLOCK_M"], _pow2(R))
+    merge = _config("decode_merge", dev, dt, D)
+    tile = merge.pop("TILE")
+    sms, ctas = decode_residency(dev, dt, D, cfg)
+    if dev.type != "cpu":  # registers for `ctas` CTAs of num_warps warps (65536 per SM, in steps of 8)
+        regs = 65536 // (ctas * cfg["num_warps"] * 32) // 8 * 8
+        if regs < 255:
+            cfg["maxnreg"] = regs
+    chunk, n_text, n_items, max_slots = decode_plan(B, Lk, N, T, Hkv, cfg["BLOCK_N"], sms * ctas, tile)
+    # rows see every image but (at most) the last n_uncertain ones of their sample (kernels.py, decode)
+    n_uncertain = Lq if not inclusive else Lq - 1
+    consts = dict(INCLUSIVE=inclusive, SINGLE_SAMPLE=B == 1, BLOCK_B=_pow2(B),
+                  BLOCK_W=_pow2(n_uncertain) if (n_uncertain > 0 and N > 0) else 0)
+    part = torch.empty(Hkv * n_items * R * (D + 2), dtype=torch.float32, device=dev)
     qk_scale = float(scale) * kernels.LOG2E
-    kernels._hyper_decode_split_kernel[(n_splits, B * Hkv)](
-        q, k, v, kv, vv, image_positions, cu_images, kpm, acc, m, l,
-        Lq, Lk, H, G, T,
+    # a tile's offsets from its first key are int32 unless BLOCK_N keys of some stride pass 2^31 elements
+    # (every base, and each tile's first key, is int64)
+    key_strides = (k.stride(1), v.stride(1), kv.stride(0), vv.stride(0),
+                   key_padding_mask.stride(1) if key_padding_mask is not None else 0)
+    wide = cfg["BLOCK_N"] * max(abs(x) for x in key_strides) + D * max(abs(x) for x in (
+        k.stride(3), v.stride(3), kv.stride(2), vv.stride(2))) >= DECODE_INT32_TILE_OFFSETS
+    kernels._hyper_decode_split_kernel[(n_items, Hkv)](
+        q, k, v, kv, vv, image_positions, cu_images, kpm, part,
+        B, N, Lq, Lk, G, T, chunk, n_text, n_uncertain,
         *q.stride(), *k.stride(), *v.stride(), *kv.stride(), *vv.stride(),
         *(key_padding_mask.stride() if key_padding_mask is not None else (0, 0)),
-        *m.stride(), qk_scale,
-        INCLUSIVE=inclusive, HAS_KPM=key_padding_mask is not None, CHUNK=chunk, BLOCK_D=D,
-        DOT_PRECISION=_dot_precision(dt), **cfg)
-    kernels._hyper_decode_merge_kernel[(Lq, B * H)](
-        acc, m, l, image_positions, cu_images, g,
+        qk_scale, HAS_KPM=key_padding_mask is not None, WIDE_TILE=wide, BLOCK_D=D,
+        DOT_PRECISION=_dot_precision(dt), **consts, **cfg)
+    block_s = _pow2(max_slots)
+    block_dm = min(D, max(1, tile // block_s))
+    kernels._hyper_decode_merge_kernel[(D // block_dm, Lq, B * H)](
+        part, image_positions, cu_images, g,
         out, o_t if o_t.numel() else out, o_v if o_v.numel() else out, lse,
-        Lq, Lk, H, T, *m.stride(), *g.stride(),
+        B, N, Lq, Lk, H, G, T, chunk, n_text, n_items, n_uncertain, *g.stride(),
         out.stride(0), out.stride(1), out.stride(2), lse.stride(0), lse.stride(1), lse.stride(2),
-        GATED=gated, INCLUSIVE=inclusive, SAVE_PARTS=bool(save_parts and gated), CHUNK=chunk, BLOCK_D=D,
-        **_config("decode_merge", dev, dt, D))
+        GATED=gated, SAVE_PARTS=bool(save_parts and gated), BLOCK_S=block_s, BLOCK_DM=block_dm, BLOCK_D=D,
+        **consts, **merge)
 
 
 def rope(x: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor, inverse: bool) -> torch.Tensor:
