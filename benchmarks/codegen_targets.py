@@ -157,8 +157,6 @@ KNOWN_GAPS = [
     ("hyper.bwd_issue_unmasked", "hyper_attention/*/dKV_text", "issue 1.3"),
     ("hyper.bwd_issue_unmasked", "hyper_attention/*/dKV_visual", "issue 1.16"),
     ("hyper.fwd_pipelined", "hyper_attention/*/fwd", "plain loads in the visual-key boundary loop", "3.8"),
-    ("hyper.decode_pipelined", "hyper_attention/decode/split", "cp.async, bufs 1, wait 0"),
-    ("hyper.decode_issue", "hyper_attention/decode/split", "issue 2.32"),
 ]
 
 
