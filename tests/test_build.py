@@ -282,6 +282,9 @@ def test_native_libraries_use_only_the_stable_abi():
         assert not [n for n in names if n.startswith(("Py", "_Py"))], lib
         needed = subprocess.run(["readelf", "-d", str(lib)], capture_output=True, text=True).stdout
         assert "libc10" not in needed and "libtorch_python" not in needed and "libpython" not in needed, needed
+        # no libstdc++ newer than GCC 8's (torch's manylinux_2_28 platform): csrc/libstdcxx_compat.cpp
+        versions = set(re.findall(r"GLIBCXX_3\.4\.(\d+)", out))
+        assert all(int(v) <= 25 for v in versions), (lib, sorted(versions))
 
 
 @pytest.mark.parametrize(
