@@ -225,6 +225,12 @@ def test_plora_tile_flags_cuda():
 # --------------------------------------------------------------------------- #
 def _cuobjdump() -> str | None:
     cands = [shutil.which("cuobjdump"), os.path.join(os.environ.get("CUDA_HOME", "/usr/local/cuda"), "bin", "cuobjdump")]
+    try:  # the nvidia-cuda-cuobjdump package (the dev extra)
+        import nvidia
+
+        cands += [str(p) for d in nvidia.__path__ for p in sorted(Path(d).glob("cu*/bin/cuobjdump"))]
+    except Exception:
+        pass
     try:
         import triton
 
