@@ -507,7 +507,8 @@ def test_dependency_lists_live_in_pyproject():
 
 def test_package_metadata():
     project = _pyproject()["project"]
-    assert project["license"] == "MIT"
+    assert project["license"] == "MIT" and project["license-files"] == ["LICENSE"]
+    assert (ROOT / "LICENSE").read_text().startswith("MIT License\n")
     assert project["readme"] == "README.md"
     assert any(c.startswith("Programming Language :: Python :: 3.11") for c in project["classifiers"])
     assert "Typing :: Typed" in project["classifiers"]
