@@ -124,7 +124,8 @@ def requirements(kind: str, data: dict) -> list[str]:
 
 if __name__ == "__main__" and sys.argv[1:2] == ["--requirements"]:
     if len(sys.argv) < 3:
-        raise SystemExit("usage: python setup.py --requirements {torch|torch-oldest|torch-range|build|runtime|EXTRA}...")
+        raise SystemExit("usage: python setup.py --requirements "
+                         "{torch|torch-oldest|torch-range|build|runtime|EXTRA}...")
     _data = _load_pyproject()
     for _req in dict.fromkeys(r for kind in sys.argv[2:] for r in requirements(kind, _data)):
         if _marker_applies(_req):

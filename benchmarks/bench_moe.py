@@ -676,8 +676,8 @@ LAYER_PEER_COLUMNS = [("model", "model", None), ("routing", "routing", None), ("
 
 
 def peer_targets(gg_rows, layer_rows) -> list[dict]:
-    """The MoE targets against the strongest peers (:func:`harness.target`; value = the worst case over the measured shapes,
-    None when a peer was not measured), each with a ``detail`` naming the worst shape."""
+    """The MoE targets against the strongest peers (:func:`harness.target`; value = the worst case over the
+    measured shapes, None when a peer was not measured), each with a ``detail`` naming the worst shape."""
     out = []
 
     def add(id_, pool, key, goal, better, what):
@@ -755,7 +755,8 @@ def evaluate_targets(rows, gg_rows, on_cuda, baseline) -> list[dict]:
             worst = min(pool, key=lambda r: r["speedup_vs_ds095_einsum"])
             same = all(r["same_output_as_ds095_einsum"] for r in pool)
             legacy = dict(target=f"CPU fwd+bwd of {H.provider_label('mmkernels', False)} >= "
-                                 f"{TARGET_CPU_EINSUM_SPEEDUP:.0f}x faster than {EINSUM} (E=4, k=2, cf=1.5), same outputs",
+                                 f"{TARGET_CPU_EINSUM_SPEEDUP:.0f}x faster than {EINSUM} (E=4, k=2, cf=1.5), "
+                                 "same outputs",
                           measured_against=EINSUM_LABEL,
                           value=f"worst {worst['speedup_vs_ds095_einsum']:.2f}x ({worst['model']} "
                                 f"{worst['routing']} S={worst['S']}; ratio of medians); same outputs: {same}",

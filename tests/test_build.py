@@ -539,7 +539,8 @@ def test_build_meta_describes_the_loaded_extension():
         ("2.11.0", "2.14.1+cpu", None),
         ("2.11.0", "2.15.0a0+gitabc", None),     # a newer pre-release provides the same stable ABI
         ("2.11.0", "3.0.0", None),
-        ("2.11.0", "2.10.1+cu128", "needs torch >= 2.11.0 (it is built for the LibTorch stable ABI of 2.11), running 2.10.1+cu128"),
+        ("2.11.0", "2.10.1+cu128",
+         "needs torch >= 2.11.0 (it is built for the LibTorch stable ABI of 2.11), running 2.10.1+cu128"),
         ("2.11.0", "2.9.0", "running 2.9.0"),
         (None, "2.14.1", "names no oldest supported torch"),
     ],
