@@ -4,15 +4,18 @@
 #   make test    build + run the test suite (tests/ and benchmarks/ pytest files; the
 #                pytest-benchmark cases run once as smoke tests, without timing tables)
 #   make bench   build + verify every kernel and time it (python -m benchmarks.run)
-#   make wheel   build dist/mmkernels-*.whl, manylinux-tagged (with CUDA kernels when nvcc is usable)
+#   make wheel   build dist/mmkernels-*.whl: one abi3 wheel, manylinux-tagged, for torch >= the
+#                oldest supported release (with CUDA kernels when nvcc is usable); WHEEL_PYTHON
+#                picks the Python (and so the torch) that compiles it (default: the venv's)
 #   make build   just (re)build the editable install
 #   make info    python -m mmkernels info (versions, build, device, backends, native ops)
 #   make clean   remove build outputs (keeps .venv); make distclean also removes .venv
 #
-# Requirement lists (the torch pin, runtime deps, extras) live in pyproject.toml only;
+# Requirement lists (the torch releases, runtime deps, extras) live in pyproject.toml only;
 # `python setup.py --requirements KIND` prints them for this Makefile.
 #
-# Overridable: PYTHON, TORCH_SPEC, VENV, PYTEST_ARGS, MAX_JOBS, and the build
+# Overridable: PYTHON, TORCH_SPEC (default: pyproject's dev-torch), VENV, WHEEL_PYTHON, PYTEST_ARGS,
+# MAX_JOBS, and the build
 # knobs MMKERNELS_REQUIRE_CUDA / MMKERNELS_DISABLE_CUDA / TORCH_CUDA_ARCH_LIST / CUDACXX.
 
 SHELL := /bin/bash
@@ -51,7 +54,7 @@ $(VPY):
 	$(PYTHON) -m venv $(VENV)
 
 $(DEPS_STAMP): $(VPY) Makefile pyproject.toml
-	@test -n "$(TORCH_SPEC)" || { echo "error: no torch pin found in pyproject.toml" >&2; exit 1; }
+	@test -n "$(TORCH_SPEC)" || { echo "error: no dev-torch found in pyproject.toml" >&2; exit 1; }
 	$(VPY) setup.py --requirements dev > $(VENV)/.mmkernels-dev-requirements.txt
 	$(PIP) install '$(TORCH_SPEC)' -r $(VENV)/.mmkernels-dev-requirements.txt
 	@touch $@
@@ -74,13 +77,17 @@ test: $(BUILD_STAMP)
 bench: $(BUILD_STAMP)
 	$(VPY) -m benchmarks.run
 
-# pip wheel gives a linux_x86_64 wheel; auditwheel checks it against the manylinux policies and
-# retags it (plat "auto": the most compatible policy this build satisfies, e.g. manylinux_2_24),
-# bundling nothing from torch or CUDA (WHEEL_EXCLUDE).  auditwheel needs patchelf on PATH.
+# pip wheel gives a cp310-abi3-linux_x86_64 wheel; auditwheel checks it against the manylinux
+# policies and retags it (plat "auto": the most compatible policy this build satisfies, e.g.
+# manylinux_2_24), bundling nothing from torch or CUDA (WHEEL_EXCLUDE).  auditwheel needs patchelf on
+# PATH.  The wheel has its own CMake tree, so building it with another WHEEL_PYTHON (CI compiles it
+# with the oldest supported torch) does not reconfigure the editable build's.
+WHEEL_PYTHON ?= $(VPY)
 wheel: $(DEPS_STAMP)
 	rm -rf dist/mmkernels-*.whl build/wheel-raw
 	@start=$$(date +%s); \
-	MMKERNELS_BUILD_PROGRESS=0 $(PIP) wheel -v --no-build-isolation --no-deps -w build/wheel-raw . && \
+	MMKERNELS_BUILD_PROGRESS=0 MMKERNELS_CMAKE_BUILD_DIR=build/cmake-wheel \
+		$(WHEEL_PYTHON) -m pip wheel -v --no-build-isolation --no-deps -w build/wheel-raw . && \
 	echo "mmkernels: wheel build took $$(( $$(date +%s) - start ))s"
 	PATH="$(abspath $(VENV))/bin:$$PATH" $(VENV)/bin/auditwheel repair $(addprefix --exclude ,$(WHEEL_EXCLUDE)) \
 		-w dist build/wheel-raw/mmkernels-*.whl

@@ -1,16 +1,22 @@
-"""Thin setuptools driver for the CMake build of ``mmkernels._C``.
+"""Thin setuptools driver for the CMake build of mmkernels' native libraries.
 
 All native sources and flags live in CMakeLists.txt; metadata lives in pyproject.toml.
 
-    pip install .                                   # isolated build: brings cmake, ninja, torch==<pin>
+    pip install .                                   # isolated build: brings cmake, ninja, a torch
     pip install --no-build-isolation .              # build against the torch already installed
-    pip install --no-build-isolation -e .           # editable, _C lands in mmkernels/
+    pip install --no-build-isolation -e .           # editable, the libraries land in mmkernels/
     pip wheel --no-build-isolation --no-deps -w dist .
+
+The native libraries (mmkernels/_C.abi3.so, and mmkernels/_C_cuda.abi3.so with CUDA kernels) use
+only the LibTorch stable ABI of the oldest supported torch and no Python C API, so whichever
+supported torch builds them, the result loads into every torch release from
+``[tool.mmkernels] oldest-torch`` on and into every Python: one abi3 wheel per platform and CUDA
+major version.
 
 What this file adds to the static metadata in pyproject.toml:
 
-* the torch requirement of the wheel: ``torch==<release>`` of the torch ``_C`` is compiled against
-  (libtorch's C++ ABI is only stable within a release), plus ``[tool.mmkernels] dependencies``;
+* the torch requirement of the wheel, ``torch>=<oldest-torch>``, plus ``[tool.mmkernels]
+  dependencies``; the abi3 wheel tag;
 * a CMake >= 3.26 and ninja: the ``cmake``/``ninja`` pip packages when installed (the build
   requirements), else PATH; if neither has a recent enough CMake, they are installed into
   ``build/_tools`` with pip (``MMKERNELS_NO_TOOL_INSTALL=1`` turns that off);
@@ -20,8 +26,8 @@ What this file adds to the static metadata in pyproject.toml:
 
 Environment knobs (read by CMakeLists.txt, forwarded explicitly here):
     MMKERNELS_REQUIRE_CUDA=1   missing/broken CUDA toolchain is a build error
-    MMKERNELS_DISABLE_CUDA=1   force a CPU-only _C
-    TORCH_CUDA_ARCH_LIST       e.g. "8.0;9.0a" (default) or "8.0 9.0+PTX"
+    MMKERNELS_DISABLE_CUDA=1   force a CPU-only build (no _C_cuda)
+    TORCH_CUDA_ARCH_LIST       e.g. "8.0+PTX;9.0a;10.0a" (default) or "8.0 9.0+PTX"
     CUDACXX                    nvcc to use (otherwise PATH, CUDA_HOME, /usr/local/cuda)
     MAX_JOBS                   parallel compile jobs (default: number of cores)
     MMKERNELS_BUILD_TYPE       CMake build type (default Release)
@@ -61,11 +67,13 @@ def _load_pyproject() -> dict:
 # ``python setup.py --requirements KIND...`` prints requirement lists from pyproject.toml, the one
 # place they are written, for the Makefile and .ci/run (before any venv exists, so this runs before
 # setuptools is imported):
-#     torch     the torch pin of [build-system] requires
-#     build     [build-system] requires
-#     runtime   [tool.mmkernels] dependencies (the wheel adds its torch pin)
-#     EXTRA     an extra (test, dev, transformers), self-references such as "mmkernels[test]"
-#               expanded, plus the runtime list
+#     torch         torch==<dev-torch>: the torch `make` develops and tests with (the newest supported)
+#     torch-oldest  torch==<oldest-torch>: the oldest supported torch
+#     torch-range   torch>=<oldest-torch>: what the wheel requires
+#     build         [build-system] requires
+#     runtime       [tool.mmkernels] dependencies (the wheel adds torch-range)
+#     EXTRA         an extra (test, dev, transformers), self-references such as "mmkernels[test]"
+#                   expanded, plus the runtime list
 # One requirement per line; markers that do not apply to this interpreter are dropped.
 
 def _marker_applies(req: str) -> bool:
@@ -82,16 +90,22 @@ def _marker_applies(req: str) -> bool:
 def requirements(kind: str, data: dict) -> list[str]:
     name = data["project"]["name"]
     build = data["build-system"]["requires"]
-    runtime = data["tool"]["mmkernels"]["dependencies"]
+    tool = data["tool"]["mmkernels"]
+    runtime = tool["dependencies"]
     extras = data["project"].get("optional-dependencies", {})
     if kind == "torch":
-        return [r for r in build if re.match(r"torch\s*==", r)]
+        return [f"torch=={tool['dev-torch']}"]
+    if kind == "torch-oldest":
+        return [f"torch=={tool['oldest-torch']}"]
+    if kind == "torch-range":
+        return [f"torch>={tool['oldest-torch']}"]
     if kind == "build":
         return list(build)
     if kind == "runtime":
         return list(runtime)
     if kind not in extras:
-        raise SystemExit(f"unknown list {kind!r}; expected torch, build, runtime or one of {sorted(extras)}")
+        raise SystemExit(f"unknown list {kind!r}; expected torch, torch-oldest, torch-range, build, runtime "
+                         f"or one of {sorted(extras)}")
     out: list[str] = list(runtime)
     todo, seen = [kind], set()
     while todo:
@@ -110,7 +124,8 @@ def requirements(kind: str, data: dict) -> list[str]:
 
 if __name__ == "__main__" and sys.argv[1:2] == ["--requirements"]:
     if len(sys.argv) < 3:
-        raise SystemExit("usage: python setup.py --requirements {torch|build|runtime|EXTRA}...")
+        raise SystemExit("usage: python setup.py --requirements "
+                         "{torch|torch-oldest|torch-range|build|runtime|EXTRA}...")
     _data = _load_pyproject()
     for _req in dict.fromkeys(r for kind in sys.argv[2:] for r in requirements(kind, _data)):
         if _marker_applies(_req):
@@ -124,15 +139,9 @@ from setuptools.command.build_ext import build_ext  # noqa: E402
 PYPROJECT = _load_pyproject()
 
 
-def _pinned_torch_requirement() -> str:
-    """The one torch pin, stated in pyproject.toml's [build-system] requires."""
-    for req in PYPROJECT["build-system"]["requires"]:
-        if re.match(r"torch\s*==", req):
-            return req.replace(" ", "")
-    raise RuntimeError("pyproject.toml: [build-system] requires has no 'torch==...' pin")
-
-
-TORCH_PIN = _pinned_torch_requirement()
+TORCH_RANGE = requirements("torch-range", PYPROJECT)[0]  # torch>=<oldest-torch>
+# "cp310" for requires-python = ">=3.10": the abi3 wheel's tag
+ABI3_TAG = "cp3" + re.fullmatch(r">=\s*3\.(\d+)", PYPROJECT["project"]["requires-python"].strip()).group(1)
 
 
 def _check_setuptools() -> None:
@@ -162,30 +171,22 @@ def _import_torch():
     except Exception as e:
         _fail(
             f"  cannot import torch ({type(e).__name__}: {e}).",
-            "  _C is compiled against the installed torch when building with --no-build-isolation;",
-            "  without that flag, pip installs the pinned torch into the isolated build environment.",
-            f"run: pip install '{TORCH_PIN}'   (then repeat the command), or drop --no-build-isolation",
+            "  the native libraries are compiled with the installed torch when building with",
+            "  --no-build-isolation; without that flag, pip installs a torch into the isolated build environment.",
+            f"run: pip install '{TORCH_RANGE}'   (then repeat the command), or drop --no-build-isolation",
         )
     return torch
-
-
-def _torch_requirement() -> str:
-    """``torch==<release>`` of the torch this build compiles against (the pin when not importable,
-    e.g. while making an sdist)."""
-    try:
-        import torch
-    except Exception:
-        return TORCH_PIN
-    return f"torch=={torch.__version__.split('+', 1)[0]}"
 
 
 # --------------------------------------------------------------------------- build tools
 
 class CMakeExtension(Extension):
-    """An extension whose sources and flags are owned by CMakeLists.txt."""
+    """An extension whose sources and flags are owned by CMakeLists.txt.  ``py_limited_api``: the
+    libraries use no Python C API at all (they are loaded with torch.ops.load_library), so they are
+    named and tagged abi3."""
 
     def __init__(self, name: str, source_dir: Path = ROOT) -> None:
-        super().__init__(name, sources=[])
+        super().__init__(name, sources=[], py_limited_api=True)
         self.source_dir = str(source_dir)
 
 
@@ -283,30 +284,37 @@ def _progress_tty():
 
 
 META_FILE = "_build_meta.json"  # written next to _C by CMakeLists.txt; read by mmkernels/_extension.py
+CUDA_LIBRARY = "_C_cuda.abi3.so"  # the CUDA kernels, next to _C when the build has them
 
 
 class CMakeBuild(build_ext):
-    # _build_meta.json travels with _C: editable installs and `build_ext --inplace` copy only the
-    # extension files into the source tree (copy_extensions_to_source / get_output_mapping).
+    # _build_meta.json and _C_cuda travel with _C: editable installs and `build_ext --inplace` copy
+    # only the extension files into the source tree (copy_extensions_to_source / get_output_mapping).
+    # A CPU-only build leaves no _C_cuda in the build tree, and removes a stale one from the source
+    # tree (_build_meta.json then says cuda: false, so it would not be loaded, but it would mislead).
     def _meta_pairs(self) -> list[tuple[str, str]]:
         build_py = self.get_finalized_command("build_py")
         pairs = []
         for ext in self.extensions:
             if isinstance(ext, CMakeExtension):
                 inplace_file, regular_file = self._get_inplace_equivalent(build_py, ext)
-                pairs.append((os.path.join(os.path.dirname(regular_file), META_FILE),
-                              os.path.join(os.path.dirname(inplace_file), META_FILE)))
+                for name in (META_FILE, CUDA_LIBRARY):
+                    pairs.append((os.path.join(os.path.dirname(regular_file), name),
+                                  os.path.join(os.path.dirname(inplace_file), name)))
         return pairs
 
     def copy_extensions_to_source(self) -> None:
         super().copy_extensions_to_source()
         for regular, inplace in self._meta_pairs():
-            self.copy_file(regular, inplace, level=self.verbose)
+            if os.path.exists(regular):
+                self.copy_file(regular, inplace, level=self.verbose)
+            elif os.path.exists(inplace):
+                os.remove(inplace)
 
     def get_output_mapping(self) -> dict[str, str]:
         mapping = super().get_output_mapping()
         if self.inplace:
-            mapping.update(self._meta_pairs())
+            mapping.update((regular, inplace) for regular, inplace in self._meta_pairs() if os.path.exists(regular))
         return mapping
 
     def build_extension(self, ext: Extension) -> None:
@@ -417,5 +425,7 @@ _check_setuptools()
 setup(
     ext_modules=[CMakeExtension("mmkernels._C")],
     cmdclass={"build_ext": CMakeBuild},
-    install_requires=[_torch_requirement(), *PYPROJECT["tool"]["mmkernels"]["dependencies"]],
+    install_requires=[TORCH_RANGE, *PYPROJECT["tool"]["mmkernels"]["dependencies"]],
+    # one wheel for every CPython from the oldest one pyproject.toml supports (requires-python)
+    options={"bdist_wheel": {"py_limited_api": ABI3_TAG}},
 )

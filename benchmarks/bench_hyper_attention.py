@@ -22,7 +22,7 @@ Sections:
    Cases: ``prefill`` (``L`` text tokens, ``n`` images of ``T`` tokens spread over the first 3/4 of
    the text) and ``decode`` (one new token after ``L`` cached text tokens and ``n`` cached images),
    both under ``torch.no_grad``, gated (v1) and joint (v2) modes.
-3. Peers side by side (issue 8; GPU only, in the same run; :mod:`benchmarks.hyper_peers`), on the
+3. Peers side by side (GPU only, in the same run; :mod:`benchmarks.hyper_peers`), on the
    7B hyper layer (H 28, H_kv 4, D 128, T 729, bf16), the fused op alone on precomputed K/V
    (``check_metadata=False``):
    * ``prefill_peer``: forward and forward+backward of ``mmkernels.hyper_attention`` against FlexAttention
@@ -152,6 +152,15 @@ def _time(fn):
     return H.time_mode(fn, "fwd")   # the layer sweep times forward passes (no_grad)
 
 
+def _paired(on_cuda: bool, fn_ours, fn_base) -> dict:
+    """CPU: the speed-up over the baseline again from back-to-back pairs, and the ``rank`` flag
+    (:func:`harness.rank_flag`); nothing on CUDA."""
+    if on_cuda:
+        return {}
+    paired = H.paired_ratio(H.mode_call(fn_ours, "fwd"), H.mode_call(fn_base, "fwd"))
+    return dict(paired_speedup_vs_baseline=paired, rank=H.rank_flag(vs_owl3=paired))
+
+
 def _row(case: str, mode: str, provider: str, L: int, n: int, T: int, times, dtype, **extra) -> dict:
     return dict(op=OP, case=case, mode=mode, provider=provider, L=L, images=n, T=T,
                 dtype=H.dtype_name(dtype), **times.fields(), **extra)
@@ -187,7 +196,9 @@ def run_timing(device: torch.device, quick: bool, ceiling: dict | None, log=prin
                 pairs = visible_pairs(L, L, positions, T, vis)
                 fl = attention_flops(pairs, Hq, D)
                 speed = t_base[0] / t_ours[0]
-                rows.append(_row("prefill", mode, "mmkernels", L, n, T, t_ours, dtype, speedup_vs_baseline=speed))
+                rows.append(_row("prefill", mode, "mmkernels", L, n, T, t_ours, dtype, speedup_vs_baseline=speed,
+                                 **_paired(on_cuda, lambda: ours(x, pid, img, pos, cu),
+                                           lambda: base(x, pid, img, [positions]))))
                 rows.append(_row("prefill", mode, "owl3_baseline", L, n, T, t_base, dtype, speedup_vs_baseline=1.0))
                 msg = f"  prefill {mode:<5} L={L:<5} images={n:<3} mmkernels={t_ours[0]:.3f}ms " \
                       f"baseline={t_base[0]:.3f}ms ({speed:.2f}x)"
@@ -224,7 +235,9 @@ def run_timing(device: torch.device, quick: bool, ceiling: dict | None, log=prin
             t_ours = _time(lambda: ours(xs, ps, past_key_value=cache))
             t_base = _time(lambda: base(xs, ps, img, [positions], past_key_value=bcache))
             speed = t_base[0] / t_ours[0]
-            rows.append(_row("decode", mode, "mmkernels", past, n, T, t_ours, dtype, speedup_vs_baseline=speed))
+            rows.append(_row("decode", mode, "mmkernels", past, n, T, t_ours, dtype, speedup_vs_baseline=speed,
+                             **_paired(on_cuda, lambda: ours(xs, ps, past_key_value=cache),
+                                       lambda: base(xs, ps, img, [positions], past_key_value=bcache))))
             rows.append(_row("decode", mode, "owl3_baseline", past, n, T, t_base, dtype, speedup_vs_baseline=1.0))
             msg = f"  decode  {mode:<5} past={past:<5} images={n:<3} mmkernels={t_ours[0]:.3f}ms " \
                   f"baseline={t_base[0]:.3f}ms ({speed:.2f}x)"
@@ -252,11 +265,12 @@ def run_timing(device: torch.device, quick: bool, ceiling: dict | None, log=prin
 TIMING_COLUMNS = [("case", "case", None), ("mode", "mode", None), ("L", "L", None), ("images", "images", None),
                   ("provider", "provider", None), ("ms_min", "min ms", ".3f"), ("ms", "median ms", ".3f"),
                   ("ms_p80", "p80", ".3f"), ("speedup_vs_baseline", "speedup vs owl3", ".2f"),
+                  ("paired_speedup_vs_baseline", "paired vs owl3", ".2f"), ("rank", "rank", None),
                   ("tflops", "TFLOP/s (visible)", ".3g"), ("tflops_dense", "TFLOP/s (dense)", ".3g"),
                   ("gbps", "GB/s", ".3g"), ("x_bandwidth_floor", "x BW floor", ".2f")]
 
 
-# --------------------------------------------------------------------------- peers side by side (issue 8)
+# --------------------------------------------------------------------------- peers side by side
 
 # (L text tokens, images) of the prefill sweep, the zero-image causal lengths and the decode points
 # (past text tokens, images); the quick variant keeps the shapes the targets name.
@@ -596,6 +610,24 @@ def _decode_step(model, mode, past, n, device, dtype, timer, log, modules=None) 
     return rows
 
 
+CPU_DECODE_STEP_PROVIDERS = ("op_eager", "sdpa_all_kv", "module_eager", "module_static_eager")
+
+
+def cpu_decode_steps(device: torch.device, cfg: dict, log=print) -> list[dict]:
+    """The decode-step rows of :func:`_decode_step` that a CPU can measure (no kernel profile, no CUDA
+    graph), at the CPU model and decode points of ``cfg``, both modes."""
+    rows = []
+    for mode in MODES:
+        for n in cfg["decode"]["images"]:
+            rows += [r for r in _decode_step(cfg["model"], mode, cfg["decode"]["past"], n, device, cfg["dtype"],
+                                             H.time_ms, lambda *a, **k: None)
+                     if r["provider"] in CPU_DECODE_STEP_PROVIDERS]
+    for r in rows:
+        log(f"  decode_step  {r['mode']:<5} past={r['L']:<5} images={r['images']:<3} {r['provider']:<20} "
+            + (f"{r['us']:.1f}us" if r["us"] else r["note"]), flush=True)
+    return rows
+
+
 def run_peers(device: torch.device, cfg: dict, log=print, timer=None, on_progress=None) -> list[dict]:
     """Section 3: the prefill, causal and decode comparisons of ``cfg`` (:data:`GPU_PEERS`).  The shapes
     the targets name run first (prefill 1k+8 / 2k+32, the causal lengths, decode after 2k with 32
@@ -651,7 +683,7 @@ PEER_COLUMNS = [("case", "case", None), ("mode", "mode", None), ("L", "L", None)
 
 
 def peer_targets(rows: list[dict]) -> list[dict]:
-    """The issue-8 targets from :func:`run_peers`'s rows (value: the worst case over the stated shapes;
+    """The targets against the peers from :func:`run_peers`'s rows (value: the worst case over the stated shapes;
     None -- not met -- when nothing was measured there)."""
     out = []
     mk = [r for r in rows if r["provider"] == "mmkernels"]
@@ -694,7 +726,7 @@ def peer_targets(rows: list[dict]) -> list[dict]:
 # --------------------------------------------------------------------------- targets
 
 def evaluate_targets(rows: list[dict], on_cuda: bool, peer_rows: list[dict] | None = None) -> list[dict]:
-    """The targets against the mPLUG-Owl3 baseline (layer sweep) and, from ``peer_rows``, issue 8's
+    """The targets against the mPLUG-Owl3 baseline (layer sweep) and, from ``peer_rows``, the peer targets
     (:func:`peer_targets`); GPU only."""
     if not on_cuda:
         return []
@@ -777,6 +809,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     else:
         print(f"\n### {OP}: peers (FlexAttention compiled, SDPA; benchmarks/hyper_peers.py) are GPU-only; "
               "their agreement with the reference on CPU is benchmarks/test_hyper_peers.py", flush=True)
+        peer_rows = cpu_decode_steps(device, cfg)
+        H.print_table(f"{OP} decode step (the op and the module's cached step on the reference path; "
+                      "SDPA over all the K/V as a reference point)", peer_rows, PEER_COLUMNS)
     targets = evaluate_targets(rows, on_cuda, peer_rows)
     H.print_targets(OP, targets, on_cuda, "CPU timings compare the reference path with the mPLUG-Owl3-style baseline")
     plot = H.plot_sweep(

@@ -39,7 +39,7 @@ Sections:
    ``O(S*E*C*H)`` dispatch/combine work and keeps its own targets: CPU >= 2x, GPU >= 3x at 16k
    tokens.  GPU also: at least as fast as ``expert_loop``, and grouped-GEMM throughput >= 60 % of a
    dense bf16 GEMM of the same FLOPs.
-4. The strongest peers side by side, in the same run (issue 7):
+4. The strongest peers side by side, in the same run:
    * the up-projection GEMM (``[2S, H] x [E, F1, H]``, bf16, random and skewed top-2 routing):
      ``mmkernels.grouped_gemm`` vs ``torch._grouped_mm`` (when this torch has it and it runs on this
      device; otherwise the row says "not measured: <why>") vs one dense GEMM of the same FLOPs (cuBLAS
@@ -364,23 +364,10 @@ def _verify_columns():
 
 # --------------------------------------------------------------------------- timing
 
-def paired_speedup(fn_ours, fn_base, leaves, reps: int = 7) -> float:
-    """Median over ``reps`` rounds of t(base) / t(ours), the two timed back to back in each round.
-
-    On a shared CPU a burst of load from another process hits both calls of a round alike, so the
-    ratio is far steadier than a ratio of two separately measured medians."""
-    import time
-
-    def once(fn):
-        for t in leaves:
-            t.grad = None
-        t0 = time.perf_counter()
-        fn()
-        return time.perf_counter() - t0
-
-    once(fn_ours), once(fn_base)  # warm-up
-    ratios = sorted(once(fn_base) / once(fn_ours) for _ in range(reps))
-    return ratios[len(ratios) // 2]
+def paired_speedup(fn_ours, fn_base, leaves, reps: int = H.PAIRED_REPS) -> H.PairedRatio:
+    """t(base) / t(ours) from back-to-back pairs (:func:`harness.paired_ratio`): on a shared CPU far
+    steadier than a ratio of two separately measured medians."""
+    return H.paired_ratio(fn_ours, fn_base, leaves, reps)
 
 
 def _sweep(device, quick):
@@ -466,6 +453,8 @@ def run_timing(device, quick, log=print, baseline=None) -> list[dict]:
                                          deepspeed_baseline=DS,
                                          speedup_vs_deepspeed=(ds[0] / ms[0]) if ds else None,
                                          paired_speedup_vs_deepspeed=paired if mine else None,
+                                         rank=H.rank_flag(vs_deepspeed=paired) if mine and paired is not None
+                                         else None,
                                          # GEMM-bound ceiling: DeepSpeed's padded capacity rows / our kept rows
                                          capacity_ceiling=(E * cap / kept) if mine and cap and kept else None,
                                          speedup_vs_ds095_einsum=(ein[0] / ms[0]) if ein else None,
@@ -498,7 +487,7 @@ def grouped_gemm_vs_dense(peer_rows) -> list[dict]:
     return out
 
 
-# --------------------------------------------------------------------------- issue 7: the strongest peers
+# --------------------------------------------------------------------------- the strongest peers
 
 PEER_TOKENS_GPU = 16384
 PEER_TOKENS_CPU = 1024           # the layer peers on CPU (fp32)
@@ -687,8 +676,8 @@ LAYER_PEER_COLUMNS = [("model", "model", None), ("routing", "routing", None), ("
 
 
 def peer_targets(gg_rows, layer_rows) -> list[dict]:
-    """Issue 7's MoE targets (:func:`harness.target`; value = the worst case over the measured shapes,
-    None when a peer was not measured), each with a ``detail`` naming the worst shape."""
+    """The MoE targets against the strongest peers (:func:`harness.target`; value = the worst case over the
+    measured shapes, None when a peer was not measured), each with a ``detail`` naming the worst shape."""
     out = []
 
     def add(id_, pool, key, goal, better, what):
@@ -718,7 +707,7 @@ TIMING_COLUMNS = [("model", "model", None), ("routing", "routing", None), ("S", 
                   ("provider", "provider", None), ("ms", "ms p50", ".2f"), ("ms_p20", "p20", ".2f"),
                   ("ms_p80", "p80", ".2f"), ("tflops", "TFLOP/s", ".3g"),
                   ("speedup_vs_deepspeed", "x vs deepspeed*", ".2f"),
-                  ("paired_speedup_vs_deepspeed", "paired x vs deepspeed*", ".2f"),
+                  ("paired_speedup_vs_deepspeed", "paired x vs deepspeed*", ".2f"), ("rank", "rank", None),
                   ("capacity_ceiling", "ceiling E*C/kept", ".2f"),
                   ("speedup_vs_ds095_einsum", "x vs ds095_einsum", ".2f"),
                   ("speedup_vs_loop", "x vs loop", ".2f"), ("kept", "kept", None),
@@ -752,8 +741,8 @@ def evaluate_targets(rows, gg_rows, on_cuda, baseline) -> list[dict]:
             key = "paired_speedup_vs_deepspeed"   # back-to-back pairs: robust to load from other processes
             worst = min(pool, key=lambda r: r[key])
             same = all(r["same_output_as_deepspeed"] for r in pool)
-            legacy = dict(target=f"CPU fwd+bwd >= {TARGET_DS_SPEEDUP}x faster than {baseline['provider']} "
-                                 f"(E=4, k=2, cf=1.5), same outputs",
+            legacy = dict(target=f"CPU fwd+bwd of {H.provider_label('mmkernels', False)} >= {TARGET_DS_SPEEDUP}x "
+                                 f"faster than {baseline['provider']} (E=4, k=2, cf=1.5), same outputs",
                           measured_against=against,
                           value=f"worst {worst[key]:.2f}x ({worst['model']} {worst['routing']} "
                                 f"S={worst['S']}; median of paired runs); geomean "
@@ -765,8 +754,9 @@ def evaluate_targets(rows, gg_rows, on_cuda, baseline) -> list[dict]:
         if pool:
             worst = min(pool, key=lambda r: r["speedup_vs_ds095_einsum"])
             same = all(r["same_output_as_ds095_einsum"] for r in pool)
-            legacy = dict(target=f"CPU fwd+bwd >= {TARGET_CPU_EINSUM_SPEEDUP:.0f}x faster than {EINSUM} "
-                                 "(E=4, k=2, cf=1.5), same outputs",
+            legacy = dict(target=f"CPU fwd+bwd of {H.provider_label('mmkernels', False)} >= "
+                                 f"{TARGET_CPU_EINSUM_SPEEDUP:.0f}x faster than {EINSUM} (E=4, k=2, cf=1.5), "
+                                 "same outputs",
                           measured_against=EINSUM_LABEL,
                           value=f"worst {worst['speedup_vs_ds095_einsum']:.2f}x ({worst['model']} "
                                 f"{worst['routing']} S={worst['S']}; ratio of medians); same outputs: {same}",
@@ -840,7 +830,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     ceil = H.ceilings(measure=on_cuda)
     if on_cuda:
         print(f"\nceilings: nominal {ceil['nominal']}; measured {ceil['measured']}", flush=True)
-    print(f"\n### {OP}: the strongest peers side by side (issue 7): grouped_gemm vs torch._grouped_mm vs dense, "
+    print(f"\n### {OP}: the strongest peers side by side: grouped_gemm vs torch._grouped_mm vs dense, "
           f"the grouped weight gradient, MoE vs the torch-native layer (dropless top-2)\n"
           f"timer: {H.timer_description(on_cuda)}", flush=True)
     with H.cpu_threads(None if on_cuda else 1):
@@ -857,7 +847,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                        ("grouped_tflops", "grouped TFLOP/s", ".0f"), ("dense_tflops", "dense TFLOP/s", ".0f"),
                        ("fraction", "fraction", ".2f")])
     targets = evaluate_targets(rows, gg_rows, on_cuda, baseline)
-    if on_cuda:   # issue 7's targets are GPU targets (on CPU the peer rows are a smoke run)
+    if on_cuda:   # the peer targets are GPU targets (on CPU the peer rows are a smoke run)
         targets += peer_targets(gg_peer_rows, layer_rows)
     print(f"\n== {OP} targets ==")
     for t in targets:

@@ -11,13 +11,15 @@ Sections:
    :func:`mmkernels.testing.compare`.  Any FAIL makes ``make bench`` exit non-zero.
 2. Timing.  Providers:
    * ``mmkernels``  -- ``plora_linear`` with the default backend (auto: Triton on CUDA; on CPU the
-     reference path);
+     reference path, and the tables and JSON say so: ``"mmkernels, reference path (CPU)"``);
    * ``xcomposer``  -- :class:`XComposerPLoRA`, InternLM-XComposer2's ``PLoRA`` module verbatim;
    * ``base_linear`` -- ``F.linear(x, W0)`` alone (the floor: what the layer costs without LoRA).
    Modes: ``fwd`` (under ``torch.no_grad``) and ``fwd+bwd`` (x, W0, A, B require grad; a fixed
-   random upstream gradient).  Dropout is OFF for timing (``training=False`` for mmkernels, the
-   XComposer module in ``eval()``), i.e. the inference / p=0 path; no bias (InternLM2's projections
-   have none).
+   random upstream gradient).  On CPU each comparison is also timed in back-to-back pairs
+   (``paired x base``, ``paired vs XC``) and a row whose pairs cannot rank the two is flagged
+   (``rank``, :data:`harness.NOISE_RULE`).  Dropout is OFF for timing (``training=False`` for
+   mmkernels, the XComposer module in ``eval()``), i.e. the inference / p=0 path; no bias
+   (InternLM2's projections have none).
 3. GPU targets (printed as MET / NOT MET on CUDA only), in the results JSON's ``"targets"`` as
    ``{id, value, goal, better, met, target, detail}`` (:func:`harness.target`; value = the worst case):
    ``plora.fwd_vs_base`` (<= 1.10), ``plora.fwd_bwd_vs_xcomposer`` (>= 1.5), ``plora.all_text_vs_base``
@@ -200,6 +202,11 @@ def run_timing(device: torch.device, quick: bool, ceiling: dict | None, log=prin
                     for prov, fwd_fn in fns.items():
                         times, peak = _bench_case(fwd_fn, mode, dy, [x, W0, A, B], measure_mem)
                         results[prov] = dict(provider=prov, **times.fields(), peak_mb=peak)
+                    # CPU: the comparisons again in back-to-back pairs, to flag those too noisy to rank
+                    paired = {} if device.type == "cuda" else {
+                        name: H.paired_ratio(H.mode_call(fns["mmkernels"], mode, dy), H.mode_call(other, mode, dy),
+                                             [x, W0, A, B])
+                        for name, other in (("x_base", lambda: F.linear(x, W0)), ("vs_xcomposer", fns["xcomposer"]))}
                     for prov in PROVIDERS:
                         res = results[prov]
                         fl = flops(M, Mv, K, N, r, mode, prov)
@@ -214,6 +221,10 @@ def run_timing(device: torch.device, quick: bool, ceiling: dict | None, log=prin
                                    x_base_linear=res["ms"] / base_row["ms"],
                                    speedup_vs_xcomposer=results["xcomposer"]["ms"] / res["ms"],
                                    peak_mb=res["peak_mb"], flops=fl, bytes=nb)
+                        if paired and prov == "mmkernels":
+                            row.update(paired_x_base=paired["x_base"].inverse(),
+                                       paired_speedup_vs_xcomposer=paired["vs_xcomposer"],
+                                       rank=H.rank_flag(**paired))
                         rows.append(row)
                     log(f"  {proj:<6} M={M:<6} visual={_visual_label(fraction, layout):<8} {mode:<8} "
                         + "  ".join(f"{p}={results[p]['ms']:.3f}ms" for p in PROVIDERS), flush=True)
@@ -228,13 +239,15 @@ TIMING_COLUMNS = [("proj", "proj", None), ("M", "M", None), ("visual", "visual",
                   ("provider", "provider", None), ("ms_min", "min ms", ".3f"), ("ms", "median ms", ".3f"),
                   ("ms_p80", "p80", ".3f"), ("tflops", "TFLOP/s", ".3g"), ("pct_ceiling", "%ceil", ".0f"),
                   ("gbps", "GB/s", ".3g"), ("x_base_linear", "x base", ".3f"),
-                  ("speedup_vs_xcomposer", "speedup vs XC", ".2f"), ("peak_mb", "peak MB", ".0f")]
+                  ("speedup_vs_xcomposer", "speedup vs XC", ".2f"), ("peak_mb", "peak MB", ".0f"),
+                  ("paired_x_base", "paired x base", ".3f"), ("paired_speedup_vs_xcomposer", "paired vs XC", ".2f"),
+                  ("rank", "rank", None)]
 
 
 # --------------------------------------------------------------------------- targets
 
 def evaluate_targets(rows: list[dict], on_cuda: bool) -> list[dict]:
-    """The issue's GPU targets in the results-JSON schema (:func:`harness.target`: id, value = the worst
+    """The GPU targets in the results-JSON schema (:func:`harness.target`: id, value = the worst
     case over the stated shapes, goal, better, met), plus ``detail`` (which shape was worst).
 
     * ``plora.fwd_vs_base``: fused forward / base linear, 50 % visual (contiguous span), every

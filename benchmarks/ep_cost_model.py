@@ -1,6 +1,6 @@
 """Expert-parallel cost on paper: ``python -m benchmarks.ep_cost_model [--json] [shape and link flags]``.
 
-One GPU cannot measure all-to-all speed, so this prints a model (issue 12, section 4): for each MoE
+One GPU cannot measure all-to-all speed, so this prints a model: for each MoE
 shape, the bytes one token moves through the all-to-alls of one MoE layer, the time that takes on
 each link, next to the time of the grouped GEMMs that the same tokens cost, and how much of the
 layer an overlap of the two could hide.  Nothing is timed; every number follows from the flags.
@@ -25,7 +25,7 @@ holds E/P experts, routing uniform over the experts):
 * **grouped GEMMs.**  Each rank runs its experts on the rows it receives: ``S*k`` rows (dropless,
   balanced) or ``E*C`` padded rows (capacity, as DeepSpeed's dense experts do).  Forward FLOPs
   ``2 * rows * H * (F1 + F)`` with F1 = F (GELU MLP) or 2F (SwiGLU: gate and up); backward twice that
-  (dX and dW).  At ``--tflops`` (forward; default 513, ``mmkernels.grouped_gemm`` on an H200 in issue 7,
+  (dX and dW).  At ``--tflops`` (forward; default 513, ``mmkernels.grouped_gemm`` measured on an H200,
   phi-2 experts, 16k tokens; ``torch._grouped_mm`` measured 635) and ``--bwd-tflops`` (default: the same).
 * **overlap.**  Chunking the tokens lets the all-to-all of one chunk run under the GEMMs of another:
   at best the layer takes ``max(comm, gemm)`` instead of ``comm + gemm``, a saving of

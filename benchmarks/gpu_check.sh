@@ -19,7 +19,7 @@
 #      other steps)                                        -> $OUT/codegen.md, codegen.json, codegen.log
 #   3. GPU tests: pytest -x tests -m gpu (xdist if there)  -> $OUT/tests.log
 #   4. benchmarks: python3 -m benchmarks.run --out $OUT    -> $OUT/bench.log, <op>-<dev>-latest.{json,png}
-#      (each JSON: "commit" and "targets" [{id, value, goal, better, met, ...}], issue 7's peers included)
+#      (each JSON: "commit" and "targets" [{id, value, goal, better, met, ...}], peer targets included)
 #   5. summary table                                       -> stdout
 # $OUT stays flat (about 20 small files).
 #

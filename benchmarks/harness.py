@@ -12,7 +12,13 @@ What lives here (operator-independent):
 * :func:`peak_memory_mb` -- CUDA peak memory of one call, in MB above the memory held before it;
 * :func:`ceilings` -- nominal peaks of known cards and, on CUDA, a measured ceiling (one 8192^3 bf16
   matmul, one 1 GiB device copy; cached per run);
-* :func:`write_results`, :func:`print_table`, :func:`plot_sweep` -- JSON, fixed-width table, PNG.
+* :func:`write_results`, :func:`print_table`, :func:`plot_sweep` -- JSON, fixed-width table, PNG;
+  on CPU they name the ``mmkernels`` provider for what it runs there (:func:`provider_label`:
+  ``"mmkernels, reference path (CPU)"``);
+* :func:`paired_ratio`, :func:`rank_flag` -- back-to-back timing of two providers and the rule that
+  flags a comparison too noisy to rank (:data:`NOISE_RULE`);
+* :func:`committed_gpu_results` -- the GPU numbers committed under ``benchmarks/results`` and whether
+  the kernels changed since they were measured (one line per file).
 
 An operator benchmark module exposes ``run(args) -> dict`` returning
 ``{"rows": [...], "verification": [...], "ok": bool, "extra": {...}}``; :mod:`benchmarks.run` calls it.
@@ -312,16 +318,99 @@ def time_ms(fn: Callable[[], Any], grad_to_none: Iterable[torch.Tensor] | None =
     return cpu_time_ms(fn, grad_to_none=grad_to_none, **kwargs)
 
 
-def time_mode(forward: Callable[[], Any], mode: str, dy: torch.Tensor | None = None,
-              leaves: Iterable[torch.Tensor] = ()) -> Timing:
-    """:func:`time_ms` of ``forward`` in a benchmark mode: ``"fwd"`` under no_grad, ``"fwd+bwd"`` as
-    ``forward().backward(dy)`` with the ``leaves``' gradients cleared before each call."""
+def mode_call(forward: Callable[[], Any], mode: str, dy: torch.Tensor | None = None) -> Callable[[], Any]:
+    """What one timed call of ``forward`` in a benchmark mode runs: ``"fwd"`` under no_grad,
+    ``"fwd+bwd"`` as ``forward().backward(dy)``."""
     if mode == "fwd":
         def call():
             with torch.no_grad():
                 return forward()
-        return time_ms(call)
-    return time_ms(lambda: forward().backward(dy), grad_to_none=list(leaves))
+        return call
+    return lambda: forward().backward(dy)
+
+
+def time_mode(forward: Callable[[], Any], mode: str, dy: torch.Tensor | None = None,
+              leaves: Iterable[torch.Tensor] = ()) -> Timing:
+    """:func:`time_ms` of ``forward`` in a benchmark mode (:func:`mode_call`), with the ``leaves``'
+    gradients cleared before each ``"fwd+bwd"`` call."""
+    if mode == "fwd":
+        return time_ms(mode_call(forward, mode))
+    return time_ms(mode_call(forward, mode, dy), grad_to_none=list(leaves))
+
+
+# --------------------------------------------------------------------------- paired runs and noise
+
+PAIRED_REPS = 7
+PAIRED_MIN_SAMPLE_MS = 5.0   # a paired sample repeats a faster call until it lasts about this long
+NOISE_RULE = (f"rank: each comparison is also timed in {PAIRED_REPS} back-to-back pairs (the two calls of a pair "
+              "see the same load); a ratio whose paired samples' 20-80 % range contains 1.00 cannot rank the "
+              "two providers on this machine and is flagged 'noisy'")
+
+
+class PairedRatio(float):
+    """``t(base) / t(ours)`` from back-to-back pairs: the median of the per-pair ratios (the float
+    value), their 20 % and 80 % quantiles ``.p20`` / ``.p80`` and the ``.samples``."""
+
+    p20: float
+    p80: float
+    samples: list[float]
+
+    def __new__(cls, samples: Sequence[float]):
+        p50, p20, p80 = _quantiles(samples, (0.5, 0.2, 0.8))
+        self = super().__new__(cls, p50)
+        self.p20, self.p80, self.samples = p20, p80, list(samples)
+        return self
+
+    @property
+    def noisy(self) -> bool:
+        """The :data:`NOISE_RULE`: the paired samples do not agree on which of the two is faster."""
+        return self.p20 <= 1.0 <= self.p80
+
+    def inverse(self) -> "PairedRatio":
+        """``t(ours) / t(base)`` from the same pairs."""
+        return PairedRatio([1.0 / r for r in self.samples])
+
+
+def paired_ratio(fn_ours: Callable[[], Any], fn_base: Callable[[], Any], leaves: Iterable[torch.Tensor] = (),
+                 reps: int = PAIRED_REPS) -> PairedRatio:
+    """``t(base) / t(ours)`` over ``reps`` rounds, the two sides of a round timed back to back (their
+    order alternating between rounds), after one untimed call of each; the ``leaves``' gradients are
+    cleared before every call.  A side of a round repeats its call so that it lasts about
+    :data:`PAIRED_MIN_SAMPLE_MS` (sub-millisecond calls are otherwise timer noise).  On a shared CPU a
+    burst of load from another process hits both sides of a round alike, so the per-round ratios are
+    far steadier than a ratio of two separate medians."""
+    grads = list(leaves)
+    calls = 1
+
+    def once(fn):
+        synchronize()
+        t0 = time.perf_counter()
+        for _ in range(calls):
+            for t in grads:
+                t.grad = None
+            fn()
+        synchronize()
+        return time.perf_counter() - t0
+
+    fastest = min(once(fn_ours), once(fn_base))  # warm-up
+    calls = max(1, min(100, math.ceil(PAIRED_MIN_SAMPLE_MS * 1e-3 / max(fastest, 1e-9))))
+    ratios = []
+    for i in range(reps):
+        if i % 2:
+            base = once(fn_base)
+            ours = once(fn_ours)
+        else:
+            ours = once(fn_ours)
+            base = once(fn_base)
+        ratios.append(base / ours)
+    return PairedRatio(ratios)
+
+
+def rank_flag(**comparisons: PairedRatio | None) -> str:
+    """The ``rank`` column: ``""`` when every given comparison can be ranked, else ``"noisy: <names>"``
+    (the comparisons whose paired runs do not agree, :data:`NOISE_RULE`)."""
+    noisy = [name.replace("_", " ") for name, r in comparisons.items() if r is not None and r.noisy]
+    return f"noisy: {', '.join(noisy)}" if noisy else ""
 
 
 def profiler_device_time_attr(evt: Any) -> str:
@@ -433,6 +522,28 @@ def gbps(nbytes: float, ms: float) -> float:
     return nbytes / (ms * 1e-3) / 1e9 if ms > 0 else float("nan")
 
 
+def provider_label(provider: str, on_cuda: bool | None = None) -> str:
+    """The name tables, plots and the results JSON give a provider.  On CPU, mmkernels' default backend
+    runs the plain-PyTorch reference path (the Triton kernels run on CPU only under Triton's
+    interpreter, in the verification tables), so an ``mmkernels*`` provider becomes
+    ``"<provider>, reference path (CPU)"`` (``"..., Triton interpreter (CPU)"`` under
+    ``MMKERNELS_BACKEND=triton``).  Other providers keep their names."""
+    on_cuda = is_cuda() if on_cuda is None else on_cuda
+    if on_cuda or not str(provider).startswith("mmkernels") or ", " in str(provider):
+        return provider
+    import mmkernels
+
+    path = "Triton interpreter" if mmkernels.get_backend() == "triton" else "reference path"
+    return f"{provider}, {path} (CPU)"
+
+
+def labelled_rows(rows: Sequence[Any]) -> list[Any]:
+    """``rows`` with each dict's ``provider`` given its :func:`provider_label` (copies; the rows the
+    benchmark modules compute with keep their plain names)."""
+    return [dict(r, provider=provider_label(r["provider"])) if isinstance(r, dict) and "provider" in r else r
+            for r in rows]
+
+
 def format_table(rows: Sequence[dict[str, Any]], columns: Sequence[tuple[str, str, str | None]]) -> str:
     """Fixed-width table (:func:`mmkernels.verify.format_table`, imported late: see the module docstring)."""
     from mmkernels.verify import format_table as _format_table
@@ -441,8 +552,12 @@ def format_table(rows: Sequence[dict[str, Any]], columns: Sequence[tuple[str, st
 
 
 def print_table(title: str, rows: Sequence[dict[str, Any]], columns: Sequence[tuple[str, str, str | None]]) -> None:
+    """The table, providers labelled (:func:`provider_label`); under a table with a ``rank`` column, the
+    rule it applies (:data:`NOISE_RULE`)."""
     print(f"\n== {title} ==")
-    print(format_table(rows, columns) if rows else "(no rows)", flush=True)
+    print(format_table(labelled_rows(rows), columns) if rows else "(no rows)", flush=True)
+    if any(key == "rank" for key, _, _ in columns) and any(r.get("rank") is not None for r in rows):
+        print(NOISE_RULE, flush=True)
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -478,9 +593,11 @@ def result_paths(op: str, out_dir: str | Path | None = None, stamp: str | None =
 def write_results(op: str, payload: dict[str, Any], out_dir: str | Path | None = None,
                   keep_timestamped: bool = True) -> list[Path]:
     """Write ``{"op", "machine", **payload}`` to ``<op>-<slug>-<timestamp>.json`` and
-    ``<op>-<slug>-latest.json`` under ``out_dir`` (default benchmarks/results).  Returns the paths."""
+    ``<op>-<slug>-latest.json`` under ``out_dir`` (default benchmarks/results), providers labelled
+    (:func:`provider_label`).  Returns the paths."""
     paths = result_paths(op, out_dir)
     paths["json"].parent.mkdir(parents=True, exist_ok=True)
+    payload = {k: labelled_rows(v) if isinstance(v, list) else v for k, v in payload.items()}
     doc = _jsonable({"op": op, "commit": git_commit_full(), "machine": machine_header(), **payload})
     text = json.dumps(doc, indent=1, sort_keys=False) + "\n"
     written = []
@@ -507,7 +624,7 @@ def plot_sweep(op: str, rows: Sequence[dict[str, Any]], *, panel_keys: Sequence[
     except Exception as e:  # pragma: no cover
         print(f"(no plot: matplotlib unavailable: {e})")
         return None
-    rows = [r for r in rows if r.get(y_key) is not None]
+    rows = [r for r in labelled_rows(rows) if r.get(y_key) is not None]
     if not rows:
         return None
     first_vals = list(dict.fromkeys(r[panel_keys[0]] for r in rows))
@@ -646,3 +763,42 @@ def cpu_benchmark_case(benchmark, forward, mode: str, dy, leaves, rounds: int):
     pedantic_cpu(benchmark, fn, rounds=rounds, setup=clear)
     clear()
     return fn()
+
+
+# --------------------------------------------------------------------------- committed GPU numbers
+
+def _kernel_paths(op: str) -> list[str]:
+    """Where an operator's kernels live (git pathspecs): its package, its CPU and CUDA native sources."""
+    return [f"mmkernels/ops/{op}", f"csrc/{op}", f":(glob)csrc/cuda/{op}_*"]
+
+
+def committed_gpu_results(op: str) -> list[dict[str, Any]]:
+    """The GPU results of ``op`` committed under ``benchmarks/results`` (``<op>-<card>-latest.json``):
+    per file ``{file, device, commit, stale, line}``.  ``stale`` is True when the operator's kernels
+    (:func:`_kernel_paths`) differ between the commit the numbers were measured at and the working
+    tree, None when that commit is not in this clone's history; ``line`` says it in one line."""
+    out = []
+    for path in sorted(RESULTS_DIR.glob(f"{op}-*-latest.json")):
+        try:
+            doc = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+        machine = doc.get("machine") or {}
+        if not machine.get("cuda_available"):
+            continue
+        commit = (doc.get("commit") or machine.get("git_commit") or "").removesuffix("-dirty")
+        stale = None
+        if commit:
+            try:
+                r = subprocess.run(["git", "diff", "--quiet", commit, "--", *_kernel_paths(op)], cwd=REPO_ROOT,
+                                   capture_output=True, timeout=30)
+                stale = {0: False, 1: True}.get(r.returncode)
+            except (OSError, subprocess.SubprocessError):
+                stale = None
+        rel = path.relative_to(REPO_ROOT) if path.is_relative_to(REPO_ROOT) else path
+        short = commit[:7] or "an unknown commit"
+        status = {True: f"stale: the {op} kernels changed since", False: "current kernels",
+                  None: "commit not in this clone's history"}[stale]
+        out.append(dict(file=str(rel), device=machine.get("device"), commit=commit or None, stale=stale,
+                        line=f"{machine.get('device', 'GPU')} numbers ({rel}): measured at {short}; {status}"))
+    return out

@@ -1,4 +1,4 @@
-"""Peers of :func:`mmkernels.hyper_attention` (issue 8), on the same inputs and returning the same output.
+"""Peers of :func:`mmkernels.hyper_attention`, on the same inputs and returning the same output.
 
 * :class:`JointFlexPeer` -- joint mode (v2): one FlexAttention call over ``[all visual keys of the
   sample ; text keys]`` with a block mask: a visual key of image ``n`` is visible to row ``t`` iff
@@ -71,7 +71,7 @@ def _flex_fn(device: torch.device, compiled: bool | None):
     if not compiled:
         return flex_attention
     if "flex" not in _COMPILED:
-        # one compile per shape (dynamic=False, as the issue's peers were measured): a sweep needs more
+        # one compile per shape (dynamic=False, as the peers were first measured): a sweep needs more
         # recompiles than dynamo's default limit (8), past which it would silently fall back to eager
         import torch._dynamo
 

@@ -1,4 +1,4 @@
-"""Kernel-time profile of one forward+backward training step per operator (issue 7's profile step).
+"""Kernel-time profile of one forward+backward training step per operator.
 
     python -m benchmarks.profile_step --out DIR [--case moe --case plora --case hyper_joint ...] [--rows 25]
 

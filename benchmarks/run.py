@@ -1,9 +1,12 @@
 """``make bench`` entry point: ``python -m benchmarks.run [--op plora] [--quick] [--out DIR]``.
 
 Prints the machine header and ``mmkernels.build_info()``, runs each registered operator benchmark
-(verification + timing), writes ``<op>-<device>-<timestamp>.json``, ``<op>-<device>-latest.json`` and
+(verification + timing), says in one line per committed GPU result of the operator
+(``benchmarks/results/<op>-<card>-latest.json``) the commit it was measured at and whether the
+kernels changed since, writes ``<op>-<device>-<timestamp>.json``, ``<op>-<device>-latest.json`` and
 ``<op>-<device>-latest.png`` (default folder ``benchmarks/results``), and exits non-zero if any
-verification failed.
+verification failed.  On CPU the tables and the JSON name the mmkernels provider
+``"mmkernels, reference path (CPU)"``: the default backend runs the plain-PyTorch reference there.
 
 Without CUDA the Triton kernels can only run under Triton's CPU interpreter, which is read when
 mmkernels is imported, so this module sets ``TRITON_INTERPRET=1`` *before* importing mmkernels.
@@ -66,6 +69,8 @@ def main(argv=None) -> int:
     summary = []
     for name in ops:
         module = importlib.import_module(REGISTRY[name])
+        # the committed GPU numbers, read before this run may overwrite them
+        committed = H.committed_gpu_results(getattr(module, "OP", name))
         t0 = time.perf_counter()
         try:
             payload = module.run(args)
@@ -79,6 +84,9 @@ def main(argv=None) -> int:
             continue
         elapsed = time.perf_counter() - t0
         payload["elapsed_s"] = elapsed
+        payload["committed_gpu_results"] = committed
+        for c in committed:
+            print(c["line"], flush=True)
         paths = H.write_results(getattr(module, "OP", name), payload, args.out)
         if payload.get("plot"):
             paths.append(payload["plot"])

@@ -53,7 +53,7 @@ def test_hyper_attention_cpu(benchmark, mode, case, provider):
     torch.testing.assert_close(y, other, rtol=1e-4, atol=1e-4)
 
 
-# --------------------------------------------------------------------------- the issue-8 peer section on CPU
+# --------------------------------------------------------------------------- the peer section on CPU
 
 TINY = dict(model=dict(hidden=64, heads=4, kv_heads=2, head_dim=16, T=5), dtype=torch.float32,
             prefill=[(13, 2)], causal=(9,), decode=[(11, 2)])
@@ -127,7 +127,7 @@ def test_peer_targets_take_the_worst_case():
 
 def test_baseline_targets_keep_their_place_in_the_schema():
     """The targets against the mPLUG-Owl3 baseline come out in the same {id, value, goal, better, met}
-    schema as issue 8's, in one list."""
+    schema as the peer targets, in one list."""
     from .bench_hyper_attention import evaluate_targets
 
     rows = [dict(case="prefill", provider="mmkernels", mode="gated", L=1024, images=8, speedup_vs_baseline=2.5),
@@ -142,3 +142,15 @@ def test_baseline_targets_keep_their_place_in_the_schema():
     assert t["hyper.fwd_tflops_8img_plus"]["met"] and t["hyper.decode_vs_owl3"]["met"]
     assert not t["hyper.decode_x_bw_floor"]["met"] and t["hyper.decode_x_bw_floor"]["better"] == "lower"
     assert "hyper.decode_eager_us" in t and t["hyper.decode_eager_us"]["value"] is None
+
+
+def test_cpu_decode_step_rows():
+    """On CPU the decode-step section measures what a CPU can (the op and the module's cached step,
+    eager; SDPA as a reference point), both modes, every decode point of the sweep."""
+    from .bench_hyper_attention import CPU_DECODE_STEP_PROVIDERS, MODES, cpu_decode_steps
+
+    cfg = dict(model=TINY["model"], dtype=torch.float32, decode=dict(past=11, images=(2,)))
+    with mmkernels.use_backend("reference"):
+        rows = cpu_decode_steps(torch.device("cpu"), cfg, log=lambda *a, **k: None)
+    assert [(r["mode"], r["provider"]) for r in rows] == [(m, p) for m in MODES for p in CPU_DECODE_STEP_PROVIDERS]
+    assert all(r["us"] and r["us"] > 0 and r["L"] == 11 and r["images"] == 2 for r in rows), rows

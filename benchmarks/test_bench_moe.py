@@ -134,7 +134,7 @@ def test_targets_say_what_they_were_measured_against():
 
 
 def test_peer_sections_smoke(monkeypatch):
-    """Issue 7's peer sections run end to end on CPU at a tiny shape: every provider gives a row (a
+    """The peer sections run end to end on CPU at a tiny shape: every provider gives a row (a
     measured time or "not measured: <why>"), and the targets come out in the results schema.  (One
     timed call per case: a smoke test, not a timing.)"""
     from .bench_moe import grouped_gemm_peers, layer_peers, peer_targets

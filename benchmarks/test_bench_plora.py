@@ -78,7 +78,7 @@ def test_plora_cpu(benchmark, size, fraction, mode, provider):
 
 
 def test_targets_use_the_results_schema():
-    """The issue's target ids, value = the worst case over the stated shapes, goal, better, met."""
+    """The target ids, value = the worst case over the stated shapes, goal, better, met."""
     from .bench_plora import evaluate_targets
 
     rows = []

@@ -1,4 +1,4 @@
-"""The expert-parallel cost model (issue 12, section 4): its byte and FLOP formulas against hand
+"""The expert-parallel cost model: its byte and FLOP formulas against hand
 computations, and the CLI (table and JSON)."""
 from __future__ import annotations
 

@@ -76,3 +76,99 @@ def test_cpu_threads_sets_and_restores():
         assert torch.get_num_threads() == before
         raise RuntimeError("restored on the way out")
     assert torch.get_num_threads() == before
+
+
+def _fake_clock(monkeypatch):
+    clock = [0.0]
+    monkeypatch.setattr(H.time, "perf_counter", lambda: clock[0])
+    return clock
+
+
+def test_paired_ratio_times_both_sides_back_to_back(monkeypatch):
+    """t(base) / t(ours) per round; a side repeats a fast call until it lasts PAIRED_MIN_SAMPLE_MS; the
+    leaves' gradients are cleared before every call."""
+    clock = _fake_clock(monkeypatch)
+    leaf = torch.zeros(1, requires_grad=True)
+    order = []
+
+    def ours():
+        assert leaf.grad is None
+        leaf.grad = torch.ones(1)
+        order.append("ours")
+        clock[0] += 1e-3
+
+    def base():
+        assert leaf.grad is None
+        leaf.grad = torch.ones(1)
+        order.append("base")
+        clock[0] += 3e-3
+
+    r = H.paired_ratio(ours, base, [leaf], reps=4)
+    assert float(r) == pytest.approx(3.0) and r.samples == pytest.approx([3.0] * 4) and not r.noisy
+    calls = round(H.PAIRED_MIN_SAMPLE_MS)          # the fastest call took 1 ms
+    assert order[:2] == ["ours", "base"] and len(order) == 2 + 4 * 2 * calls
+    rounds = [order[2 + i * 2 * calls] for i in range(4)]
+    assert rounds == ["ours", "base", "ours", "base"]   # the side that goes first alternates
+    assert float(r.inverse()) == pytest.approx(1 / 3)
+
+
+@pytest.mark.parametrize("samples, noisy", [([1.2, 1.3, 1.25, 1.4, 1.22], False), ([0.8, 0.9, 0.85, 0.7, 0.95], False),
+                                            ([0.9, 1.1, 1.05, 0.97, 1.2], True), ([1.0, 1.2, 1.3, 1.25, 1.4], False),
+                                            ([0.95, 1.0, 1.3, 1.25, 1.4], True)])
+def test_noise_rule(samples, noisy):
+    """NOISE_RULE: a comparison is flagged when the 20-80 % range of its paired ratios contains 1.00."""
+    r = H.PairedRatio(samples)
+    assert r.noisy is noisy and r.p20 <= float(r) <= r.p80
+    assert H.rank_flag(x_base=r, vs_xcomposer=H.PairedRatio([2.0, 2.1])) == ("noisy: x base" if noisy else "")
+    assert H.rank_flag(x_base=None) == ""
+    assert "20-80 %" in H.NOISE_RULE and "1.00" in H.NOISE_RULE
+
+
+def test_cpu_tables_and_json_name_the_reference_path(monkeypatch, tmp_path, capsys):
+    """On CPU an mmkernels provider is labelled with the path it runs (the reference path under the
+    default backend), in tables, plots and the results JSON; the rows the modules compute keep their names."""
+    import json
+
+    import mmkernels
+
+    monkeypatch.setattr(H, "is_cuda", lambda: False)
+    assert H.provider_label("mmkernels") == "mmkernels, reference path (CPU)"
+    assert H.provider_label("mmkernels wgrad") == "mmkernels wgrad, reference path (CPU)"
+    assert H.provider_label("deepspeed") == "deepspeed"
+    assert H.provider_label("mmkernels", on_cuda=True) == "mmkernels"
+    with mmkernels.use_backend("triton"):
+        assert H.provider_label("mmkernels") == "mmkernels, Triton interpreter (CPU)"
+    rows = [dict(provider="mmkernels", ms=1.0, rank="noisy: x base"), dict(provider="base_linear", ms=0.5, rank=None)]
+    H.print_table("t", rows, [("provider", "provider", None), ("ms", "ms", ".1f"), ("rank", "rank", None)])
+    out = capsys.readouterr().out
+    assert "mmkernels, reference path (CPU)" in out and H.NOISE_RULE in out
+    assert rows[0]["provider"] == "mmkernels"                     # not modified in place
+    path = H.write_results("unit", {"rows": rows, "ok": True}, tmp_path, keep_timestamped=False)[0]
+    assert [r["provider"] for r in json.loads(path.read_text())["rows"]] == ["mmkernels, reference path (CPU)",
+                                                                             "base_linear"]
+
+
+def test_committed_gpu_results_say_when_the_kernels_changed(monkeypatch, tmp_path):
+    """One line per committed GPU result: the commit it was measured at, and whether the operator's
+    kernels differ from it (stale), or the commit is unknown here."""
+    import json
+    import subprocess
+
+    root = subprocess.run(["git", "rev-list", "--max-parents=0", "HEAD"], cwd=H.REPO_ROOT, capture_output=True,
+                          text=True).stdout.split()
+    if not root:
+        pytest.skip("not a git checkout")
+    cases = {"h200": root[0], "h100": "0" * 40}
+    results = tmp_path / "results"
+    results.mkdir()
+    for card, commit in cases.items():
+        (results / f"moe-{card}-latest.json").write_text(json.dumps(
+            {"commit": commit, "machine": {"device": f"NVIDIA {card.upper()}", "cuda_available": True}}))
+    (results / "moe-cpu-latest.json").write_text(json.dumps({"machine": {"device": "CPU", "cuda_available": False}}))
+    monkeypatch.setattr(H, "RESULTS_DIR", results)
+    got = {r["device"]: r for r in H.committed_gpu_results("moe")}
+    assert set(got) == {"NVIDIA H200", "NVIDIA H100"}            # CPU results are not GPU numbers
+    assert got["NVIDIA H200"]["stale"] is True and got["NVIDIA H200"]["commit"] == root[0]
+    assert f"measured at {root[0][:7]}; stale: the moe kernels changed since" in got["NVIDIA H200"]["line"]
+    assert got["NVIDIA H100"]["stale"] is None and "commit not in this clone's history" in got["NVIDIA H100"]["line"]
+    assert all(len(r["line"].splitlines()) == 1 for r in got.values())

@@ -1,4 +1,4 @@
-"""The issue-8 peers (``benchmarks/hyper_peers.py``) compute what mmkernels computes: each is compared
+"""The hyper attention peers (``benchmarks/hyper_peers.py``) compute what mmkernels computes: each is compared
 with :func:`mmkernels.hyper_attention_reference` on CPU at tiny, odd shapes (FlexAttention eager,
 forward only: torch has no CPU FlexAttention backward), with GQA, two samples with different image
 counts (one with none), chunked prefill (L_q < L_k) and both visibility rules."""

@@ -1,4 +1,4 @@
-"""The torch-native MoE layer of issue 7: the strongest plain-PyTorch peer of :class:`mmkernels.MoE`.
+"""The torch-native MoE layer: the strongest plain-PyTorch peer of :class:`mmkernels.MoE`.
 
 What a user writes in ~30 lines of PyTorch for a dropless top-k MoE (no capacity, no second-expert
 sampling): router softmax, top-k, stable argsort of the expert ids, gather, ``torch._grouped_mm``,

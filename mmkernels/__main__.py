@@ -2,7 +2,7 @@
 
     python -m mmkernels info [--json]
         versions, how the package was built (torch/CUDA it was compiled against), the device, the
-        backends that can run here and which native ops _C provides.
+        backends that can run here and which native ops _C provides, on which devices.
     python -m mmkernels verify [--op NAME ...] [--device cpu|cuda] [--quick]
         the verification table of every kernel against its float64 reference (the one `make bench`
         prints), with a progress line per case; exit status 1 if any check FAILs.
@@ -44,8 +44,22 @@ def _cpu_name() -> str:
 
 
 def _native_ops() -> list[dict[str, Any]]:
-    return [dict(name=n, cpu=_extension.has_op(n, "cpu"), cuda=_extension.has_op(n, "cuda"))
-            for n in _extension.native_ops()]
+    """Per native op: a native kernel for CPU / CUDA tensors, and whether it runs on this GPU (None
+    without one)."""
+    gpu = torch.cuda.is_available()
+    out = []
+    for name in _extension.native_ops():
+        op = _extension.NativeOp(name)
+        # no backend kernel at all (one for every device, e.g. build_config): device-independent
+        backend = any(torch._C._dispatch_has_kernel_for_dispatch_key(f"mmkernels::{name}", k) for k in ("CPU", "CUDA"))
+        out.append(dict(name=name, cpu=backend and "cpu" in op.device_types, cuda=backend and "cuda" in op.device_types,
+                        this_gpu=op.runs_on(torch.device("cuda", torch.cuda.current_device())) if gpu and backend
+                        else None))
+    return out
+
+
+def _arch_label(capability: tuple[int, int]) -> str:
+    return f"sm_{capability[0]}{capability[1]}"
 
 
 def info_dict() -> dict[str, Any]:
@@ -101,19 +115,38 @@ def _print_info(d: dict[str, Any]) -> None:
         "reference        plain PyTorch, any device",
         "",
         f"native _C        {'loaded' if bi['c_extension_loaded'] else 'NOT loaded'}",
-        f"  built for      torch {built_label}",
+        f"  built with     torch {built_label}",
     ]
     if bi["c_extension_loaded"]:
+        lines[-1] += f"; loads into torch >= {bi['torch_oldest']} (LibTorch stable ABI)"
+        archs = ", ".join(bi["cuda_archs"])
         if bi["cuda_kernels"]:
-            lines.append(f"  CUDA kernels   archs {', '.join(bi['cuda_archs'])} (nvcc {bi['cuda_version_built']})")
+            lines.append(f"  CUDA kernels   loaded: archs {archs} (nvcc {bi['cuda_version_built']})")
+        elif bi["cuda_kernels_built"]:
+            lines.append(f"  CUDA kernels   built for archs {archs}, NOT loaded: {bi['cuda_load_error']}")
         else:
             lines.append(f"  CUDA kernels   none ({bi.get('cuda_skip_reason') or 'CPU-only build'})")
+        if bi["cuda_available"]:
+            cap = torch.cuda.get_device_capability()
+            if bi["cuda_kernels_run_on_device"]:
+                lines.append(f"  this GPU       {_arch_label(cap)}: CUDA tensors run the native CUDA kernels")
+            elif bi["cuda_kernels"]:
+                lines.append(f"  this GPU       {_arch_label(cap)}: the build carries no code for it; CUDA tensors "
+                             "take the Triton/torch path")
+            else:
+                lines.append(f"  this GPU       {_arch_label(cap)}: no native CUDA kernels loaded; CUDA tensors take "
+                             "the Triton/torch path")
         ops = d["native_ops"]
         width = max([len(o["name"]) for o in ops] + [4])
         lines.append("  native ops:")
         for o in ops:
             devs = [k for k in ("cpu", "cuda") if o[k]]
-            lines.append(f"    {o['name']:<{width}}  {', '.join(devs) if devs else '(device-independent)'}")
+            where = ", ".join(devs) if devs else "(device-independent)"
+            if devs and o["this_gpu"] is False:
+                where += "  (on this GPU: Triton/torch path)"
+            elif devs and not o["cuda"]:
+                where += "  (CUDA tensors: Triton/torch path)"
+            lines.append(f"    {o['name']:<{width}}  {where}")
     else:
         lines.append(f"  why            {bi['load_error']}")
     print("\n".join(lines), flush=True)

@@ -1,8 +1,8 @@
 """The ``mmkernels`` op namespace on the Python side.
 
 Ops whose bodies are Triton kernels are defined here with explicit schemas (``torch.ops.mmkernels.*``)
-next to the ops the compiled ``mmkernels._C`` registers from C++.  Each gets a CPU and a CUDA
-kernel (the CPU one runs the Triton interpreter), a fake implementation for torch.compile, and
+next to the ops the native libraries (``mmkernels/_C.abi3.so``) register from C++.  Each gets a CPU
+and a CUDA kernel (the CPU one runs the Triton interpreter), a fake implementation for torch.compile, and
 where differentiable an autograd formula, so ``torch.library.opcheck`` passes.
 
 A *backward* op (one that computes the gradients of another op) is defined with ``backward_of=``.

@@ -225,7 +225,8 @@ def _moe_route_case(S: int, k: int, cf: float | None, device) -> list[dict]:
     want = route_reference(logits, k, None if cap < 0 else cap, noise if k > 1 else None)
     ok = all(torch.equal(a, b) for a, b in zip(got, (want.indices, want.keep, want.exp_counts, want.top1_counts,
                                                      want.sorted_slots, want.expert_offsets)))
-    check = f"route S{S} k{k} cf{cf} ({'native' if launch.NATIVE_ROUTE else 'torch fallback'})"
+    path = "native" if launch.NATIVE_ROUTE_OP.runs_on(logits.device) else "torch fallback"
+    check = f"route S{S} k{k} cf{cf} ({path})"
     return [dict(check=check, dtype="float32", tensor="decisions", max_err=None, rms_err=None, tol_max=None,
                  tol_rms=None, result="PASS" if ok else "FAIL")]
 

@@ -37,7 +37,7 @@ def test_info(tmp_path):
     assert r.returncode == 0, r.stdout + r.stderr
     out = r.stdout
     for text in (f"mmkernels        {mmkernels.__version__}", f"torch            {torch.__version__}",
-                 "triton kernels", "native _C", "built for      torch", "backend"):
+                 "triton kernels", "native _C", "built with     torch", "backend"):
         assert text in out, out
     if mmkernels.HAS_C:
         assert "plora_tile_flags" in out and "moe_route" in out

@@ -174,7 +174,7 @@ def test_route_torch_fallback(monkeypatch):
     """Without the native op, moe_route runs the torch reference (same results)."""
     logits, noise = torch.randn(30, 4), gumbel(30, 4)
     want = moe_route(logits, 2, 12, noise)
-    monkeypatch.setattr(launch, "NATIVE_ROUTE", False)
+    monkeypatch.setattr(launch.NATIVE_ROUTE_OP, "device_types", frozenset())
     got = moe_route(logits, 2, 12, noise)
     for name in ("indices", "keep", "exp_counts", "top1_counts", "sorted_slots", "expert_offsets", "weights", "l_aux"):
         assert torch.equal(getattr(got, name), getattr(want, name)), name
@@ -509,7 +509,7 @@ def test_opcheck(device):
     b = torch.randn(3, 16, H, device=device).transpose(1, 2).contiguous().transpose(1, 2).requires_grad_()
     torch.library.opcheck(grouped_gemm_forward_op, (a, b, None, torch.tensor([0, 5, 5, 20], dtype=torch.int32,
                                                                                 device=device)))
-    if launch.NATIVE_ROUTE:
+    if launch.NATIVE_ROUTE_OP.runs_on(torch.device(device)):
         torch.library.opcheck(torch.ops.mmkernels.moe_route.default,
                               (torch.randn(S, E, device=device), 2, 8, torch.randn(S, E, device=device), None))
 
@@ -528,7 +528,7 @@ def test_torch_compile_fullgraph(device):
 
     with use_backend("triton"):
         want = layer(x, wg, w1, b1, w2, b2)
-        if not launch.NATIVE_ROUTE:
+        if not launch.NATIVE_ROUTE_OP.runs_on(x.device):
             pytest.skip("the torch routing fallback has data-dependent shapes (bincount); build mmkernels._C")
         got = torch.compile(layer, fullgraph=True, backend="aot_eager")(x, wg, w1, b1, w2, b2)
     torch.testing.assert_close(got[0], want[0])

@@ -13,10 +13,9 @@
 
 #include <limits>
 
-#include <ATen/ops/empty.h>
-#include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
+#include <cuda_runtime.h>
+
+#include "cuda/stream.h"
 
 namespace mmkernels {
 namespace {
@@ -135,42 +134,41 @@ __global__ void __launch_bounds__(kScanThreads) moe_route_scan_kernel(
 
 }  // namespace
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> moe_route_cuda(
-    const at::Tensor& logits, int64_t k, int64_t capacity, const std::optional<at::Tensor>& noise,
-    const std::optional<at::Tensor>& token_order) {
+MoERouteResult moe_route_cuda(const Tensor& logits, int64_t k, int64_t capacity,
+                              const std::optional<Tensor>& noise, const std::optional<Tensor>& token_order) {
   check_moe_route_args(logits, k, capacity, noise, token_order);
-  TORCH_CHECK(logits.is_cuda(), "moe_route_cuda: logits must be a CUDA tensor");
+  STD_TORCH_CHECK(logits.is_cuda(), "moe_route_cuda: logits must be a CUDA tensor");
   const int64_t S = logits.size(0), E = logits.size(1);
-  TORCH_CHECK(E <= kMaxExperts, "moe_route (CUDA): at most ", kMaxExperts, " experts, got ", E);
-  const c10::cuda::CUDAGuard device_guard(logits.device());
-  const auto i64 = logits.options().dtype(at::kLong);
-  const auto i32 = logits.options().dtype(at::kInt);
-  at::Tensor indices = at::empty({S, k}, i64);
-  at::Tensor keep = at::empty({S, k}, logits.options().dtype(at::kBool));
-  at::Tensor exp_counts = at::empty({E}, i64);
-  at::Tensor top1_counts = at::empty({E}, i64);
-  at::Tensor sorted_slots = at::empty({S * k}, i32);
-  at::Tensor offsets = at::empty({E + 1}, i32);
-  at::Tensor rank_tmp = at::empty({S * k}, i32);
-  const at::Tensor lg = logits.contiguous();
-  const at::Tensor nz = noise.has_value() ? noise->contiguous() : at::Tensor();
-  const at::Tensor ord = token_order.has_value() ? token_order->contiguous() : at::Tensor();
-  cudaStream_t stream = c10::cuda::getCurrentCUDAStream(logits.device().index()).stream();
+  STD_TORCH_CHECK(E <= kMaxExperts, "moe_route (CUDA): at most ", kMaxExperts, " experts, got ", E);
+  const torch::stable::accelerator::DeviceGuard device_guard(logits.get_device_index());
+  const auto dev = logits.device();
+  Tensor indices = torch::stable::empty({S, k}, ScalarType::Long, std::nullopt, dev);
+  Tensor keep = torch::stable::empty({S, k}, ScalarType::Bool, std::nullopt, dev);
+  Tensor exp_counts = torch::stable::empty({E}, ScalarType::Long, std::nullopt, dev);
+  Tensor top1_counts = torch::stable::empty({E}, ScalarType::Long, std::nullopt, dev);
+  Tensor sorted_slots = torch::stable::empty({S * k}, ScalarType::Int, std::nullopt, dev);
+  Tensor offsets = torch::stable::empty({E + 1}, ScalarType::Int, std::nullopt, dev);
+  Tensor rank_tmp = torch::stable::empty({S * k}, ScalarType::Int, std::nullopt, dev);
+  const Tensor lg = torch::stable::contiguous(logits);
+  const Tensor nz = noise.has_value() ? torch::stable::contiguous(*noise) : Tensor();
+  const Tensor ord = token_order.has_value() ? torch::stable::contiguous(*token_order) : Tensor();
+  cudaStream_t stream = current_cuda_stream(logits.get_device_index());
   if (S > 0) {
     const int threads = 256;
     const unsigned blocks = static_cast<unsigned>((S + threads - 1) / threads);
     moe_topk_kernel<<<blocks, threads, 0, stream>>>(lg.const_data_ptr<float>(),
                                                     nz.defined() ? nz.const_data_ptr<float>() : nullptr, S, E, k,
-                                                    indices.data_ptr<int64_t>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+                                                    indices.mutable_data_ptr<int64_t>());
+    STD_CUDA_KERNEL_LAUNCH_CHECK();
   }
   const size_t smem = static_cast<size_t>(kScanWarps + 1) * static_cast<size_t>(E + 1) * sizeof(int);
   moe_route_scan_kernel<<<1, kScanThreads, smem, stream>>>(
       indices.const_data_ptr<int64_t>(), ord.defined() ? ord.const_data_ptr<int64_t>() : nullptr,
-      static_cast<int>(S), static_cast<int>(E), static_cast<int>(k), capacity, keep.data_ptr<bool>(),
-      exp_counts.data_ptr<int64_t>(), top1_counts.data_ptr<int64_t>(), sorted_slots.data_ptr<int32_t>(),
-      offsets.data_ptr<int32_t>(), rank_tmp.data_ptr<int32_t>());
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+      static_cast<int>(S), static_cast<int>(E), static_cast<int>(k), capacity, keep.mutable_data_ptr<bool>(),
+      exp_counts.mutable_data_ptr<int64_t>(), top1_counts.mutable_data_ptr<int64_t>(),
+      sorted_slots.mutable_data_ptr<int32_t>(), offsets.mutable_data_ptr<int32_t>(),
+      rank_tmp.mutable_data_ptr<int32_t>());
+  STD_CUDA_KERNEL_LAUNCH_CHECK();
   return {indices, keep, exp_counts, top1_counts, sorted_slots, offsets};
 }
 

@@ -1,10 +1,11 @@
 // CUDA implementation of mmkernels::plora_tile_flags: one warp per row group.
 #include "ops.h"
 
-#include <ATen/ops/empty.h>
-#include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
+#include <algorithm>
+
+#include <cuda_runtime.h>
+
+#include "cuda/stream.h"
 
 namespace mmkernels {
 namespace {
@@ -37,23 +38,23 @@ __global__ void plora_tile_flags_kernel(const bool* __restrict__ mask, int64_t s
 
 }  // namespace
 
-at::Tensor plora_tile_flags_cuda(const at::Tensor& im_mask, int64_t group_rows) {
+Tensor plora_tile_flags_cuda(const Tensor& im_mask, int64_t group_rows) {
   check_plora_tile_flags_args(im_mask, group_rows);
-  TORCH_CHECK(im_mask.is_cuda(), "plora_tile_flags_cuda: im_mask must be a CUDA tensor");
-  const c10::cuda::CUDAGuard device_guard(im_mask.device());
+  STD_TORCH_CHECK(im_mask.is_cuda(), "plora_tile_flags_cuda: im_mask must be a CUDA tensor");
+  const torch::stable::accelerator::DeviceGuard device_guard(im_mask.get_device_index());
   const int64_t m = im_mask.size(0);
   const int64_t num_groups = (m + group_rows - 1) / group_rows;
-  at::Tensor out = at::empty({num_groups}, im_mask.options().dtype(at::kInt));
+  Tensor out = torch::stable::empty({num_groups}, ScalarType::Int, std::nullopt, im_mask.device());
   if (num_groups == 0) {
     return out;
   }
   const int64_t blocks_needed = (num_groups + kWarpsPerBlock - 1) / kWarpsPerBlock;
   const unsigned int blocks = static_cast<unsigned int>(std::min<int64_t>(blocks_needed, 65535 * 16));
-  cudaStream_t stream = c10::cuda::getCurrentCUDAStream(im_mask.device().index()).stream();
+  cudaStream_t stream = current_cuda_stream(im_mask.get_device_index());
   plora_tile_flags_kernel<<<blocks, kThreads, 0, stream>>>(
       im_mask.const_data_ptr<bool>(), im_mask.stride(0), m, group_rows, num_groups,
-      out.data_ptr<int32_t>());
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+      out.mutable_data_ptr<int32_t>());
+  STD_CUDA_KERNEL_LAUNCH_CHECK();
   return out;
 }
 

@@ -11,7 +11,7 @@ import math
 
 import torch
 
-from ..._extension import has_op
+from ..._extension import NativeOp
 from ..._interpreter import interpreter_enabled
 from ..._utils import allow_tf32, cdiv, new_output
 from . import kernels
@@ -57,8 +57,9 @@ def _dot_precision(dtype: torch.dtype) -> str:
 
 # ----------------------------------------------------------------------------------------- routing
 
-# Looked up once at import (torch.compile cannot trace has_op).
-NATIVE_ROUTE = has_op("moe_route")
+# Looked up once at import (torch.compile cannot trace has_op): on which devices the native op runs.
+NATIVE_ROUTE_OP = NativeOp("moe_route")
+NATIVE_ROUTE = NATIVE_ROUTE_OP.declared
 
 if NATIVE_ROUTE:
     @torch.library.register_fake("mmkernels::moe_route")
@@ -74,15 +75,16 @@ def route(logits: torch.Tensor, k: int, capacity, noise, token_order, drop_polic
           rts_uniform=None):
     """Routing decisions ``(indices, keep, exp_counts, top1_counts, sorted_slots, expert_offsets)``;
     ``capacity < 0`` means dropless.  ``drop_policy="choice"`` runs the native op (C++ on CPU, CUDA
-    kernels on GPU, no host sync) when the extension has it; the other policies (and ``"choice"``
-    without the extension, or with a capacity while torch.compile traces) run the torch reference,
+    kernels on GPU, no host sync) when the extension has it for ``logits``' device (a CPU-only build,
+    or a GPU arch the build carries no code for, has none); the other policies (and ``"choice"``
+    without a native kernel, or with a capacity while torch.compile traces) run the torch reference,
     which needs no host sync either and scans no one-hot ``[S*k, E]`` tensor along its rows."""
     # While torch.compile traces, a capacity may be symbolic (a SymInt from capacity_for on a dynamic
     # token count; Dynamo shows it as an int, so it cannot be told apart) and the native op's schema
     # takes a plain int, which would specialise the graph on every capacity value: the torch path is
     # traced instead (same results).  Dropless (-1) is a constant and keeps the native op.
     traced_capacity = torch.compiler.is_compiling() and capacity >= 0
-    if NATIVE_ROUTE and drop_policy == "choice" and not traced_capacity:
+    if drop_policy == "choice" and not traced_capacity and NATIVE_ROUTE_OP.runs_on(logits.device):
         return torch.ops.mmkernels.moe_route(logits, k, capacity, noise, token_order)
     d = route_reference(logits, k, None if capacity < 0 else capacity, noise, token_order, drop_policy, rts_uniform)
     return d.indices, d.keep, d.exp_counts, d.top1_counts, d.sorted_slots, d.expert_offsets

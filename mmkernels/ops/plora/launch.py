@@ -15,7 +15,7 @@ import os
 import torch
 import triton
 
-from ..._extension import has_op
+from ..._extension import NativeOp
 from ..._interpreter import interpreter_enabled
 from ..._utils import allow_tf32, cdiv, new_output
 from ..._validation import check_int
@@ -98,9 +98,9 @@ def _tile_flags_torch(mask: torch.Tensor) -> torch.Tensor:
 
 
 # Looked up once: the extension is loaded (or not) by the time this module is imported.
-_NATIVE_TILE_FLAGS = has_op("plora_tile_flags")
+NATIVE_TILE_FLAGS_OP = NativeOp("plora_tile_flags")
 
-if _NATIVE_TILE_FLAGS:
+if NATIVE_TILE_FLAGS_OP.declared:
     @torch.library.register_fake("mmkernels::plora_tile_flags")
     def _tile_flags_fake(im_mask, group_rows):
         return im_mask.new_empty(((im_mask.shape[0] + group_rows - 1) // group_rows,), dtype=torch.int32)
@@ -109,11 +109,11 @@ if _NATIVE_TILE_FLAGS:
 def tile_flags(im_mask: torch.Tensor) -> torch.Tensor:
     """Visual-row count per FLAG_ROWS-row group of the flattened mask, int32 ``[cdiv(M, 16)]``.
 
-    One small native op (``torch.ops.mmkernels.plora_tile_flags``; a torch fallback if the
-    extension is missing), no host synchronisation; computed once per call and shared by the
-    forward and every backward kernel.
+    One small native op (``torch.ops.mmkernels.plora_tile_flags``; a torch fallback where the
+    extension has no kernel for the mask's device), no host synchronisation; computed once per call
+    and shared by the forward and every backward kernel.
     """
-    if _NATIVE_TILE_FLAGS:
+    if NATIVE_TILE_FLAGS_OP.runs_on(im_mask.device):
         return torch.ops.mmkernels.plora_tile_flags(im_mask, FLAG_ROWS)
     return _tile_flags_torch(im_mask)
 
