@@ -12,7 +12,9 @@ import sys
 
 import torch
 import triton
+from triton._C.libtriton import native_specialize_impl
 from triton.backends.compiler import GPUTarget
+from triton.backends.nvidia.compiler import CUDABackend
 from triton.compiler import ASTSource
 
 _PTR = {torch.float16: "*fp16", torch.bfloat16: "*bf16", torch.float32: "*fp32", torch.float64: "*fp64",
@@ -30,10 +32,10 @@ class Recorder:
         return record
 
 
-def record_launches(kernels_module) -> list:
+def record_launches(kernels_module, calls=None) -> list:
     """Swap every launchable kernel (``*_kernel``) of a kernels module for a Recorder; return the list
-    its launches will be appended to."""
-    calls = []
+    its launches will be appended to (``calls``, to share one list between modules)."""
+    calls = [] if calls is None else calls
     for name in dir(kernels_module):
         obj = getattr(kernels_module, name)
         if isinstance(obj, Recorder):
@@ -44,33 +46,28 @@ def record_launches(kernels_module) -> list:
 
 
 def signature(fn, args, kwargs):
-    """Argument types, constexprs and alignment attributes as Triton's JIT would specialise them:
-    an integer equal to 1 becomes a constant, pointers and integers divisible by 16 are marked so
-    (which is what lets the pipeliner use 16-byte async copies)."""
+    """Argument types, constexprs and alignment attributes exactly as Triton's JIT specialises them on
+    a CUDA device (its own ``native_specialize_impl``): an integer equal to 1 becomes a constant,
+    pointers and integers divisible by 16 are marked so (which is what lets the pipeliner use 16-byte
+    async copies), a host TMA descriptor gets its block type.  Arguments may be positional or named."""
+    bound = dict(zip([p.name for p in fn.params], args))
+    bound.update(kwargs)
     sig, constexprs, attrs = {}, {}, {}
-    for i, name in enumerate(fn.arg_names):
-        if name in kwargs:
-            sig[name] = "constexpr"
-            constexprs[(i,)] = kwargs[name]
+    for i, p in enumerate(fn.params):
+        value = bound[p.name] if p.name in bound else p.default
+        if p.is_constexpr:
+            sig[p.name] = "constexpr"
+            constexprs[(i,)] = value
             continue
-        value = args[i]
-        if isinstance(value, torch.Tensor):
-            sig[name] = _PTR[value.dtype]
-            attrs[(i,)] = [["tt.divisibility", 16]]
-        elif isinstance(value, bool):
-            sig[name] = "i1"
-        elif isinstance(value, int):
-            if value == 1:
-                sig[name] = "constexpr"
-                constexprs[(i,)] = 1
-                continue
-            sig[name] = "i32" if -2**31 <= value < 2**31 else "i64"
-            if value % 16 == 0:
-                attrs[(i,)] = [["tt.divisibility", 16]]
-        elif isinstance(value, float):
-            sig[name] = "fp32"
-        else:
-            raise TypeError(f"{fn.__name__}: cannot type argument {name}={value!r}")
+        if isinstance(value, torch.Tensor) and value.dtype not in _PTR:
+            raise TypeError(f"{fn.__name__}: cannot type argument {p.name} of dtype {value.dtype}")
+        ty, key = native_specialize_impl(CUDABackend, value, False, not p.do_not_specialize,
+                                         not p.do_not_specialize_on_alignment)
+        sig[p.name] = ty
+        if ty == "constexpr":
+            constexprs[(i,)] = key
+        elif isinstance(key, str):
+            attrs[(i,)] = CUDABackend.parse_attr(key)
     return sig, constexprs, attrs
 
 
@@ -93,7 +90,7 @@ def compile_calls(calls, targets):
             compiled = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=constexprs, attrs=attrs),
                                       target=target, options=options)
             shared = compiled.metadata.shared
-            pointer = [v for v in sig.values() if v.startswith("*")][0]
+            pointer = [v for v in sig.values() if v.startswith(("*", "tensordesc"))][0]
             if shared > SHARED_LIMIT[target.arch]:
                 raise RuntimeError(f"sm_{target.arch} {fn.__name__} {pointer} {options}: needs {shared} bytes of "
                                    f"shared memory, the limit is {SHARED_LIMIT[target.arch]}")
@@ -104,36 +101,35 @@ SM90, SM80 = GPUTarget("cuda", 90, 32), GPUTarget("cuda", 80, 32)
 
 
 def plora_calls():
-    """PLoRA launches recorded twice: with the sm_90 block table (compiled for sm_90) and with the
-    generic table (compiled for sm_80)."""
-    from mmkernels.ops.plora import launch
-
+    """PLoRA launches (its own kernels and its GEMMs on the shared core) recorded twice: with the sm_90
+    tables (compiled for sm_90) and with the generic ones (compiled for sm_80)."""
     all_dtypes = (torch.float16, torch.bfloat16, torch.float32)
-    return [(_plora_record(launch._GPU_HALF_SM90, all_dtypes), [SM90]),
-            (_plora_record(launch._GPU_HALF, (torch.bfloat16,)), [SM80])]
+    return [(_plora_record("sm90", all_dtypes), [SM90]), (_plora_record("sm80", (torch.bfloat16,)), [SM80])]
 
 
-def _plora_record(half_table, dtypes):
+def _plora_record(arch, dtypes):
+    from mmkernels.ops._gemm import config
+    from mmkernels.ops._gemm import kernels as gemm_kernels
     from mmkernels.ops.plora import kernels, launch
 
     calls = record_launches(kernels)
-    for dtype in dtypes:
-        table = launch._GPU_FP32 if dtype == torch.float32 else half_table
-        launch._config = lambda name, device, dt, table=table: dict(table[name])
-        M, K, N, r = 100, 64, 48, 32
-        x = torch.randn(M, K, dtype=dtype)
-        w, b = torch.randn(N, K, dtype=dtype), torch.randn(N, dtype=dtype)
-        a, lb = torch.randn(r, K, dtype=dtype), torch.randn(N, r, dtype=dtype)
-        mask = torch.rand(M) < 0.5
-        flags = launch._tile_flags_torch(mask)
-        seed = torch.tensor([3], dtype=torch.int64)
-        launch.plora_forward(x, w, b, a, lb, mask, flags, 1.0, 0.1, seed)
-        s = torch.zeros(M, r, dtype=dtype)
-        launch.plora_backward(torch.randn(M, N, dtype=dtype), x, w, a, lb, s, mask, flags, 1.0, 0.1, seed,
-                              [True] * 5)
-        launch.plora_backward(torch.randn(M, N, dtype=dtype), x, w, a, lb, s, mask, flags, 1.0, 0.0, None,
-                              [False, False, True, False, False])
-    launch.dropout_keep_mask(torch.tensor([3], dtype=torch.int64), 40, 40, 0.1)
+    record_launches(gemm_kernels, calls)
+    with config.forced_arch(arch):
+        for dtype in dtypes:
+            M, K, N, r = 100, 64, 48, 32
+            x = torch.randn(M, K, dtype=dtype)
+            w, b = torch.randn(N, K, dtype=dtype), torch.randn(N, dtype=dtype)
+            a, lb = torch.randn(r, K, dtype=dtype), torch.randn(N, r, dtype=dtype)
+            mask = torch.rand(M) < 0.5
+            flags = launch._tile_flags_torch(mask)
+            seed = torch.tensor([3], dtype=torch.int64)
+            launch.plora_forward(x, w, b, a, lb, mask, flags, 1.0, 0.1, seed)
+            s = torch.zeros(M, r, dtype=dtype)
+            launch.plora_backward(torch.randn(M, N, dtype=dtype), x, w, a, lb, s, mask, flags, 1.0, 0.1, seed,
+                                  [True] * 5)
+            launch.plora_backward(torch.randn(M, N, dtype=dtype), x, w, a, lb, s, mask, flags, 1.0, 0.0, None,
+                                  [True, False, True, False, False])
+        launch.dropout_keep_mask(torch.tensor([3], dtype=torch.int64), 40, 40, 0.1)
     return calls
 
 
@@ -190,41 +186,44 @@ def moe_calls():
 
     # every fused activation (forward and backward epilogues) for the main target; one plain and one
     # gated activation for the others, which differ only in dtype / arch, to keep the test short
-    return [(_moe_record(torch.bfloat16, backward=True, activations=ACTIVATIONS), [SM90]),
-            (_moe_record(torch.float32, backward=False), [SM90]),
-            (_moe_record(torch.bfloat16, backward=False), [SM80])]
+    return [(_moe_record("sm90", torch.bfloat16, backward=True, activations=ACTIVATIONS), [SM90]),
+            (_moe_record("sm90", torch.float32, backward=False), [SM90]),
+            (_moe_record("sm80", torch.bfloat16, backward=False), [SM80])]
 
 
-def _moe_record(dtype, backward, activations=("gelu_tanh", "swiglu")):
+def _moe_record(arch, dtype, backward, activations=("gelu_tanh", "swiglu")):
+    from mmkernels.ops._gemm import config
+    from mmkernels.ops._gemm import kernels as gemm_kernels
     from mmkernels.ops.moe import kernels, launch
     from mmkernels.ops.moe.reference import GATED_ACTIVATIONS, route_reference
 
     calls = record_launches(kernels)
-    table = launch._GPU_FP32 if dtype == torch.float32 else launch._GPU_HALF
-    launch._config = lambda name, device, dt, table=table: dict(table[name])
+    record_launches(gemm_kernels, calls)
     S, H, F, E, k = 50, 64, 48, 4, 2
     x = torch.randn(S, H, dtype=dtype)
     d = route_reference(torch.randn(S, E), k, 30, None)
     w = torch.rand(S, k)
-    for act in activations:
-        F1 = 2 * F if act in GATED_ACTIVATIONS else F
-        w1, w2 = torch.randn(E, F1, H, dtype=dtype), torch.randn(E, H, F, dtype=dtype)
-        b1, b2 = None, None
-        if act not in GATED_ACTIVATIONS:
-            b1, b2 = torch.randn(E, F1, dtype=dtype), torch.randn(E, H, dtype=dtype)
-        y, z, h, o = launch.moe_ffn_forward(x, w, d.keep, d.sorted_slots, d.expert_offsets, w1, b1, w2, b2, act)
+    with config.forced_arch(arch):
+        for act in activations:
+            F1 = 2 * F if act in GATED_ACTIVATIONS else F
+            w1, w2 = torch.randn(E, F1, H, dtype=dtype), torch.randn(E, H, F, dtype=dtype)
+            b1, b2 = None, None
+            if act not in GATED_ACTIVATIONS:
+                b1, b2 = torch.randn(E, F1, dtype=dtype), torch.randn(E, H, dtype=dtype)
+            y, z, h, o = launch.moe_ffn_forward(x, w, d.keep, d.sorted_slots, d.expert_offsets, w1, b1, w2, b2, act)
+            if backward:
+                launch.moe_ffn_backward(torch.randn(S, H, dtype=dtype), x, w, d.keep, d.sorted_slots,
+                                        d.expert_offsets, w1, w2, z, h, o, act,
+                                        [True, True, True, b1 is not None, True, b2 is not None])
+        d1 = route_reference(torch.randn(S, E), 1, 15, None)   # k = 1: combine fused into the second GEMM
+        w1, w2 = torch.randn(E, F, H, dtype=dtype), torch.randn(E, H, F, dtype=dtype)
+        launch.moe_ffn_forward(x, torch.rand(S, 1), d1.keep, d1.sorted_slots, d1.expert_offsets, w1, None, w2, None,
+                               "gelu_tanh")
         if backward:
-            launch.moe_ffn_backward(torch.randn(S, H, dtype=dtype), x, w, d.keep, d.sorted_slots, d.expert_offsets,
-                                    w1, w2, z, h, o, act, [True, True, True, b1 is not None, True, b2 is not None])
-    d1 = route_reference(torch.randn(S, E), 1, 15, None)   # k = 1: combine fused into the second GEMM
-    w1, w2 = torch.randn(E, F, H, dtype=dtype), torch.randn(E, H, F, dtype=dtype)
-    launch.moe_ffn_forward(x, torch.rand(S, 1), d1.keep, d1.sorted_slots, d1.expert_offsets, w1, None, w2, None,
-                           "gelu_tanh")
-    if backward:
-        offs = torch.tensor([0, 10, 10, 40, 50], dtype=torch.int32)
-        b = torch.randn(E, F, H, dtype=dtype)
-        launch.grouped_gemm_forward(x, b, None, offs)
-        launch.grouped_gemm_backward(torch.randn(S, F, dtype=dtype), x, b, offs, [True, True, True])
+            offs = torch.tensor([0, 10, 10, 40, 50], dtype=torch.int32)
+            b = torch.randn(E, F, H, dtype=dtype)
+            launch.grouped_gemm_forward(x, b, None, offs)
+            launch.grouped_gemm_backward(torch.randn(S, F, dtype=dtype), x, b, offs, [True, True, True])
     return calls
 
 

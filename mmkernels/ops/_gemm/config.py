@@ -259,11 +259,17 @@ def describe(device: torch.device | None = None, dtype: torch.dtype = torch.bflo
     if device is None:
         device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
     arch = arch_of(device, dtype)
+    cap = _capability(_cuda_index(device)) if device.type == "cuda" else None
+    grouped_mm = grouped_mm_unavailable(device.type, cap, dtype)
     rows = []
     for role, what in ROLES.items():
         e = choose(role, device, dtype)
-        reason = e.source if e.source != "default" else "default (not measured)"
         if e.why:
             reason = e.why
-        rows.append(dict(role=role, what=what, arch=arch, path=e.path, blocks=e.blocks, why=reason))
+        elif arch == "interpreter":
+            reason = "interpreter tiles (CPU tensors run under Triton's interpreter)"
+        else:
+            reason = e.source if e.source != "default" else "default (not measured)"
+        rows.append(dict(role=role, what=what, arch=arch, path=e.path, blocks=e.blocks, why=reason,
+                         grouped_mm=grouped_mm))
     return rows
