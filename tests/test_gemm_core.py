@@ -2,6 +2,7 @@
 weight gradient, the per-arch table and the torch._grouped_mm path selection."""
 import contextlib
 import json
+from dataclasses import replace
 
 import pytest
 import torch
@@ -17,8 +18,17 @@ from mmkernels.testing import assert_close
 from conftest import KERNEL_DEVICES
 from test_moe import gumbel, make_weights, run_layer
 
-needs_kernels = pytest.mark.skipif(not KERNEL_DEVICES, reason="no Triton device")
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+# the Triton kernels' device in this process (the interpreter on CPU, else the GPU: marked gpu)
+on_kernel_device = pytest.mark.parametrize("device", KERNEL_DEVICES)
+
+
+def _same(name, got, want, device):
+    """Bitwise under the interpreter (both paths run the same numpy dots in the same order); on a GPU
+    the TMA and cp.async kernels are different programs, so within the dtype's tolerance."""
+    if device == "cpu":
+        assert torch.equal(got, want), f"{name} differs between the TMA and the pointer path"
+    else:
+        assert_close(name, got, want.double(), got.dtype)
 
 
 class _DescriptorSpy:
@@ -43,13 +53,13 @@ class _DescriptorSpy:
         monkeypatch.setattr(gemm_launch, "create_ragged_descriptor", make_ragged)
 
 
-def _moe_inputs(dtype, activation, E=4, S=41, H=32, F=48, k=2, capacity=None):
+def _moe_inputs(device, dtype, activation, E=4, S=41, H=32, F=48, k=2, capacity=None):
     """Inputs of one MoE expert-FFN step (fresh random values, routed by the torch reference)."""
-    x = torch.randn(S, H, device=DEVICE).to(dtype)
-    d = route_reference(torch.randn(S, E, device=DEVICE), k, capacity, None)
-    w = torch.rand(S, k, device=DEVICE)
-    w1, b1, w2, b2 = make_weights(E, H, F, activation, dtype, DEVICE)
-    dy = torch.randn(S, H, device=DEVICE).to(dtype)
+    x = torch.randn(S, H, device=device).to(dtype)
+    d = route_reference(torch.randn(S, E, device=device), k, capacity, None)
+    w = torch.rand(S, k, device=device)
+    w1, b1, w2, b2 = make_weights(E, H, F, activation, dtype, device)
+    dy = torch.randn(S, H, device=device).to(dtype)
     return x, d, w, w1, b1, w2, b2, dy, activation
 
 
@@ -62,13 +72,13 @@ def _moe_step(inputs):
     return [y, *grads]
 
 
-@needs_kernels
+@on_kernel_device
 @pytest.mark.parametrize("activation", ["gelu_tanh", "swiglu"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-def test_moe_tma_and_pointer_paths_agree_bitwise(monkeypatch, activation, dtype):
+def test_moe_tma_and_pointer_paths_agree_bitwise(device, monkeypatch, activation, dtype):
     """16-byte-aligned rows take the descriptor path (weights, sorted rows, the wgrad's ragged rows);
     the pointer path computes the same blocks in the same order, so the results are the same bits."""
-    inputs = _moe_inputs(dtype, activation, capacity=20)
+    inputs = _moe_inputs(device, dtype, activation, capacity=20)
     spy = _DescriptorSpy(monkeypatch)
     with_tma = _moe_step(inputs)
     assert spy.count > 0, "no TMA descriptor was built: the descriptor path is untested"
@@ -77,22 +87,22 @@ def test_moe_tma_and_pointer_paths_agree_bitwise(monkeypatch, activation, dtype)
         pointers = _moe_step(inputs)
         assert spy.count == n
     for i, (a, b) in enumerate(zip(with_tma, pointers)):
-        assert torch.equal(a, b), f"output {i} differs between the TMA and the pointer path"
+        _same(f"output {i}", a, b, device)
 
 
-@needs_kernels
+@on_kernel_device
 @pytest.mark.parametrize("dropout", [0.0, 0.25])
-def test_plora_tma_and_pointer_paths_agree_bitwise(monkeypatch, dropout):
+def test_plora_tma_and_pointer_paths_agree_bitwise(device, monkeypatch, dropout):
     M, K, N, R = 96, 64, 48, 32
     x, w = torch.randn(M, K), torch.randn(N, K) / 8
     a, lb = torch.randn(R, K) / 8, torch.randn(N, R) / 8
     b = torch.randn(N)
     mask = torch.zeros(M, dtype=torch.bool)
     mask[5:70] = True   # runs of all-visual tiles and mixed tiles
-    x, w, a, lb, b, mask = (t.to(DEVICE) for t in (x, w, a, lb, b, mask))
+    x, w, a, lb, b, mask = (t.to(device) for t in (x, w, a, lb, b, mask))
     flags = plora_launch.tile_flags(mask)
-    seed = torch.tensor([7], dtype=torch.int64, device=DEVICE) if dropout else None
-    gy = torch.randn(M, N, device=DEVICE)
+    seed = torch.tensor([7], dtype=torch.int64, device=device) if dropout else None
+    gy = torch.randn(M, N, device=device)
 
     def step():
         y, s = plora_launch.plora_forward(x, w, b, a, lb, mask, flags, 0.5, dropout, seed)
@@ -104,19 +114,19 @@ def test_plora_tma_and_pointer_paths_agree_bitwise(monkeypatch, dropout):
     with gemm_launch.pointer_path_only():
         pointers = step()
     for i, (p, q) in enumerate(zip(with_tma, pointers)):
-        assert torch.equal(p, q), f"output {i} differs between the TMA and the pointer path"
+        _same(f"output {i}", p, q, device)
 
 
-@needs_kernels
-def test_wgrad_keeps_a_nan_row_in_its_own_experts():
+@on_kernel_device
+def test_wgrad_keeps_a_nan_row_in_its_own_experts(device):
     """A NaN row of x reaches the weight gradients of the experts it was routed to and no other: the
     rows past an expert's end (the next expert's) read as zeros, on every path."""
     S, H, F, E = 40, 32, 16, 4
-    x = torch.randn(S, H, device=DEVICE)
+    x = torch.randn(S, H, device=device)
     x[11, 3] = float("nan")
-    wg = torch.randn(E, H, device=DEVICE)
-    weights = make_weights(E, H, F, "gelu_tanh", torch.float32, DEVICE)
-    noise = gumbel(S, E, DEVICE)
+    wg = torch.randn(E, H, device=device)
+    weights = make_weights(E, H, F, "gelu_tanh", torch.float32, device)
+    noise = gumbel(S, E, device)
     for pointer_only in (False, True):
         with gemm_launch.pointer_path_only() if pointer_only else contextlib.nullcontext():
             y, r, leaves = run_layer(x, wg, weights, "gelu_tanh", 2, None, noise, "triton")
@@ -129,12 +139,12 @@ def test_wgrad_keeps_a_nan_row_in_its_own_experts():
             assert finite == (e not in hit), f"expert {e} (row 11 went to {sorted(hit)}), pointer_only={pointer_only}"
 
 
-@needs_kernels
-def test_wgrad_zero_row_experts_write_zeros():
+@on_kernel_device
+def test_wgrad_zero_row_experts_write_zeros(device):
     """Experts with no rows get exact zeros in dW and dbias (poisoned outputs would show NaN)."""
     M, K, N = 30, 40, 24
-    offsets = torch.tensor([0, 0, 17, 17, 30, 30], dtype=torch.int32, device=DEVICE)
-    g, a = torch.randn(M, N, device=DEVICE), torch.randn(M, K, device=DEVICE)
+    offsets = torch.tensor([0, 0, 17, 17, 30, 30], dtype=torch.int32, device=device)
+    g, a = torch.randn(M, N, device=device), torch.randn(M, K, device=device)
     for pointer_only in (False, True):
         with gemm_launch.pointer_path_only() if pointer_only else contextlib.nullcontext():
             db, dbias = moe_launch.grouped_wgrad("grouped.wgrad", g, a, offsets, N=N, K=K, need_db=True, need_dbias=True)
@@ -145,14 +155,14 @@ def test_wgrad_zero_row_experts_write_zeros():
         assert_close("dbias", dbias[[1, 3]], torch.stack([g[:17].sum(0), g[17:].sum(0)]).double(), torch.float32)
 
 
-@needs_kernels
-def test_persistent_schedule_covers_every_tile():
+@on_kernel_device
+def test_persistent_schedule_covers_every_tile(device):
     """More tiles than programs, empty groups, and rows past the last group: every tile once."""
     M, K, N = 123, 48, 40
     sizes = [0, 1, 17, 0, 33, 5, 40]
-    offsets = torch.tensor([0] + torch.tensor(sizes).cumsum(0).tolist(), device=DEVICE)
-    a = torch.randn(M, K, device=DEVICE)
-    b = torch.randn(len(sizes), N, K, device=DEVICE) / 7
+    offsets = torch.tensor([0] + torch.tensor(sizes).cumsum(0).tolist(), device=device)
+    a = torch.randn(M, K, device=device)
+    b = torch.randn(len(sizes), N, K, device=device) / 7
     with use_backend("triton"):
         c = grouped_gemm(a, b, offsets)
     with use_backend("reference"):
@@ -250,59 +260,58 @@ def test_sweep_overrides_say_where_they_were_measured(tmp_path, monkeypatch):
 def test_bad_overrides_are_rejected(tmp_path, roles, words):
     with pytest.raises(ValueError, match=words):
         config._load_overrides(_write_overrides(tmp_path, roles))
-    with pytest.raises(ValueError, match="'arch' must be"):
+    with pytest.raises(ValueError, match="'arch' must be one of"):
         config._load_overrides(_write_overrides(tmp_path, {}, arch="sm70"))
 
 
-def _grouped_mm_runs_on_cpu(dtype):
+def _grouped_mm_runs(device, dtype):
     try:
-        a, b = torch.randn(8, 16, dtype=dtype), torch.randn(2, 16, 8, dtype=dtype)
-        torch._grouped_mm(a, b, offs=torch.tensor([3, 8], dtype=torch.int32))
+        a, b = torch.randn(8, 16, device=device, dtype=dtype), torch.randn(2, 16, 8, device=device, dtype=dtype)
+        torch._grouped_mm(a, b, offs=torch.tensor([3, 8], dtype=torch.int32, device=device))
         return True
-    except Exception:   # no such op, or no CPU kernel in this torch
+    except Exception:   # no such op, or no kernel for this device / dtype in this torch
         return False
 
 
-@needs_kernels
+@on_kernel_device
 @pytest.mark.parametrize("activation", ["gelu_tanh", "swiglu"])
-def test_torch_grouped_mm_path_matches_the_triton_path(monkeypatch, activation):
-    """The torch._grouped_mm path of every MoE and grouped_gemm role (run here on CPU, where this torch
-    has the op) computes what the Triton core computes, with dropped slots and an empty expert."""
-    if not _grouped_mm_runs_on_cpu(torch.float32):
-        pytest.skip("torch._grouped_mm does not run on this CPU torch")
-    inputs = _moe_inputs(torch.float32, activation, capacity=12)
-    triton_run = _moe_step(inputs)
+def test_torch_grouped_mm_path_matches_the_triton_path(device, monkeypatch, activation):
+    """The torch._grouped_mm path of every MoE and grouped_gemm role (forced here, also on CPU where this
+    torch has the op) computes what the Triton core computes, with dropped slots and an empty expert."""
+    dtype = torch.float32 if device == "cpu" else torch.bfloat16
+    if not _grouped_mm_runs(device, dtype):
+        pytest.skip(f"torch._grouped_mm does not run on {device} in {dtype} with this torch")
+    inputs = _moe_inputs(device, dtype, activation, capacity=12)
+    M, K, N = 45, 40, 32
+    offsets = torch.tensor([0, 20, 20, 37, 41], device=device, dtype=torch.int32)
+    a, b, bias = (torch.randn(M, K, device=device).to(dtype), (torch.randn(4, N, K, device=device) / 6).to(dtype),
+                  torch.randn(4, N, device=device).to(dtype))
+
+    def run():
+        c = moe_launch.grouped_gemm_forward(a, b, bias, offsets)
+        return [*_moe_step(inputs), c,
+                *moe_launch.grouped_gemm_backward(torch.ones_like(c), a, b, offsets, [True, True, True])]
+
+    triton_run = run()
     real_choose = config.choose
 
-    def choose(role, device, dtype, widths=()):
-        e = real_choose(role, device, dtype, widths)
-        return e.__class__(e.blocks, path=config.GROUPED_MM, ctas_per_sm=e.ctas_per_sm) if role in config.GROUPED_MM_ROLES else e
+    def choose(role, dev, dt, widths=()):
+        e = real_choose(role, dev, dt, widths)
+        return replace(e, path=config.GROUPED_MM) if role in config.GROUPED_MM_ROLES else e
 
     monkeypatch.setattr(config, "choose", choose)
-    torch_run = _moe_step(inputs)
+    torch_run = run()
     for i, (got, want) in enumerate(zip(torch_run, triton_run)):
-        if i == 2:      # dweights
-            want = want.double()
-        assert_close(f"output {i}", got, want.double(), torch.float32)
-    # grouped_gemm: forward, dA, dB, dbias, with an empty group and rows past the last group
-    M, K, N = 45, 40, 32
-    offsets = torch.tensor([0, 20, 20, 37, 41], device=DEVICE, dtype=torch.int32)
-    a, b, bias = torch.randn(M, K), torch.randn(4, N, K) / 6, torch.randn(4, N)
-    c = moe_launch.grouped_gemm_forward(a, b, bias, offsets)
-    da, db, dbias = moe_launch.grouped_gemm_backward(torch.ones_like(c), a, b, offsets, [True, True, True])
-    monkeypatch.setattr(config, "choose", real_choose)
-    c_t = moe_launch.grouped_gemm_forward(a, b, bias, offsets)
-    da_t, db_t, dbias_t = moe_launch.grouped_gemm_backward(torch.ones_like(c), a, b, offsets, [True, True, True])
-    for name, got, want in (("c", c, c_t), ("da", da, da_t), ("db", db, db_t), ("dbias", dbias, dbias_t)):
-        assert_close(name, got, want.double(), torch.float32)
+        assert_close(f"output {i}", got, want.double(), dtype)
+    c, db = torch_run[7], torch_run[9]
     assert torch.count_nonzero(c[41:]) == 0 and torch.count_nonzero(db[1]) == 0
 
 
 # ------------------------------------------------------------------------------------ PLoRA visual tiles
 
-@needs_kernels
+@on_kernel_device
 @pytest.mark.parametrize("pattern", ["none", "all", "span", "two_images", "scattered"])
-def test_plora_visual_tiles_lists_runs_and_mixed_tiles(pattern):
+def test_plora_visual_tiles_lists_runs_and_mixed_tiles(device, pattern):
     M, bm = 150, 32
     mask = torch.zeros(M, dtype=torch.bool)
     if pattern == "all":
@@ -314,7 +323,7 @@ def test_plora_visual_tiles_lists_runs_and_mixed_tiles(pattern):
         mask[96:150] = True
     elif pattern == "scattered":
         mask = torch.rand(M) < 0.3
-    flags = plora_launch.tile_flags(mask.to(DEVICE))
+    flags = plora_launch.tile_flags(mask.to(device))
     run_start, run_end, part, counts = (t.cpu() for t in plora_launch.visual_tiles(flags, M, bm))
     tiles = [mask[t * bm:(t + 1) * bm] for t in range((M + bm - 1) // bm)]
     full = [t for t, rows in enumerate(tiles) if len(rows) == bm and bool(rows.all())]

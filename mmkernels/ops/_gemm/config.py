@@ -182,14 +182,15 @@ def num_sms(device: torch.device) -> int:
 
 def _load_overrides(path: str | None) -> tuple[str | None, dict]:
     """``MMKERNELS_GEMM_CONFIGS``: ``{"arch": "sm90", "commit": ..., "card": ..., "roles": {role:
-    {"path": ..., "blocks": {...}, "ctas_per_sm": ...}}}`` as written by benchmarks/tune_gemm.py."""
+    {"path": ..., "blocks": {...}, "ctas_per_sm": ...}}}`` as written by benchmarks/tune_gemm.py; it
+    replaces the entries of those roles in the table ``arch``."""
     if not path:
         return None, {}
     with open(path) as f:
         doc = json.load(f)
     arch = doc.get("arch")
-    if arch not in ("sm90", "sm80"):
-        raise ValueError(f"MMKERNELS_GEMM_CONFIGS={path}: 'arch' must be 'sm90' or 'sm80', got {arch!r}")
+    if arch not in TABLES:
+        raise ValueError(f"MMKERNELS_GEMM_CONFIGS={path}: 'arch' must be one of {sorted(TABLES)}, got {arch!r}")
     roles = doc.get("roles", {})
     unknown = set(roles) - set(ROLES)
     if unknown:
@@ -266,10 +267,12 @@ def describe(device: torch.device | None = None, dtype: torch.dtype = torch.bflo
         e = choose(role, device, dtype)
         if e.why:
             reason = e.why
+        elif e.source != "default":
+            reason = e.source
         elif arch == "interpreter":
             reason = "interpreter tiles (CPU tensors run under Triton's interpreter)"
         else:
-            reason = e.source if e.source != "default" else "default (not measured)"
+            reason = "default (not measured)"
         rows.append(dict(role=role, what=what, arch=arch, path=e.path, blocks=e.blocks, why=reason,
                          grouped_mm=grouped_mm))
     return rows

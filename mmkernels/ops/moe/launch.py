@@ -196,6 +196,28 @@ def _down(h, w2, b2, sorted_slots, offsets, o, y=None, y_weights=None):
                          y=y, y_weights=y_weights)
 
 
+def _dz(do, w2, offsets, z, dz, activation):
+    """``dZ = (dO @ w2[e]) * act'(Z)`` over the sorted rows (role ``moe.dz`` / ``moe.dz_gated``)."""
+    M, Hd, F = do.shape[0], w2.shape[1], w2.shape[2]
+    gated = activation in GATED_ACTIVATIONS
+    role = "moe.dz_gated" if gated else "moe.dz"
+    _, epi_bwd, act, _ = ACT_CODES[activation]
+    if _torch_path(role, do, Hd, F):
+        dz.copy_(_torch_act_bwd(gemm_launch.torch_grouped_mm(do, w2, offsets, b_kmajor=False), z, activation, F))
+        return
+    gemm_launch.row_gemm(role, do, w2, dz, M=M, N=F, K=Hd, b_kmajor=False, offsets=offsets, epilogue=epi_bwd, act=act,
+                         z=z, half_n=F if gated else 0)
+
+
+def _dx(dz, w1, sorted_slots, offsets, dxp):
+    """``dX[t] = dZ[r] @ w1[e]`` scattered to the slots t (role ``moe.dx``)."""
+    M, F1, Hd = dz.shape[0], w1.shape[1], w1.shape[2]
+    if _torch_path("moe.dx", dz, F1, Hd):
+        dxp.index_copy_(0, sorted_slots.long(), gemm_launch.torch_grouped_mm(dz, w1, offsets, b_kmajor=False))
+        return
+    gemm_launch.row_gemm("moe.dx", dz, w1, dxp, M=M, N=Hd, K=F1, b_kmajor=False, offsets=offsets, c_idx=sorted_slots)
+
+
 def moe_ffn_forward(x, weights, keep, sorted_slots, offsets, w1, b1, w2, b2, activation):
     """Gather -> grouped GEMM + activation -> grouped GEMM -> scatter -> weighted combine (k = 1:
     fused into the second GEMM's epilogue).
@@ -239,27 +261,15 @@ def moe_ffn_backward(dy, x, weights, keep, sorted_slots, offsets, w1, w2, z, h, 
     empty = x.new_empty(0)
     dy, weights, keep = dy.reshape(S, H).contiguous(), weights.contiguous(), keep.contiguous()
     keep_u8 = keep.view(torch.uint8)
-    gated = activation in GATED_ACTIVATIONS
-    _, epi_bwd, act, _ = ACT_CODES[activation]
     do, dwts = combine_backward(dy, o, weights, keep_u8, sorted_slots, need_dwts)     # dO in sorted space
     dz = None
     if need_dx or need_dw1 or need_db1:
         dz = new_output((M, F1), dtype=dt, device=dev)
-        role = "moe.dz_gated" if gated else "moe.dz"
-        if _torch_path(role, do, H, F):
-            dh = gemm_launch.torch_grouped_mm(do, w2, offsets, b_kmajor=False)
-            dz.copy_(_torch_act_bwd(dh, z, activation, F))
-        else:
-            gemm_launch.row_gemm(role, do, w2, dz, M=M, N=F, K=H, b_kmajor=False, offsets=offsets,
-                                 epilogue=epi_bwd, act=act, z=z, half_n=F if gated else 0)
+        _dz(do, w2, offsets, z, dz, activation)
     dx = empty
     if need_dx:
         dxp = new_output((M, H), dtype=dt, device=dev)
-        if _torch_path("moe.dx", dz, F1, H):
-            dxp.index_copy_(0, sorted_slots.long(), gemm_launch.torch_grouped_mm(dz, w1, offsets, b_kmajor=False))
-        else:
-            gemm_launch.row_gemm("moe.dx", dz, w1, dxp, M=M, N=H, K=F1, b_kmajor=False, offsets=offsets,
-                                 c_idx=sorted_slots)
+        _dx(dz, w1, sorted_slots, offsets, dxp)
         dx = combine(dxp, None, keep_u8, S, H, dt, out_shape)
     dw2, db2 = grouped_wgrad("moe.wgrad", do, h, offsets, N=H, K=F, need_db=need_dw2, need_dbias=need_db2)
     dw1, db1 = empty, empty
