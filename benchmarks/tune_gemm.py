@@ -35,6 +35,7 @@ GATED_CANDIDATES = [(128, 128, 64, 8, 3, 2)]
 WGRAD_CANDIDATES = [(128, 128, 64, 8, 4), (256, 128, 64, 8, 3)]
 PLORA_CANDIDATES = {"plora.fwd": [(128, 256, 64, 8, 3, 2)],
                     "plora.dx": [(128, 128, 64, 8, 4, 1)],      # the tile measured on the pre-core kernel
+                    "plora.dx_dropout": [(128, 128, 64, 8, 3, 1)],
                     "plora.ds": [(128, 128, 64, 8, 3, 1)]}
 
 
@@ -100,6 +101,7 @@ def _setups(device, small: bool):
     flags = plora.tile_flags(mask)
     _, sp = plora.plora_forward(xp, wp, None, ap, lbp, mask, flags, 1.0, 0.0, None)
     dyp = rand(M_p, N_p)
+    seed = torch.tensor([1234], dtype=torch.int64, device=device)
     gg_a, gg_b, gg_dc = xs, w1, dz
 
     mm = 2.0 * M
@@ -121,6 +123,8 @@ def _setups(device, small: bool):
                       2.0 * M_p * N_p * K_p),
         "plora.dx": (lambda: plora.plora_backward(dyp, xp, wp, ap, lbp, sp, mask, flags, 1.0, 0.0, None,
                                                   [True, False, False, False, False]), 2.0 * M_p * N_p * K_p),
+        "plora.dx_dropout": (lambda: plora.plora_backward(dyp, xp, wp, ap, lbp, sp, mask, flags, 1.0, 0.05, seed,
+                                                          [True, False, False, False, False]), 2.0 * M_p * N_p * K_p),
         "plora.ds": (lambda: plora.plora_backward(dyp, xp, wp, ap, lbp, sp, mask, flags, 1.0, 0.0, None,
                                                   [False, False, False, True, False]), 2.0 * M_p * N_p * R_p / 2),
     }

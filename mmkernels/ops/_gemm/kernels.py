@@ -306,20 +306,22 @@ def _gemm_kernel(
                                stride_be, stride_bn, stride_bk, B_TMA, B_KMAJOR, EVEN_K, BLOCK_N, BLOCK_K)
                 acc_up = tl.dot(a, b_up, acc_up, input_precision=DOT_PRECISION)
 
-        # LoRA term with dropout: its own accumulator, masked per element
+        # LoRA term with dropout: its own accumulator, masked per element (after the main loop, so
+        # the branch does not touch the pipelined accumulator; text tiles skip the Philox draws)
         if LORA == 2:
-            lmask = (tl.load(row_mask_ptr + rows, mask=row_ok, other=0) != 0) & row_ok
-            lora = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-            for r0 in range(0, tl.where(flagged, R, 0), BLOCK_K):
-                rs = r0 + ks0
-                r_ok = rs < R
-                lt = tl.load(l_ptr + rows[:, None].to(tl.int64) * stride_lm + rs[None, :] * stride_lr,
-                             mask=lmask[:, None] & r_ok[None, :], other=0.0)
-                lb = tl.load(lb_ptr + rs[:, None].to(tl.int64) * stride_lbr + cols64[None, :] * stride_lbn,
-                             mask=col_ok[None, :] & r_ok[:, None], other=0.0)
-                lora = tl.dot(lt, lb, lora, input_precision=DOT_PRECISION)
-            keep = dropout_keep(tl.load(seed_ptr), rows, cols, dropout_p)
-            acc += tl.where(keep & lmask[:, None], lora * keep_scale, 0.0)
+            if flagged:
+                lmask = (tl.load(row_mask_ptr + rows, mask=row_ok, other=0) != 0) & row_ok
+                lora = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+                for r0 in range(0, R, BLOCK_K):
+                    rs = r0 + ks0
+                    r_ok = rs < R
+                    lt = tl.load(l_ptr + rows[:, None].to(tl.int64) * stride_lm + rs[None, :] * stride_lr,
+                                 mask=lmask[:, None] & r_ok[None, :], other=0.0)
+                    lb = tl.load(lb_ptr + rs[:, None].to(tl.int64) * stride_lbr + cols64[None, :] * stride_lbn,
+                                 mask=col_ok[None, :] & r_ok[:, None], other=0.0)
+                    lora = tl.dot(lt, lb, lora, input_precision=DOT_PRECISION)
+                keep = dropout_keep(tl.load(seed_ptr), rows, cols, dropout_p)
+                acc += tl.where(keep & lmask[:, None], lora * keep_scale, 0.0)
 
         # epilogue
         if HAS_BIAS:

@@ -51,7 +51,7 @@ _INTERPRETER = {
     "dw": dict(BLOCK_N=32, BLOCK_K=32, BLOCK_M=16),
 }
 # the GEMM-core roles of PLoRA (their blocks: mmkernels/ops/_gemm/config.py)
-CORE_ROLES = {"fwd": "plora.fwd", "dx": "plora.dx", "ds": "plora.ds"}
+CORE_ROLES = {"fwd": "plora.fwd", "dx": "plora.dx", "ds": "plora.ds"}   # dX with dropout: plora.dx_dropout
 
 
 def _load_overrides(path: str | None) -> dict:
@@ -194,7 +194,8 @@ def plora_backward(grad_y, x, weight, lora_a, lora_b, lora_hidden, im_mask, flag
                 lora = gemm_launch.LoRATerm(l=ds, lb=lora_a, lb_kmajor=False, row_mask=mask_u8,
                                             seed=dropout_seed if has_dropout else None, dropout_p=float(dropout_p),
                                             keep_scale=keep_scale)
-            gemm_launch.row_gemm("plora.dx", grad_y, weight.unsqueeze(0), dx, M=M, N=K, K=N, b_kmajor=False,
+            role = "plora.dx_dropout" if lora is not None and has_dropout else "plora.dx"
+            gemm_launch.row_gemm(role, grad_y, weight.unsqueeze(0), dx, M=M, N=K, K=N, b_kmajor=False,
                                  lora=lora, tile_flags=flags if lora is not None else None, flag_rows=FLAG_ROWS)
 
     dw, dbias = empty(), empty()
