@@ -346,11 +346,22 @@ def read_sass(text: str) -> tuple[list[dict], list[dict]]:
     """Per-iteration counts of the innermost SASS loops (back-edges) that issue MMAs, in address
     order, and of the innermost loops without MMAs that load from global memory.  Code inside a loop
     that a predicated forward branch jumps over (e.g. a persistent kernel's once-per-tile epilogue) is
-    left out, unless the MMAs themselves sit in it."""
+    left out, unless the MMAs themselves sit in it.
+
+    ptxas places the retry loop of an mbarrier wait (TMA) out of line: ``@!P BRA retry`` in the loop,
+    and the retry block ends with an unconditional ``BRA`` back to the instruction after that branch.
+    That backward jump closes no loop of its own, so it is not taken for a back-edge."""
     ins = [(int(m.group(1), 16), bool(m.group(2)), m.group(3), m.group(4).strip())
            for m in map(_SASS.match, text.splitlines()) if m]
-    loops = sorted({(int(t, 16), a) for a, _, op, operands in ins if op.startswith("BRA")
-                    for t in re.findall(r"0x([0-9a-f]+)", operands)[:1] if int(t, 16) < a})
+    branches = {a: (p, int(t, 16)) for a, p, op, operands in ins if op.startswith("BRA")
+                for t in re.findall(r"0x([0-9a-f]+)", operands)[:1]}
+
+    def detour_return(a, t):   # the unconditional jump back from an out-of-line block
+        predicated, _ = branches[a]
+        before = branches.get(t - 16)    # the instruction before the target (16-byte instructions)
+        return not predicated and before is not None and before[0] and t < before[1] <= a
+
+    loops = sorted({(t, a) for a, (_, t) in branches.items() if t < a and not detour_return(a, t)})
 
     def counts(lo, hi, straight):
         skipped = [(a, int(t, 16)) for a, p, op, operands in ins if straight and p and lo <= a < hi
