@@ -135,7 +135,8 @@ def _hyper_attention_record(full):
 def moe_calls():
     """MoE launches (the combine kernels and the GEMMs on the shared core): the benchmark shapes; with
     the GPU tables at small odd shapes, every kernel variant (every activation, forward and backward,
-    grouped_gemm) in bf16 for sm_90, the fp32 forward for sm_90, the bf16 forward for sm_80."""
+    grouped_gemm) in bf16 for sm_90, the fp32 forward for sm_90, the bf16 forward and backward for sm_80
+    (the core's pointer path: gathered rows and weights through cp.async, the wgrad included)."""
     from mmkernels.ops.moe.reference import ACTIVATIONS
 
     # every fused activation (forward and backward epilogues) for the main target; one plain and one
@@ -143,7 +144,7 @@ def moe_calls():
     return [(codegen_calls("moe"), [SM90]),
             (_moe_record("sm90", torch.bfloat16, backward=True, activations=ACTIVATIONS), [SM90]),
             (_moe_record("sm90", torch.float32, backward=False), [SM90]),
-            (_moe_record("sm80", torch.bfloat16, backward=False), [SM80])]
+            (_moe_record("sm80", torch.bfloat16, backward=True), [SM80])]
 
 
 def _moe_record(arch, dtype, backward, activations=("gelu_tanh", "swiglu")):
