@@ -102,14 +102,16 @@ def _moe_layer(H, F, activation, bias):
                             [True, True, True, bias, True, bias])
 
 
-def _plora_wqkv():
+def _plora_wqkv(dropout_p=0.0):
     from mmkernels.ops.plora import launch
     M, K, N, R = 8192, 4096, 6144, 256
     x, w, a, b = _meta(M, K), _meta(N, K), _meta(R, K), _meta(N, R)
     mask = _meta(M, dtype=torch.bool)
     flags = launch.tile_flags(mask)
-    y, s = launch.plora_forward(x, w, None, a, b, mask, flags, 2.0, 0.0, None)
-    launch.plora_backward(_meta(M, N), x, w, a, b, s, mask, flags, 2.0, 0.0, None, [True, True, False, True, True])
+    seed = _meta(1, dtype=torch.int64) if dropout_p else None
+    y, s = launch.plora_forward(x, w, None, a, b, mask, flags, 2.0, dropout_p, seed)
+    launch.plora_backward(_meta(M, N), x, w, a, b, s, mask, flags, 2.0, dropout_p, seed,
+                          [True, True, False, True, True])
 
 
 def _hyper_layer(L, images, gated):
@@ -165,6 +167,11 @@ CASES = [
           # the visual-tile list is launched for dA's and dB's tile heights: one row shows it
           "_plora_visual_tiles_kernel": ("visual_tiles", None), "_plora_bwd_dlora_a_kernel": ("dA",),
           "_plora_bwd_dlora_b_kernel": ("dB",)}),
+    Case("plora", "dropout", "the same in training with the models' LoRA dropout 0.05 (the launches that differ: "
+         "the shrink, dX and dA draw the dropout mask)", lambda: _plora_wqkv(dropout_p=0.05),
+         {"_plora_shrink_kernel": ("shrink",), "_gemm_kernel": (None, None, "dX"), "_plora_bwd_dw_kernel": (None,),
+          "_plora_visual_tiles_kernel": (None, None), "_plora_bwd_dlora_a_kernel": ("dA",),
+          "_plora_bwd_dlora_b_kernel": (None,)}),
     Case("hyper_attention", "joint", "7B layer (H 28, H_kv 4, D 128, T 729), joint mode, 2k text + 32 images, "
          "fwd+bwd", lambda: _hyper_layer(2048, 32, gated=False), _HYPER_ROLES),
     Case("hyper_attention", "gated", "the same in gated mode (partial outputs saved for training)",
