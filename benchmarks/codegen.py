@@ -2,7 +2,9 @@
 
 Every hot kernel is compiled for Hopper (``GPUTarget("cuda", 90, 32)``; Triton emits sm_90a) at the
 configuration the launchers' per-arch tables pick for the benchmark shapes: the launchers run on
-``meta`` tensors under a simulated H100 and their launches are recorded
+``meta`` tensors under a simulated H100, with every table lookup of the GEMM core (and of the
+operators that read its arch) forced to the sm_90 entries (``mmkernels.ops._gemm.config.forced_arch``),
+and their launches are recorded
 (:mod:`benchmarks.offline_compile`, the mechanism ``tests/gpu_target_compile.py`` uses too).  Then
 ptxas's ``-v`` log, the TTGIR and the SASS of each kernel are read, per kernel and per main loop, and
 the structural targets in :mod:`benchmarks.codegen_targets` are checked::
@@ -100,14 +102,16 @@ def _moe_layer(H, F, activation, bias):
                             [True, True, True, bias, True, bias])
 
 
-def _plora_wqkv():
+def _plora_wqkv(dropout_p=0.0):
     from mmkernels.ops.plora import launch
     M, K, N, R = 8192, 4096, 6144, 256
     x, w, a, b = _meta(M, K), _meta(N, K), _meta(R, K), _meta(N, R)
     mask = _meta(M, dtype=torch.bool)
     flags = launch.tile_flags(mask)
-    y, s = launch.plora_forward(x, w, None, a, b, mask, flags, 2.0, 0.0, None)
-    launch.plora_backward(_meta(M, N), x, w, a, b, s, mask, flags, 2.0, 0.0, None, [True, True, False, True, True])
+    seed = _meta(1, dtype=torch.int64) if dropout_p else None
+    y, s = launch.plora_forward(x, w, None, a, b, mask, flags, 2.0, dropout_p, seed)
+    launch.plora_backward(_meta(M, N), x, w, a, b, s, mask, flags, 2.0, dropout_p, seed,
+                          [True, True, False, True, True])
 
 
 def _hyper_layer(L, images, gated):
@@ -148,20 +152,26 @@ _HYPER_ROLES = {"_hyper_fwd_kernel": ("fwd",), "_hyper_bwd_pre_kernel": ("bwd_pr
 
 CASES = [
     Case("moe", "bench", "grouped GEMM 32768x10240x2560, 4 experts (the grouped-GEMM benchmark)", _moe_bench,
-         {"_grouped_mm_kernel": ("gemm", "gemm_dA"), "_grouped_wgrad_kernel": ("gemm_dB",)}),
+         {"_gemm_kernel": ("gemm", "gemm_dA"), "_wgrad_kernel": ("gemm_dB",)}),
     Case("moe", "phi2", "phi-2 experts (E 4, H 2560, F 10240, gelu_tanh, biases), 16k tokens top-2, fwd+bwd",
          lambda: _moe_layer(2560, 10240, "gelu_tanh", True),
-         {"_grouped_mm_kernel": ("fc1", "fc2", "dZ", "dX"), "_grouped_wgrad_kernel": ("dW2", "dW1"),
+         {"_gemm_kernel": ("fc1", "fc2", "dZ", "dX"), "_wgrad_kernel": ("dW2", "dW1"),
           "_moe_combine_kernel": ("combine", "combine_dX"), "_moe_combine_bwd_kernel": ("combine_bwd",)}),
     Case("moe", "swiglu", "StableLM-2 SwiGLU experts (H 2048, F 5632, no bias), 16k tokens top-2, fwd+bwd",
          lambda: _moe_layer(2048, 5632, "swiglu", False),
-         {"_grouped_mm_kernel": ("gate_up", None, "dGU", None), "_grouped_wgrad_kernel": ("dW2", "dW1"),
+         {"_gemm_kernel": ("gate_up", None, "dGU", None), "_wgrad_kernel": ("dW2", "dW1"),
           "_moe_combine_kernel": (None, None), "_moe_combine_bwd_kernel": (None,)}),
     Case("plora", "wqkv", "InternLM2-7B wqkv: 8192 tokens, 4096->6144, r 256, no bias, no dropout, fwd+bwd",
          _plora_wqkv,
-         {"_plora_shrink_kernel": ("shrink",), "_plora_fwd_kernel": ("fwd",), "_plora_bwd_ds_kernel": ("dS",),
-          "_plora_bwd_dx_kernel": ("dX",), "_plora_bwd_dw_kernel": ("dW0",), "_plora_bwd_dlora_a_kernel": ("dA",),
+         {"_plora_shrink_kernel": ("shrink",), "_gemm_kernel": ("fwd", "dS", "dX"), "_plora_bwd_dw_kernel": ("dW0",),
+          # the visual-tile list is launched for dA's and dB's tile heights: one row shows it
+          "_plora_visual_tiles_kernel": ("visual_tiles", None), "_plora_bwd_dlora_a_kernel": ("dA",),
           "_plora_bwd_dlora_b_kernel": ("dB",)}),
+    Case("plora", "dropout", "the same in training with the models' LoRA dropout 0.05 (the launches that differ: "
+         "the shrink, dX and dA draw the dropout mask)", lambda: _plora_wqkv(dropout_p=0.05),
+         {"_plora_shrink_kernel": ("shrink",), "_gemm_kernel": (None, None, "dX"), "_plora_bwd_dw_kernel": (None,),
+          "_plora_visual_tiles_kernel": (None, None), "_plora_bwd_dlora_a_kernel": ("dA",),
+          "_plora_bwd_dlora_b_kernel": (None,)}),
     Case("hyper_attention", "joint", "7B layer (H 28, H_kv 4, D 128, T 729), joint mode, 2k text + 32 images, "
          "fwd+bwd", lambda: _hyper_layer(2048, 32, gated=False), _HYPER_ROLES),
     Case("hyper_attention", "gated", "the same in gated mode (partial outputs saved for training)",
@@ -184,8 +194,11 @@ def _default_role(kernel: str) -> str:
 def record(case: Case):
     """``[(role, Launch)]`` of one case, in launch order (roles ``None`` dropped).  Raises if the
     case's ``roles`` no longer match its launches (a kernel launched a different number of times)."""
-    from .offline_compile import recording, simulated_gpu
-    with simulated_gpu(), recording() as launches:
+    from mmkernels.ops._gemm import config as gemm_config
+
+    from .offline_compile import H100, recording, simulated_gpu
+    # the GEMM core and the operators' own tables read the sm_90 entries (meta tensors have no arch)
+    with simulated_gpu(H100), gemm_config.forced_arch("sm90", H100.sms), recording() as launches:
         try:
             case.run()
         except Exception as e:
@@ -340,11 +353,22 @@ def read_sass(text: str) -> tuple[list[dict], list[dict]]:
     """Per-iteration counts of the innermost SASS loops (back-edges) that issue MMAs, in address
     order, and of the innermost loops without MMAs that load from global memory.  Code inside a loop
     that a predicated forward branch jumps over (e.g. a persistent kernel's once-per-tile epilogue) is
-    left out, unless the MMAs themselves sit in it."""
+    left out, unless the MMAs themselves sit in it.
+
+    ptxas places the retry loop of an mbarrier wait (TMA) out of line: ``@!P BRA retry`` in the loop,
+    and the retry block ends with an unconditional ``BRA`` back to the instruction after that branch.
+    That backward jump closes no loop of its own, so it is not taken for a back-edge."""
     ins = [(int(m.group(1), 16), bool(m.group(2)), m.group(3), m.group(4).strip())
            for m in map(_SASS.match, text.splitlines()) if m]
-    loops = sorted({(int(t, 16), a) for a, _, op, operands in ins if op.startswith("BRA")
-                    for t in re.findall(r"0x([0-9a-f]+)", operands)[:1] if int(t, 16) < a})
+    branches = {a: (p, int(t, 16)) for a, p, op, operands in ins if op.startswith("BRA")
+                for t in re.findall(r"0x([0-9a-f]+)", operands)[:1]}
+
+    def detour_return(a, t):   # the unconditional jump back from an out-of-line block
+        predicated, _ = branches[a]
+        before = branches.get(t - 16)    # the instruction before the target (16-byte instructions)
+        return not predicated and before is not None and before[0] and t < before[1] <= a
+
+    loops = sorted({(t, a) for a, (_, t) in branches.items() if t < a and not detour_return(a, t)})
 
     def counts(lo, hi, straight):
         skipped = [(a, int(t, 16)) for a, p, op, operands in ins if straight and p and lo <= a < hi

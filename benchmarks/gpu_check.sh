@@ -11,6 +11,10 @@
 #      mmkernels works without _C), in the background while
 #   2b. the PLoRA block-size sweep (benchmarks.tune_plora)  -> $OUT/tune.log, plora_configs.json,
 #      plora_configs-sweep.json; later steps run with MMKERNELS_PLORA_CONFIGS pointing at the winners
+#   G1. GEMM core: path and tile sweep per GEMM role (benchmarks.tune_gemm: the table entry, other
+#      tiles, torch._grouped_mm)                           -> $OUT/gemm_tune.log, gemm_configs.json,
+#      gemm_configs-sweep.json; later steps run with MMKERNELS_GEMM_CONFIGS pointing at the winners, and
+#      $OUT/gemm_roles.txt (python -m mmkernels info) says which path and tile each role took and why
 #   2c. profile: one fwd+bwd step per operator under torch.profiler (benchmarks.profile_step: MoE phi-2
 #      16k tokens dropless, PLoRA wqkv 8k 50 % visual, hyper attention 7B joint + gated), kernels by
 #      self CUDA time                                      -> $OUT/profile.log, profile.txt, profile.json
@@ -20,12 +24,20 @@
 #   3. GPU tests: pytest -x tests -m gpu (xdist if there)  -> $OUT/tests.log
 #   4. benchmarks: python3 -m benchmarks.run --out $OUT    -> $OUT/bench.log, <op>-<dev>-latest.{json,png}
 #      (each JSON: "commit" and "targets" [{id, value, goal, better, met, ...}], peer targets included)
+#   G3. GEMM-family targets from the bench JSONs (benchmarks.targets: measured or "not measured")
+#                                                          -> $OUT/gemm_targets.txt
 #   5. summary table                                       -> stdout
 # $OUT stays flat (about 20 small files).
 #
+# The GEMM-core steps (G1, G3) add at most GEMM_TUNE_TIMEOUT + 30 s (120 s); the sweep stops starting
+# roles 20 s before its timeout, and the compiles it does are cached for the benchmarks.  The codegen
+# table (2d) starts after G1, so it reads the tiles the sweep chose.
+#
 # Knobs: PYTHON (python3), OUT, QUICK=1 (bench --quick), SKIP_BUILD=1, SKIP_TUNE=1, SKIP_PROFILE=1,
-#        SKIP_TESTS=1, SKIP_BENCH=1, SKIP_CODEGEN=1, BUILD_TIMEOUT (120), TUNE_TIMEOUT (110), PROFILE_TIMEOUT (60),
-#        TESTS_TIMEOUT (180), BENCH_TIMEOUT (150), CODEGEN_TIMEOUT (240), TORCH_CUDA_ARCH_LIST (9.0a),
+#        SKIP_TESTS=1, SKIP_BENCH=1, SKIP_GEMM_TUNE=1, SKIP_CODEGEN=1, GEMM_TUNE_TIMEOUT (90),
+#        GEMM_ROLES (all; comma-separated), CODEGEN_TIMEOUT (240),
+#        BUILD_TIMEOUT (120), TUNE_TIMEOUT (110), PROFILE_TIMEOUT (60),
+#        TESTS_TIMEOUT (180), BENCH_TIMEOUT (150), TORCH_CUDA_ARCH_LIST (9.0a),
 #        BENCH_OPS ("plora moe ..."; default all), PROFILE_CASES ("moe plora hyper_joint hyper_gated"; default
 #        all), TEST_PATHS (default tests).
 set -uo pipefail
@@ -41,6 +53,7 @@ TESTS_TIMEOUT="${TESTS_TIMEOUT:-180}"
 TUNE_TIMEOUT="${TUNE_TIMEOUT:-110}"
 BENCH_TIMEOUT="${BENCH_TIMEOUT:-150}"
 PROFILE_TIMEOUT="${PROFILE_TIMEOUT:-60}"
+GEMM_TUNE_TIMEOUT="${GEMM_TUNE_TIMEOUT:-90}"
 CODEGEN_TIMEOUT="${CODEGEN_TIMEOUT:-240}"
 export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONUNBUFFERED=1
@@ -122,6 +135,24 @@ if [ -n "${BUILD_PID:-}" ]; then
   record build "${rc:-1}" $(( $(date +%s) - t_build )) "$info"
 fi
 
+# ---------------------------------------------------------------- G1. GEMM core: path/tile sweep per role
+if [ "${SKIP_GEMM_TUNE:-0}" = "1" ]; then
+  record gemmtune skip 0 "SKIP_GEMM_TUNE=1"
+else
+  t0=$(date +%s)
+  gargs=(--out "$OUT/gemm_configs.json" --budget-s $(( GEMM_TUNE_TIMEOUT > 30 ? GEMM_TUNE_TIMEOUT - 20 : 10 )))
+  [ -n "${GEMM_ROLES:-}" ] && gargs+=(--roles "$GEMM_ROLES")
+  timeout -k 10 "$GEMM_TUNE_TIMEOUT" "$PY" -m benchmarks.tune_gemm "${gargs[@]}" 2>&1 | tee "$OUT/gemm_tune.log"
+  rc=${PIPESTATUS[0]}
+  record gemmtune "$rc" $(( $(date +%s) - t0 )) "$(grep -cE '^[a-z]+\.[a-z_]+: ' "$OUT/gemm_tune.log") roles swept"
+  if [ "$rc" = "0" ] && [ -s "$OUT/gemm_configs.json" ]; then
+    export MMKERNELS_GEMM_CONFIGS="$OUT/gemm_configs.json"
+  fi
+fi
+# which path and tile each GEMM role takes now, and why (measured at <commit> on <card>, or the default)
+timeout -k 5 30 "$PY" -m mmkernels info > "$OUT/gemm_roles.txt" 2>&1
+
+
 # ---------------------------------------------------------------- 2d. codegen table (background, CPU only)
 if [ "${SKIP_CODEGEN:-0}" = "1" ]; then
   record codegen skip 0 "SKIP_CODEGEN=1"
@@ -183,6 +214,10 @@ else
   record bench "$rc" $(( $(date +%s) - t0 )) "$note"
   TARGETS="$(grep -E '^[[:space:]]*\[( *MET|NOT MET)\]' "$OUT/bench.log" 2>/dev/null)"
 fi
+
+# ---------------------------------------------------------------- G3. GEMM-family targets (measured or not)
+timeout -k 5 30 "$PY" -m benchmarks.targets "$OUT" --json "$OUT/gemm_targets.json" > "$OUT/gemm_targets.txt" 2>&1
+record targets $? 0 "$(grep -c 'not measured' "$OUT/gemm_targets.txt") of $(grep -cE '^  [a-z]+\.' "$OUT/gemm_targets.txt") GEMM targets not measured"
 
 # ---------------------------------------------------------------- 5. summary
 {

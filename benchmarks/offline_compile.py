@@ -171,7 +171,8 @@ class Compiled:
 
 def specialise(launch: Launch, target: GPUTarget):
     """``(signature, constexprs, attrs, options)`` exactly as ``JITFunction.run`` builds them on a device
-    of ``target``: the JIT's own binder and argument packing."""
+    of ``target``: the JIT's own binder and argument packing (a host ``TensorDescriptor``, e.g. a TMA
+    operand of the GEMM core, becomes ``tensordesc<bf16[block]>``; Triton 3.6 and 3.8 alike)."""
     fn, backend = launch.fn, make_backend(target)
     kwargs = dict(launch.kwargs)
     kwargs["debug"] = kwargs.get("debug", fn.debug) or triton.knobs.runtime.debug

@@ -1,4 +1,6 @@
-"""Block-size sweep for every PLoRA kernel on one InternLM2-7B shape (GPU; a tiny CPU smoke mode).
+"""Block-size sweep for the PLoRA kernels outside the GEMM core (shrink, dW0, dA, dB) on one
+InternLM2-7B shape (GPU; a tiny CPU smoke mode).  The forward, dX and dS GEMMs are roles of the shared
+core: ``benchmarks/tune_gemm.py`` sweeps them.
 
 Kernels are tuned one after another (each keeps the winners found before it), timing the launcher
 that contains the kernel, next to cuBLAS doing the same base GEMM.  The winners are written as
@@ -19,19 +21,11 @@ W8S3, W8S4, W4S4, W4S3 = (dict(num_warps=8, num_stages=3), dict(num_warps=8, num
 CANDIDATES = {
     "shrink": [dict(BLOCK_M=128, BLOCK_R=128, BLOCK_K=64, **W8S3), dict(BLOCK_M=64, BLOCK_R=128, BLOCK_K=64, **W4S4),
                dict(BLOCK_M=128, BLOCK_R=256, BLOCK_K=64, **W8S3), dict(BLOCK_M=64, BLOCK_R=256, BLOCK_K=64, **W8S3)],
-    "fwd": [dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, **c) for c in (W8S3, W4S4, W8S4)]
-    + [dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, GROUP_M=8, **c) for c in (W8S3, W8S4)]
-    + [dict(BLOCK_M=256, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, **W8S3)],
-    "ds": [dict(BLOCK_M=128, BLOCK_R=128, BLOCK_N=64, **W8S3), dict(BLOCK_M=64, BLOCK_R=128, BLOCK_N=64, **W4S4),
-           dict(BLOCK_M=128, BLOCK_R=256, BLOCK_N=64, **W8S3), dict(BLOCK_M=64, BLOCK_R=256, BLOCK_N=64, **W8S3)],
-    "dx": [dict(BLOCK_M=128, BLOCK_K=128, BLOCK_N=64, GROUP_M=8, **c) for c in (W8S3, W4S4, W8S4)]
-    + [dict(BLOCK_M=128, BLOCK_K=256, BLOCK_N=64, GROUP_M=8, **c) for c in (W8S3, W8S4)]
-    + [dict(BLOCK_M=256, BLOCK_K=128, BLOCK_N=64, GROUP_M=8, **W8S3)],
     "dw": [dict(BLOCK_N=128, BLOCK_K=128, BLOCK_M=64, **c) for c in (W8S3, W4S4, W8S4)]
     + [dict(BLOCK_N=128, BLOCK_K=256, BLOCK_M=64, **c) for c in (W8S3, W8S4)]
     + [dict(BLOCK_N=256, BLOCK_K=128, BLOCK_M=64, **W8S3)],
-    "dlora_a": [dict(BLOCK_R=64, BLOCK_K=128, BLOCK_M=64, **W4S3), dict(BLOCK_R=128, BLOCK_K=128, BLOCK_M=64, **W8S3),
-                dict(BLOCK_R=64, BLOCK_K=64, BLOCK_M=64, **W4S4), dict(BLOCK_R=32, BLOCK_K=128, BLOCK_M=64, **W4S4)],
+    "dlora_a": [dict(BLOCK_R=64, BLOCK_K=64, BLOCK_M=128, **W4S3), dict(BLOCK_R=64, BLOCK_K=64, BLOCK_M=64, **W4S4),
+                dict(BLOCK_R=64, BLOCK_K=128, BLOCK_M=64, **W4S4), dict(BLOCK_R=128, BLOCK_K=128, BLOCK_M=64, **W8S3)],
     "dlora_b": [dict(BLOCK_N=128, BLOCK_R=64, BLOCK_M=64, **W4S3), dict(BLOCK_N=128, BLOCK_R=128, BLOCK_M=64, **W8S3),
                 dict(BLOCK_N=64, BLOCK_R=64, BLOCK_M=64, **W4S4), dict(BLOCK_N=64, BLOCK_R=128, BLOCK_M=64, **W4S3)],
 }
@@ -87,15 +81,12 @@ def main(argv=None):
     def bwd(mask5):
         return lambda: launch.plora_backward(dy, x, w, a, b, s, mask, flags, 1.0, 0.0, None, mask5)
 
-    runs = {"shrink": fwd, "fwd": fwd, "ds": bwd([False, False, False, True, False]),
-            "dx": bwd([True, False, False, False, False]), "dw": bwd([False, True, False, False, False]),
+    runs = {"shrink": fwd, "dw": bwd([False, True, False, False, False]),
             "dlora_a": bwd([False, False, False, True, False]), "dlora_b": bwd([False, False, False, False, True])}
-    flops = {"fwd": 2.0 * M * N * K, "dx": 2.0 * M * N * K, "dw": 2.0 * M * N * K,
-             "shrink": 2.0 * M * K * r / 2, "ds": 2.0 * M * N * r / 2, "dlora_a": 2.0 * M * K * r / 2,
+    flops = {"dw": 2.0 * M * N * K, "shrink": 2.0 * M * K * r / 2, "dlora_a": 2.0 * M * K * r / 2,
              "dlora_b": 2.0 * M * N * r / 2}
     if device.type == "cuda":
-        cublas = {"fwd": bench(lambda: torch.nn.functional.linear(x, w)), "dx": bench(lambda: dy @ w),
-                  "dw": bench(lambda: dy.t() @ x)}
+        cublas = {"dw": bench(lambda: dy.t() @ x)}
         print(f"device {torch.cuda.get_device_name()}  M={M} K={K} N={N} r={r} bf16, 50% visual span")
         for k, ms in cublas.items():
             print(f"cuBLAS {k}: {ms:.3f} ms = {flops[k] / ms / 1e9:.0f} TFLOP/s")

@@ -94,7 +94,16 @@ def info_dict() -> dict[str, Any]:
         "triton_backend": triton_backend,
         "native_ops": _native_ops(),
         "build_info": bi,
+        "gemm_roles": _gemm_roles(),
     }
+
+
+def _gemm_roles() -> list[dict[str, Any]]:
+    """Per GEMM role of the shared core: the path and blocks a bf16 launch on this device takes, and
+    why (the table's source: measured at a commit on a card, or the default)."""
+    from mmkernels.ops._gemm import config
+
+    return config.describe()
 
 
 def _print_info(d: dict[str, Any]) -> None:
@@ -149,6 +158,15 @@ def _print_info(d: dict[str, Any]) -> None:
             lines.append(f"    {o['name']:<{width}}  {where}")
     else:
         lines.append(f"  why            {bi['load_error']}")
+    roles = d["gemm_roles"]
+    if roles:
+        lines += ["", f"GEMM roles       bf16 launches on this device (table {roles[0]['arch']}): path, blocks, why"]
+        width = max(len(r["role"]) for r in roles)
+        for r in roles:
+            b = r["blocks"]
+            tile = " ".join(f"{k[6:]}{b[k]}" for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K") if k in b)
+            lines.append(f"  {r['role']:<{width}}  {r['path']:<17} {tile:<15} {r['why']}")
+        lines.append(f"  torch._grouped_mm here: {roles[0]['grouped_mm'] or 'usable (bf16)'}")
     print("\n".join(lines), flush=True)
 
 

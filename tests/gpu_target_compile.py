@@ -55,36 +55,36 @@ def codegen_calls(op):
 
 
 def plora_calls():
-    """PLoRA launches: the benchmark shapes; small odd shapes with the sm_90 block table in every dtype
-    (compiled for sm_90) and with the generic table (compiled for sm_80)."""
-    from mmkernels.ops.plora import launch
-
+    """PLoRA launches (its own kernels and its GEMMs on the shared core): the benchmark shapes; small odd
+    shapes with the sm_90 tables in every dtype (compiled for sm_90) and with the generic ones (compiled
+    for sm_80)."""
     all_dtypes = (torch.float16, torch.bfloat16, torch.float32)
     return [(codegen_calls("plora"), [SM90]),
-            (_plora_record(launch._GPU_HALF_SM90, all_dtypes), [SM90]),
-            (_plora_record(launch._GPU_HALF, (torch.bfloat16,)), [SM80])]
+            (_plora_record("sm90", all_dtypes), [SM90]),
+            (_plora_record("sm80", (torch.bfloat16,)), [SM80])]
 
 
-def _plora_record(half_table, dtypes):
+def _plora_record(arch, dtypes):
+    """Launches of the PLoRA launchers with every table lookup (the core's and PLoRA's own) forced to
+    ``arch`` (``config.forced_arch``: the fp32 table for float32)."""
+    from mmkernels.ops._gemm import config
     from mmkernels.ops.plora import launch
 
-    with recording() as calls:
+    with recording() as calls, config.forced_arch(arch):
         for dtype in dtypes:
-            table = launch._GPU_FP32 if dtype == torch.float32 else half_table
-            with patched(launch, "_config", lambda name, device, dt, table=table: dict(table[name])):
-                M, K, N, r = 100, 64, 48, 32
-                x = torch.randn(M, K, dtype=dtype)
-                w, b = torch.randn(N, K, dtype=dtype), torch.randn(N, dtype=dtype)
-                a, lb = torch.randn(r, K, dtype=dtype), torch.randn(N, r, dtype=dtype)
-                mask = torch.rand(M) < 0.5
-                flags = launch._tile_flags_torch(mask)
-                seed = torch.tensor([3], dtype=torch.int64)
-                launch.plora_forward(x, w, b, a, lb, mask, flags, 1.0, 0.1, seed)
-                s = torch.zeros(M, r, dtype=dtype)
-                launch.plora_backward(torch.randn(M, N, dtype=dtype), x, w, a, lb, s, mask, flags, 1.0, 0.1, seed,
-                                      [True] * 5)
-                launch.plora_backward(torch.randn(M, N, dtype=dtype), x, w, a, lb, s, mask, flags, 1.0, 0.0, None,
-                                      [False, False, True, False, False])
+            M, K, N, r = 100, 64, 48, 32
+            x = torch.randn(M, K, dtype=dtype)
+            w, b = torch.randn(N, K, dtype=dtype), torch.randn(N, dtype=dtype)
+            a, lb = torch.randn(r, K, dtype=dtype), torch.randn(N, r, dtype=dtype)
+            mask = torch.rand(M) < 0.5
+            flags = launch._tile_flags_torch(mask)
+            seed = torch.tensor([3], dtype=torch.int64)
+            launch.plora_forward(x, w, b, a, lb, mask, flags, 1.0, 0.1, seed)
+            s = torch.zeros(M, r, dtype=dtype)
+            launch.plora_backward(torch.randn(M, N, dtype=dtype), x, w, a, lb, s, mask, flags, 1.0, 0.1, seed,
+                                  [True] * 5)
+            launch.plora_backward(torch.randn(M, N, dtype=dtype), x, w, a, lb, s, mask, flags, 1.0, 0.0, None,
+                                  [True, False, True, False, False])
         launch.dropout_keep_mask(torch.tensor([3], dtype=torch.int64), 40, 40, 0.1)
     return calls
 
@@ -134,25 +134,28 @@ def _hyper_attention_record(full):
 
 
 def moe_calls():
-    """MoE launches: the benchmark shapes; with the GPU block tables at small odd shapes, every kernel
-    variant (every activation, forward and backward, grouped_gemm) in bf16 for sm_90, the fp32 forward
-    for sm_90, the bf16 forward for sm_80."""
+    """MoE launches (the combine kernels and the GEMMs on the shared core): the benchmark shapes; with
+    the GPU tables at small odd shapes, every kernel variant (every activation, forward and backward,
+    grouped_gemm) in bf16 for sm_90, the fp32 forward for sm_90, the bf16 forward and backward for sm_80
+    (the core's pointer path: gathered rows and weights through cp.async, the wgrad included)."""
     from mmkernels.ops.moe.reference import ACTIVATIONS
 
     # every fused activation (forward and backward epilogues) for the main target; one plain and one
     # gated activation for the others, which differ only in dtype / arch, to keep the test short
     return [(codegen_calls("moe"), [SM90]),
-            (_moe_record(torch.bfloat16, backward=True, activations=ACTIVATIONS), [SM90]),
-            (_moe_record(torch.float32, backward=False), [SM90]),
-            (_moe_record(torch.bfloat16, backward=False), [SM80])]
+            (_moe_record("sm90", torch.bfloat16, backward=True, activations=ACTIVATIONS), [SM90]),
+            (_moe_record("sm90", torch.float32, backward=False), [SM90]),
+            (_moe_record("sm80", torch.bfloat16, backward=True), [SM80])]
 
 
-def _moe_record(dtype, backward, activations=("gelu_tanh", "swiglu")):
+def _moe_record(arch, dtype, backward, activations=("gelu_tanh", "swiglu")):
+    """Launches of the MoE launchers with every table lookup forced to ``arch`` (``config.forced_arch``:
+    the fp32 table for float32)."""
+    from mmkernels.ops._gemm import config
     from mmkernels.ops.moe import launch
     from mmkernels.ops.moe.reference import GATED_ACTIVATIONS, route_reference
 
-    table = launch._GPU_FP32 if dtype == torch.float32 else launch._GPU_HALF
-    with recording() as calls, patched(launch, "_config", lambda name, device, dt: dict(table[name])):
+    with recording() as calls, config.forced_arch(arch):
         S, H, F, E, k = 50, 64, 48, 4, 2
         x = torch.randn(S, H, dtype=dtype)
         d = route_reference(torch.randn(S, E), k, 30, None)

@@ -110,6 +110,32 @@ def test_read_sass():
     assert second["tensor_clk"] == 16 * 8 * 16 / 512 and second["counts"]["MUFU"] == 1
 
 
+# a TMA main loop whose mbarrier wait retries out of line (after the persistent loop's back-edge)
+SASS_TMA = """
+        /*0100*/                   SYNCS.PHASECHK.TRANS64.TRYWAIT P0, [UR9+0x34000], R13 ;
+        /*0110*/              @!P0 BRA 0x1a0 ;
+        /*0120*/                   HGMMA.64x256x16.F32.BF16 R24, gdesc[UR24], R24, gsb0 ;
+        /*0130*/                   UTMALDG.3D [UR8], [UR30] ;
+        /*0140*/              @!P1 BRA 0x100 ;
+        /*0150*/                   STG.E [R2.64], R3 ;
+        /*0160*/               @P2 EXIT ;
+        /*0170*/                   BRA 0x80 ;
+        /*0180*/                   NOP ;
+        /*0190*/                   NOP ;
+        /*01a0*/                   SYNCS.PHASECHK.TRANS64.TRYWAIT P0, [UR9+0x34000], R13 ;
+        /*01b0*/              @!P0 BRA 0x1a0 ;
+        /*01c0*/                   BRA 0x120 ;
+"""
+
+
+def test_read_sass_out_of_line_wait():
+    """The jump back from the out-of-line retry of an mbarrier wait closes no loop: the TMA loop is the
+    only MMA loop (the persistent tile loop around it holds a nested MMA loop)."""
+    mma, _ = codegen.read_sass(SASS_TMA)
+    assert [l["range"] for l in mma] == [(0x100, 0x140)]
+    assert (mma[0]["counts"]["instr"], mma[0]["counts"]["TMA"], mma[0]["counts"]["HGMMA"]) == (5, 1, 1)
+
+
 TTGIR = """
 #mma = #ttg.nvidia_mma<{versionMajor = 3, versionMinor = 0, warpsPerCTA = [8, 1], instrShape = [16, 32, 16]}>
 module {

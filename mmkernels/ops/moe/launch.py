@@ -1,9 +1,12 @@
-"""Host launchers for the MoE kernels: routing op lookup, block sizes, grids.
+"""Host launchers for the MoE kernels: routing op lookup, the grouped GEMMs on the shared core, the
+combine.
 
-Block sizes are fixed per kernel (no autotuning).  On the GPU they are tensor-core shaped; under
-the CPU interpreter they are the smallest legal ``tl.dot`` tiles (16) so tests stay fast.  No
-launcher reads a device value on the host (the grouped GEMM grid is an upper bound, see
-``kernels.py``), so the Triton path needs no host synchronisation.
+The grouped GEMMs run on the shared GEMM core (:mod:`mmkernels.ops._gemm`), whose per-arch table
+gives each role (``moe.up``, ``moe.down``, ``moe.dz``, ``moe.dx``, ``moe.wgrad``, ``grouped.*``) its
+path -- the Triton core or ``torch._grouped_mm`` -- and its block sizes.  The combine kernels' block
+sizes are below (no autotuning; under the CPU interpreter the smallest tiles, so tests stay fast).
+No launcher reads a device value on the host (a grouped launch covers an upper bound of the tile
+count, see :mod:`mmkernels.ops._gemm.kernels`), so the Triton path needs no host synchronisation.
 """
 from __future__ import annotations
 
@@ -12,47 +15,27 @@ import math
 import torch
 
 from ..._extension import NativeOp
-from ..._interpreter import interpreter_enabled
-from ..._utils import allow_tf32, cdiv, new_output
+from ..._utils import cdiv, new_output
+from .._gemm import config as gemm_config
+from .._gemm import kernels as gemm
+from .._gemm import launch as gemm_launch
 from . import kernels
-from .reference import GATED_ACTIVATIONS, PLAIN_ACTIVATIONS, route_reference
+from .reference import GATED_ACTIVATIONS, PLAIN_ACTIVATIONS, elementwise_activation, route_reference
 
-_GPU_HALF = {
-    "mm": dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3),
-    "mm_swiglu": dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3),
-    "wgrad": dict(BLOCK_N=128, BLOCK_K=128, BLOCK_M=64, num_warps=8, num_stages=3),
-    "combine": dict(BLOCK_S=16, BLOCK_H=256, num_warps=4),
-    "combine_bwd": dict(BLOCK_S=16, BLOCK_H=256, num_warps=4),
-}
-_GPU_FP32 = {name: dict(cfg, **({"BLOCK_K": 32, "num_stages": 2} if name.startswith("mm") else {}))
-             for name, cfg in _GPU_HALF.items()}
-_GPU_FP32["wgrad"] = dict(BLOCK_N=64, BLOCK_K=64, BLOCK_M=32, num_warps=4, num_stages=2)
-_INTERPRETER = {
-    "mm": dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, GROUP_M=2),
-    "mm_swiglu": dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, GROUP_M=2),
-    "wgrad": dict(BLOCK_N=16, BLOCK_K=16, BLOCK_M=16),
-    "combine": dict(BLOCK_S=16, BLOCK_H=32),
-    "combine_bwd": dict(BLOCK_S=16, BLOCK_H=32),
-}
+_GPU = {"combine": dict(BLOCK_S=16, BLOCK_H=256, num_warps=4), "combine_bwd": dict(BLOCK_S=16, BLOCK_H=256, num_warps=4)}
+_INTERPRETER = {"combine": dict(BLOCK_S=16, BLOCK_H=32), "combine_bwd": dict(BLOCK_S=16, BLOCK_H=32)}
 
-# activation name -> (forward epilogue, backward epilogue, ACT constexpr); the names are
-# reference.ACTIVATIONS (gated ones stack [gate; up] in w1)
-_ACT_OF = {"silu": kernels.ACT_SILU, "gelu_tanh": kernels.ACT_GELU_TANH, "gelu": kernels.ACT_GELU,
-           "relu": kernels.ACT_RELU}
-ACT_CODES = {**{name: (kernels.EPI_ACT, kernels.EPI_ACT_BWD, _ACT_OF[name]) for name in PLAIN_ACTIVATIONS},
-             **{name: (kernels.EPI_GATED, kernels.EPI_GATED_BWD, _ACT_OF[act])
+# activation name -> (forward epilogue, backward epilogue, ACT constexpr, elementwise name); the names
+# are reference.ACTIVATIONS (gated ones stack [gate; up] in w1)
+_ACT_OF = {"silu": gemm.ACT_SILU, "gelu_tanh": gemm.ACT_GELU_TANH, "gelu": gemm.ACT_GELU, "relu": gemm.ACT_RELU}
+ACT_CODES = {**{name: (gemm.EPI_ACT, gemm.EPI_ACT_BWD, _ACT_OF[name], name) for name in PLAIN_ACTIVATIONS},
+             **{name: (gemm.EPI_GATED, gemm.EPI_GATED_BWD, _ACT_OF[act], act)
                 for name, act in GATED_ACTIVATIONS.items()}}
 
 
 def _config(name: str, device: torch.device, dtype: torch.dtype) -> dict:
-    if device.type == "cpu":
-        return dict(_INTERPRETER[name])
-    table = _GPU_FP32 if dtype == torch.float32 else _GPU_HALF
-    return dict(table[name])
-
-
-def _dot_precision(dtype: torch.dtype) -> str:
-    return "tf32" if (dtype == torch.float32 and allow_tf32() and not interpreter_enabled()) else "ieee"
+    """Block sizes of the combine kernels (the GEMMs' come from the shared core's table)."""
+    return dict((_INTERPRETER if gemm_config.arch_of(device, dtype) == "interpreter" else _GPU)[name])
 
 
 # ----------------------------------------------------------------------------------------- routing
@@ -92,58 +75,48 @@ def route(logits: torch.Tensor, k: int, capacity, noise, token_order, drop_polic
 
 # ----------------------------------------------------------------------------------------- launchers
 
-def grouped_mm(a, b, bias, offsets, m_alloc, c, *, N, K, z=None, a_idx=None, a_div=1, c_idx=None,
-               epilogue=kernels.EPI_PLAIN, act=kernels.ACT_SILU, half_n=0, b_strides=None, y=None,
-               y_weights=None):
-    """``c[crow(r)] = epilogue(a[arow(r)] @ b[e].T + bias[e])`` over the ``m_alloc`` sorted rows.
-
-    ``b`` is addressed as ``[E, N, K]`` through ``b_strides`` (default: its own strides), so a
-    transposed expert weight needs no copy."""
-    E = offsets.numel() - 1
-    if m_alloc == 0 or N == 0 or E == 0:
-        return
-    swiglu = epilogue in (kernels.EPI_SWIGLU, kernels.EPI_SWIGLU_BWD)
-    cfg = _config("mm_swiglu" if swiglu else "mm", a.device, a.dtype)
-    sbe, sbn, sbk = b_strides if b_strides is not None else b.stride()
-    grid = ((cdiv(m_alloc, cfg["BLOCK_M"]) + E) * cdiv(N, cfg["BLOCK_N"]),)
-    zt = z if z is not None else c
-    yt = y if y is not None else c
-    kernels._grouped_mm_kernel[grid](
-        a, b, bias if bias is not None else a, c, zt,
-        a_idx if a_idx is not None else offsets, c_idx if c_idx is not None else offsets, offsets,
-        yt, y_weights if y_weights is not None else offsets,
-        m_alloc, N, K, E, a_div, half_n,
-        a.stride(0), a.stride(1), sbe, sbn, sbk,
-        bias.stride(0) if bias is not None else 0, bias.stride(1) if bias is not None else 0,
-        c.stride(0), c.stride(1), zt.stride(0), zt.stride(1), yt.stride(0), yt.stride(1),
-        EPILOGUE=epilogue, GATHER_A=a_idx is not None, SCATTER_C=c_idx is not None, HAS_BIAS=bias is not None,
-        WEIGHTED_Y=y is not None, ACT=act if epilogue != kernels.EPI_PLAIN else 0,
-        DOT_PRECISION=_dot_precision(a.dtype), **cfg)
+def _torch_path(role, a, *widths):
+    """True when ``role`` runs on ``torch._grouped_mm`` for this launch (the core's table decides)."""
+    return gemm_config.choose(role, a.device, a.dtype, widths).path == gemm_config.GROUPED_MM
 
 
-def grouped_wgrad(g, a, offsets, *, N, K, need_db, need_dbias, g_idx=None, g_div=1, a_idx=None, a_div=1):
-    """``(dB [E, N, K], dbias [E, N])`` (empty tensors where not wanted) for ``c = a @ B[e].T``."""
+def _torch_act_fwd(z, activation, F):
+    """``(z, h)`` of the torch path: the activation (or gated activation) of the first GEMM's output."""
+    _, _, _, name = ACT_CODES[activation]
+    if activation in GATED_ACTIVATIONS:
+        gate, up = z[:, :F], z[:, F:]
+        return (elementwise_activation(name, gate.float()) * up.float()).to(z.dtype)
+    return elementwise_activation(name, z.float()).to(z.dtype)
+
+
+def _torch_act_bwd(dh, z, activation, F):
+    """dZ of the torch path: ``dh * act'(z)`` (or the gated pair) via autograd of the elementwise act."""
+    _, _, _, name = ACT_CODES[activation]
+    with torch.enable_grad():
+        if activation in GATED_ACTIVATIONS:
+            gate = z[:, :F].float().requires_grad_(True)
+            up = z[:, F:].float()
+            act = elementwise_activation(name, gate)
+            (d_gate,) = torch.autograd.grad(act, gate, dh.float() * up)
+            return torch.cat([d_gate, dh.float() * act.detach()], 1).to(z.dtype)
+        zz = z.float().requires_grad_(True)
+        (dz,) = torch.autograd.grad(elementwise_activation(name, zz), zz, dh.float())
+        return dz.to(z.dtype)
+
+
+def grouped_wgrad(role, g, a, offsets, *, N, K, need_db, need_dbias, a_idx=None, a_div=1):
+    """``(dB [E, N, K], dbias [E, N])`` (empty tensors where not wanted) for ``c = a @ B[e].T``, with
+    ``g = dc``; ``a_idx // a_div`` gathers a's rows.  An empty group gets zeros."""
     E = offsets.numel() - 1
     dev, dt = g.device, g.dtype
     db = new_output((E, N, K), dtype=dt, device=dev) if need_db else g.new_empty(0)
     dbias = new_output((E, N), dtype=dt, device=dev) if need_dbias else g.new_empty(0)
-    if not (need_db or need_dbias) or E == 0 or N == 0:
-        return db, dbias
-    if need_db and K == 0:  # nothing to write in dB; dbias alone
-        need_db = False
-    cfg = _config("wgrad", dev, dt)
-    num_k = cdiv(K, cfg["BLOCK_K"]) if need_db else 1
-    if not need_db and not need_dbias:
-        return db, dbias
-    grid = (E * cdiv(N, cfg["BLOCK_N"]) * num_k,)
-    kernels._grouped_wgrad_kernel[grid](
-        g, a, db if need_db else g, dbias if need_dbias else g,
-        g_idx if g_idx is not None else offsets, a_idx if a_idx is not None else offsets, offsets,
-        N, K, num_k, g_div, a_div,
-        g.stride(0), g.stride(1), a.stride(0), a.stride(1),
-        *(db.stride() if need_db else (0, 0, 0)), *(dbias.stride() if need_dbias else (0, 0)),
-        HAS_DB=need_db, HAS_DBIAS=need_dbias, GATHER_G=g_idx is not None, GATHER_A=a_idx is not None,
-        DOT_PRECISION=_dot_precision(dt), **cfg)
+    if need_db and E and N and K and _torch_path(role, g, N, K):
+        as_ = a if a_idx is None else a.index_select(0, (a_idx.long() // a_div))
+        db.copy_(gemm_launch.torch_grouped_wgrad(g, as_, offsets))
+        need_db = False   # the bias sums (if wanted) still come from the Triton kernel: deterministic
+    gemm_launch.wgrad(role, g, a, offsets, db, dbias, N=N, K=K, need_db=need_db, need_dbias=need_dbias,
+                      a_idx=a_idx, a_div=a_div)
     return db, dbias
 
 
@@ -168,8 +141,8 @@ def combine(o, weights, keep_u8, S, H, out_dtype, out_shape=None):
     return y
 
 
-def combine_backward(dy, o, weights, keep_u8, need_dw):
-    """``(do [S*k, H] slot space, dweights [S, k] fp32 or empty)``."""
+def combine_backward(dy, o, weights, keep_u8, sorted_slots, need_dw):
+    """``(dO [S*k, H] in sorted space, dweights [S, k] fp32 or empty)``."""
     S, H = dy.shape
     k = keep_u8.shape[1]
     do = new_output((S * k, H), dtype=o.dtype, device=o.device)
@@ -181,20 +154,75 @@ def combine_backward(dy, o, weights, keep_u8, need_dw):
             dw.zero_()
         return do, dw
     cfg = _config("combine_bwd", o.device, o.dtype)
-    grid = (cdiv(S, cfg["BLOCK_S"]),)
+    grid = (cdiv(S * k, cfg["BLOCK_S"]),)
     kernels._moe_combine_bwd_kernel[grid](
-        dy, o, weights, keep_u8, do, dw if need_dw else weights, S, H, k,
+        dy, o, weights, keep_u8, sorted_slots, do, dw if need_dw else weights, S, H, k,
         dy.stride(0), dy.stride(1), o.stride(0), o.stride(1), do.stride(0), do.stride(1),
         HAS_DW=need_dw, **cfg)
     return do, dw
 
 
-def _swap_last(t):
-    return (t.stride(0), t.stride(2), t.stride(1))
+def _up(x, w1, b1, sorted_slots, offsets, k, z, h, activation):
+    """``Z = x[t // k] @ w1[e].T + b1[e]``, ``H = act(Z)`` over the sorted rows (role ``moe.up``)."""
+    M, F1, H = z.shape[0], w1.shape[1], x.shape[1]
+    gated = activation in GATED_ACTIVATIONS
+    F = F1 // 2 if gated else F1
+    role = "moe.up_gated" if gated else "moe.up"
+    epi, _, act, _ = ACT_CODES[activation]
+    if _torch_path(role, x, H, F1):
+        xs = x.index_select(0, sorted_slots.long() // k)
+        zz = gemm_launch.torch_grouped_mm(xs, w1, offsets, b_kmajor=True)
+        if b1 is not None:
+            zz = zz + b1[gemm_launch.row_groups(offsets, M).clamp(max=w1.shape[0] - 1)]
+        z.copy_(zz)
+        h.copy_(_torch_act_fwd(z, activation, F))
+        return
+    gemm_launch.row_gemm(role, x, w1, h, M=M, N=F, K=H, offsets=offsets, a_idx=sorted_slots, a_div=k,
+                         bias=b1, epilogue=epi, act=act, z=z, half_n=F if gated else 0)
+
+
+def _down(h, w2, b2, sorted_slots, offsets, o, y=None, y_weights=None):
+    """``O[t] = H[r] @ w2[e].T + b2[e]`` scattered to the slots t (role ``moe.down``); with ``y`` (k = 1)
+    also ``y[t] = w[t] * O[t]``."""
+    M, F, Hd = h.shape[0], h.shape[1], w2.shape[1]
+    if _torch_path("moe.down", h, F, Hd):
+        oo = gemm_launch.torch_grouped_mm(h, w2, offsets, b_kmajor=True)
+        if b2 is not None:
+            oo = oo + b2[gemm_launch.row_groups(offsets, M).clamp(max=w2.shape[0] - 1)]
+        group = gemm_launch.row_groups(offsets, M)
+        oo = torch.where((group < w2.shape[0])[:, None], oo, 0).to(o.dtype)   # dropped slots: 0
+        o.index_copy_(0, sorted_slots.long(), oo)
+        if y is not None:  # rows past the last group are dropped slots: their weight is 0
+            y.copy_((o.float() * y_weights.reshape(-1, 1)).to(y.dtype))
+        return
+    gemm_launch.row_gemm("moe.down", h, w2, o, M=M, N=Hd, K=F, offsets=offsets, bias=b2, c_idx=sorted_slots,
+                         y=y, y_weights=y_weights)
+
+
+def _dz(do, w2, offsets, z, dz, activation):
+    """``dZ = (dO @ w2[e]) * act'(Z)`` over the sorted rows (role ``moe.dz`` / ``moe.dz_gated``)."""
+    M, Hd, F = do.shape[0], w2.shape[1], w2.shape[2]
+    gated = activation in GATED_ACTIVATIONS
+    role = "moe.dz_gated" if gated else "moe.dz"
+    _, epi_bwd, act, _ = ACT_CODES[activation]
+    if _torch_path(role, do, Hd, F):
+        dz.copy_(_torch_act_bwd(gemm_launch.torch_grouped_mm(do, w2, offsets, b_kmajor=False), z, activation, F))
+        return
+    gemm_launch.row_gemm(role, do, w2, dz, M=M, N=F, K=Hd, b_kmajor=False, offsets=offsets, epilogue=epi_bwd, act=act,
+                         z=z, half_n=F if gated else 0)
+
+
+def _dx(dz, w1, sorted_slots, offsets, dxp):
+    """``dX[t] = dZ[r] @ w1[e]`` scattered to the slots t (role ``moe.dx``)."""
+    M, F1, Hd = dz.shape[0], w1.shape[1], w1.shape[2]
+    if _torch_path("moe.dx", dz, F1, Hd):
+        dxp.index_copy_(0, sorted_slots.long(), gemm_launch.torch_grouped_mm(dz, w1, offsets, b_kmajor=False))
+        return
+    gemm_launch.row_gemm("moe.dx", dz, w1, dxp, M=M, N=Hd, K=F1, b_kmajor=False, offsets=offsets, c_idx=sorted_slots)
 
 
 def moe_ffn_forward(x, weights, keep, sorted_slots, offsets, w1, b1, w2, b2, activation):
-    """Permute -> grouped GEMM + activation -> grouped GEMM -> un-permute -> weighted combine (k = 1:
+    """Gather -> grouped GEMM + activation -> grouped GEMM -> scatter -> weighted combine (k = 1:
     fused into the second GEMM's epilogue).
 
     ``x`` is ``[..., H]`` with S rows.  Returns ``(y [..., H] (x's shape, not a view), z [S*k, F1]
@@ -212,14 +240,12 @@ def moe_ffn_forward(x, weights, keep, sorted_slots, offsets, w1, b1, w2, b2, act
     z = new_output((M, F1), dtype=dt, device=dev)
     h = new_output((M, F), dtype=dt, device=dev)
     o = new_output((M, H), dtype=dt, device=dev)
-    epi, _, act = ACT_CODES[activation]
-    grouped_mm(x, w1, b1, offsets, M, h, N=F, K=H, z=z, a_idx=sorted_slots, a_div=k, epilogue=epi, act=act,
-               half_n=F)
+    _up(x, w1, b1, sorted_slots, offsets, k, z, h, activation)
     if k == 1:  # weighted scatter fused into the second GEMM's epilogue; dropped rows stay 0
         y = torch.zeros(out_shape, dtype=dt, device=dev)
-        grouped_mm(h, w2, b2, offsets, M, o, N=H, K=F, c_idx=sorted_slots, y=y.view(S, H), y_weights=weights)
+        _down(h, w2, b2, sorted_slots, offsets, o, y=y.view(S, H), y_weights=weights)
         return y, z, h, o
-    grouped_mm(h, w2, b2, offsets, M, o, N=H, K=F, c_idx=sorted_slots)
+    _down(h, w2, b2, sorted_slots, offsets, o)
     y = combine(o, weights, keep.view(torch.uint8), S, H, dt, out_shape)
     return y, z, h, o
 
@@ -238,23 +264,20 @@ def moe_ffn_backward(dy, x, weights, keep, sorted_slots, offsets, w1, w2, z, h, 
     empty = x.new_empty(0)
     dy, weights, keep = dy.reshape(S, H).contiguous(), weights.contiguous(), keep.contiguous()
     keep_u8 = keep.view(torch.uint8)
-    _, epi_bwd, act = ACT_CODES[activation]
-    do, dwts = combine_backward(dy, o, weights, keep_u8, need_dwts)
+    do, dwts = combine_backward(dy, o, weights, keep_u8, sorted_slots, need_dwts)     # dO in sorted space
     dz = None
     if need_dx or need_dw1 or need_db1:
         dz = new_output((M, F1), dtype=dt, device=dev)
-        grouped_mm(do, w2, None, offsets, M, dz, N=F, K=H, z=z, a_idx=sorted_slots, a_div=1,
-                   epilogue=epi_bwd, act=act, half_n=F, b_strides=_swap_last(w2))
+        _dz(do, w2, offsets, z, dz, activation)
     dx = empty
     if need_dx:
         dxp = new_output((M, H), dtype=dt, device=dev)
-        grouped_mm(dz, w1, None, offsets, M, dxp, N=H, K=F1, c_idx=sorted_slots, b_strides=_swap_last(w1))
+        _dx(dz, w1, sorted_slots, offsets, dxp)
         dx = combine(dxp, None, keep_u8, S, H, dt, out_shape)
-    dw2, db2 = grouped_wgrad(do, h, offsets, N=H, K=F, need_db=need_dw2, need_dbias=need_db2,
-                             g_idx=sorted_slots, g_div=1)
+    dw2, db2 = grouped_wgrad("moe.wgrad", do, h, offsets, N=H, K=F, need_db=need_dw2, need_dbias=need_db2)
     dw1, db1 = empty, empty
     if need_dw1 or need_db1:
-        dw1, db1 = grouped_wgrad(dz, x, offsets, N=F1, K=H, need_db=need_dw1, need_dbias=need_db1,
+        dw1, db1 = grouped_wgrad("moe.wgrad", dz, x, offsets, N=F1, K=H, need_db=need_dw1, need_dbias=need_db1,
                                  a_idx=sorted_slots, a_div=k)
     return dx, dwts if need_dwts else empty, dw1, db1, dw2, db2
 
@@ -264,7 +287,14 @@ def grouped_gemm_forward(a, b, bias, offsets):
     M, K = a.shape
     N = b.shape[1]
     c = torch.zeros((M, N), dtype=a.dtype, device=a.device)
-    grouped_mm(a, b, bias, offsets, M, c, N=N, K=K)
+    if _torch_path("grouped.fwd", a, K, N) and M and N and K:
+        cc = gemm_launch.torch_grouped_mm(a, b, offsets, b_kmajor=True)
+        group = gemm_launch.row_groups(offsets, M)
+        if bias is not None:
+            cc = cc + bias[group.clamp(max=b.shape[0] - 1)]
+        c.copy_(torch.where((group < b.shape[0])[:, None], cc, 0))
+        return c
+    gemm_launch.row_gemm("grouped.fwd", a, b, c, M=M, N=N, K=K, offsets=offsets, bias=bias)
     return c
 
 
@@ -276,6 +306,11 @@ def grouped_gemm_backward(dc, a, b, offsets, output_mask):
     da = a.new_empty(0)
     if need_da:
         da = torch.zeros((M, K), dtype=a.dtype, device=a.device)
-        grouped_mm(dc, b, None, offsets, M, da, N=K, K=N, b_strides=_swap_last(b))
-    db, dbias = grouped_wgrad(dc, a, offsets, N=N, K=K, need_db=need_db, need_dbias=need_dbias)
+        if _torch_path("grouped.dgrad", dc, N, K) and M and N and K:
+            group = gemm_launch.row_groups(offsets, M)
+            dd = gemm_launch.torch_grouped_mm(dc, b, offsets, b_kmajor=False)
+            da.copy_(torch.where((group < b.shape[0])[:, None], dd, 0))
+        else:
+            gemm_launch.row_gemm("grouped.dgrad", dc, b, da, M=M, N=K, K=N, b_kmajor=False, offsets=offsets)
+    db, dbias = grouped_wgrad("grouped.wgrad", dc, a, offsets, N=N, K=K, need_db=need_db, need_dbias=need_dbias)
     return da, db, dbias

@@ -1,14 +1,15 @@
-"""Host launchers for the PLoRA kernels: tile flags, block sizes, grids.
+"""Host launchers for PLoRA: tile flags, block sizes, grids.
 
-Block sizes are fixed per kernel and GPU generation (no autotuning at run time, so the first
-call costs one compile and nothing else); ``benchmarks/tune_plora.py`` measures the candidates on
-a GPU and writes the winners as JSON, which ``MMKERNELS_PLORA_CONFIGS=<file>`` applies to
+The forward GEMM, dX and dS run on the shared GEMM core (:mod:`mmkernels.ops._gemm`, roles
+``plora.fwd``, ``plora.dx``, ``plora.ds``), whose per-arch table holds their block sizes.  The other
+kernels' block sizes are below, fixed per kernel and GPU generation (no autotuning at run time, so the
+first call costs one compile and nothing else); ``benchmarks/tune_plora.py`` measures the candidates
+on a GPU and writes the winners as JSON, which ``MMKERNELS_PLORA_CONFIGS=<file>`` applies to
 half-precision launches.  Under the CPU interpreter the blocks are the smallest legal ``tl.dot``
 tiles (16/32) so tests stay fast.  Every BLOCK_M is a multiple of ``FLAG_ROWS``.
 """
 from __future__ import annotations
 
-import functools
 import json
 import os
 
@@ -16,34 +17,41 @@ import torch
 import triton
 
 from ..._extension import NativeOp
-from ..._interpreter import interpreter_enabled
-from ..._utils import allow_tf32, cdiv, new_output
+from ..._utils import cdiv, new_output
 from ..._validation import check_int
+from .._gemm import config as gemm_config
+from .._gemm import kernels as gemm
+from .._gemm import launch as gemm_launch
+from .._gemm.launch import dot_precision
 from . import kernels
 from .kernels import FLAG_ROWS
 
 # name -> dict of block sizes and launch options, for (GPU, half precision) / (GPU, fp32) / interpreter
 _GPU_HALF = {
     "shrink": dict(BLOCK_M=128, BLOCK_R=128, BLOCK_K=64, num_warps=8, num_stages=3),
-    "fwd": dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3),
-    "ds": dict(BLOCK_M=128, BLOCK_R=128, BLOCK_N=64, num_warps=8, num_stages=3),
     "dlora_b": dict(BLOCK_N=128, BLOCK_R=64, BLOCK_M=64, num_warps=4, num_stages=3),
     "dlora_a": dict(BLOCK_R=64, BLOCK_K=128, BLOCK_M=64, num_warps=4, num_stages=3),
-    "dx": dict(BLOCK_M=128, BLOCK_K=128, BLOCK_N=64, GROUP_M=8, num_warps=8, num_stages=3),
     "dw": dict(BLOCK_N=128, BLOCK_K=128, BLOCK_M=64, num_warps=8, num_stages=3),
 }
-_GPU_FP32 = {k: dict(v, num_stages=2, **({"BLOCK_K": 32} if k in ("shrink", "fwd") else {}))
-             for k, v in _GPU_HALF.items()}
+_GPU_FP32 = {k: dict(v, num_stages=2, **({"BLOCK_K": 32} if k == "shrink" else {})) for k, v in _GPU_HALF.items()}
 # Hopper (sm_90): more shared memory, so deeper pipelines (measured with benchmarks/tune_plora.py).
 _GPU_HALF_SM90 = {  # winners of benchmarks/tune_plora.py on an H200 (benchmarks/results/plora-h200-tuned-configs.json)
     "shrink": dict(BLOCK_M=64, BLOCK_R=128, BLOCK_K=64, num_warps=4, num_stages=4),
-    "fwd": dict(BLOCK_M=256, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3),
-    "ds": dict(BLOCK_M=64, BLOCK_R=128, BLOCK_N=64, num_warps=4, num_stages=4),
-    "dx": dict(BLOCK_M=128, BLOCK_K=128, BLOCK_N=64, GROUP_M=8, num_warps=8, num_stages=4),
     "dw": dict(BLOCK_N=128, BLOCK_K=256, BLOCK_M=64, num_warps=8, num_stages=3),
-    "dlora_a": dict(BLOCK_R=64, BLOCK_K=64, BLOCK_M=64, num_warps=4, num_stages=4),
+    # dA's output tile is the measured one; its reduction step is 128 rows (measured: 64), since the
+    # pipelined loop of runs of visual tiles now needs twice the MMA work per step to stay under 0.6
+    # instructions per tensor-core clock (the H200 sweep re-measures both)
+    "dlora_a": dict(BLOCK_R=64, BLOCK_K=64, BLOCK_M=128, num_warps=4, num_stages=3),
     "dlora_b": dict(BLOCK_N=64, BLOCK_R=128, BLOCK_M=64, num_warps=4, num_stages=3),
 }
+_INTERPRETER = {
+    "shrink": dict(BLOCK_M=32, BLOCK_R=16, BLOCK_K=16),
+    "dlora_b": dict(BLOCK_N=32, BLOCK_R=16, BLOCK_M=16),
+    "dlora_a": dict(BLOCK_R=16, BLOCK_K=32, BLOCK_M=16),
+    "dw": dict(BLOCK_N=32, BLOCK_K=32, BLOCK_M=16),
+}
+# the GEMM-core roles of PLoRA (their blocks: mmkernels/ops/_gemm/config.py)
+CORE_ROLES = {"fwd": "plora.fwd", "dx": "plora.dx", "ds": "plora.ds"}   # dX with dropout: plora.dx_dropout
 
 
 def _load_overrides(path: str | None) -> dict:
@@ -51,6 +59,10 @@ def _load_overrides(path: str | None) -> dict:
         return {}
     with open(path) as f:
         table = json.load(f)
+    moved = set(table) & set(CORE_ROLES)
+    if moved:
+        raise ValueError(f"MMKERNELS_PLORA_CONFIGS: {sorted(moved)} run on the shared GEMM core now; set their blocks "
+                         f"with MMKERNELS_GEMM_CONFIGS (roles {sorted(CORE_ROLES[m] for m in moved)})")
     unknown = set(table) - set(_GPU_HALF)
     if unknown:
         raise ValueError(f"MMKERNELS_PLORA_CONFIGS: unknown kernel(s) {sorted(unknown)}; "
@@ -61,33 +73,15 @@ def _load_overrides(path: str | None) -> dict:
 _OVERRIDES = _load_overrides(os.environ.get("MMKERNELS_PLORA_CONFIGS"))
 
 
-@functools.lru_cache(maxsize=None)
-def _capability(index: int) -> tuple[int, int]:
-    return torch.cuda.get_device_capability(index)
-_INTERPRETER = {
-    "shrink": dict(BLOCK_M=32, BLOCK_R=16, BLOCK_K=16),
-    "fwd": dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=16, GROUP_M=2),
-    "ds": dict(BLOCK_M=32, BLOCK_R=16, BLOCK_N=16),
-    "dlora_b": dict(BLOCK_N=32, BLOCK_R=16, BLOCK_M=16),
-    "dlora_a": dict(BLOCK_R=16, BLOCK_K=32, BLOCK_M=16),
-    "dx": dict(BLOCK_M=16, BLOCK_K=32, BLOCK_N=16, GROUP_M=2),
-    "dw": dict(BLOCK_N=32, BLOCK_K=32, BLOCK_M=16),
-}
-
-
 def _config(name: str, device: torch.device, dtype: torch.dtype) -> dict:
-    if device.type == "cpu":
+    arch = gemm_config.arch_of(device, dtype)
+    if arch == "interpreter":
         return dict(_INTERPRETER[name])
-    if dtype == torch.float32:
+    if arch == "fp32":
         return dict(_GPU_FP32[name])
-    major = _capability(device.index if device.index is not None else torch.cuda.current_device())[0]
-    cfg = dict((_GPU_HALF_SM90 if major >= 9 else _GPU_HALF)[name])
+    cfg = dict((_GPU_HALF_SM90 if arch == "sm90" else _GPU_HALF)[name])
     cfg.update(_OVERRIDES.get(name, {}))
     return cfg
-
-
-def _dot_precision(dtype: torch.dtype) -> str:
-    return "tf32" if (dtype == torch.float32 and allow_tf32() and not interpreter_enabled()) else "ieee"
 
 
 def _tile_flags_torch(mask: torch.Tensor) -> torch.Tensor:
@@ -133,7 +127,6 @@ def plora_forward(x, weight, bias, lora_a, lora_b, im_mask, flags, scaling, drop
     mask_u8 = im_mask.view(torch.uint8)
     has_dropout = dropout_seed is not None and dropout_p > 0
     seed = dropout_seed if has_dropout else mask_u8
-    precision = _dot_precision(x.dtype)
     if R > 0:
         cfg = _config("shrink", x.device, x.dtype)
         grid = (cdiv(M, cfg["BLOCK_M"]), cdiv(R, cfg["BLOCK_R"]))
@@ -142,20 +135,27 @@ def plora_forward(x, weight, bias, lora_a, lora_b, im_mask, flags, scaling, drop
             M, K, R, flags.numel(),
             x.stride(0), x.stride(1), lora_a.stride(0), lora_a.stride(1), s.stride(0), s.stride(1),
             float(dropout_p), _keep_scale(dropout_p),
-            HAS_DROPOUT=has_dropout, FLAG_ROWS=FLAG_ROWS, DOT_PRECISION=precision, **cfg)
+            HAS_DROPOUT=has_dropout, FLAG_ROWS=FLAG_ROWS, DOT_PRECISION=dot_precision(x.dtype), **cfg)
     if N > 0:
-        cfg = _config("fwd", x.device, x.dtype)
-        grid = (cdiv(M, cfg["BLOCK_M"]) * cdiv(N, cfg["BLOCK_N"]),)
-        kernels._plora_fwd_kernel[grid](
-            x, weight, bias if bias is not None else x, s, lora_b, y, mask_u8, flags,
-            M, N, K, R, flags.numel(),
-            x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), s.stride(0), s.stride(1),
-            lora_b.stride(0), lora_b.stride(1), y.stride(0), y.stride(1),
-            bias.stride(0) if bias is not None else 0,
-            float(scaling),
-            HAS_BIAS=bias is not None, HAS_LORA=R > 0, EVEN_K=K % cfg["BLOCK_K"] == 0, FLAG_ROWS=FLAG_ROWS,
-            DOT_PRECISION=precision, **cfg)
+        # y = x @ W0.T + b0, the LoRA expand first on the tiles with a visual row (a zero-trip loop on
+        # the others, whose rows are then exactly the base linear's)
+        lora = gemm_launch.LoRATerm(l=s, lb=lora_b, lb_kmajor=True, row_mask=mask_u8, scale=scaling) if R else None
+        gemm_launch.row_gemm("plora.fwd", x, weight.unsqueeze(0), y, M=M, N=N, K=K, bias=bias, lora=lora,
+                             tile_flags=flags if R else None, flag_rows=FLAG_ROWS)
     return y, s
+
+
+def visual_tiles(flags: torch.Tensor, M: int, block_m: int):
+    """Where the visual rows are, per ``block_m``-row tile (:func:`kernels._plora_visual_tiles_kernel`):
+    ``(run_start, run_end, part, counts)``, int32, computed on the device from the tile flags (no host
+    synchronisation)."""
+    n_tiles = cdiv(M, block_m)
+    run_start, run_end, part = (torch.empty(n_tiles, dtype=torch.int32, device=flags.device) for _ in range(3))
+    counts = torch.empty(2, dtype=torch.int32, device=flags.device)
+    kernels._plora_visual_tiles_kernel[(1,)](flags, flags.numel(), run_start, run_end, part, counts, n_tiles,
+                                             FLAGS_PER_TILE=block_m // FLAG_ROWS, FLAG_ROWS=FLAG_ROWS,
+                                             BLOCK=min(1024, triton.next_power_of_2(max(n_tiles, 1))))
+    return run_start, run_end, part, counts
 
 
 def plora_backward(grad_y, x, weight, lora_a, lora_b, lora_hidden, im_mask, flags, scaling,
@@ -171,39 +171,32 @@ def plora_backward(grad_y, x, weight, lora_a, lora_b, lora_hidden, im_mask, flag
     has_dropout = dropout_seed is not None and dropout_p > 0
     seed = dropout_seed if has_dropout else mask_u8
     keep_scale = _keep_scale(dropout_p)
-    precision = _dot_precision(dt)
-    nflags = flags.numel()
+    precision = dot_precision(dt)
 
     def empty():  # a fresh zero-size tensor per unrequested output (outputs must not alias)
         return x.new_empty(0)
 
     ds = None
     if (need_dx or need_da) and M > 0 and R > 0:
+        # dS = scaling * dY @ B on the tiles with a visual row (text rows of dS are never read)
         ds = new_output((M, R), dtype=dt, device=dev)
-        cfg = _config("ds", dev, dt)
-        grid = (cdiv(M, cfg["BLOCK_M"]), cdiv(R, cfg["BLOCK_R"]))
-        kernels._plora_bwd_ds_kernel[grid](
-            grad_y, lora_b, ds, mask_u8, flags, M, N, R, nflags,
-            grad_y.stride(0), grad_y.stride(1), lora_b.stride(0), lora_b.stride(1),
-            ds.stride(0), ds.stride(1), float(scaling),
-            FLAG_ROWS=FLAG_ROWS, DOT_PRECISION=precision, **cfg)
+        gemm_launch.row_gemm("plora.ds", grad_y, lora_b.unsqueeze(0), ds, M=M, N=R, K=N, b_kmajor=False,
+                             epilogue=gemm.EPI_SCALED, out_scale=scaling, tile_flags=flags, flag_rows=FLAG_ROWS)
 
     dx = empty()
     if need_dx:
         dx = new_output((M, K), dtype=dt, device=dev)
         if M > 0 and K > 0:
-            cfg = _config("dx", dev, dt)
-            grid = (cdiv(M, cfg["BLOCK_M"]) * cdiv(K, cfg["BLOCK_K"]),)
-            kernels._plora_bwd_dx_kernel[grid](
-                grad_y, weight, ds if ds is not None else grad_y, lora_a, dx, mask_u8, flags, seed,
-                M, N, K, R, nflags,
-                grad_y.stride(0), grad_y.stride(1), weight.stride(0), weight.stride(1),
-                ds.stride(0) if ds is not None else 0, ds.stride(1) if ds is not None else 0,
-                lora_a.stride(0), lora_a.stride(1), dx.stride(0), dx.stride(1),
-                float(dropout_p), keep_scale,
-                HAS_LORA=ds is not None, HAS_DROPOUT=has_dropout, EVEN_N=N % cfg["BLOCK_N"] == 0,
-                FLAG_ROWS=FLAG_ROWS,
-                DOT_PRECISION=precision, **cfg)
+            # dX = dY @ W0 (+ dS @ A on visual rows: in the same accumulator first, or -- with dropout,
+            # whose mask multiplies the LoRA term alone -- in its own after the base loop)
+            lora = None
+            if ds is not None:
+                lora = gemm_launch.LoRATerm(l=ds, lb=lora_a, lb_kmajor=False, row_mask=mask_u8,
+                                            seed=dropout_seed if has_dropout else None, dropout_p=float(dropout_p),
+                                            keep_scale=keep_scale)
+            role = "plora.dx_dropout" if lora is not None and has_dropout else "plora.dx"
+            gemm_launch.row_gemm(role, grad_y, weight.unsqueeze(0), dx, M=M, N=K, K=N, b_kmajor=False,
+                                 lora=lora, tile_flags=flags if lora is not None else None, flag_rows=FLAG_ROWS)
 
     dw, dbias = empty(), empty()
     if need_dw or need_dbias:
@@ -221,31 +214,41 @@ def plora_backward(grad_y, x, weight, lora_a, lora_b, lora_hidden, im_mask, flag
         if need_dbias and K == 0:  # no dW0/dB0 launch: db0 still needs its column sums
             dbias.copy_(grad_y.sum(0, dtype=torch.float32))
 
+    tile_lists = {}
+
+    def listed(block_m):  # the visual tiles of block_m rows (one small launch per distinct block_m)
+        if block_m not in tile_lists:
+            tile_lists[block_m] = visual_tiles(flags, M, block_m)
+        return tile_lists[block_m]
+
     da = empty()
     if need_da:
         da = new_output((R, K), dtype=dt, device=dev)
         if R > 0 and K > 0:
-            cfg = _config("dlora_a", dev, dt)
-            grid = (cdiv(R, cfg["BLOCK_R"]), cdiv(K, cfg["BLOCK_K"]))
-            kernels._plora_bwd_dlora_a_kernel[grid](
-                ds if ds is not None else grad_y, x, da, mask_u8, flags, seed,
-                M, K, R, nflags,
-                ds.stride(0) if ds is not None else 0, ds.stride(1) if ds is not None else 0,
-                x.stride(0), x.stride(1), da.stride(0), da.stride(1),
-                float(dropout_p), keep_scale,
-                HAS_DROPOUT=has_dropout, FLAG_ROWS=FLAG_ROWS, DOT_PRECISION=precision, **cfg)
+            if M == 0:
+                da.zero_()
+            else:
+                cfg = _config("dlora_a", dev, dt)
+                grid = (cdiv(R, cfg["BLOCK_R"]), cdiv(K, cfg["BLOCK_K"]))
+                kernels._plora_bwd_dlora_a_kernel[grid](
+                    ds, x, da, mask_u8, *listed(cfg["BLOCK_M"]), seed, M, K, R,
+                    ds.stride(0), ds.stride(1), x.stride(0), x.stride(1), da.stride(0), da.stride(1),
+                    float(dropout_p), keep_scale,
+                    HAS_DROPOUT=has_dropout, DOT_PRECISION=precision, **cfg)
 
     dlb = empty()
     if need_db:
         dlb = new_output((N, R), dtype=dt, device=dev)
         if N > 0 and R > 0:
-            cfg = _config("dlora_b", dev, dt)
-            grid = (cdiv(N, cfg["BLOCK_N"]), cdiv(R, cfg["BLOCK_R"]))
-            kernels._plora_bwd_dlora_b_kernel[grid](
-                grad_y, lora_hidden, dlb, mask_u8, flags, M, N, R, nflags,
-                grad_y.stride(0), grad_y.stride(1), lora_hidden.stride(0), lora_hidden.stride(1),
-                dlb.stride(0), dlb.stride(1), float(scaling),
-                FLAG_ROWS=FLAG_ROWS, DOT_PRECISION=precision, **cfg)
+            if M == 0:
+                dlb.zero_()
+            else:
+                cfg = _config("dlora_b", dev, dt)
+                grid = (cdiv(N, cfg["BLOCK_N"]), cdiv(R, cfg["BLOCK_R"]))
+                kernels._plora_bwd_dlora_b_kernel[grid](
+                    grad_y, lora_hidden, dlb, mask_u8, *listed(cfg["BLOCK_M"]), M, N, R,
+                    grad_y.stride(0), grad_y.stride(1), lora_hidden.stride(0), lora_hidden.stride(1),
+                    dlb.stride(0), dlb.stride(1), float(scaling), DOT_PRECISION=precision, **cfg)
     return dx, dw, dbias, da, dlb
 
 
