@@ -68,20 +68,26 @@ class MoERouting:
     # moe_route "seals" what it returns: the identity and version counter of each index tensor.  A
     # routing that still holds the same, unmodified tensors (no re-assignment, no in-place write) was
     # built by moe_route and needs no value check -- so MoE's own forward stays free of host syncs.
-    # (Inference tensors have no version counter: for them only the identity is compared.)
+    # Inference tensors (made under torch.inference_mode) have no version counter, so an index tensor
+    # made there is sealed as a normal-tensor copy: in-place writes to it bump its counter even inside
+    # inference mode (one small device copy per index tensor, no host sync).
     _INDEX_FIELDS = ("indices", "keep", "sorted_slots", "expert_offsets")
 
     def _seal(self) -> None:
-        self._sealed = tuple((t, _version(t)) for t in (getattr(self, f) for f in self._INDEX_FIELDS))
+        sealed = []
+        for field in self._INDEX_FIELDS:
+            t = getattr(self, field)
+            if t.is_inference():
+                with torch.inference_mode(False):
+                    t = t.clone()
+                setattr(self, field, t)
+            sealed.append((t, t._version))
+        self._sealed = tuple(sealed)
 
     def _is_sealed(self) -> bool:
         sealed = getattr(self, "_sealed", None)
-        return sealed is not None and all(getattr(self, f) is t and _version(t) == v
+        return sealed is not None and all(getattr(self, f) is t and t._version == v
                                           for f, (t, v) in zip(self._INDEX_FIELDS, sealed))
-
-
-def _version(t: torch.Tensor) -> Optional[int]:
-    return None if t.is_inference() else t._version
 
 
 def _check_token_order_values(token_order: torch.Tensor, S: int) -> None:
