@@ -481,11 +481,20 @@ def moe_ffn(x: torch.Tensor, routing: MoERouting, w1: torch.Tensor, b1: Optional
             valid (an invalid one is then undefined behaviour).  Skipped while torch.compile traces.
             Shapes, dtypes and devices are always checked.
 
-    Returns ``[..., H]`` in x's dtype; a row whose choices were all dropped is 0.  Differentiable in x,
-    the routing weights (hence the router) and every weight and bias.  Triton backend: no host sync,
-    deterministic (no atomics).
+    Under ``torch.autocast`` x and the expert weights and biases are cast to the autocast dtype first,
+    as DeepSpeed's expert ``nn.Linear`` calls are (the routing weights stay float32; the gradients flow
+    back to the full-precision tensors).
+
+    Returns ``[..., H]`` in x's dtype (the autocast dtype under autocast); a row whose choices were all
+    dropped is 0.  Differentiable in x, the routing weights (hence the router) and every weight and
+    bias.  Triton backend: no host sync, deterministic (no atomics).
     """
     check_tensor("x", x, min_ndim=1, dtypes=FLOAT_DTYPES)
+    dev = x.device.type
+    if dev in ("cpu", "cuda") and torch.is_autocast_enabled(dev):
+        dtype = torch.get_autocast_dtype(dev)
+        x, w1, b1, w2, b2 = (t.to(dtype) if isinstance(t, torch.Tensor) and t.is_floating_point() else t
+                             for t in (x, w1, b1, w2, b2))
     if not isinstance(routing, MoERouting):
         raise TypeError(f"routing must be a MoERouting from moe_route, got {type(routing).__name__}")
     H = x.shape[-1]

@@ -566,9 +566,11 @@ class MoE(nn.Module):
         if hidden_states.shape[-1:] != (self.hidden_size,):
             raise ValueError(f"hidden_states must be a tensor [..., {self.hidden_size}], got "
                              f"{tuple(hidden_states.shape)}")
-        if hidden_states.dtype != self.w1.dtype:
+        if hidden_states.dtype != self.w1.dtype and not torch.is_autocast_enabled(hidden_states.device.type):
+            # (under autocast the router and the experts cast as DeepSpeed's do: see the class docstring)
             raise TypeError(f"hidden_states has dtype {hidden_states.dtype} but the expert weights are "
-                            f"{self.w1.dtype}; convert one (e.g. moe.to({hidden_states.dtype}))")
+                            f"{self.w1.dtype}; convert one (e.g. moe.to({hidden_states.dtype})) or run under "
+                            "torch.autocast")
         check_same_device([("hidden_states", hidden_states), ("gate_weight", self.gate_weight), ("w1", self.w1)])
         x2 = hidden_states.reshape(-1, self.hidden_size)
         capacity = None
