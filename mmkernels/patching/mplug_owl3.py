@@ -44,9 +44,17 @@ transformers 5's ``position_embeddings`` / ``cache_position``, and the cache as 
   original's joint path.  Rows that see no key at all (left padding) give 0 where the original gives
   an arbitrary value; no other row reads them.
 * not supported, raising: ``output_attentions=True``; a multi-token step after the prompt while images
-  are given (chunked prefill / continuation; the original's masks are undefined there); at plan time
-  ``attention_dropout > 0``, ``use_sliding_window``, a non-default attention ``scaling``, a gate that is
-  not a ``[H*D]`` parameter, projections whose shapes disagree with the heads.
+  are given (chunked prefill / continuation; the original's masks are undefined there); a non-default
+  RoPE type without ``position_embeddings``; at plan time ``attention_dropout > 0``,
+  ``use_sliding_window``, a non-default attention ``scaling``, a gate that is not a ``[H*D]`` parameter,
+  projections whose shapes disagree with the heads, and anything the patched forward would bypass:
+  it calls ``q_proj``/``k_proj``/``v_proj``/``o_proj`` (their hooks run) but reads ``v_kv_proj``'s
+  weight into the fused producer, so hooks on ``v_kv_proj`` or any other child it does not call, a
+  ``v_kv_proj`` whose forward is not ``nn.Linear``'s, and a forward set on the layer's instance.
+
+Deliberate difference from the original (v2): on a one-token decode step, a sample without images in
+a batch where another sample has images attends to all its keys (causal attention), where the
+original's top-left ``tril(ones(1, kv_len))`` lets it see its first key only.
 
 Beam search: the side table is not reordered with the cache; beams expanded from one prompt share
 their images, so that is exact for them.

@@ -365,6 +365,13 @@ class MoE(nn.Module):
 
     ``forward(hidden_states [..., H], used_token=None) -> (output [..., H], l_aux, exp_counts [E])``.
 
+    Under ``torch.autocast`` ``hidden_states`` may differ from the weights' dtype, and the dtypes are
+    DeepSpeed's: router logits ``F.linear(x.float(), gate_weight.float())`` (autocast runs them in its
+    dtype, as in DeepSpeed's gate), the gating after them in float32, the experts' GEMMs in the
+    autocast dtype (DeepSpeed's ``nn.Linear`` calls), the output in the autocast dtype, ``l_aux``
+    float32.  (DeepSpeed's gating arithmetic after the logits partly follows autocast, e.g. a bf16
+    softmax on CPU: values agree to the autocast dtype's rounding.)
+
     Expert parallelism (``ep_size > 1``): ``forward`` is a collective over ``ep_group`` (so is its
     backward); every rank routes its own tokens with the full router, and ``output``, ``l_aux`` and
     ``exp_counts`` are what the single-process layer (all E experts, the same weights) gives on this
