@@ -48,6 +48,7 @@ except ImportError as exc:  # pragma: no cover - exercised in a subprocess by th
         "mmkernels.transformers needs transformers >= 5 (its ExpertsInterface): "
         "pip install mmkernels[transformers]") from exc
 
+from ._utils import autocast_dtype
 from ._validation import RUN_HOOKS, module_hooks
 from .ops.moe.function import moe_ffn, moe_route_topk
 from .patching import RetiredParameterError, apply_mmkernels
@@ -190,8 +191,8 @@ def experts_forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor
     # as grouped_mm, which autocast does not cast: the experts compute in their weights' dtype (under
     # autocast the input may be fp32 with bf16 weights, or the weights fp32), the result in the input's
     x = hidden_states.to(w1.dtype)
-    dev = x.device.type
-    with torch.autocast(dev, enabled=False) if dev in ("cpu", "cuda") else contextlib.nullcontext():
+    off = autocast_dtype(x.device) is None
+    with contextlib.nullcontext() if off else torch.autocast(x.device.type, enabled=False):
         y = moe_ffn(x, routing, w1, b1, w2, b2, activation)
     return y.to(hidden_states.dtype)
 

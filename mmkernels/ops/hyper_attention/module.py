@@ -6,6 +6,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ..._utils import autocast_dtype
 from ..._validation import check_float, check_int, check_tensor
 from .function import hyper_attention, text_rope, visual_kv
 from .reference import MODES, VISIBILITIES
@@ -332,7 +333,7 @@ class HyperAttention(nn.Module):
         if hidden_states.device != weight.device:
             raise ValueError(f"hidden_states is on {hidden_states.device} but the layer's parameters are on "
                              f"{weight.device}")
-        if hidden_states.dtype != weight.dtype and not torch.is_autocast_enabled(hidden_states.device.type):
+        if hidden_states.dtype != weight.dtype and autocast_dtype(hidden_states.device) is None:
             raise TypeError(f"hidden_states has dtype {hidden_states.dtype} but the layer's parameters have "
                             f"{weight.dtype} (convert one, or run under torch.autocast)")
         position_ids = self._position_ids(position_ids, B, L, hidden_states.device)

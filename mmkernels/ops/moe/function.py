@@ -23,6 +23,7 @@ from typing import Optional
 import torch
 
 from ..._library import define_op
+from ..._utils import autocast_dtype
 from ..._validation import (FLOAT_DTYPES, check_int, check_same_device, check_same_dtype, check_shape,
                              check_tensor)
 from ...backend import require_triton, resolve_backend
@@ -490,9 +491,8 @@ def moe_ffn(x: torch.Tensor, routing: MoERouting, w1: torch.Tensor, b1: Optional
     bias.  Triton backend: no host sync, deterministic (no atomics).
     """
     check_tensor("x", x, min_ndim=1, dtypes=FLOAT_DTYPES)
-    dev = x.device.type
-    if dev in ("cpu", "cuda") and torch.is_autocast_enabled(dev):
-        dtype = torch.get_autocast_dtype(dev)
+    dtype = autocast_dtype(x.device)
+    if dtype is not None:
         x, w1, b1, w2, b2 = (t.to(dtype) if isinstance(t, torch.Tensor) and t.is_floating_point() else t
                              for t in (x, w1, b1, w2, b2))
     if not isinstance(routing, MoERouting):

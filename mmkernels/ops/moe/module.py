@@ -48,6 +48,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..._utils import autocast_dtype
 from ..._validation import (FLOAT_DTYPES, RUN_HOOKS, check_float, check_int, check_no_hooks, check_same_device,
                              check_tensor, module_hooks)
 from . import parallel
@@ -573,7 +574,7 @@ class MoE(nn.Module):
         if hidden_states.shape[-1:] != (self.hidden_size,):
             raise ValueError(f"hidden_states must be a tensor [..., {self.hidden_size}], got "
                              f"{tuple(hidden_states.shape)}")
-        if hidden_states.dtype != self.w1.dtype and not torch.is_autocast_enabled(hidden_states.device.type):
+        if hidden_states.dtype != self.w1.dtype and autocast_dtype(hidden_states.device) is None:
             # (under autocast the router and the experts cast as DeepSpeed's do: see the class docstring)
             raise TypeError(f"hidden_states has dtype {hidden_states.dtype} but the expert weights are "
                             f"{self.w1.dtype}; convert one (e.g. moe.to({hidden_states.dtype})) or run under "
