@@ -632,6 +632,8 @@ def test_autocast_fp32_input_gives_the_autocast_dtype_as_deepspeed():
     assert y.dtype == torch.bfloat16
     with pytest.raises(TypeError, match="or run under torch.autocast"):
         moe(x.bfloat16())
+    with pytest.raises(TypeError, match="hidden_states has dtype torch.bfloat16"):   # torch's autocast query
+        moe.to("meta")(torch.randn(5, H, device="meta", dtype=torch.bfloat16))     # raised for meta tensors
 
 
 @pytest.mark.parametrize("k,kw", [(1, dict(use_rts=False)), (2, dict(top2_2nd_expert_sampling=False)),
