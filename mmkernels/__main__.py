@@ -2,7 +2,8 @@
 
     python -m mmkernels info [--json]
         versions, how the package was built (torch/CUDA it was compiled against), the device, the
-        backends that can run here and which native ops _C provides, on which devices.
+        backends that can run here and which native ops _C provides, on which devices; exit status 1
+        if the backend setting (MMKERNELS_BACKEND) is invalid.
     python -m mmkernels verify [--op NAME ...] [--device cpu|cuda] [--quick]
         the verification table of every kernel against its float64 reference (the one `make bench`
         prints), with a progress line per case; exit status 1 if any check FAILs.
@@ -84,13 +85,18 @@ def info_dict() -> dict[str, Any]:
     else:
         triton_backend = ("CPU tensors need Triton's interpreter: TRITON_INTERPRET=1 before importing mmkernels "
                           "(`python -m mmkernels verify` sets it itself)")
+    try:
+        backend, backend_error = mmkernels.get_backend(), None
+    except ValueError as e:   # a bad MMKERNELS_BACKEND: every op raises this, so info reports it
+        backend, backend_error = None, str(e)
     return {
         "mmkernels_version": mmkernels.__version__,
         "location": os.path.dirname(mmkernels.__file__),
         "python": platform.python_version(),
         "numpy_version": numpy_version,
         "device": device,
-        "backend": mmkernels.get_backend(),
+        "backend": backend,
+        "backend_error": backend_error,
         "triton_backend": triton_backend,
         "native_ops": _native_ops(),
         "build_info": bi,
@@ -118,8 +124,10 @@ def _print_info(d: dict[str, Any]) -> None:
         f"numpy            {d['numpy_version'] or 'not installed'}",
         f"device           {d['device']}",
         "",
-        f"backend          {d['backend']}  (auto: triton for CUDA tensors, reference for CPU tensors; "
-        "MMKERNELS_BACKEND / mmkernels.use_backend to change)",
+        (f"backend          {d['backend']}  (auto: triton for CUDA tensors, reference for CPU tensors; "
+         "MMKERNELS_BACKEND / mmkernels.use_backend to change)" if d["backend_error"] is None else
+         f"backend          INVALID: {d['backend_error']}; every mmkernels op raises this until "
+         "MMKERNELS_BACKEND is fixed or unset"),
         f"triton kernels   {d['triton_backend']}",
         "reference        plain PyTorch, any device",
         "",
@@ -230,7 +238,7 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps(d, indent=2, default=str))
         else:
             _print_info(d)
-        return 0
+        return 0 if d["backend_error"] is None else 1
     return _verify(args, argv)
 
 

@@ -35,6 +35,15 @@ def cdiv(a: int, b: int) -> int:
     return (a + b - 1) // b
 
 
+def autocast_dtype(device: torch.device) -> torch.dtype | None:
+    """The dtype ``torch.autocast`` casts to for tensors on ``device`` right now, or None when it is off
+    there.  (Autocast exists for CPU and CUDA tensors; torch raises when asked about another device
+    type, e.g. ``meta``.)"""
+    if device.type in ("cpu", "cuda") and torch.is_autocast_enabled(device.type):
+        return torch.get_autocast_dtype(device.type)
+    return None
+
+
 def allow_tf32() -> bool:
     """fp32 ``tl.dot`` follows torch's own matmul setting (off by default: exact fp32 like F.linear)."""
     return bool(torch.backends.cuda.matmul.allow_tf32)

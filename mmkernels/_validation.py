@@ -7,9 +7,10 @@ given.
 from __future__ import annotations
 
 import numbers
-from typing import Iterable, Sequence
+from typing import Iterable, List, Sequence, Tuple
 
 import torch
+from torch import nn
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -80,3 +81,27 @@ def check_float(name: str, value, *, low: float | None = None, high: float | Non
         bound = "<=" if high_inclusive else "<"
         raise ValueError(f"{name} must be {bound} {high}, got {value}")
     return value
+
+
+# A module's hook dicts: the ones that run when it is called (forward and backward), and the state-dict ones.
+RUN_HOOKS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
+STATE_DICT_HOOKS = ("_state_dict_hooks", "_state_dict_pre_hooks", "_load_state_dict_pre_hooks",
+                    "_load_state_dict_post_hooks")
+
+
+def module_hooks(module: nn.Module, kinds: Tuple[str, ...] = RUN_HOOKS + STATE_DICT_HOOKS) -> List[str]:
+    """The names of ``module``'s non-empty hook dicts among ``kinds``."""
+    return [kind for kind in kinds if getattr(module, kind, None)]
+
+
+def check_no_hooks(name: str, module: nn.Module, why: str, kinds: Tuple[str, ...] = RUN_HOOKS,
+                   error: type = ValueError) -> None:
+    """Raise ``error`` naming the first submodule of ``module`` (itself included; ``name`` is its name)
+    that has hooks among ``kinds``: code that reads ``module``'s weights instead of calling it would
+    silently skip them.  ``why`` names what would skip them."""
+    for sub_name, sub in module.named_modules(remove_duplicate=False):
+        found = module_hooks(sub, kinds)
+        if found:
+            where = f"{name}.{sub_name}" if sub_name else name
+            raise error(f"module {where!r} has hooks ({', '.join(found)}) that {why} would not run; remove "
+                        "them first")

@@ -33,6 +33,7 @@ MoE-LLaVA's DeepSpeed MoE layers and mPLUG-Owl3's hyper attention layers.
 """
 from __future__ import annotations
 
+import contextlib
 import warnings
 from typing import Optional
 
@@ -47,6 +48,8 @@ except ImportError as exc:  # pragma: no cover - exercised in a subprocess by th
         "mmkernels.transformers needs transformers >= 5 (its ExpertsInterface): "
         "pip install mmkernels[transformers]") from exc
 
+from ._utils import autocast_dtype
+from ._validation import RUN_HOOKS, module_hooks
 from .ops.moe.function import moe_ffn, moe_route_topk
 from .patching import RetiredParameterError, apply_mmkernels
 from .ops.moe.reference import PLAIN_ACTIVATIONS
@@ -92,8 +95,9 @@ def expert_activation(act_fn) -> tuple[Optional[str], str]:
         desc = f"act_fn {type(act_fn).__module__}.{type(act_fn).__qualname__}"
         if "forward" in vars(act_fn):
             return None, f"{desc} with an instance-level forward"
-        if act_fn._forward_hooks or act_fn._forward_pre_hooks:
-            return None, f"{desc} with forward hooks"
+        found = module_hooks(act_fn, RUN_HOOKS)   # the fused kernels never call act_fn: its hooks would not run
+        if found:
+            return None, f"{desc} with hooks ({', '.join(found)})"
         if type(act_fn) is torch.nn.GELU:
             approx = getattr(act_fn, "approximate", None)
             return {"none": "gelu", "tanh": "gelu_tanh"}.get(approx), f"{desc}(approximate={approx!r})"
@@ -184,8 +188,12 @@ def experts_forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor
     # the indices come from torch.topk over the E router logits: in range by construction, so no host
     # check (check_metadata=False drops an out-of-range choice, as grouped_mm does, never reads past E)
     routing = moe_route_topk(top_k_index, top_k_weights, E, check_metadata=False)
-    x = hidden_states.to(w1.dtype)   # under autocast the input may be fp32 with bf16 weights (as grouped_mm)
-    y = moe_ffn(x, routing, w1, b1, w2, b2, activation)
+    # as grouped_mm, which autocast does not cast: the experts compute in their weights' dtype (under
+    # autocast the input may be fp32 with bf16 weights, or the weights fp32), the result in the input's
+    x = hidden_states.to(w1.dtype)
+    off = autocast_dtype(x.device) is None
+    with contextlib.nullcontext() if off else torch.autocast(x.device.type, enabled=False):
+        y = moe_ffn(x, routing, w1, b1, w2, b2, activation)
     return y.to(hidden_states.dtype)
 
 

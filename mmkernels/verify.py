@@ -88,12 +88,17 @@ class _Case:
     crash_row: dict[str, Any]   # the key columns of the FAIL row written if ``fn`` raises
 
 
-def _run_cases(op: str, cases: Sequence[_Case], progress: Progress | None) -> tuple[list[dict], bool]:
+def _run_cases(op: str, cases: Sequence[_Case], progress: Progress | None,
+               device: torch.device) -> tuple[list[dict], bool]:
+    """Run ``cases`` under a forked random generator (the CPU's and ``device``'s): whatever a case draws
+    from torch's global generator (module initialisations, dropout seeds), the caller's random stream is
+    where it was."""
     rows: list[dict] = []
     for i, case in enumerate(cases, 1):
         t0 = time.perf_counter()
         try:
-            got = case.fn()
+            with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+                got = case.fn()
         except Exception as e:  # a crash is a failure, not an abort of the whole run
             got = [dict(case.crash_row, tensor="(all)", max_err=None, rms_err=None, tol_max=None, tol_rms=None,
                         result=f"FAIL ({type(e).__name__}: {str(e)[:160]})")]
@@ -179,7 +184,7 @@ def verify_plora(device: str | torch.device | None = None, quick: bool = False,
                 key = dict(shape=f"M{M} K{K} N{N} r{r}", dtype=_dtype_name(dtype), mask=mask_kind)
                 cases.append(_Case(f"{key['shape']} {key['dtype']} mask={mask_kind}",
                                    lambda a=(M, K, N, r, dtype, mask_kind): _plora_one(*a, dev), key))
-    return _run_cases("plora", cases, progress)
+    return _run_cases("plora", cases, progress, dev)
 
 
 # --------------------------------------------------------------------------- moe
@@ -320,7 +325,7 @@ def verify_moe(device: str | torch.device | None = None, quick: bool = False,
             cases.append(_Case(f"{label} {_dtype_name(dtype)}",
                                lambda a=(S, Hd, Fd, act, dtype): _moe_ffn_case(*a, dev),
                                dict(check=label, dtype=_dtype_name(dtype))))
-    return _run_cases("moe", cases, progress)
+    return _run_cases("moe", cases, progress, dev)
 
 
 # --------------------------------------------------------------------------- hyper attention
@@ -415,7 +420,7 @@ def verify_hyper_attention(device: str | torch.device | None = None, quick: bool
     for dtype in HYPER_DTYPES if not quick else (torch.bfloat16,):
         cases.append(_Case(f"visual_kv producer {_dtype_name(dtype)}", lambda d=dtype: _hyper_producer(d, dev),
                            dict(shape="producer", dtype=_dtype_name(dtype), mode="-")))
-    return _run_cases("hyper_attention", cases, progress)
+    return _run_cases("hyper_attention", cases, progress, dev)
 
 
 VERIFIERS: dict[str, Callable[..., tuple[list[dict], bool]]] = {

@@ -570,3 +570,11 @@ def test_head_offsets_past_int32_on_head_major_views():
                           text=True, timeout=600)
     assert proc.returncode == 0 and "int64 ok" in proc.stdout, (proc.returncode, proc.stdout[-3000:],
                                                                  proc.stderr[-3000:])
+
+
+def test_layer_dtype_mismatch_on_meta_is_a_type_error():
+    """The autocast query behind the dtype check raised torch's "unknown device type for autocast" for
+    meta tensors (a model being shape-checked under torch.device("meta")): now the named TypeError."""
+    layer = mmkernels.HyperAttention(64, 4, 2, device="meta")
+    with pytest.raises(TypeError, match="hidden_states has dtype torch.bfloat16 but the layer's parameters"):
+        layer(torch.randn(2, 3, 64, device="meta", dtype=torch.bfloat16), torch.arange(3, device="meta"))

@@ -122,6 +122,37 @@ def test_static_cache_bad_input():
     assert isinstance(static, HyperAttentionCache)                          # a cache like any other to the checks
 
 
+@pytest.mark.parametrize("backend,device", BACKEND_DEVICES)
+@pytest.mark.parametrize("needs_grad", ["hidden_states", "v_proj.weight", "gate", "past_key_value.k_vis"])
+def test_static_step_with_grad_refuses_any_attention_input_that_requires_grad(needs_grad, backend, device):
+    """A frozen layer, two decode steps with grad enabled and an input requiring grad: the guard looked only
+    at q/k_proj's weights, so the steps ran and backward then failed with autograd's "modified by an
+    inplace operation".  Any input of the in-place-written attention requiring grad is refused at the
+    step now, naming it; with none, grad mode is fine."""
+    torch.manual_seed(0)
+    layer = _layer("gated", device).requires_grad_(False)
+    x, img, pos, cu, kpm, pid = _prompt(device)
+    with torch.no_grad(), use_backend("reference"):                        # the prompt (either backend's cache)
+        _, grow = layer(x, pid, img, pos, cu, use_cache=True)
+    static = grow.to_static(12)
+    step, step_pid = torch.randn(2, 1, hidden, device=device), pid[:, -1:] + 1
+    if needs_grad == "hidden_states":
+        step.requires_grad_()
+    elif needs_grad == "past_key_value.k_vis":
+        static = dataclasses.replace(static, k_vis=static.k_vis.clone().requires_grad_())
+    else:
+        layer.get_parameter(needs_grad).requires_grad_()
+    with use_backend(backend):
+        with pytest.raises(RuntimeError, match=rf"{needs_grad} require grad: run decode steps under torch\.no_grad"):
+            layer(step, step_pid, past_key_value=static)
+        assert static.filled == 9                                            # nothing written
+        layer.requires_grad_(False)
+        fresh = grow.to_static(12)
+        for s in range(2):                                                   # nothing requires grad: runs
+            out, _ = layer(step.detach(), step_pid + s, past_key_value=fresh)
+    assert not out.requires_grad and fresh.filled == 11
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need CUDA")
 @pytest.mark.parametrize("mode", ["gated", "joint"])

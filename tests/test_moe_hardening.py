@@ -193,6 +193,57 @@ def test_moe_ffn_trusts_only_an_unmodified_moe_route_result(backend, monkeypatch
             moe_ffn(x, r, w1, b1, w2, b2)
 
 
+def _edit_in_place(r, field):
+    """An in-place edit that leaves ``r`` inconsistent (a repeated kept slot, offsets past the slots, a
+    dropped slot marked kept, a kept slot's expert changed)."""
+    if field == "sorted_slots":
+        r.sorted_slots[1] = r.sorted_slots[0]
+    elif field == "expert_offsets":
+        r.expert_offsets[2:] += r.indices.numel()            # past S*k: an out-of-bounds read if trusted
+    elif field == "keep":
+        r.keep[0, 0] = ~r.keep[0, 0]
+    else:
+        t = int(r.sorted_slots[0])
+        r.indices.view(-1)[t] = (r.indices.view(-1)[t] + 1) % r.num_experts
+
+
+@pytest.mark.parametrize("backend", ["reference", pytest.param("triton", marks=needs_triton)])
+@pytest.mark.parametrize("field", ["sorted_slots", "expert_offsets", "keep", "indices"])
+def test_routing_edited_in_place_under_inference_mode_is_checked(field, backend, monkeypatch):
+    """Inference tensors have no version counter, so an in-place edit under torch.inference_mode() kept
+    the seal: the edited routing was trusted (row 1 silently changed, the backends disagreed, edited
+    offsets read out of bounds).  The seal now holds there, and the untouched path still has no check."""
+    S, H, F_, E, k = 9, 16, 16, 4, 2
+    w1, b1, w2, b2 = make_weights(E, H, F_)
+    checked = []
+    real = moe_function._check_routing_values
+    monkeypatch.setattr(moe_function, "_check_routing_values", lambda *a: (checked.append(1), real(*a)))
+    with torch.inference_mode(), use_backend(backend):
+        x = torch.randn(S, H)
+        r = moe_route(torch.randn(S, E) * 3, k, 4)
+        while int(r.expert_offsets[-1]) < 2 or bool(r.keep.all()):
+            r = moe_route(torch.randn(S, E) * 3, k, 4)
+        moe_ffn(x, r, w1, b1, w2, b2)
+        assert not checked                                       # sealed and untouched: no host sync
+        _edit_in_place(r, field)
+        with pytest.raises(ValueError, match=rf"routing\.{field}"):
+            moe_ffn(x, r, w1, b1, w2, b2)
+        assert checked
+
+
+def test_module_under_inference_mode_checks_nothing(monkeypatch):
+    """MoE's own routing stays trusted (no host sync) under torch.inference_mode(), and gives the same output."""
+    checked = []
+    monkeypatch.setattr(moe_function, "_check_routing_values", lambda *a: checked.append(1))
+    moe = MoE(16, Phi(16, 24), num_experts=4, k=2, min_capacity=0).eval()
+    x, noise = torch.randn(11, 16), torch.rand(11, 4)
+    with use_backend("reference"):
+        want = moe(x, second_expert_noise=noise)[0]
+        with torch.inference_mode():
+            got = moe(x, second_expert_noise=noise)[0]
+    assert torch.equal(got, want) and not checked
+
+
 def _route(S=9, E=4, k=2, cap=4):
     return moe_route(torch.randn(S, E) * 3, k, cap)
 

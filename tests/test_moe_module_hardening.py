@@ -15,9 +15,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mmkernels import MoE, use_backend
+from mmkernels import MoE, moe_ffn, moe_route, use_backend
 from mmkernels.ops.moe.module import _DS_EXPERT, _DS_GATE
+from mmkernels.ops.moe.reference import capacity_for, combine_weights_and_aux, moe_ffn_reference
+from mmkernels.testing import assert_close
 
+from conftest import BACKEND_DEVICES
 from test_moe import FakeDeepSpeedMoE, PhiMLP, QwenMLP, StableLMMLP, gumbel
 
 H, F_, E = 16, 24, 4
@@ -487,3 +490,256 @@ def test_rts_token_order_skips_the_permutation_check_but_a_user_order_is_checked
         assert calls == [12]
         with pytest.raises(ValueError, match="token_order"):
             moe(x, token_order=torch.zeros(12, dtype=torch.int64))
+
+
+# ------------------------------------------------------------------------------ second pass: every expert checked
+
+def _fake_ds(seed=0):
+    torch.manual_seed(seed)
+    return FakeDeepSpeedMoE(H, PhiMLP(H, F_), E, 2, 1.5, 2.0, 0)
+
+
+def _ds_break(ds, case):
+    """Change one part of a (fake) DeepSpeed layer in a way the converted layer would not reproduce;
+    returns what the error names."""
+    experts = ds.deepspeed_moe.experts.deepspeed_experts
+    if case == "hook_on_expert_1":
+        experts[1].register_forward_hook(lambda m, i, o: o * 0.25)
+        return "'ds_moe.deepspeed_moe.experts.deepspeed_experts.1' has hooks (_forward_hooks)"
+    if case == "pre_hook_inside_expert_3":
+        experts[3].fc2.register_forward_pre_hook(lambda m, i: (i[0] * 2,))
+        return "'ds_moe.deepspeed_moe.experts.deepspeed_experts.3.fc2' has hooks (_forward_pre_hooks)"
+    if case == "backward_hook_on_expert_2":
+        experts[2].register_full_backward_hook(lambda m, gi, go: None)
+        return "deepspeed_experts.2' has hooks (_backward_hooks)"
+    if case == "hook_on_the_gate":
+        ds.deepspeed_moe.gate.register_forward_hook(lambda m, i, o: o)
+        return "'ds_moe.deepspeed_moe.gate' has hooks"
+    if case == "extra_parameter_on_expert_1":
+        experts[1].scale = nn.Parameter(torch.ones(H))
+        return "ds_moe's expert 1: unsupported expert PhiMLP: parameters ['scale']"
+    if case == "expert_2_in_another_dtype":
+        experts[2].double()
+        return "ds_moe's expert 2's fc1.weight is torch.float64 but expert 0's is torch.float32"
+    if case == "forward_on_the_gate_instance":
+        ds.deepspeed_moe.gate.forward = lambda *a: None
+        return "ds_moe.deepspeed_moe.gate has a forward set on the instance"
+    raise KeyError(case)
+
+
+@pytest.mark.parametrize("case", ["hook_on_expert_1", "pre_hook_inside_expert_3", "backward_hook_on_expert_2",
+                                  "hook_on_the_gate", "extra_parameter_on_expert_1", "expert_2_in_another_dtype",
+                                  "forward_on_the_gate_instance"])
+def test_from_deepspeed_checks_every_expert_and_the_whole_layer(case):
+    """Was accepted: a forward hook on expert 1 (only expert 0 was probed, and the 'same structure'
+    shortcut for the others ignored hooks, parameter layouts and dtypes): the converted layer's output
+    differed from DeepSpeed's by 5.85."""
+    ds = _fake_ds()
+    MoE.from_deepspeed(ds)                              # as built: fine
+    needle = _ds_break(ds, case)
+    with pytest.raises(ValueError) as err:
+        MoE.from_deepspeed(ds)
+    assert needle in str(err.value), str(err.value)
+
+
+def test_a_hooked_template_expert_is_refused():
+    """DeepSpeed deep-copies the template with its hooks, which then run in every expert; the packed
+    layer never calls the expert, so it refuses instead of dropping them."""
+    template = PhiMLP(H, F_)
+    handle = template.fc1.register_forward_hook(lambda m, i, o: o * 2)
+    with pytest.raises(ValueError, match=r"module 'expert\.fc1' has hooks \(_forward_hooks\).*never calls it"):
+        MoE(H, template, num_experts=E)
+    handle.remove()
+    MoE(H, template, num_experts=E)
+
+
+def test_real_deepspeed_every_expert_and_part_is_checked():
+    DeepSpeedMoE = deepspeed_moe_cls()
+    from deepspeed.moe.sharded_moe import TopKGate
+
+    torch.manual_seed(0)
+    ds = DeepSpeedMoE(H, PhiMLP(H, F_), num_experts=E, k=2, min_capacity=0, top2_2nd_expert_sampling=False)
+    x = torch.randn(9, H)
+    plain = ds(x)[0]
+    handle = ds.deepspeed_moe.experts.deepspeed_experts[1].register_forward_hook(lambda m, i, o: o * 0.25)
+    assert not torch.allclose(ds(x)[0], plain)          # DeepSpeed runs the hook
+    with pytest.raises(ValueError, match=r"deepspeed_experts\.1' has hooks"):
+        MoE.from_deepspeed(ds)
+    handle.remove()
+
+    class ScaledGate(TopKGate):
+        def forward(self, input, *args, **kwargs):
+            return super().forward(input * 2, *args, **kwargs)
+
+    ds.deepspeed_moe.gate.__class__ = ScaledGate
+    with pytest.raises(ValueError, match=r"ds_moe\.deepspeed_moe\.gate class \S*ScaledGate overrides DeepSpeed's "
+                                         r"TopKGate\.forward"):
+        MoE.from_deepspeed(ds)
+
+
+# ------------------------------------------------------------------------------ second pass: autocast
+
+def _autocast_layer(k, seed=0):
+    """fp32 weights with well-separated router logits (so the bf16-rounded logits decide as fp32 ones)."""
+    torch.manual_seed(seed)
+    moe = MoE(H, PhiMLP(H, F_), num_experts=E, k=k, capacity_factor=0.75, min_capacity=0,
+              top2_2nd_expert_sampling=False, use_rts=False)
+    with torch.no_grad():
+        for p in moe.expert_parameters():
+            p.add_(torch.randn_like(p) * 0.2)
+        moe.gate_weight.copy_(torch.randn(E, H) * 0.05)
+        moe.gate_weight[:, :E] += torch.eye(E)
+    return moe
+
+
+def _separated_input(S):
+    x = torch.randn(S, H)
+    x[:, :E] = torch.stack([torch.randperm(E).float() * 1.5 for _ in range(S)])   # logits ~1.5 apart
+    return x.bfloat16()
+
+
+@pytest.mark.parametrize("backend, device", BACKEND_DEVICES)
+@pytest.mark.parametrize("k", [1, 2, 3])
+def test_autocast_follows_deepspeeds_dtype_rules(k, backend, device):
+    """A bf16 input (a preceding linear's output) into fp32 weights under torch.autocast raised a dtype
+    TypeError; DeepSpeed runs it.  Its rules, reproduced: router logits F.linear(x.float(), wg.float())
+    (autocast runs that in bf16), the experts' linears in bf16, the output bf16, l_aux float32, counts
+    int64; gradients reach the fp32 parameters.  Checked against float64 with the bf16-rounded values."""
+    S = 19
+    moe = _autocast_layer(k).to(device).train()
+    x = _separated_input(S).to(device).requires_grad_()
+    dy = torch.randn(S, H, device=device)
+    with torch.autocast(device, dtype=torch.bfloat16), use_backend(backend):
+        y, l_aux, counts = moe(x)
+        logits = F.linear(x.float(), moe.gate_weight.float())           # DeepSpeed's gate, under autocast
+    (y.float() * dy).sum().backward()
+    assert (y.dtype, l_aux.dtype, counts.dtype, logits.dtype) == (torch.bfloat16, torch.float32, torch.int64,
+                                                                 torch.bfloat16)
+    assert moe.w1.grad.dtype == torch.float32 and moe.gate_weight.grad.dtype == torch.float32
+    r = moe_route(logits.detach().float(), k, moe.capacity(S), drop_policy="probs" if k == 3 else None)
+    assert torch.equal(counts, r.exp_counts) and not bool(r.keep.all())   # tokens were dropped
+    # float64 with the bf16-rounded input and expert weights; the router's path (combine weights) from
+    # float64 logits, which differ from the bf16 ones by bf16 rounding only
+    bf = [t.detach().bfloat16().double().requires_grad_() for t in (x, moe.w1, moe.b1, moe.w2, moe.b2)]
+    wg = moe.gate_weight.detach().double().requires_grad_()
+    _, weights, _ = combine_weights_and_aux(F.linear(bf[0], wg), r.indices, r.keep, r.top1_counts, r.exp_counts,
+                                            topkgating=k >= 3)
+    want = moe_ffn_reference(bf[0], weights.double(), r.sorted_slots, r.expert_offsets, *bf[1:], "gelu_tanh")
+    (want * dy.double()).sum().backward()
+    assert_close("y", y, want, torch.bfloat16)
+    for name, got, ref in zip(("dx", "dw1", "db1", "dw2", "db2", "d gate"),
+                              (x, moe.w1, moe.b1, moe.w2, moe.b2, moe.gate_weight), bf + [wg]):
+        assert_close(name, got.grad, ref.grad, torch.bfloat16)
+
+
+def test_autocast_fp32_input_gives_the_autocast_dtype_as_deepspeed():
+    moe = _autocast_layer(2)
+    x = torch.randn(7, H)
+    with torch.autocast("cpu", dtype=torch.bfloat16), use_backend("reference"):
+        y, _, _ = moe(x)
+    assert y.dtype == torch.bfloat16
+    with pytest.raises(TypeError, match="or run under torch.autocast"):
+        moe(x.bfloat16())
+    with pytest.raises(TypeError, match="hidden_states has dtype torch.bfloat16"):   # torch's autocast query
+        moe.to("meta")(torch.randn(5, H, device="meta", dtype=torch.bfloat16))     # raised for meta tensors
+
+
+@pytest.mark.parametrize("k,kw", [(1, dict(use_rts=False)), (2, dict(top2_2nd_expert_sampling=False)),
+                                  (3, dict(drop_tokens=False))], ids=["k1", "k2", "k3"])
+def test_real_deepspeed_under_autocast_matches_it(k, kw):
+    """DeepSpeed itself under torch.autocast(bfloat16) on a bf16 input: the same dtypes, counts and (to
+    bf16 rounding: DeepSpeed's gating arithmetic after the logits partly runs in bf16 there) values."""
+    DeepSpeedMoE = deepspeed_moe_cls()
+    torch.manual_seed(0)
+    ds = DeepSpeedMoE(H, PhiMLP(H, F_), num_experts=E, k=k, min_capacity=0, capacity_factor=0.75, **kw).train()
+    with torch.no_grad():
+        for p in ds.deepspeed_moe.experts.parameters():
+            p.add_(torch.randn_like(p) * 0.2)
+        ds.deepspeed_moe.gate.wg.weight.copy_(torch.randn(E, H) * 0.05 + F.pad(torch.eye(E), (0, H - E)))
+    ours = MoE.from_deepspeed(ds)
+    x = _separated_input(18)
+    xd, xo = x.clone().requires_grad_(), x.clone().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y_ds, l_ds, c_ds = ds(xd)
+        with use_backend("reference"):
+            y, l_aux, counts = ours(xo)
+    (y_ds.float().square().sum() + l_ds).backward()
+    (y.float().square().sum() + l_aux).backward()
+    assert (y.dtype, l_aux.dtype) == (y_ds.dtype, l_ds.dtype) == (torch.bfloat16, torch.float32)
+    assert torch.equal(counts, c_ds.to(counts))
+    assert_close("y", y, y_ds.double(), torch.bfloat16)
+    assert_close("l_aux", l_aux, l_ds.double(), torch.bfloat16)
+    assert_close("dx", xo.grad, xd.grad.double(), torch.bfloat16)
+    assert_close("d gate", ours.gate_weight.grad, ds.deepspeed_moe.gate.wg.weight.grad.double(), torch.bfloat16)
+
+
+# ------------------------------------------------------------------------------ second pass: DeepSpeed-free pins
+
+def _layer(k, **kw):
+    moe = MoE(H, PhiMLP(H, F_), num_experts=E, k=k, min_capacity=0, **kw)
+    with torch.no_grad():
+        for p in moe.expert_parameters():
+            p.add_(torch.randn_like(p) * 0.3)
+    return moe
+
+
+def test_default_drop_policy_for_k3_is_topkgatings_probs():
+    """DeepSpeed's MoE always runs topkgating's default drop_policy='probs' for k >= 3 (pinned by the
+    DeepSpeed parity test too, which needs DeepSpeed)."""
+    S = 23
+    moe = _layer(3, capacity_factor=0.5)
+    x = torch.randn(S, H)
+    logits = F.linear(x, moe.gate_weight)
+    cap = capacity_for(S, E, 0.5, 3, 0)
+    probs, position = (moe_route(logits, 3, cap, drop_policy=p) for p in ("probs", "position"))
+    assert not torch.equal(probs.keep, position.keep)          # the input tells the two policies apart
+    r = moe.route(x)
+    assert r.capacity == cap and torch.equal(r.indices, probs.indices) and torch.equal(r.keep, probs.keep)
+    with use_backend("reference"):
+        y, l_aux, counts = moe(x)
+        want = moe_ffn(x, probs, moe.w1, moe.b1, moe.w2, moe.b2)
+    assert torch.equal(y, want) and torch.equal(l_aux, probs.l_aux) and torch.equal(counts, probs.exp_counts)
+
+
+def test_own_gumbel_draw_is_one_uniform_sample_from_torchs_generator():
+    """k = 2 samples the second expert with -log(-log(u)), u = torch.rand(S, E) clamped to
+    [1e-20, 1 - 1e-7], drawn from torch's generator (what the MoE-LLaVA parity tests feed DeepSpeed's
+    gumbel_rsample): one draw of S*E uniforms, so the random stream after the layer is where DeepSpeed's is."""
+    S = 40
+    moe = _layer(2, capacity_factor=1.0)
+    x = torch.randn(S, H)
+    torch.manual_seed(123)
+    with use_backend("reference"):
+        y, _, counts = moe(x)
+    after = torch.get_rng_state()
+    torch.manual_seed(123)
+    u = torch.rand(S, E).clamp(min=1e-20, max=1.0 - 1e-7)
+    assert torch.equal(torch.get_rng_state(), after)
+    noise = -torch.log(-torch.log(u))
+    with use_backend("reference"):
+        y_given, _, counts_given = moe(x, second_expert_noise=noise)
+        y_other, _, _ = moe(x, second_expert_noise=gumbel(S, E))
+    assert torch.equal(y, y_given) and torch.equal(counts, counts_given)
+    assert not torch.equal(y, y_other)                          # the noise matters on this input
+
+
+@pytest.mark.parametrize("k", [1, 2, 3])
+def test_train_and_eval_capacity_factors(k):
+    """capacity_factor in training, eval_capacity_factor in eval: DeepSpeed's capacity formula
+    (capacity_for) with the factor of the current mode, in the routing the forward uses."""
+    S, cf, ecf = 29, 0.5, 1.75
+    moe = _layer(k, capacity_factor=cf, eval_capacity_factor=ecf, use_rts=False)
+    x = torch.randn(S, H)
+    logits = F.linear(x, moe.gate_weight)
+    for training, factor in ((True, cf), (False, ecf)):
+        moe.train(training)
+        cap = capacity_for(S, E, factor, k, 0)
+        assert moe.capacity(S) == cap
+        noise = gumbel(S, E) if k == 2 else None
+        r = moe.route(x, second_expert_noise=noise)
+        want = moe_route(logits, k, cap, noise, drop_policy="probs" if k == 3 else None)
+        assert r.capacity == cap and torch.equal(r.keep, want.keep), (training, k)
+        with use_backend("reference"):
+            y, _, _ = moe(x, second_expert_noise=noise)
+            assert torch.equal(y, moe_ffn(x, want, moe.w1, moe.b1, moe.w2, moe.b2)), (training, k)
+    assert capacity_for(S, E, cf, k, 0) != capacity_for(S, E, ecf, k, 0)

@@ -33,7 +33,7 @@ pytest.importorskip("deepspeed.moe.layer", reason="the MoE-LLaVA mirror uses Dee
 import mmkernels  # noqa: E402
 from mmkernels.patching import RetiredParameterError, apply_mmkernels  # noqa: E402
 from mmkernels.patching import moe_llava  # noqa: E402
-from mmkernels.testing import TOLERANCES, Tolerance, assert_close, compare  # noqa: E402
+from mmkernels.testing import assert_close, compare  # noqa: E402
 from mmkernels.ops.moe.reference import capacity_for  # noqa: E402
 
 from mirrors import moe_llava as mirror  # noqa: E402
@@ -193,23 +193,25 @@ def test_greedy_generate_gives_identical_tokens(config, backend, new_tokens):
 
 
 def test_convergence_20_adamw_steps(config="phi-capacity-sampled"):
-    """20 AdamW steps from one seed: the loss matches at every step and the final weights match.
+    """20 AdamW steps from one seed, patched against unpatched, both in float64: the loss at every step
+    and the final weights agree to float64's tolerance.
 
     AdamW over DeepSpeed's per-expert parameters and over the packed [E, ...] ones is the same
-    elementwise arithmetic.  Key biases are frozen: their exact gradient is zero (softmax ignores a
-    per-query constant), so AdamW would only normalise rounding noise into full-size steps.  The final
-    weights carry 20 steps of float32 rounding through Adam's 1/sqrt(v), which turns a gradient that is
-    rounding noise (an embedding row's, say) into full-size steps: checked against the same training of
-    the unpatched model in float64, within 10x float32's single-operation tolerance or, where that is
-    missed, within twice the unpatched float32 model's own distance from that float64 run."""
-    ref, pat = pair(config)
-    ref64 = mirror.build(CONFIGS[config][0], **CONFIGS[config][1]).train()
-    ref64.load_state_dict(ref.state_dict())
-    ref64.double()
-    mirror.set_expert_parallel_groups(ref64)
-    models = (ref, pat, ref64)
+    elementwise arithmetic.  float64, because 20 AdamW steps amplify float32 rounding chaotically (Adam's
+    1/sqrt(v) turns a gradient that is rounding noise into a full-size step): two float32 runs of the
+    same model drift apart by more than float32's tolerance, by an amount that varies with the seed.
+    Both models route in float32 from the same float32-rounded router inputs (DeepSpeed's
+    ``x.float()``), with the same Gumbel draws.  The loss is computed here in float64 (transformers'
+    causal-LM loss casts the logits to float32), plus the routers' auxiliary loss.  Key biases are
+    frozen: their exact gradient is zero (softmax ignores a per-query constant), so AdamW would only
+    normalise rounding noise into full-size steps."""
+    backbone, moe_args = CONFIGS[config]
+    ref, pat = (mirror.build(backbone, **moe_args).train().double() for _ in range(2))
+    mirror.set_expert_parallel_groups(ref)
+    mirror.set_expert_parallel_groups(pat)
+    assert patch(pat) == {"moe": 1} and pat.model.layers[0].mlp.w1.dtype == torch.float64
     opts = []
-    for m in models:
+    for m in (ref, pat):
         for n, p in m.named_parameters():
             if n.endswith("k_proj.bias"):
                 p.requires_grad_(False)
@@ -217,25 +219,20 @@ def test_convergence_20_adamw_steps(config="phi-capacity-sampled"):
     for step in range(20):
         ids = torch.randint(2, VOCAB, (2, 7))
         losses = []
-        for m, opt in zip(models, opts):
+        for m, opt in zip((ref, pat), opts):
             opt.zero_grad()
-            out = run(m, ids, 1000 + step, "reference", labels=ids)
-            out.loss.backward()
+            out = run(m, ids, 1000 + step, "reference")
+            assert out.logits.dtype == torch.float64
+            loss = torch.nn.functional.cross_entropy(out.logits[:, :-1].reshape(-1, VOCAB), ids[:, 1:].reshape(-1))
+            loss = loss + out["moe_loss"]
+            loss.backward()
             opt.step()
-            losses.append(out.loss.detach())
-        assert_close(f"loss at step {step}", losses[1], losses[0].double(), torch.float32)
-    f32 = TOLERANCES[torch.float32]
-    trajectory = Tolerance(max_err=10 * f32.max_err, rms_err=10 * f32.rms_err)
-    want, got, truth = ref.state_dict(), pat.state_dict(), ref64.state_dict()
+            losses.append(loss.detach())
+        assert_close(f"loss at step {step}", losses[1], losses[0], torch.float64)
+    want, got = ref.state_dict(), pat.state_dict()
     assert got.keys() == want.keys()
-    failed = []
     for k in want:
-        c = compare(k, got[k], truth[k], torch.float32)
-        if c.max_err > trajectory.max_err or c.rms_err > trajectory.rms_err:
-            u = compare(k, want[k], truth[k], torch.float32)
-            if not (c.max_err <= 2 * u.max_err and c.rms_err <= 2 * u.rms_err):
-                failed.append(f"{c}; unpatched float32: {u}")
-    assert not failed, failed
+        assert_close(f"final {k}", got[k], want[k], torch.float64)
 
 
 # ------------------------------------------------------------------------------ checkpoints both ways

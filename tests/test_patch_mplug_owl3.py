@@ -12,6 +12,7 @@ import inspect
 
 import pytest
 import torch
+import torch.nn.functional as F
 from transformers import DynamicCache, Qwen2Config, Qwen2ForCausalLM
 from transformers.models.qwen2.modeling_qwen2 import Qwen2Model
 
@@ -204,7 +205,8 @@ def test_convergence_20_adamw_steps(version):
     parameter wiring) is the same on both backends.  float64, because 20 AdamW steps amplify float32
     rounding chaotically (two float32 runs of the *same* model drift apart by more than float32's
     one-operation tolerance), while in float64 any difference the patch made would stand out against
-    the float64 tolerances."""
+    the float64 tolerances.  The loss is computed here in float64 too: transformers' causal-LM loss
+    casts the logits to float32, which would hold a float32-rounded loss to float64's tolerance."""
     ids, mask, images, media_offset = _inputs(version)
     original, patched = (build(version, dtype=torch.float64).train() for _ in range(2))
     opts = [torch.optim.AdamW(m.parameters(), lr=1e-2, weight_decay=0.01) for m in (original, patched)]
@@ -215,8 +217,10 @@ def test_convergence_20_adamw_steps(version):
         for model, opt in zip((original, patched), opts):
             opt.zero_grad()
             with mmkernels.use_backend("reference"):
-                loss = model(input_ids=ids, attention_mask=mask, image_embeds=images.double(),
-                             media_offset=media_offset, labels=ids).loss
+                logits = model(input_ids=ids, attention_mask=mask, image_embeds=images.double(),
+                               media_offset=media_offset).logits
+            assert logits.dtype == torch.float64
+            loss = F.cross_entropy(logits[:, :-1].reshape(-1, V), ids[:, 1:].reshape(-1))   # next-token loss
             loss.backward()
             opt.step()
             losses.append(loss.detach())

@@ -7,6 +7,7 @@ tolerances), on the reference backend and on the Triton kernels (the CPU interpr
 parameters); state dicts move both ways between ``"mmkernels"`` and ``"eager"`` models.  Unsupported
 expert modules fall back with one named warning.
 """
+import copy
 import subprocess
 import sys
 import warnings
@@ -365,8 +366,9 @@ class _SiLUSubclass(nn.SiLU):
         return 2 * super().forward(x)
 
 
-@pytest.mark.parametrize("case", ["custom_gate", "interleaved", "lambda_act", "subclass_act", "instance_forward",
-                                  "hooked_act", "post_norm", "expert_parallel"])
+@pytest.mark.parametrize("case", ["custom_gate", "instance_gate", "interleaved", "lambda_act", "subclass_act",
+                                  "instance_forward", "hooked_act", "backward_hooked_act", "post_norm",
+                                  "expert_parallel"])
 def test_unsupported_falls_back_with_one_named_warning(case):
     flags, act = {}, None
     if case == "interleaved":
@@ -375,23 +377,28 @@ def test_unsupported_falls_back_with_one_named_warning(case):
         act = lambda z: torch.sigmoid(z) * z  # noqa: E731  (SiLU in effect, but not provably so)
     if case == "subclass_act":
         act = _SiLUSubclass()
-    if case in ("instance_forward", "hooked_act"):
+    if case in ("instance_forward", "hooked_act", "backward_hooked_act"):
         act = nn.SiLU()
         if case == "instance_forward":
             act.forward = lambda z: z * 3
-        else:
+        elif case == "hooked_act":
             act.register_forward_hook(lambda m, i, o: o * 3)
+        else:   # grouped_mm and eager call act_fn, so its backward hooks run there
+            act.register_full_backward_hook(lambda m, gi, go: (gi[0] * 2,))
     cls = _experts_class(**flags)
     if case == "custom_gate":
         cls._apply_gate = lambda self, gu: torch.relu(gu[..., ::2]) * gu[..., 1::2]
     mod = cls(_Cfg("eager"), act=act)
+    if case == "instance_gate":   # set on the instance, e.g. by a quantisation or clamping wrapper
+        mod._apply_gate = lambda gu: torch.relu(gu[..., ::2]) * gu[..., 1::2]
     if case == "post_norm":
         mod.has_post_expert_norm = True
     if case == "expert_parallel":
         mod._is_expert_parallel = True
     needle = {"custom_gate": "_apply_gate", "interleaved": "is_concatenated", "lambda_act": "act_fn <function",
               "subclass_act": "_SiLUSubclass", "instance_forward": "instance-level forward",
-              "hooked_act": "forward hooks", "post_norm": "has_post_expert_norm",
+              "hooked_act": "with hooks (_forward_hooks)", "backward_hooked_act": "with hooks (_backward_hooks)",
+              "instance_gate": "instance-level", "post_norm": "has_post_expert_norm",
               "expert_parallel": "_is_expert_parallel"}[case]
     mkt._warned.clear()
     with warnings.catch_warnings(record=True) as caught:
@@ -410,6 +417,48 @@ def test_unsupported_falls_back_with_one_named_warning(case):
                 mkt._ExpertsInterface._global_mapping["grouped_mm"] = fallback
     ours = [str(w.message) for w in caught if issubclass(w.category, mkt.MMKernelsFallbackWarning)]
     assert len(ours) == 1 and needle in ours[0], ours
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+@pytest.mark.parametrize("case", ["bf16_experts_fp32_input", "bf16_experts_under_autocast",
+                                  "fp32_experts_under_autocast"])
+def test_mixed_precision_equals_transformers_grouped_mm(case, backend):
+    """bf16 experts fed fp32 hidden states (a norm's output under autocast), and fp32 experts under autocast:
+    what transformers' own grouped_mm backend computes (autocast does not cast grouped_mm: the experts run
+    in their weights' dtype on the input cast to it, the result comes back in the input's dtype).  The
+    output and every gradient have grouped_mm's dtypes and are held to the weights' dtype tolerance
+    against that computation in float64 (as is grouped_mm's own output; its bf16 weight gradients, summed
+    in bf16, can miss that tolerance themselves)."""
+    mod = _experts_class(has_bias=True)(_Cfg("grouped_mm"), Hd=32, F=16)   # grouped_mm: 16-byte strides
+    if case.startswith("bf16"):
+        mod.to(torch.bfloat16)
+    dtype = mod.down_proj.dtype
+    dev = _device(backend)
+    T, k = 9, 2
+    x = torch.randn(T, 32)
+    idx = torch.stack([torch.randperm(mod.num_experts)[:k] for _ in range(T)])
+    w = torch.rand(T, k)
+    ref = copy.deepcopy(mod).double()                      # the weights' values, exactly
+    ref.config._experts_implementation = "eager"
+    x64 = x.to(dtype).double().requires_grad_()            # grouped_mm's input.to(weight.dtype)
+    (ref(x64, idx, w.double()).square().sum()).backward()
+    want = [ref(x64, idx, w.double()).detach(), x64.grad] + [p.grad for p in ref.parameters()]
+    mod.to(dev)
+    autocast = torch.autocast(dev, dtype=torch.bfloat16, enabled=case.endswith("autocast"))
+    res = {}
+    for impl in ("grouped_mm", "mmkernels"):
+        mod.config._experts_implementation = impl
+        mod.zero_grad(set_to_none=True)
+        xi = x.to(dev, copy=True).requires_grad_()
+        with autocast, mmkernels.use_backend(backend):
+            y = mod(xi, idx.to(dev), w.to(dev))
+        y.float().square().sum().backward()
+        res[impl] = [y, xi.grad] + [p.grad for p in mod.parameters()]
+    assert res["mmkernels"][0].dtype == res["grouped_mm"][0].dtype == torch.float32
+    assert_close("grouped_mm output", res["grouped_mm"][0], want[0], dtype)
+    for i, (a, b) in enumerate(zip(res["mmkernels"], want)):
+        assert a.dtype == res["grouped_mm"][i].dtype, i
+        assert_close(f"output/grad {i}", a, b, dtype)
 
 
 def test_expert_activation_is_never_guessed():

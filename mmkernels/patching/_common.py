@@ -15,6 +15,8 @@ from torch.optim.optimizer import register_optimizer_step_pre_hook
 from torch import nn
 from torch.utils.weak import WeakIdKeyDictionary
 
+from .._validation import RUN_HOOKS, STATE_DICT_HOOKS, module_hooks as hooks  # noqa: F401  (shared by the patchers)
+
 _RETIRED: "WeakIdKeyDictionary" = WeakIdKeyDictionary()   # retired Parameter -> "name (what replaced it)"
 _HOOK = None
 
@@ -48,17 +50,6 @@ def set_child(model: nn.Module, qualified_name: str, new: nn.Module) -> None:
     parent_name, _, child = qualified_name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
     setattr(parent, child, new)
-
-
-# module hook dicts: the ones that run in forward/backward, and the state-dict ones
-RUN_HOOKS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
-STATE_DICT_HOOKS = ("_state_dict_hooks", "_state_dict_pre_hooks", "_load_state_dict_pre_hooks",
-                    "_load_state_dict_post_hooks")
-
-
-def hooks(module: nn.Module, kinds: Tuple[str, ...] = RUN_HOOKS + STATE_DICT_HOOKS) -> List[str]:
-    """The names of ``module``'s non-empty hook dicts among ``kinds`` (a replacement would drop them)."""
-    return [kind for kind in kinds if getattr(module, kind, None)]
 
 
 def find_modules(model: nn.Module, predicate: Callable[[nn.Module], bool],

@@ -34,46 +34,32 @@ from typing import Callable, Dict, List
 
 from torch import nn
 
-from ._common import RUN_HOOKS, find_modules, hooks, retire_parameters, set_child
+from .._validation import check_no_hooks
+from ._common import find_modules, retire_parameters, set_child
 
 __all__ = ["LOOKS_FOR", "plan", "is_deepspeed_moe"]
 
 LOOKS_FOR = ("DeepSpeed MoE layers (deepspeed.moe.layer.MoE with deepspeed_moe.gate.wg and "
              "deepspeed_moe.experts.deepspeed_experts, as MoE-LLaVA builds them)")
 
-# (module, class) of DeepSpeed's parts whose own forward mmkernels.MoE reproduces
-_DS_MOE = ("deepspeed.moe.layer", "MoE")
-_DS_PARTS = {"deepspeed_moe": ("deepspeed.moe.sharded_moe", "MOELayer"),
-             "deepspeed_moe.gate": ("deepspeed.moe.sharded_moe", "TopKGate"),
-             "deepspeed_moe.experts": ("deepspeed.moe.experts", "Experts")}
 _DS_PARAM_MARKS = ("allreduce", "group_name")   # set by deepspeed.moe.experts.Experts on every expert parameter
-
-
-def _ds_class(cls: type, ident) -> type | None:
-    """The class in ``cls``'s MRO that is DeepSpeed's ``ident`` = (module, name), or None."""
-    for base in cls.__mro__:
-        if (base.__module__, base.__qualname__) == ident:
-            return base
-    return None
 
 
 def is_deepspeed_moe(module: nn.Module) -> bool:
     """Whether ``module`` is a ``deepspeed.moe.layer.MoE`` (or a subclass), without importing DeepSpeed."""
-    return _ds_class(type(module), _DS_MOE) is not None
+    from ..ops.moe.module import DEEPSPEED_PARTS, deepspeed_class
+    return deepspeed_class(type(module), DEEPSPEED_PARTS[""]) is not None
 
 
 def _check_forward(qualname: str, module: nn.Module, ident, what: str) -> None:
     """``module`` (DeepSpeed's ``ident`` class or a subclass) must run DeepSpeed's own forward."""
-    base = _ds_class(type(module), ident)
-    if base is None:
+    from ..ops.moe.module import deepspeed_class, deepspeed_forward_problem
+    if deepspeed_class(type(module), ident) is None:
         raise ValueError(f"cannot patch DeepSpeed MoE layer {qualname!r}: its {what} is a "
                          f"{type(module).__module__}.{type(module).__qualname__}, not DeepSpeed's {ident[1]}")
-    if "forward" in vars(module):
-        raise ValueError(f"cannot patch DeepSpeed MoE layer {qualname!r}: its {what} has a forward set on the "
-                         "instance; mmkernels.MoE reproduces DeepSpeed's own forward only")
-    if type(module).forward is not base.forward:
-        raise ValueError(f"cannot patch DeepSpeed MoE layer {qualname!r}: its {what} class "
-                         f"{type(module).__qualname__} overrides DeepSpeed's {ident[1]}.forward; mmkernels.MoE "
+    problem = deepspeed_forward_problem(module, ident)
+    if problem:
+        raise ValueError(f"cannot patch DeepSpeed MoE layer {qualname!r}: its {what} {problem}; mmkernels.MoE "
                          "reproduces DeepSpeed's own forward only")
 
 
@@ -82,7 +68,8 @@ def _check_layer(qualname: str, ds: nn.Module) -> None:
     if qualname == "":
         raise ValueError("the model itself is a DeepSpeed MoE layer; apply_mmkernels replaces layers inside a "
                          "model: use mmkernels.MoE.from_deepspeed(layer, state_dict_layout='deepspeed') instead")
-    _check_forward(qualname, ds, _DS_MOE, "layer")
+    from ..ops.moe.module import DEEPSPEED_PARTS
+    _check_forward(qualname, ds, DEEPSPEED_PARTS[""], "layer")
     ep_size = getattr(ds, "ep_size", 1)
     if ep_size != 1:
         # mmkernels.MoE(ep_size > 1) names a rank's experts by global id (DeepSpeed's EP checkpoint files);
@@ -92,20 +79,19 @@ def _check_layer(qualname: str, ds: nn.Module) -> None:
             "in place, because the patched layer's state dict would name each rank's experts by global id where "
             "DeepSpeed's names them 0..L-1; build the layer with mmkernels.MoE.from_deepspeed(layer) instead "
             "(MoE-LLaVA uses ep_size=1)")
-    for path, ident in _DS_PARTS.items():
+    for path, ident in DEEPSPEED_PARTS.items():
+        if not path:
+            continue
         try:
             part = ds.get_submodule(path)
         except AttributeError:
             raise ValueError(f"cannot patch DeepSpeed MoE layer {qualname!r}: it has no {path} (not the structure "
                              "deepspeed.moe.layer.MoE builds)") from None
         _check_forward(qualname, part, ident, path)
-    for name, sub in ds.named_modules():
-        found = hooks(sub, RUN_HOOKS)
-        if found:
-            where = f"{qualname}.{name}" if name else qualname
-            raise ValueError(f"cannot patch DeepSpeed MoE layer {qualname!r}: module {where!r} has hooks "
-                             f"({', '.join(found)}) that replacing it would drop; remove them, patch, and register "
-                             "them on the new layer")
+    try:
+        check_no_hooks(qualname, ds, "the replacement")
+    except ValueError as e:
+        raise ValueError(f"cannot patch DeepSpeed MoE layer {qualname!r}: {e}") from None
     for name, p in ds.named_parameters():
         if hasattr(p, "ds_id") or hasattr(p, "ds_tensor"):
             raise ValueError(f"cannot patch DeepSpeed MoE layer {qualname!r}: parameter {name!r} is partitioned by "

@@ -44,9 +44,17 @@ transformers 5's ``position_embeddings`` / ``cache_position``, and the cache as 
   original's joint path.  Rows that see no key at all (left padding) give 0 where the original gives
   an arbitrary value; no other row reads them.
 * not supported, raising: ``output_attentions=True``; a multi-token step after the prompt while images
-  are given (chunked prefill / continuation; the original's masks are undefined there); at plan time
-  ``attention_dropout > 0``, ``use_sliding_window``, a non-default attention ``scaling``, a gate that is
-  not a ``[H*D]`` parameter, projections whose shapes disagree with the heads.
+  are given (chunked prefill / continuation; the original's masks are undefined there); a non-default
+  RoPE type without ``position_embeddings``; at plan time ``attention_dropout > 0``,
+  ``use_sliding_window``, a non-default attention ``scaling``, a gate that is not a ``[H*D]`` parameter,
+  projections whose shapes disagree with the heads, and anything the patched forward would bypass:
+  it calls ``q_proj``/``k_proj``/``v_proj``/``o_proj`` (their hooks run) but reads ``v_kv_proj``'s
+  weight into the fused producer, so hooks on ``v_kv_proj`` or any other child it does not call, a
+  ``v_kv_proj`` whose forward is not ``nn.Linear``'s, and a forward set on the layer's instance.
+
+Deliberate difference from the original (v2): on a one-token decode step, a sample without images in
+a batch where another sample has images attends to all its keys (causal attention), where the
+original's top-left ``tril(ones(1, kv_len))`` lets it see its first key only.
 
 Beam search: the side table is not reordered with the cache; beams expanded from one prompt share
 their images, so that is exact for them.
@@ -61,7 +69,7 @@ import torch
 from torch import nn
 from torch.utils.weak import WeakIdKeyDictionary
 
-from .._validation import FLOAT_DTYPES, check_tensor
+from .._validation import FLOAT_DTYPES, check_no_hooks, check_tensor
 from ..ops.hyper_attention.function import hyper_attention, visual_kv
 from ..ops.hyper_attention.reference import rope_cos_sin, rotate_half
 from ._common import find_modules
@@ -76,6 +84,7 @@ class _Spec:
     num_kv_heads: int
     head_dim: int
     rope_theta: float
+    rope_type: str      # the config's text RoPE ("default": plain RoPE at rope_theta)
 
     @property
     def visibility(self) -> str:
@@ -121,9 +130,44 @@ def _is_hyper_layer(module: nn.Module) -> bool:
     return flag is not False
 
 
+# The submodules the patched forward calls (their forwards and hooks run as in the original).  Every
+# other submodule's call is replaced: v_kv_proj's weight goes straight into visual_kv, and the patch
+# computes RoPE itself where the original may call a rotary_emb child.
+_CALLED = ("q_proj", "k_proj", "v_proj", "o_proj")
+
+
+def _check_replaced_calls(name: str, where: str, m: nn.Module) -> None:
+    """Refuse what the patched forward would silently bypass: a forward set on the layer's instance (the
+    patch would overwrite it), a ``v_kv_proj`` whose forward is not ``nn.Linear``'s, and hooks on any
+    submodule the patched forward does not call."""
+    if "forward" in vars(m):
+        raise NotImplementedError(f"{where}: the layer has a forward set on the instance (e.g. an offloading or "
+                                  "quantisation wrapper); the patch would replace it")
+    v_kv = m.v_kv_proj
+    if "forward" in vars(v_kv) or type(v_kv).forward is not nn.Linear.forward:
+        raise NotImplementedError(
+            f"{where}: v_kv_proj is a {type(v_kv).__module__}.{type(v_kv).__qualname__} with its own forward (e.g. "
+            "a fake-quantised linear); the patched layer reads v_kv_proj.weight / .bias into the fused visual_kv "
+            "and never calls v_kv_proj, so that forward would not run")
+    for child, sub in m.named_children():
+        if child not in _CALLED:
+            check_no_hooks(f"{name}.{child}", sub, f"the patched forward (which calls only {', '.join(_CALLED)})",
+                           error=NotImplementedError)
+
+
+def _rope_type(config) -> str:
+    """The config's text RoPE type: transformers 5's ``rope_parameters``, 4.x's ``rope_scaling``."""
+    for attr in ("rope_parameters", "rope_scaling"):
+        params = getattr(config, attr, None)
+        if isinstance(params, dict):
+            return str(params.get("rope_type", params.get("type", "default")))
+    return "default"
+
+
 def _spec(name: str, m: nn.Module) -> _Spec:
     """Everything the patched forward needs, checked now: raises naming the layer and the option."""
     where = f"hyper attention layer {name!r} ({type(m).__name__})"
+    _check_replaced_calls(name, where, m)
     config = getattr(m, "config", None)
     H = _config_value(m, config, "num_heads", "num_attention_heads")
     Hkv = _config_value(m, config, "num_key_value_heads")
@@ -167,7 +211,7 @@ def _spec(name: str, m: nn.Module) -> _Spec:
     scaling = getattr(m, "scaling", None)
     if scaling is not None and abs(float(scaling) - D ** -0.5) > 1e-12 * D ** -0.5:
         raise NotImplementedError(f"{where}: option scaling={scaling} is not supported (only head_dim**-0.5)")
-    return _Spec(name, mode, H, Hkv, D, float(theta))
+    return _Spec(name, mode, H, Hkv, D, float(theta), _rope_type(config))
 
 
 def _install(module: nn.Module, spec: _Spec) -> None:
@@ -324,9 +368,13 @@ def _rope(x, cos, sin):
     return x * cos + rotate_half(x) * sin
 
 
-def _text_cos_sin(spec, position_embeddings, position_ids, B, L, past_len, device, dtype):
+def _text_cos_sin(spec, position_embeddings, position_ids, B, L, past_len, device, dtype, where):
     if position_embeddings is not None:          # transformers >= 4.48 / 5: the model's own tables
         return position_embeddings
+    if spec.rope_type != "default":
+        raise NotImplementedError(f"{where}: the config's RoPE is {spec.rope_type!r} and no position_embeddings "
+                                  "were passed; the patched layer computes plain RoPE at rope_theta only (a model "
+                                  "that passes its own position_embeddings, as transformers >= 4.48 does, works)")
     if position_ids is None:
         position_ids = torch.arange(past_len, past_len + L, device=device)[None]
     position_ids = position_ids.reshape(-1, L)
@@ -413,7 +461,8 @@ def hyper_forward(self, hidden_states, attention_mask=None, position_ids=None, i
     q = self.q_proj(hidden_states).view(B, L, H, D)
     k = self.k_proj(hidden_states).view(B, L, Hkv, D)
     v = self.v_proj(hidden_states).view(B, L, Hkv, D)
-    cos, sin = _text_cos_sin(spec, kwargs.get("position_embeddings"), position_ids, B, L, past_len, device, q.dtype)
+    cos, sin = _text_cos_sin(spec, kwargs.get("position_embeddings"), position_ids, B, L, past_len, device, q.dtype,
+                             where)
     q, k = _rope(q, cos, sin), _rope(k, cos, sin)
     Lk = past_len + L
     if cache is not None:             # the text K/V go through the transformers Cache, [B, H_kv, L, D] as usual

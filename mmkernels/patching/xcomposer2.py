@@ -26,18 +26,22 @@ Anything the replacement could not run exactly is refused by :func:`plan`, namin
 option, before anything is changed: a bias on ``Plora_A``/``Plora_B``, a ``lora_dropout`` that is neither
 ``nn.Dropout`` nor the identity, hooks (the patched forward does not call the children, and a replaced
 module loses its own hooks), an instance-level ``forward``, parametrizations, extra parameters, buffers
-or children, and mismatched shapes, dtypes or devices.
+or children, mismatched shapes, dtypes or devices, and a class whose forward does not compute
+XComposer2's PLoRA (verified on a small float64 probe, so a look-alike with a forward of its own is
+refused by name).
 """
 from __future__ import annotations
 
 from typing import Callable, List
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import parametrize
 
 from .._validation import check_float
 from ..ops.plora.module import PLoRALinear
+from ..ops.plora.reference import plora_linear_reference
 from ._common import RUN_HOOKS, find_modules, hooks, set_child
 
 LOOKS_FOR = ("InternLM-XComposer2 PLoRA linears (nn.Linear with Plora_A / Plora_B linear children, "
@@ -45,6 +49,12 @@ LOOKS_FOR = ("InternLM-XComposer2 PLoRA linears (nn.Linear with Plora_A / Plora_
 
 # what a PLoRA module may hold; anything else would be lost (or ignored) by the replacement
 _CHILDREN = {"Plora_A", "Plora_B", "lora_dropout"}
+
+# The probe of what a candidate's forward computes: small float64 CPU tensors in place of its
+# parameters (its own may be large, low-precision, sharded or on another device), a batch of 2 x 3
+# rows with visual rows in both samples, none at all, and no mask.
+_PROBE_SEED = 20240131
+_PROBE_SHAPE = (2, 3, 5, 4, 3)   # B, L, in, out, r
 
 
 def _is_candidate(module: nn.Module) -> bool:
@@ -70,6 +80,54 @@ def _dropout_p(name: str, dropout) -> float:
     raise NotImplementedError(
         f"{name}.lora_dropout is {dropout!r}; the fused PLoRA op runs nn.Dropout(p) or the identity "
         "only (a subclass, another dropout kind or a custom function is not assumed to be either)")
+
+
+def _verify_forward(name: str, module: nn.Linear) -> None:
+    """The candidate's own forward (for the real modules XComposer2's ``PLoRA.forward``, defined by its
+    class) must compute what :class:`PLoRALinear` computes: ``NotImplementedError`` naming the class
+    otherwise.  Run on a probe through ``torch.func.functional_call`` in eval mode (dropout off; its
+    probability is checked separately), under a forked generator: the module's parameters, mode and
+    torch's random stream are left as they were."""
+    cls = type(module)
+    what = f"{name}'s forward ({cls.__module__}.{cls.__qualname__}.forward)"
+    B, L, in_f, out_f, r = _PROBE_SHAPE
+    gen = torch.Generator().manual_seed(_PROBE_SEED)
+    probe = {"weight": torch.randn(out_f, in_f, generator=gen, dtype=torch.float64),
+             "Plora_A.weight": torch.randn(r, in_f, generator=gen, dtype=torch.float64),
+             "Plora_B.weight": torch.randn(out_f, r, generator=gen, dtype=torch.float64)}
+    if module.bias is not None:
+        probe["bias"] = torch.randn(out_f, generator=gen, dtype=torch.float64)
+    x = torch.randn(B, L, in_f, generator=gen, dtype=torch.float64)
+    masks = (torch.tensor([[False, True, True], [True, False, False]]), torch.zeros(B, L, dtype=torch.bool), None)
+    modes = [(m, m.training) for m in module.modules()]
+    try:
+        module.eval()
+        with torch.no_grad(), torch.random.fork_rng(devices=[]):
+            for mask in masks:
+                if mask is None:
+                    want = F.linear(x, probe["weight"], probe.get("bias"))
+                else:
+                    want = plora_linear_reference(x, probe["weight"], probe.get("bias"), probe["Plora_A.weight"],
+                                                  probe["Plora_B.weight"], mask, float(module.lora_scaling))
+                try:
+                    got = torch.func.functional_call(module, probe, (x,) if mask is None else (x, mask))
+                except Exception as e:  # noqa: BLE001 -- any failure means "not verified"
+                    raise NotImplementedError(
+                        f"cannot verify {what}: it failed on a float64 probe of shape {tuple(x.shape)} "
+                        f"({type(e).__name__}: {e}); the patch replaces only a forward that computes XComposer2's "
+                        "PLoRA") from e
+                same = isinstance(got, torch.Tensor) and got.shape == want.shape and bool(
+                    torch.allclose(got, want, rtol=1e-10, atol=1e-12))
+                if not same:
+                    called = "without im_mask" if mask is None else ("with im_mask" + (
+                        "" if mask.any() else " all False"))
+                    raise NotImplementedError(
+                        f"{what} does not compute XComposer2's PLoRA (called {called} on a probe it differs from "
+                        "the base linear plus lora_scaling * Plora_B(Plora_A(x)) on the rows where im_mask is "
+                        "True); the patched module would compute something else")
+    finally:
+        for m, training in modes:
+            m.training = training
 
 
 def _validate(name: str, module: nn.Linear) -> float:
@@ -142,6 +200,7 @@ def _validate(name: str, module: nn.Linear) -> float:
         if found:
             raise NotImplementedError(f"{name}.{child} has hooks ({', '.join(found)}); the fused op does not "
                                       "call the child modules, so they would not run")
+    _verify_forward(name, module)
     return p
 
 

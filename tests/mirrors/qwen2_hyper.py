@@ -20,7 +20,10 @@ tables, ``Cache`` objects, ``generate``) is the real one.  What it mirrors:
   softmax over ``[visual ; text]`` keys with MI-RoPE at ``idx``, row i sees image j iff
   ``i >= idx_j``, text part ``tril(q_len, kv_len)`` (top-left, as the original), a one-token step sees
   everything; the padding mask is ignored on this path (as the original); samples without images take
-  plain causal attention.
+  plain causal attention.  (Where another sample of the batch has images, the original gives such a
+  sample the same top-left ``tril(q_len, kv_len)``, which on a one-token decode step lets it see key 0
+  only; mmkernels deliberately does not reproduce that.  ``config.hyper_top_left_tril = True`` makes the
+  mirror do what the original does there, for the test that pins the choice.)
 
 Like the original it recomputes ``v_kv_proj`` and MI-RoPE of every image at every step.
 Attention is computed with an explicit float32 softmax in which a row with no visible key gives 0
@@ -98,6 +101,7 @@ class HyperQwen2Attention(Qwen2Attention):
             if self.version == "v1":
                 self.gate = nn.Parameter(torch.zeros(self.num_heads * self.head_dim))
             self.visual_cache = {}
+        self.top_left_tril = bool(getattr(config, "hyper_top_left_tril", False))
 
     # ----------------------------------------------------------------- masks
     @staticmethod
@@ -166,7 +170,8 @@ class HyperQwen2Attention(Qwen2Attention):
             starts = torch.as_tensor(starts, device=q.device).long()
             n = starts.numel()
             if n == 0:
-                outs.append(_attend(q[b], _repeat(k[b], G), _repeat(v[b], G), causal, self.scaling))
+                text = torch.ones(L, Lk, dtype=torch.bool, device=q.device).tril() if self.top_left_tril else causal
+                outs.append(_attend(q[b], _repeat(k[b], G), _repeat(v[b], G), text, self.scaling))
                 continue
             if L == 1:
                 mask = None

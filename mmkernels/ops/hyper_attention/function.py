@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch
 
 from ..._library import define_op
+from ..._utils import autocast_dtype
 from ..._validation import (FLOAT_DTYPES, check_float, check_int, check_same_device, check_same_dtype,
                              check_shape, check_tensor)
 from ...backend import get_backend, require_triton, resolve_backend
@@ -414,8 +415,7 @@ def visual_kv(image_embeds: torch.Tensor, norm_weight: torch.Tensor | None, v_kv
         raise ValueError(f"image_positions must have shape ({N},) (one per image), got {tuple(image_positions.shape)}")
     floats = [("image_embeds", image_embeds), ("norm_weight", norm_weight), ("v_kv_weight", v_kv_weight),
               ("v_kv_bias", v_kv_bias)]
-    dev_type = image_embeds.device.type
-    if not (dev_type in ("cpu", "cuda") and torch.is_autocast_enabled(dev_type)):
+    if autocast_dtype(image_embeds.device) is None:
         check_same_dtype(floats)  # (under autocast the projection casts, as F.linear does)
     check_same_device(floats + [("image_positions", image_positions)])
     meta = _is_meta(image_embeds)  # shapes only: the Triton path's ops run their fake kernels

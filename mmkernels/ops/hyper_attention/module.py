@@ -6,6 +6,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ..._utils import autocast_dtype
 from ..._validation import check_float, check_int, check_tensor
 from .function import hyper_attention, text_rope, visual_kv
 from .reference import MODES, VISIBILITIES
@@ -282,9 +283,21 @@ class HyperAttention(nn.Module):
             raise ValueError(f"past_key_value is a StaticHyperAttentionCache without a length (int64 [1]) and a valid "
                              f"(bool [B={B}, max_len={cache.max_len}]) on {dev} (make one with "
                              "HyperAttentionCache.to_static)")
-        if torch.is_grad_enabled() and any(p.requires_grad for p in (self.q_proj.weight, self.k_proj.weight)):
-            raise RuntimeError("a static cache is written in place, which autograd cannot differentiate through: "
-                               "run decode steps under torch.no_grad() or torch.inference_mode()")
+        if torch.is_grad_enabled():
+            # The step writes its K/V into the cache in place, and the attention reads the cache: with any
+            # input of the attention requiring grad, autograd would save the buffers it later overwrites
+            # (backward then fails with "modified by an inplace operation", possibly many steps later).
+            attention_inputs = [("hidden_states", hidden_states)]
+            attention_inputs += [(f"{proj}.{n}", p) for proj in ("q_proj", "k_proj", "v_proj")
+                                 for n, p in getattr(self, proj).named_parameters()]
+            if self.mode == "gated":
+                attention_inputs.append(("gate", self.gate))
+            attention_inputs += [(f"past_key_value.{n}", getattr(cache, n)) for n in ("k", "v", "k_vis", "v_vis")]
+            grad = [name for name, t in attention_inputs if t.requires_grad]
+            if grad:
+                raise RuntimeError(f"a static cache is written in place, which autograd cannot differentiate "
+                                   f"through, and {', '.join(grad)} require grad: run decode steps under "
+                                   "torch.no_grad() or torch.inference_mode()")
         if cache.filled >= cache.max_len:
             raise ValueError(f"the static cache is full: max_len={cache.max_len} positions are filled")
         q, k, v = self._qkv(hidden_states, position_ids, cache)
@@ -320,7 +333,7 @@ class HyperAttention(nn.Module):
         if hidden_states.device != weight.device:
             raise ValueError(f"hidden_states is on {hidden_states.device} but the layer's parameters are on "
                              f"{weight.device}")
-        if hidden_states.dtype != weight.dtype and not torch.is_autocast_enabled(hidden_states.device.type):
+        if hidden_states.dtype != weight.dtype and autocast_dtype(hidden_states.device) is None:
             raise TypeError(f"hidden_states has dtype {hidden_states.dtype} but the layer's parameters have "
                             f"{weight.dtype} (convert one, or run under torch.autocast)")
         position_ids = self._position_ids(position_ids, B, L, hidden_states.device)

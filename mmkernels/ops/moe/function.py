@@ -24,6 +24,7 @@ from typing import Optional
 import torch
 
 from ..._library import define_op
+from ..._utils import autocast_dtype
 from ..._validation import (FLOAT_DTYPES, check_int, check_same_device, check_same_dtype, check_shape,
                              check_tensor)
 from ...backend import require_triton, resolve_backend
@@ -69,20 +70,26 @@ class MoERouting:
     # moe_route "seals" what it returns: the identity and version counter of each index tensor.  A
     # routing that still holds the same, unmodified tensors (no re-assignment, no in-place write) was
     # built by moe_route and needs no value check -- so MoE's own forward stays free of host syncs.
-    # (Inference tensors have no version counter: for them only the identity is compared.)
+    # Inference tensors (made under torch.inference_mode) have no version counter, so an index tensor
+    # made there is sealed as a normal-tensor copy: in-place writes to it bump its counter even inside
+    # inference mode (one small device copy per index tensor, no host sync).
     _INDEX_FIELDS = ("indices", "keep", "sorted_slots", "expert_offsets")
 
     def _seal(self) -> None:
-        self._sealed = tuple((t, _version(t)) for t in (getattr(self, f) for f in self._INDEX_FIELDS))
+        sealed = []
+        for field in self._INDEX_FIELDS:
+            t = getattr(self, field)
+            if t.is_inference():
+                with torch.inference_mode(False):
+                    t = t.clone()
+                setattr(self, field, t)
+            sealed.append((t, t._version))
+        self._sealed = tuple(sealed)
 
     def _is_sealed(self) -> bool:
         sealed = getattr(self, "_sealed", None)
-        return sealed is not None and all(getattr(self, f) is t and _version(t) == v
+        return sealed is not None and all(getattr(self, f) is t and t._version == v
                                           for f, (t, v) in zip(self._INDEX_FIELDS, sealed))
-
-
-def _version(t: torch.Tensor) -> Optional[int]:
-    return None if t.is_inference() else t._version
 
 
 def _check_token_order_values(token_order: torch.Tensor, S: int) -> None:
@@ -496,11 +503,19 @@ def moe_ffn(x: torch.Tensor, routing: MoERouting, w1: torch.Tensor, b1: Optional
             valid (an invalid one is then undefined behaviour).  Skipped while torch.compile traces.
             Shapes, dtypes and devices are always checked.
 
-    Returns ``[..., H]`` in x's dtype; a row whose choices were all dropped is 0.  Differentiable in x,
-    the routing weights (hence the router) and every weight and bias.  Triton backend: no host sync,
-    deterministic (no atomics).
+    Under ``torch.autocast`` x and the expert weights and biases are cast to the autocast dtype first,
+    as DeepSpeed's expert ``nn.Linear`` calls are (the routing weights stay float32; the gradients flow
+    back to the full-precision tensors).
+
+    Returns ``[..., H]`` in x's dtype (the autocast dtype under autocast); a row whose choices were all
+    dropped is 0.  Differentiable in x, the routing weights (hence the router) and every weight and
+    bias.  Triton backend: no host sync, deterministic (no atomics).
     """
     check_tensor("x", x, min_ndim=1, dtypes=FLOAT_DTYPES)
+    dtype = autocast_dtype(x.device)
+    if dtype is not None:
+        x, w1, b1, w2, b2 = (t.to(dtype) if isinstance(t, torch.Tensor) and t.is_floating_point() else t
+                             for t in (x, w1, b1, w2, b2))
     if not isinstance(routing, MoERouting):
         raise TypeError(f"routing must be a MoERouting from moe_route, got {type(routing).__name__}")
     H = x.shape[-1]

@@ -48,7 +48,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..._validation import FLOAT_DTYPES, check_float, check_int, check_same_device, check_tensor
+from ..._utils import autocast_dtype
+from ..._validation import (FLOAT_DTYPES, RUN_HOOKS, check_float, check_int, check_no_hooks, check_same_device,
+                             check_tensor, module_hooks)
 from . import parallel
 from .function import moe_ffn, moe_route
 from .reference import capacity_for, expert_ffn
@@ -82,10 +84,20 @@ def _linear(module: nn.Module, name: str) -> Optional[nn.Linear]:
 _MODULE_STATE = {"_parameters", "_buffers", "_modules", "training"}
 
 
+def _tensor_layout(tensors: dict) -> dict:
+    return {n: None if t is None else (tuple(t.shape), t.dtype) for n, t in tensors.items()}
+
+
 def _same_structure(a: nn.Module, b: nn.Module) -> bool:
-    """Same class, same plain attributes and, recursively, the same children: a deep copy (any values
-    in the parameters and buffers).  False when unsure."""
+    """Same class, same plain attributes, the same parameter and buffer names, shapes and dtypes, no
+    hooks and, recursively, the same children: a deep copy (any values in the parameters and buffers).
+    False when unsure."""
     if type(a) is not type(b) or set(a._modules) != set(b._modules):
+        return False
+    if module_hooks(a, RUN_HOOKS) or module_hooks(b, RUN_HOOKS):
+        return False
+    if _tensor_layout(a._parameters) != _tensor_layout(b._parameters) or \
+            _tensor_layout(a._buffers) != _tensor_layout(b._buffers):
         return False
     va = {k: v for k, v in vars(a).items() if k not in _MODULE_STATE and not k.endswith("hooks")}
     vb = {k: v for k, v in vars(b).items() if k not in _MODULE_STATE and not k.endswith("hooks")}
@@ -102,6 +114,33 @@ def _same_structure(a: nn.Module, b: nn.Module) -> bool:
             return False
     return all((x is None and y is None) or (x is not None and y is not None and _same_structure(x, y))
                for x, y in ((a._modules[n], b._modules[n]) for n in a._modules))
+
+
+# DeepSpeed's classes whose own forward MoE reproduces, recognised in a class's MRO by (module, qualname)
+# without importing DeepSpeed: path inside a ``deepspeed.moe.layer.MoE`` -> class
+DEEPSPEED_PARTS = {"": ("deepspeed.moe.layer", "MoE"),
+                   "deepspeed_moe": ("deepspeed.moe.sharded_moe", "MOELayer"),
+                   "deepspeed_moe.gate": ("deepspeed.moe.sharded_moe", "TopKGate"),
+                   "deepspeed_moe.experts": ("deepspeed.moe.experts", "Experts")}
+
+
+def deepspeed_class(cls: type, ident) -> Optional[type]:
+    """The class in ``cls``'s MRO that is DeepSpeed's ``ident`` = (module, name), or None."""
+    for base in cls.__mro__:
+        if (base.__module__, base.__qualname__) == ident:
+            return base
+    return None
+
+
+def deepspeed_forward_problem(module: nn.Module, ident) -> Optional[str]:
+    """Why ``module`` would not run the forward of DeepSpeed's ``ident`` class (None when it does, or
+    when its class is not DeepSpeed's at all, as a stand-in with DeepSpeed's attributes)."""
+    if "forward" in vars(module):
+        return "has a forward set on the instance"
+    base = deepspeed_class(type(module), ident)
+    if base is not None and type(module).forward is not base.forward:
+        return f"class {type(module).__qualname__} overrides DeepSpeed's {ident[1]}.forward"
+    return None
 
 
 def _check_bool(name: str, value) -> bool:
@@ -222,6 +261,8 @@ def _verify_expert(expert: nn.Module, form: str, hidden_size: int):
     zeros), through ``torch.func.functional_call``, so the expert module itself is not touched and
     torch's global generator is not advanced."""
     cls = type(expert).__name__
+    # the packed layer never calls the expert: hooks on it would not run (the probe below would run them)
+    check_no_hooks("expert", expert, f"mmkernels.MoE (which copies {cls}'s weights and never calls it)")
     firsts, second, activation = _FORMS[form]
     linears = (*firsts, second)
     packable = {f"{n}.{kind}" for n in linears for kind in ("weight", "bias")}
@@ -326,6 +367,13 @@ class MoE(nn.Module):
         value of the wrong type or range raises ``TypeError`` / ``ValueError`` naming the argument.
 
     ``forward(hidden_states [..., H], used_token=None) -> (output [..., H], l_aux, exp_counts [E])``.
+
+    Under ``torch.autocast`` ``hidden_states`` may differ from the weights' dtype, and the dtypes are
+    DeepSpeed's: router logits ``F.linear(x.float(), gate_weight.float())`` (autocast runs them in its
+    dtype, as in DeepSpeed's gate), the gating after them in float32, the experts' GEMMs in the
+    autocast dtype (DeepSpeed's ``nn.Linear`` calls), the output in the autocast dtype, ``l_aux``
+    float32.  (DeepSpeed's gating arithmetic after the logits partly follows autocast, e.g. a bf16
+    softmax on CPU: values agree to the autocast dtype's rounding.)
 
     Expert parallelism (``ep_size > 1``): ``forward`` is a collective over ``ep_group`` (so is its
     backward); every rank routes its own tokens with the full router, and ``output``, ``l_aux`` and
@@ -532,9 +580,11 @@ class MoE(nn.Module):
         if hidden_states.shape[-1:] != (self.hidden_size,):
             raise ValueError(f"hidden_states must be a tensor [..., {self.hidden_size}], got "
                              f"{tuple(hidden_states.shape)}")
-        if hidden_states.dtype != self.w1.dtype:
+        if hidden_states.dtype != self.w1.dtype and autocast_dtype(hidden_states.device) is None:
+            # (under autocast the router and the experts cast as DeepSpeed's do: see the class docstring)
             raise TypeError(f"hidden_states has dtype {hidden_states.dtype} but the expert weights are "
-                            f"{self.w1.dtype}; convert one (e.g. moe.to({hidden_states.dtype}))")
+                            f"{self.w1.dtype}; convert one (e.g. moe.to({hidden_states.dtype})) or run under "
+                            "torch.autocast")
         check_same_device([("hidden_states", hidden_states), ("gate_weight", self.gate_weight), ("w1", self.w1)])
         x2 = hidden_states.reshape(-1, self.hidden_size)
         capacity = None
@@ -740,6 +790,14 @@ class MoE(nn.Module):
                             f"deepspeed_moe.experts.deepspeed_experts), got {type(ds_moe).__name__}") from e
         if not experts:
             raise ValueError("ds_moe has no experts (deepspeed_moe.experts.deepspeed_experts is empty)")
+        # what this layer would not reproduce: hooks anywhere in the DeepSpeed layer (every expert's
+        # included), and a DeepSpeed part whose forward is not DeepSpeed's own
+        check_no_hooks("ds_moe", ds_moe, "the converted layer (it copies the weights and runs its own kernels)")
+        for path, ident in DEEPSPEED_PARTS.items():
+            problem = deepspeed_forward_problem(ds_moe.get_submodule(path), ident)
+            if problem:
+                raise ValueError(f"ds_moe{'.' + path if path else ''} {problem}; mmkernels.MoE reproduces "
+                                 "DeepSpeed's own forward only")
         kinds = {type(ex).__name__ for ex in experts}
         if len(kinds) != 1:
             raise ValueError(f"ds_moe's experts must all be copies of one template, got classes {sorted(kinds)}")
@@ -768,6 +826,7 @@ class MoE(nn.Module):
                 state_dict_layout=state_dict_layout)
         for i, ex in enumerate(experts[1:], 1):
             # DeepSpeed's experts are deep copies of one template: verified once, unless one was changed
+            # (another class, attribute, parameter layout or child); each of them loads strictly below
             if not _same_structure(ex, experts[0]):
                 try:
                     form = expert_form(ex)
@@ -778,6 +837,11 @@ class MoE(nn.Module):
                 if form != layer.form or layout != (layer._firsts, layer._second):
                     raise ValueError(f"ds_moe's expert {i} ({type(ex).__name__}) computes a different form from "
                                      f"expert 0 ({layer.form}, {_describe(layer._firsts, layer._second, layer.activation)})")
+                dtypes = {n: p.dtype for n, p in experts[0].named_parameters()}
+                for n, p in ex.named_parameters():
+                    if p.dtype != dtypes.get(n, p.dtype):
+                        raise ValueError(f"ds_moe's expert {i}'s {n} is {p.dtype} but expert 0's is {dtypes[n]}; "
+                                         "mmkernels.MoE packs every expert's weights into one tensor")
         sd = {key: value for key, value in ds_moe.state_dict().items() if key.startswith(_DS_PREFIX)}
         if layer.ep_size > 1:
             # a DeepSpeed layer names its local experts 0..L-1 in memory; its EP checkpoints (and this

@@ -246,4 +246,4 @@ def expert_parallel_ffn(x2: torch.Tensor, routing: MoERouting, w1: torch.Tensor,
     acc = torch.promote_types(x2.dtype, torch.float32)
     lead = tuple(out_shape[:-1]) if out_shape is not None else (S,)
     y = (per_slot.to(acc) * routing.weights.reshape(M, 1).to(acc)).view(*lead, k, H).sum(-2)
-    return y.to(x2.dtype)
+    return y.to(out.dtype)   # the experts' dtype (x2's; under autocast the autocast dtype), as DeepSpeed's combine

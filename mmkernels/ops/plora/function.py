@@ -26,7 +26,7 @@ from ..._library import define_op
 from ..._validation import (FLOAT_DTYPES, check_float, check_same_device, check_same_dtype, check_shape,
                             check_tensor)
 from ...backend import require_triton, resolve_backend
-from ..._utils import cdiv
+from ..._utils import autocast_dtype, cdiv
 from . import launch
 from .kernels import FLAG_ROWS
 from .reference import plora_linear_reference
@@ -245,11 +245,10 @@ def plora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
         >>> plora_linear(x, w, None, a, b, m).shape
         torch.Size([2, 5, 32])
     """
-    dev = x.device.type if isinstance(x, torch.Tensor) else None
-    if dev in ("cpu", "cuda") and x.is_floating_point() and torch.is_autocast_enabled(dev):
+    dtype = autocast_dtype(x.device) if isinstance(x, torch.Tensor) and x.is_floating_point() else None
+    if dtype is not None:
         # as XComposer2's three nn.Linear calls under autocast: every GEMM (and the output) in autocast's
         # dtype on both backends, the gradients flowing back to the full-precision tensors
-        dtype = torch.get_autocast_dtype(dev)
         x, weight, bias, lora_a, lora_b = (t.to(dtype) if isinstance(t, torch.Tensor) and t.is_floating_point()
                                            else t for t in (x, weight, bias, lora_a, lora_b))
     _validate(x, weight, bias, lora_a, lora_b, im_mask, scaling, dropout_p, training)
