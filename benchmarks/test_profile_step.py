@@ -1,5 +1,5 @@
-"""benchmarks/profile_step.py runs on CPU (tiny shapes, reference backend: a smoke run of the script the
-GPU session runs), writes profile.txt / profile.json, and a failing case is "not measured" without
+"""benchmarks/profile_step.py runs on CPU (tiny shapes, reference backend: a smoke run of the script
+benchmarks/gpu_check.sh runs on a GPU), writes profile.txt / profile.json, and a failing case is "not measured" without
 hiding the others."""
 from __future__ import annotations
 

@@ -87,7 +87,7 @@ def torch_out_of_range(meta: dict[str, Any], torch_version: str) -> str | None:
     oldest = meta.get("torch_oldest")
     if not oldest:
         return (f"the native libraries' build record ({_META_PATH.name}) names no oldest supported torch "
-                f"(a build from before the stable-ABI port); {_FALLBACK}; rebuild with "
+                f"(built by an older mmkernels); {_FALLBACK}; rebuild with "
                 "`pip install --no-build-isolation --force-reinstall --no-deps <mmkernels source>`")
     if _release(torch_version) >= _release(oldest):
         return None

@@ -46,7 +46,8 @@ try:
 except ImportError as exc:  # pragma: no cover - exercised in a subprocess by the tests
     raise ImportError(
         "mmkernels.transformers needs transformers >= 5 (its ExpertsInterface): "
-        "pip install mmkernels[transformers]") from exc
+        "pip install 'transformers>=5,<6' (or, from the mmkernels source tree, pip install '.[transformers]')"
+    ) from exc
 
 from ._utils import autocast_dtype
 from ._validation import RUN_HOOKS, module_hooks

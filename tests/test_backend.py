@@ -109,7 +109,7 @@ def test_interpreter_bf16_cast_rounds_to_nearest_even():
 # --------------------------------------------------------------------- use_backend is per thread/task
 
 def test_use_backend_is_per_thread():
-    """Thread A's block must not change what thread B sees, before, during or after it (issue 11.6)."""
+    """Thread A's block must not change what thread B sees, before, during or after it."""
     import threading
 
     a_inside, b_checked, a_exited = threading.Event(), threading.Event(), threading.Event()

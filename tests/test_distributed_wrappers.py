@@ -1,4 +1,4 @@
-"""The modules under the distributed engines users run (issue 12, section 2), proven on CPU with gloo.
+"""The modules under the distributed engines users run, proven on CPU with gloo.
 
 A tiny model holding :class:`~mmkernels.HyperAttention` (gated, with images), :class:`~mmkernels.PLoRALinear`
 and :class:`~mmkernels.MoE` (``ep_size=1``) trains under:

@@ -1,4 +1,4 @@
-"""Hyper attention hardening (issue 11): double backward, meta tensors, named errors for bad module
+"""Hyper attention hardening: double backward, meta tensors, named errors for bad module
 input, both backends agreeing on which inputs are in the graph, every requires_grad combination,
 left-padded and per-token-gated split-K decoding, strided metadata and int64 offsets.
 

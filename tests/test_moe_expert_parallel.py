@@ -1,4 +1,4 @@
-"""Expert parallelism in ``mmkernels.MoE`` (issue 12, sections 1 and 3), proven on CPU with gloo ranks.
+"""Expert parallelism in ``mmkernels.MoE``, proven on CPU with gloo ranks.
 
 Oracle: the single-process layer (all E experts, the same global weights) run on each rank's tokens;
 its summed loss gives the gradients.  Under expert parallelism DeepSpeed's semantics hold:

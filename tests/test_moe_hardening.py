@@ -1,4 +1,4 @@
-"""MoE ops and routing hardening (issue 11): metadata validation, DeepSpeed drop policies, symbolic
+"""MoE ops and routing hardening: metadata validation, DeepSpeed drop policies, symbolic
 capacity under torch.compile, empty shapes, int64 offsets, double backward and frozen inputs.
 
 External oracles: DeepSpeed's own ``TestTopkGate`` vectors (``tests/unit/moe/test_moe.py``,
@@ -292,7 +292,7 @@ def test_moe_ffn_rejects_inconsistent_routing(case):
         moe_ffn(torch.randn(S, H), bad, w1, b1, w2, b2)
 
 
-# ------------------------------------------------------------------ token_order (item 3)
+# ------------------------------------------------------------------ token_order
 
 def test_token_order_must_be_a_permutation():
     """The issue's example: token_order = zeros(12), k = 1, capacity 2 over 4 experts kept 9 slots
@@ -315,7 +315,7 @@ def test_module_forward_checks_token_order():
         moe(torch.randn(12, 8), token_order=torch.zeros(12, dtype=torch.long))
 
 
-# ------------------------------------------------------------------ capacity_for and torch.compile (item 5)
+# ------------------------------------------------------------------ capacity_for and torch.compile
 
 def _deepspeed_capacity(S, E, cf, k, min_capacity):
     """DeepSpeed's _capacity: ceil((S / E) * torch.tensor(cf * k)) in float32, then the minimum."""
@@ -378,7 +378,7 @@ def test_compiled_moe_handles_a_second_sequence_length():
             assert torch.equal(counts, c_e)
 
 
-# ------------------------------------------------------------------ DeepSpeed parity (item 7)
+# ------------------------------------------------------------------ DeepSpeed parity
 
 def _dispatch_triples(r):
     """DeepSpeed's sparse dispatch: (token, expert, location) for every kept choice; the location is the

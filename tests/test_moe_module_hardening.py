@@ -1,4 +1,4 @@
-"""Hardening of ``mmkernels.MoE`` (issue 11): what the template expert computes is verified, DeepSpeed-layout
+"""Hardening of ``mmkernels.MoE``: what the template expert computes is verified, DeepSpeed-layout
 checkpoints load strictly, every constructor argument is checked, and the layer refuses DeepSpeed
 configurations it would compute differently.
 
@@ -52,7 +52,7 @@ def dense_check(moe, ffn, S=13):
     torch.testing.assert_close(y, ffn.double()(x))
 
 
-# ------------------------------------------------------------------------------ item 4: the expert's activation
+# ------------------------------------------------------------------------------ the expert's activation
 
 @pytest.mark.parametrize("act,found", [(torch.relu, "relu"), (F.gelu, "gelu (exact erf)"), (F.silu, "silu"),
                                        (lambda z: z, "identity")], ids=["relu", "exact_gelu", "silu", "identity"])
@@ -170,7 +170,7 @@ def test_from_deepspeed_verifies_the_template():
     MoE.from_deepspeed(ds)
 
 
-# ------------------------------------------------------------------------------ item 9: strict DeepSpeed loading
+# ------------------------------------------------------------------------------ strict DeepSpeed loading
 
 def ds_checkpoint(form="phi"):
     cls = {"phi": PhiMLP, "stablelm": StableLMMLP, "qwen": QwenMLP}[form]

@@ -1,4 +1,4 @@
-"""Partial-LoRA hardening (issue 11): dropout RNG counters, double backward, 1-D / K = 0 / meta inputs,
+"""Partial-LoRA hardening: dropout RNG counters, double backward, 1-D / K = 0 / meta inputs,
 int64 offsets, every requires_grad combination, and the raw ops' argument checks.
 
 Every test runs the Triton kernels on CPU through the interpreter (tiny shapes) and, where the
@@ -52,7 +52,7 @@ def reference_grads(inputs, mask, gy, scaling, **kw):
     return y, [t.grad if t is not None else None for t in refs]
 
 
-# --------------------------------------------------------------------------- dropout RNG (item 8)
+# --------------------------------------------------------------------------- dropout RNG
 
 @pytest.mark.parametrize("device", KERNEL_DEVICES)
 @pytest.mark.parametrize("K", [64, 16384])
@@ -81,7 +81,7 @@ def test_dropout_mask_row_offset_is_the_same_stream(device):
         launch.dropout_keep_mask(seed, 1, 4, 0.3, row_offset=-1)
 
 
-# --------------------------------------------------------------------------- double backward (item 2)
+# --------------------------------------------------------------------------- double backward
 
 def _second_order(backend, dtype):
     x, w, b, a, lb = make_inputs((20,), 12, 10, 4, dtype=dtype)

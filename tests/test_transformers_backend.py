@@ -21,7 +21,7 @@ from mmkernels.testing import assert_close
 
 transformers = pytest.importorskip("transformers", minversion="5.0",
                                    reason="the experts backend needs transformers >= 5 (pip install "
-                                          "mmkernels[transformers])")
+                                          "'transformers>=5,<6')")
 import mmkernels.transformers as mkt  # noqa: E402
 from transformers import AutoModelForCausalLM  # noqa: E402
 from transformers.integrations.moe import use_experts_implementation  # noqa: E402
@@ -485,4 +485,4 @@ def test_import_without_transformers_names_the_extra():
             "try:\n    import mmkernels.transformers\nexcept ImportError as e:\n    print('IMPORTERROR', e)\n")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert "IMPORTERROR" in proc.stdout and "pip install mmkernels[transformers]" in proc.stdout
+    assert "IMPORTERROR" in proc.stdout and "pip install 'transformers>=5,<6'" in proc.stdout
