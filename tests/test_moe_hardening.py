@@ -295,8 +295,8 @@ def test_moe_ffn_rejects_inconsistent_routing(case):
 # ------------------------------------------------------------------ token_order
 
 def test_token_order_must_be_a_permutation():
-    """The issue's example: token_order = zeros(12), k = 1, capacity 2 over 4 experts kept 9 slots
-    (more than 4 * 2) with exp_counts disagreeing; it is now a ValueError naming token_order."""
+    """token_order = zeros(12), k = 1, capacity 2 over 4 experts would keep 9 slots (more than 4 * 2)
+    with exp_counts disagreeing; it is a ValueError naming token_order."""
     logits = torch.randn(12, 4)
     for order in (torch.zeros(12, dtype=torch.long), torch.tensor([0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 10]),
                   torch.arange(12) + 1, torch.arange(12) - 1):

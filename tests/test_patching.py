@@ -45,7 +45,7 @@ def test_nothing_to_patch_names_what_it_looked_for():
         assert f"{kind}: " in str(info.value)
     assert "Sequential" in str(info.value) and "strict=False" in str(info.value)
     assert patching.apply_mmkernels(model, strict=False) == {kind: 0 for kind in patching.PATCHERS}
-    import mmkernels.transformers as mkt   # the public name of the issue
+    import mmkernels.transformers as mkt   # the documented public name
     assert mkt.apply_mmkernels is patching.apply_mmkernels
 
 
