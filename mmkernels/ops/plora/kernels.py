@@ -128,15 +128,21 @@ def _plora_bwd_dlora_b_kernel(
     stride_dym, stride_dyn, stride_sm, stride_sr, stride_dbn, stride_dbr,
     scaling,
     BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    PART_STAGES: tl.constexpr,
 ):
     """dB = scaling * dY[visual].T @ S[visual]   ([N, R], a reduction over rows).
 
     Grid: (cdiv(N, BLOCK_N), cdiv(R, BLOCK_R)).  Each program reduces, in a fixed order (so the result
-    is deterministic), over the M-tiles :func:`_plora_visual_tiles_kernel` lists: first the runs of
-    all-visual tiles -- plain loops over consecutive rows with no mask, software-pipelined -- then
-    the tiles with some text rows, whose text rows are masked out of both operands (a NaN in a text
-    row of dY must not reach dB).  Text-only tiles are never read.  Column indices wrap (``% N``,
-    ``% R``) so the loads need no column mask.
+    is deterministic), over the M-tiles :func:`_plora_visual_tiles_kernel` lists: first the tiles with
+    some text rows, whose text rows are masked out of both operands (a NaN in a text row of dY must
+    not reach dB), then the runs of all-visual tiles -- plain loops over consecutive rows with no
+    mask.  Text-only tiles are never read.  Column indices wrap (``% N``, ``% R``) so the loads need
+    no column mask.
+
+    Both loops are software-pipelined.  The first loads each tile's index before its operands (one
+    level of indirection), and Triton's pipeliner divides a loop's ``num_stages - 1`` stages of
+    prefetch among the levels of such a chain; ``PART_STAGES = 2 * num_stages - 1`` (set by the
+    launcher) gives its operand loads the prefetch distance of the second loop.
     """
     pid_n = tl.program_id(0)
     pid_r = tl.program_id(1)
@@ -148,7 +154,7 @@ def _plora_bwd_dlora_b_kernel(
     dy_step = tl.cast(stride_dym, tl.int64) * BLOCK_M     # int64: BLOCK_M * stride can pass 2**31
     s_step = tl.cast(stride_sm, tl.int64) * BLOCK_M
     acc = tl.zeros((BLOCK_N, BLOCK_R), dtype=tl.float32)
-    for i in range(0, tl.load(counts_ptr + 1)):
+    for i in tl.range(0, tl.load(counts_ptr + 1), num_stages=PART_STAGES):
         rows = tl.load(part_ptr + i) * BLOCK_M + ms
         visual = tl.load(mask_ptr + rows, mask=rows < M, other=0) != 0
         rows64 = rows.to(tl.int64)
@@ -178,12 +184,14 @@ def _plora_bwd_dlora_a_kernel(
     dropout_p, keep_scale,
     HAS_DROPOUT: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_M: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    PART_STAGES: tl.constexpr,
 ):
     """dA = dS[visual].T @ dropout(x)[visual]   ([R, K], a reduction over rows).
 
     Grid: (cdiv(R, BLOCK_R), cdiv(K, BLOCK_K)); the listed M-tiles as in :func:`_plora_bwd_dlora_b_kernel`
-    (runs of all-visual tiles unmasked, then the other visual tiles with text rows masked out of both
-    operands); the forward's dropout mask is redrawn for each (rows, k) block.  Column indices wrap.
+    (the visual tiles with text rows, masked out of both operands, then the runs of all-visual tiles
+    unmasked; ``PART_STAGES`` as there); the forward's dropout mask is redrawn for each (rows, k)
+    block.  Column indices wrap.
     """
     pid_r = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -197,7 +205,7 @@ def _plora_bwd_dlora_a_kernel(
     if HAS_DROPOUT:
         seed = tl.load(seed_ptr)
     acc = tl.zeros((BLOCK_R, BLOCK_K), dtype=tl.float32)
-    for i in range(0, tl.load(counts_ptr + 1)):
+    for i in tl.range(0, tl.load(counts_ptr + 1), num_stages=PART_STAGES):
         rows = tl.load(part_ptr + i) * BLOCK_M + ms
         visual = tl.load(mask_ptr + rows, mask=rows < M, other=0) != 0
         rows64 = rows.to(tl.int64)

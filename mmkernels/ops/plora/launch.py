@@ -145,6 +145,13 @@ def plora_forward(x, weight, bias, lora_a, lora_b, im_mask, flags, scaling, drop
     return y, s
 
 
+def _part_stages(cfg: dict) -> int:
+    """The pipeline depth of dA's and dB's loop over mixed tiles (see ``_plora_bwd_dlora_b_kernel``):
+    its tile index is one more load in the chain, so it needs ``2 * (num_stages - 1)`` stages of
+    prefetch for its operands to get the ``num_stages - 1`` of the loop over runs."""
+    return 2 * cfg.get("num_stages", 1) - 1
+
+
 def visual_tiles(flags: torch.Tensor, M: int, block_m: int):
     """Where the visual rows are, per ``block_m``-row tile (:func:`kernels._plora_visual_tiles_kernel`):
     ``(run_start, run_end, part, counts)``, int32, computed on the device from the tile flags (no host
@@ -234,7 +241,7 @@ def plora_backward(grad_y, x, weight, lora_a, lora_b, lora_hidden, im_mask, flag
                     ds, x, da, mask_u8, *listed(cfg["BLOCK_M"]), seed, M, K, R,
                     ds.stride(0), ds.stride(1), x.stride(0), x.stride(1), da.stride(0), da.stride(1),
                     float(dropout_p), keep_scale,
-                    HAS_DROPOUT=has_dropout, DOT_PRECISION=precision, **cfg)
+                    HAS_DROPOUT=has_dropout, DOT_PRECISION=precision, PART_STAGES=_part_stages(cfg), **cfg)
 
     dlb = empty()
     if need_db:
@@ -248,7 +255,8 @@ def plora_backward(grad_y, x, weight, lora_a, lora_b, lora_hidden, im_mask, flag
                 kernels._plora_bwd_dlora_b_kernel[grid](
                     grad_y, lora_hidden, dlb, mask_u8, *listed(cfg["BLOCK_M"]), M, N, R,
                     grad_y.stride(0), grad_y.stride(1), lora_hidden.stride(0), lora_hidden.stride(1),
-                    dlb.stride(0), dlb.stride(1), float(scaling), DOT_PRECISION=precision, **cfg)
+                    dlb.stride(0), dlb.stride(1), float(scaling), DOT_PRECISION=precision,
+                    PART_STAGES=_part_stages(cfg), **cfg)
     return dx, dw, dbias, da, dlb
 
 
