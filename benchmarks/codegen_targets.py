@@ -117,16 +117,12 @@ TARGETS = [
 # (target id, row pattern, measured when written (Triton 3.8)[, only under these Triton versions]):
 # one line each; delete a line when its kernel meets the target (the check fails until you do).
 KNOWN_GAPS = [
-    # PLoRA dA/dB: the loop over partly visual tiles (their indices are loaded in the same iteration);
-    # the loop over runs of visual tiles is pipelined (3 buffers, wait 2; with dropout: 2 buffers)
-    ("gemm.pipelined", "plora/*/dA", "cp.async, bufs 2, wait 0 (MMA loop 0 of 2; dropout: bufs 1, wait 0)"),
-    ("gemm.pipelined", "plora/wqkv/dB", "cp.async, bufs 2, wait 0 (MMA loop 0 of 2)"),
-    # PLoRA with dropout: a Philox draw per element of x in the shrink's and dA's main loops; dX keeps
-    # the dropped LoRA term in a second accumulator (a 128x128 tile)
-    ("gemm.issue_small", "plora/dropout/shrink", "issue 6.92 (Triton 3.6: 7.0)"),
-    ("gemm.issue_small", "plora/dropout/dA", "issue 12.96 (Triton 3.6: 13.0)"),
-    ("gemm.no_spills", "plora/dropout/dA", "spill 96/164 B", "3.8"),
-    ("gemm.issue", "plora/dropout/dX", "issue 0.34"),
+    # PLoRA with dropout: the shrink and dA draw the keep-mask of their x tile in the main loop.  One
+    # Philox4x32-10 call (about 36 instructions) gives four draws, about 9 instructions per element of
+    # x, against R / 16 useful MMA clocks per element per warp (R = 256: 16): 0.56 for Philox alone
+    # even where a program covers all of R.  Drawing the mask outside the loop is the way to 0.6.
+    ("gemm.issue_small", "plora/dropout/shrink", "issue 1.43 (Triton 3.6: 1.3)"),
+    ("gemm.issue_small", "plora/dropout/dA", "issue 2.36 (Triton 3.6: 2.36)"),
     ("hyper.no_spills", "hyper_attention/*/dKV_visual", "spill 32/32 B (Triton 3.6: 40/40)"),
     ("hyper.no_spills", "hyper_attention/gated/fwd", "spill 136/136 B", "3.8"),
     ("hyper.dup1", "hyper_attention/*/dQ", "dup 2"),

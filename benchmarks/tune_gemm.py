@@ -35,7 +35,8 @@ GATED_CANDIDATES = [(128, 128, 64, 8, 3, 2)]
 WGRAD_CANDIDATES = [(128, 128, 64, 8, 4), (256, 128, 64, 8, 3)]
 PLORA_CANDIDATES = {"plora.fwd": [(128, 256, 64, 8, 3, 2)],
                     "plora.dx": [(128, 128, 64, 8, 4, 1)],      # the tile measured on the pre-core kernel
-                    "plora.dx_dropout": [(128, 128, 64, 8, 3, 1)],
+                    # the 128x128x64 / 4 stages measured when dropout's LoRA term had its own accumulator
+                    "plora.dx_dropout": [(128, 128, 64, 8, 4, 1), (128, 128, 64, 8, 3, 1), (128, 256, 64, 8, 3, 2)],
                     "plora.ds": [(128, 128, 64, 8, 3, 1)]}
 
 

@@ -28,6 +28,12 @@ CANDIDATES = {
                 dict(BLOCK_R=64, BLOCK_K=128, BLOCK_M=64, **W4S4), dict(BLOCK_R=128, BLOCK_K=128, BLOCK_M=64, **W8S3)],
     "dlora_b": [dict(BLOCK_N=128, BLOCK_R=64, BLOCK_M=64, **W4S3), dict(BLOCK_N=128, BLOCK_R=128, BLOCK_M=64, **W8S3),
                 dict(BLOCK_N=64, BLOCK_R=64, BLOCK_M=64, **W4S4), dict(BLOCK_N=64, BLOCK_R=128, BLOCK_M=64, **W4S3)],
+    # with LoRA dropout 0.05 (the draws of the mask bound these): the tiles without dropout are candidates
+    "shrink_dropout": [dict(BLOCK_M=64, BLOCK_R=256, BLOCK_K=64, **W4S4), dict(BLOCK_M=64, BLOCK_R=128, BLOCK_K=64, **W4S4),
+                       dict(BLOCK_M=128, BLOCK_R=256, BLOCK_K=64, **W8S3)],
+    "dlora_a_dropout": [dict(BLOCK_R=128, BLOCK_K=64, BLOCK_M=128, **W4S4),
+                        dict(BLOCK_R=64, BLOCK_K=64, BLOCK_M=128, **W4S3),
+                        dict(BLOCK_R=128, BLOCK_K=32, BLOCK_M=128, **W4S4)],
 }
 
 
@@ -78,13 +84,17 @@ def main(argv=None):
     def fwd():
         launch.plora_forward(x, w, None, a, b, mask, flags, 1.0, 0.0, None)
 
-    def bwd(mask5):
-        return lambda: launch.plora_backward(dy, x, w, a, b, s, mask, flags, 1.0, 0.0, None, mask5)
+    def bwd(mask5, p=0.0):
+        return lambda: launch.plora_backward(dy, x, w, a, b, s, mask, flags, 1.0, p, seed if p else None, mask5)
 
+    seed = torch.tensor([1234], dtype=torch.int64, device=device)
     runs = {"shrink": fwd, "dw": bwd([False, True, False, False, False]),
-            "dlora_a": bwd([False, False, False, True, False]), "dlora_b": bwd([False, False, False, False, True])}
+            "dlora_a": bwd([False, False, False, True, False]), "dlora_b": bwd([False, False, False, False, True]),
+            "shrink_dropout": lambda: launch.plora_forward(x, w, None, a, b, mask, flags, 1.0, 0.05, seed),
+            "dlora_a_dropout": bwd([False, False, False, True, False], 0.05)}
     flops = {"dw": 2.0 * M * N * K, "shrink": 2.0 * M * K * r / 2, "dlora_a": 2.0 * M * K * r / 2,
              "dlora_b": 2.0 * M * N * r / 2}
+    flops.update(shrink_dropout=flops["shrink"], dlora_a_dropout=flops["dlora_a"])
     if device.type == "cuda":
         cublas = {"dw": bench(lambda: dy.t() @ x)}
         print(f"device {torch.cuda.get_device_name()}  M={M} K={K} N={N} r={r} bf16, 50% visual span")

@@ -81,6 +81,63 @@ def test_dropout_mask_row_offset_is_the_same_stream(device):
         launch.dropout_keep_mask(seed, 1, 4, 0.3, row_offset=-1)
 
 
+def _philox4x32_10(key: int, counters):
+    """Philox4x32-10 (Salmon et al., SC'11), written out in numpy: the four uint32 words of each
+    counter row ``[n, 4]`` under the 64-bit ``key``; Triton's ``tl.philox`` constants and key schedule."""
+    import numpy as np
+    c = [counters[:, i].astype(np.uint64) for i in range(4)]
+    k0, k1 = np.uint64(key & 0xFFFFFFFF), np.uint64(key >> 32)
+    m32 = np.uint64(0xFFFFFFFF)
+    for _ in range(10):
+        p0, p1 = np.uint64(0xCD9E8D57) * c[2], np.uint64(0xD2511F53) * c[0]    # exact: 32 x 32 bits
+        c = [(p0 >> np.uint64(32)) ^ c[1] ^ k0, p0 & m32, (p1 >> np.uint64(32)) ^ c[3] ^ k1, p1 & m32]
+        k0, k1 = (k0 + np.uint64(0x9E3779B9)) & m32, (k1 + np.uint64(0xBB67AE85)) & m32
+    return np.stack(c, axis=1).astype(np.uint32)
+
+
+def _uniform(words):
+    """Triton's ``uint_to_uniform_float`` of uint32 words, in float32 (numpy)."""
+    import numpy as np
+    x = words.view(np.int32)
+    return np.where(x < 0, ~x, x).astype(np.float32) * np.float32(4.6566127342e-10)
+
+
+@pytest.mark.parametrize("device", KERNEL_DEVICES)
+@pytest.mark.parametrize("p", [0.0, 0.3, 1.0])
+def test_dropout_mask_is_the_documented_philox_stream(device, p):
+    """The contract in ``_gemm.kernels.dropout_keep``: keep[m, k] = uniform(word k % 4 of
+    Philox4x32-10(key=seed, counter=(k // 4, m_lo, m_hi, 0))) >= p, checked against a numpy Philox
+    (rows across the 2**32 boundary, so the row's high counter word is exercised; a ragged K)."""
+    import numpy as np
+    seed, K, row0 = 0x1234_5678_9ABC_DEF0 % 2**62, 37, 2**32 - 3
+    keep = launch.dropout_keep_mask(torch.tensor([seed], dtype=torch.int64, device=device), 6, K, p,
+                                    row_offset=row0).cpu().numpy()
+    rows = np.arange(row0, row0 + 6, dtype=np.uint64)
+    groups = np.arange((K + 3) // 4, dtype=np.uint64)
+    ctr = np.stack(np.broadcast_arrays(groups[None, :], (rows & np.uint64(0xFFFFFFFF))[:, None],
+                                       (rows >> np.uint64(32))[:, None], np.uint64(0)), axis=-1).reshape(-1, 4)
+    words = _philox4x32_10(seed, ctr).reshape(6, -1)[:, :K]      # [m, 4 j + i] = word i of group j
+    expected = _uniform(words) >= np.float32(p)
+    assert np.array_equal(keep, expected) and expected.all() == (p == 0.0) and expected.any() == (p < 1.0)
+
+
+@pytest.mark.parametrize("p", [0.0, 1e-12, 2.0**-31, 0.05, 0.1, 1 / 3, 0.5, 0.7, 0.999999, 1.0])
+def test_dropout_threshold_is_the_float_rule(p):
+    """``uniform(word) >= p`` (float32) is ``x >= dropout_threshold(p)`` for x = the word's 31-bit value
+    (the kernels compare integers): exact at the threshold and its neighbours, and on random words."""
+    import numpy as np
+    from mmkernels.ops._gemm.launch import dropout_threshold
+    t = dropout_threshold(p)
+    assert 0 <= t <= 2**31 and (t == 2**31) == (p == 1.0)     # p = 1 keeps nothing
+    xs = np.array([t - 2, t - 1, t, t + 1, t + 2], dtype=np.int64)
+    xs = xs[(xs >= 0) & (xs < 2**31)]
+    rng = np.random.default_rng(17)
+    words = np.concatenate([xs, ~xs, rng.integers(-2**31, 2**31, 4096)]).astype(np.int32).view(np.uint32)
+    x = words.view(np.int32)
+    x = np.where(x < 0, ~x, x).astype(np.int64)
+    assert np.array_equal(_uniform(words) >= np.float32(p), x >= t)
+
+
 # --------------------------------------------------------------------------- double backward
 
 def _second_order(backend, dtype):

@@ -45,7 +45,7 @@ ROLES = {
     "grouped.wgrad": "grouped_gemm backward: db[e] = dc[group e].T @ a[group e], dbias",
     "plora.fwd": "PLoRA forward: x @ W0.T + b0, plus scaling * S @ B.T on visual rows",
     "plora.dx": "PLoRA backward: dY @ W0, plus dS @ A on visual rows",
-    "plora.dx_dropout": "PLoRA backward with LoRA dropout: dY @ W0, plus (dS @ A) * keep in a second accumulator",
+    "plora.dx_dropout": "PLoRA backward with LoRA dropout: dY @ W0, plus (dS @ A) * keep on visual rows",
     "plora.ds": "PLoRA backward: dS = scaling * dY @ B on the visual row tiles",
 }
 # roles torch._grouped_mm can compute (the PLoRA GEMMs are dense: their torch peer is cuBLAS)
@@ -101,8 +101,11 @@ _SM90 = {
     # in the same accumulator a 128x256 tile no longer spills and halves the instructions per MMA clock
     # (0.34 -> 0.18); a default until the sweep (benchmarks/tune_gemm.py) has timed both
     "plora.dx": _row(128, 256, 64, 8, 3, split=2),
-    # with dropout the LoRA term needs its own accumulator: two 128x256 would spill
-    "plora.dx_dropout": replace(_row(128, 128, 64, 8, 4), source=_PLORA_MEASURED),
+    # with dropout the LoRA term (times its keep-mask) is in the same accumulator too, but drawing the
+    # mask for a 128x256 tile spills (96 B); 128x128 with a 128-wide reduction step does not and keeps
+    # the main loop at 0.20 instructions per MMA clock (the measured 128x128x64, 4 stages: 0.34).
+    # A default until the sweep (benchmarks/tune_gemm.py, which keeps the measured tile a candidate).
+    "plora.dx_dropout": _row(128, 128, 128, 8, 3),
     "plora.ds": replace(_row(64, 128, 64, 4, 4, ctas=2), source=_PLORA_MEASURED),
 }
 # Ampere and other CUDA GPUs (no TMA): 128x128x64 tiles in 96 KB of shared memory (one CTA per A100 SM).
@@ -119,7 +122,7 @@ _FP32.update({"moe.up_gated": _row(128, 64, 32, 8, 2), "moe.dz_gated": _row(128,
 _INTERPRETER = {role: _row(16, 16, 16, 1, 1, group_m=2) for role in ROLES}
 _INTERPRETER.update({"moe.wgrad": _wgrad(16, 16, 16, 1, 1), "grouped.wgrad": _wgrad(16, 16, 16, 1, 1),
                      "plora.fwd": _row(32, 32, 16, 1, 1, group_m=2), "plora.dx": _row(16, 32, 16, 1, 1, group_m=2),
-                     "plora.dx_dropout": _row(16, 32, 16, 1, 1, group_m=2),
+                     "plora.dx_dropout": _row(128, 128, 128, 8, 3),
                      "plora.ds": _row(32, 16, 16, 1, 1, group_m=2)})
 for _table in (_INTERPRETER,):
     for _role, _entry in list(_table.items()):

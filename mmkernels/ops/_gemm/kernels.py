@@ -44,9 +44,10 @@ range (no ``if`` around the main loop: that would keep it from being software-pi
 ``row_mask`` is set, then is scaled by ``lora_scale`` (when ``LORA_SCALE``).  The LoRA loop is
 zero-trip for a tile with no masked row (read from ``tile_flags``), so such a tile runs exactly the
 plain GEMM (its rows are bit-identical to it) -- and it is a loop, not an ``if``: a conditionally
-defined accumulator makes ptxas serialize every wgmma of the kernel (warning C7515).  ``LORA == 2``:
-the LoRA product is computed after the main loop in its own accumulator and multiplied by the
-seeded dropout keep-mask (:func:`dropout_keep`) of each output element before it is added.
+defined accumulator makes ptxas serialize every wgmma of the kernel (warning C7515).  ``LORA == 2``
+(dropout): the same, except that the LoRA product is multiplied element by element by
+``keep_scale`` times the seeded dropout keep-mask (:func:`dropout_keep`) instead of a scale; the
+product and the Philox draws sit in a loop that is zero-trip on a tile without masked rows.
 ``TILE_FLAGS`` alone (``LORA == 0``) skips a whole tile without masked rows (zero-trip main loop).
 
 **Row-reduction GEMM** (:func:`_wgrad_kernel`): the weight gradient of ``C = A @ B[e].T``::
@@ -125,20 +126,90 @@ def any_row_flag(flags_ptr, n_flags, row0, BLOCK_M: tl.constexpr, FLAG_ROWS: tl.
 
 
 @triton.jit
-def dropout_keep(seed, rows, cols, p):
-    """Keep-mask [BM, BK] for elements (rows, cols) of a [M, K] matrix: Philox uniform >= p.
+def dropout_keep(seed, rows, col0, keep_threshold, COLS: tl.constexpr):
+    """Keep-mask ``[len(rows), COLS]`` of the elements (rows, col0 + j) of a ``[M, K]`` matrix.
 
-    The Philox counter is (col, row low word, row high word, 0) -- 128 bits, so every (row, col)
-    pair has its own counter for any M (rows may be int32 or int64) and K < 2**32.  Plain 32-bit
-    Philox4x32-10 (``tl.philox``, same on every Triton version) with the 64-bit seed as key.
+    The mask (the same in every kernel that draws it, and the contract of ``dropout_keep_mask``)::
+
+        keep[m, k] = uniform(word k % 4 of Philox4x32-10(key=seed, counter=(k // 4, m_lo, m_hi, 0))) >= p
+
+    ``m_lo`` / ``m_hi`` are the low and high 32-bit words of the row (rows may be int32 or int64) and
+    ``uniform`` is Triton's ``uint_to_uniform_float``.  One Philox call gives four 32-bit words, the
+    draws of four neighbouring columns; every (row, column group) has its own 128-bit counter, for any
+    M and K < 2**34.  ``col0`` and COLS are multiples of 4.  ``keep_threshold`` is
+    ``launch.dropout_threshold(p)`` (see :func:`_uniform_at_least`).
     """
+    k0, k1, k2, k3 = _dropout_draws(seed, rows, col0, keep_threshold, COLS)
+    return _interleave4(k0, k1, k2, k3)
+
+
+@triton.jit
+def dropout_zero(x, seed, rows, col0, keep_threshold):
+    """``x`` (the ``[len(rows), COLS]`` elements (rows, col0 + j) of an ``[M, K]`` matrix) with the
+    elements :func:`dropout_keep` drops set to +0 (unscaled).  The keep decisions become all-zero /
+    all-one masks ANDed into x's bits: fewer instructions than a select on an interleaved i1 mask, and
+    no arithmetic in bfloat16 (which the CPU interpreter cannot do)."""
+    k0, k1, k2, k3 = _dropout_draws(seed, rows, col0, keep_threshold, x.shape[1])
+    if tl.constexpr(x.dtype.primitive_bitwidth) == 16:
+        bits = _interleave4(-k0.to(tl.int16), -k1.to(tl.int16), -k2.to(tl.int16), -k3.to(tl.int16))
+        return (x.to(tl.int16, bitcast=True) & bits).to(x.dtype, bitcast=True)
+    else:
+        bits = _interleave4(-k0.to(tl.int32), -k1.to(tl.int32), -k2.to(tl.int32), -k3.to(tl.int32))
+        return (x.to(tl.int32, bitcast=True) & bits).to(x.dtype, bitcast=True)
+
+
+@triton.jit
+def _dropout_draws(seed, rows, col0, keep_threshold, COLS: tl.constexpr):
+    """The keep decisions of columns ``col0 + 4 j + i`` (i = 0..3) as four ``[len(rows), COLS // 4]``
+    tensors: word i of one Philox call per (row, column group), see :func:`dropout_keep`."""
     rows64 = rows.to(tl.int64)
     row_lo = rows64.to(tl.uint32)
     row_hi = (rows64 >> 32).to(tl.uint32)
-    c0, c1 = tl.broadcast(cols.to(tl.uint32)[None, :], row_lo[:, None])
+    groups = (col0 // 4 + tl.arange(0, COLS // 4)).to(tl.uint32)
+    c0, c1 = tl.broadcast(groups[None, :], row_lo[:, None])
     c2, _ = tl.broadcast(row_hi[:, None], c0)
-    r0, _, _, _ = tl.philox(seed, c0, c1, c2, c0 * 0)
-    return tl.uint_to_uniform_float(r0) >= p
+    w0, w1, w2, w3 = philox4x32_10(seed, c0, c1, c2, c0 * 0)
+    return (_uniform_at_least(w0, keep_threshold), _uniform_at_least(w1, keep_threshold),
+            _uniform_at_least(w2, keep_threshold), _uniform_at_least(w3, keep_threshold))
+
+
+@triton.jit
+def _interleave4(v0, v1, v2, v3):
+    """``[R, C]`` x 4 -> ``[R, 4 C]`` with ``out[:, 4 j + i] = v_i[:, j]``: join gives [r, j, a, b] =
+    column 4 j + 2 a + b, from v_(2 a + b)."""
+    return tl.reshape(tl.join(tl.join(v0, v2), tl.join(v1, v3)), (v0.shape[0], 4 * v0.shape[1]))
+
+
+@triton.jit
+def _uniform_at_least(word, keep_threshold):
+    """``uint_to_uniform_float(word) >= p`` in integer compares.  That float is ``float32(x) *
+    float32(4.6566127342e-10)`` for ``x = word`` read as int32, or ``~word`` where that is negative; it is
+    monotone in x, so the rule is ``x >= T`` with ``T = keep_threshold = launch.dropout_threshold(p)``
+    in ``[0, 2**31]``.  For the word as unsigned u that is ``T <= u`` (top bit clear: x = u) and
+    ``u <= 2**32 - 1 - T`` (top bit set: x = 2**32 - 1 - u), two compares."""
+    t = tl.cast(keep_threshold, tl.uint32)       # (a tensor even where the launch made it a constexpr)
+    return (word >= t) & (word <= 0xFFFFFFFF - t)
+
+
+@triton.jit
+def philox4x32_10(seed, c0, c1, c2, c3):
+    """Philox4x32-10 of the counter (c0, c1, c2, c3) (uint32 tensors) under the 64-bit key ``seed``:
+    the same four words as ``tl.philox(seed, c0, c1, c2, c3)``, with each round's two 32x32-bit
+    products formed as one 64-bit product (``mul.wide``: its high and low words in one instruction,
+    where ``umulhi`` and ``mul`` take two)."""
+    seed64 = seed.to(tl.uint64)
+    k0 = (seed64 & 0xFFFFFFFF).to(tl.uint32)
+    k1 = (seed64 >> 32).to(tl.uint32)
+    for _ in tl.static_range(10):
+        p0 = c2.to(tl.uint64) * 0xCD9E8D57          # PHILOX_ROUND_B
+        p1 = c0.to(tl.uint64) * 0xD2511F53          # PHILOX_ROUND_A
+        c0 = (p0 >> 32).to(tl.uint32) ^ c1 ^ k0
+        c2 = (p1 >> 32).to(tl.uint32) ^ c3 ^ k1
+        c1 = p0.to(tl.uint32)
+        c3 = p1.to(tl.uint32)
+        k0 = k0 + 0x9E3779B9                         # PHILOX_KEY_A
+        k1 = k1 + 0xBB67AE85                         # PHILOX_KEY_B
+    return c0, c1, c2, c3
 
 
 # ------------------------------------------------------------------------------------- epilogues
@@ -211,7 +282,7 @@ def _gemm_kernel(
     stride_cm, stride_cn, stride_zm, stride_zn, stride_ym, stride_yn,
     stride_lm, stride_lr, stride_lbn, stride_lbr,
     # scalars
-    lora_scale, out_scale, dropout_p, keep_scale,
+    lora_scale, out_scale, keep_threshold, keep_scale,
     # what to compute
     GROUPED: tl.constexpr, A_GATHER: tl.constexpr, A_DIV: tl.constexpr, A_TMA: tl.constexpr,
     B_TMA: tl.constexpr, B_KMAJOR: tl.constexpr, EVEN_K: tl.constexpr,
@@ -262,21 +333,20 @@ def _gemm_kernel(
         # LoRA prologue: zero-trip unless the tile has a masked row
         if LORA == 1:
             lmask = (tl.load(row_mask_ptr + rows, mask=row_ok, other=0) != 0) & row_ok
-            r_end = tl.where(flagged, R, 0)
-            for r0 in range(0, r_end, BLOCK_K):
-                rs = r0 + ks0
-                r_ok = rs < R
-                lt = tl.load(l_ptr + rows[:, None].to(tl.int64) * stride_lm + rs[None, :] * stride_lr,
-                             mask=lmask[:, None] & r_ok[None, :], other=0.0)
-                if LB_KMAJOR:
-                    lb = tl.load(lb_ptr + cols64[None, :] * stride_lbn + rs[:, None].to(tl.int64) * stride_lbr,
-                                 mask=col_ok[None, :] & r_ok[:, None], other=0.0)
-                else:
-                    lb = tl.load(lb_ptr + rs[:, None].to(tl.int64) * stride_lbr + cols64[None, :] * stride_lbn,
-                                 mask=col_ok[None, :] & r_ok[:, None], other=0.0)
-                acc = tl.dot(lt, lb, acc, input_precision=DOT_PRECISION)
+            acc = _lora_product(acc, l_ptr, lb_ptr, rows, lmask, cols64, col_ok, ks0, tl.where(flagged, R, 0), R,
+                                stride_lm, stride_lr, stride_lbn, stride_lbr, LB_KMAJOR, BLOCK_K, DOT_PRECISION)
             if LORA_SCALE:  # (a tile without masked rows keeps its exact zeros)
                 acc = tl.where(flagged, acc * lora_scale, acc)
+        if LORA == 2:
+            # with dropout each element of the term is multiplied by its keep-mask element; all of it
+            # sits in a loop that is zero-trip on a tile without masked rows (no Philox draws there),
+            # not under an ``if`` (C7515)
+            lmask = (tl.load(row_mask_ptr + rows, mask=row_ok, other=0) != 0) & row_ok
+            for _ in range(0, tl.where(flagged, 1, 0)):
+                acc = _lora_product(acc, l_ptr, lb_ptr, rows, lmask, cols64, col_ok, ks0, R, R,
+                                    stride_lm, stride_lr, stride_lbn, stride_lbr, LB_KMAJOR, BLOCK_K, DOT_PRECISION)
+                keep = dropout_keep(tl.load(seed_ptr), rows, n0, keep_threshold, BLOCK_N) & lmask[:, None]
+                acc = tl.where(keep, acc * keep_scale, 0.0)
 
         # main loop
         # Pointer-path row and column indices that are always in bounds, so the loads of the main loop
@@ -305,23 +375,6 @@ def _gemm_kernel(
                 b_up = _load_b(b_desc, b_ptr, e, n0 + half_n, k0, bcols64 + half_n, ks, k_ok,
                                stride_be, stride_bn, stride_bk, B_TMA, B_KMAJOR, EVEN_K, BLOCK_N, BLOCK_K)
                 acc_up = tl.dot(a, b_up, acc_up, input_precision=DOT_PRECISION)
-
-        # LoRA term with dropout: its own accumulator, masked per element (after the main loop, so
-        # the branch does not touch the pipelined accumulator; text tiles skip the Philox draws)
-        if LORA == 2:
-            if flagged:
-                lmask = (tl.load(row_mask_ptr + rows, mask=row_ok, other=0) != 0) & row_ok
-                lora = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-                for r0 in range(0, R, BLOCK_K):
-                    rs = r0 + ks0
-                    r_ok = rs < R
-                    lt = tl.load(l_ptr + rows[:, None].to(tl.int64) * stride_lm + rs[None, :] * stride_lr,
-                                 mask=lmask[:, None] & r_ok[None, :], other=0.0)
-                    lb = tl.load(lb_ptr + rs[:, None].to(tl.int64) * stride_lbr + cols64[None, :] * stride_lbn,
-                                 mask=col_ok[None, :] & r_ok[:, None], other=0.0)
-                    lora = tl.dot(lt, lb, lora, input_precision=DOT_PRECISION)
-                keep = dropout_keep(tl.load(seed_ptr), rows, cols, dropout_p)
-                acc += tl.where(keep & lmask[:, None], lora * keep_scale, 0.0)
 
         # epilogue
         if HAS_BIAS:
@@ -374,6 +427,26 @@ def _gemm_kernel(
                     _store_tile(q3, v3, rows, crow, row_ok, cols_q + 3 * (BLOCK_N // 4), N, half_n, c_ptr,
                                 z_ptr, y_ptr, w_ptr, stride_cm, stride_cn, stride_zm, stride_zn, stride_ym,
                                 stride_yn, EPILOGUE, ACT, WEIGHTED_Y)
+
+
+@triton.jit
+def _lora_product(acc, l_ptr, lb_ptr, rows, lmask, cols64, col_ok, ks0, r_end, R,
+                  stride_lm, stride_lr, stride_lbn, stride_lbr,
+                  LB_KMAJOR: tl.constexpr, BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """``acc + L[rows] @ LB.T`` over ``r < r_end`` (rows of L outside ``lmask`` read as 0)."""
+    for r0 in range(0, r_end, BLOCK_K):
+        rs = r0 + ks0
+        r_ok = rs < R
+        lt = tl.load(l_ptr + rows[:, None].to(tl.int64) * stride_lm + rs[None, :] * stride_lr,
+                     mask=lmask[:, None] & r_ok[None, :], other=0.0)
+        if LB_KMAJOR:
+            lb = tl.load(lb_ptr + cols64[None, :] * stride_lbn + rs[:, None].to(tl.int64) * stride_lbr,
+                         mask=col_ok[None, :] & r_ok[:, None], other=0.0)
+        else:
+            lb = tl.load(lb_ptr + rs[:, None].to(tl.int64) * stride_lbr + cols64[None, :] * stride_lbn,
+                         mask=col_ok[None, :] & r_ok[:, None], other=0.0)
+        acc = tl.dot(lt, lb, acc, input_precision=DOT_PRECISION)
+    return acc
 
 
 @triton.jit

@@ -7,6 +7,7 @@ count and the kernel finds each tile's group from the offsets on the device (:mo
 from __future__ import annotations
 
 import contextlib
+import struct
 from dataclasses import dataclass
 from typing import Optional
 
@@ -57,11 +58,40 @@ def _use_tma(arch: str) -> bool:
     return arch in TMA_ARCHS and not _TMA_OFF
 
 
+_UNIFORM_SCALE = 4.6566127342e-10      # triton.language.random.uint_to_uniform_float's, for 32-bit words
+
+
+def _f32(v: float) -> float:
+    return struct.unpack("f", struct.pack("f", v))[0]
+
+
+def dropout_threshold(p: float) -> int:
+    """The integer form of the dropout keep rule ``uniform(word) >= p`` (:func:`.kernels.dropout_keep`).
+
+    ``uniform(word) = float32(x) * float32(scale)`` for ``x = word ^ (word >> 31)`` (the word read as
+    int32), in float32 arithmetic; it is monotone in ``x``, so ``uniform(word) >= float32(p)`` exactly
+    when ``x >= dropout_threshold(p)``: the least such ``x`` in ``[0, 2**31)``, found by bisection with
+    the same float32 roundings (every product of two float32 values is exact in a double, so
+    rounding it once to float32 is the float32 product).  ``2**31`` where no word is kept (p = 1:
+    the largest uniform is ``1 - 2**-24``).
+    """
+    p32, scale = _f32(float(p)), _f32(_UNIFORM_SCALE)
+    lo, hi = 0, 2**31
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if _f32(_f32(float(mid)) * scale) >= p32:
+            hi = mid
+        else:
+            lo = mid + 1
+    return lo
+
+
 @dataclass
 class LoRATerm:
     """The PLoRA term of a row GEMM (:mod:`.kernels`, ``LORA``): ``l [M, R]`` (rows masked by
     ``row_mask``), ``lb`` as ``[N, R]`` (``lb_kmajor``) or ``[R, N]``, and either a ``scale`` of the
-    prologue or a dropout ``seed``.  The launch's ``tile_flags`` say which tiles have masked rows."""
+    prologue or a dropout ``seed`` (the term times ``keep_scale`` and the keep-mask of ``dropout_p``).
+    The launch's ``tile_flags`` say which tiles have masked rows."""
     l: torch.Tensor
     lb: torch.Tensor
     lb_kmajor: bool
@@ -145,7 +175,7 @@ def row_gemm(role: str, a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, *, M:
         stride_lbr=(lora.lb.stride(1) if lora.lb_kmajor else lora.lb.stride(0)) if lora is not None else 0,
         lora_scale=float(lora.scale) if lora is not None and lora.scale is not None else 1.0,
         out_scale=float(out_scale),
-        dropout_p=float(lora.dropout_p) if lora is not None else 0.0,
+        keep_threshold=dropout_threshold(lora.dropout_p) if lora is not None else 0,
         keep_scale=float(lora.keep_scale) if lora is not None else 1.0,
         GROUPED=grouped, A_GATHER=a_idx is not None, A_DIV=a_div, A_TMA=a_tma, B_TMA=b_tma, B_KMAJOR=b_kmajor,
         EVEN_K=K % BK == 0, LORA=lora_mode, LB_KMAJOR=lora.lb_kmajor if lora is not None else True,

@@ -235,7 +235,8 @@ def plora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
     original's ``nn.Linear`` calls are.  Returns ``[..., N]``.  Text rows equal the base linear exactly;
     with no visual row the gradients of ``lora_a``/``lora_b`` are zero tensors.  The Triton backend draws its dropout mask from torch's
     generator (one seed per call) and redraws it in the backward instead of storing it: a Philox
-    stream keyed by that seed with one counter per (row, column), so masks never repeat across rows.
+    stream keyed by that seed with one counter per (row, group of four columns), so masks never
+    repeat across rows.
     Tensors on the ``meta`` device only infer the output shape (any backend; no data-dependent op).
 
     Example::

@@ -18,11 +18,13 @@ Inside a visual tile the per-row mask zeroes the text rows.
 Invariant: rows of ``S`` and ``dS`` are meaningful only for visual rows, so every load of them is
 masked with the per-row mask; no kernel relies on what another kernel wrote to a text row.
 
-Dropout is seeded: ``keep[m, k] = uniform(Philox4x32(key=seed, counter=(k, m_lo, m_hi, 0))) >= p``
-(:func:`mmkernels.ops._gemm.kernels.dropout_keep`), drawn in the forward shrink and redrawn,
-bit-identically, in the backward (dA here, dX on the core).  The row and the column are separate
-counter words, so no two elements of any ``[M, K]`` matrix share a counter.
-:func:`_dropout_mask_kernel` materialises the same mask for tests.
+Dropout is seeded: ``keep[m, k] = uniform(word k % 4 of Philox4x32-10(key=seed, counter=(k // 4,
+m_lo, m_hi, 0))) >= p`` (:func:`mmkernels.ops._gemm.kernels.dropout_keep`; one Philox call draws four
+neighbouring columns), drawn in the forward shrink and redrawn, bit-identically, in the backward (dA
+here, dX on the core).  The row and the column group are separate counter words, so no two elements
+of any ``[M, K]`` matrix share a draw.  The shrink and dA zero the dropped elements of x and scale
+their accumulator by ``1 / (1 - p)`` once at the end.  :func:`_dropout_mask_kernel` materialises the
+same mask for tests.
 
 Offsets: every ``index * stride`` product that can reach 2**31 (rows, and columns/K indices of
 inputs that may be transposed or strided views) is formed in int64, and so are pointer steps.
@@ -30,7 +32,7 @@ inputs that may be transposed or strided views) is formed in int64, and so are p
 import triton
 import triton.language as tl
 
-from .._gemm.kernels import any_row_flag, dropout_keep
+from .._gemm.kernels import any_row_flag, dropout_keep, dropout_zero
 
 FLAG_ROWS = 16  # rows per tile flag; every BLOCK_M is a multiple of it
 
@@ -40,7 +42,7 @@ def _plora_shrink_kernel(
     x_ptr, a_ptr, s_ptr, mask_ptr, flags_ptr, seed_ptr,
     M, K, R, n_flags,
     stride_xm, stride_xk, stride_ar, stride_ak, stride_sm, stride_sr,
-    dropout_p, keep_scale,
+    keep_threshold, keep_scale,
     HAS_DROPOUT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
     FLAG_ROWS: tl.constexpr, DOT_PRECISION: tl.constexpr,
@@ -68,11 +70,12 @@ def _plora_shrink_kernel(
             x = tl.load(x_ptr + rows[:, None].to(tl.int64) * stride_xm + ks[None, :].to(tl.int64) * stride_xk,
                         mask=(visual & row_ok)[:, None] & k_ok[None, :], other=0.0)
             if HAS_DROPOUT:
-                keep = dropout_keep(seed, rows, ks, dropout_p)
-                x = tl.where(keep, x.to(tl.float32) * keep_scale, 0.0).to(x_ptr.dtype.element_ty)
+                x = dropout_zero(x, seed, rows, k0, keep_threshold)
             a = tl.load(a_ptr + rcols[None, :].to(tl.int64) * stride_ar + ks[:, None].to(tl.int64) * stride_ak,
                         mask=(rcols[None, :] < R) & k_ok[:, None], other=0.0)
             acc = tl.dot(x, a, acc, input_precision=DOT_PRECISION)
+        if HAS_DROPOUT:
+            acc = acc * keep_scale    # the kept elements' 1 / (1 - p), once per output element
     tl.store(s_ptrs, acc.to(s_ptr.dtype.element_ty), mask=out_mask)
 
 
@@ -128,15 +131,21 @@ def _plora_bwd_dlora_b_kernel(
     stride_dym, stride_dyn, stride_sm, stride_sr, stride_dbn, stride_dbr,
     scaling,
     BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    PART_STAGES: tl.constexpr,
 ):
     """dB = scaling * dY[visual].T @ S[visual]   ([N, R], a reduction over rows).
 
     Grid: (cdiv(N, BLOCK_N), cdiv(R, BLOCK_R)).  Each program reduces, in a fixed order (so the result
-    is deterministic), over the M-tiles :func:`_plora_visual_tiles_kernel` lists: first the runs of
-    all-visual tiles -- plain loops over consecutive rows with no mask, software-pipelined -- then
-    the tiles with some text rows, whose text rows are masked out of both operands (a NaN in a text
-    row of dY must not reach dB).  Text-only tiles are never read.  Column indices wrap (``% N``,
-    ``% R``) so the loads need no column mask.
+    is deterministic), over the M-tiles :func:`_plora_visual_tiles_kernel` lists: first the tiles with
+    some text rows, whose text rows are masked out of both operands (a NaN in a text row of dY must
+    not reach dB), then the runs of all-visual tiles -- plain loops over consecutive rows with no
+    mask.  Text-only tiles are never read.  Column indices wrap (``% N``, ``% R``) so the loads need
+    no column mask.
+
+    Both loops are software-pipelined.  The first loads each tile's index before its operands (one
+    level of indirection), and Triton's pipeliner divides a loop's ``num_stages - 1`` stages of
+    prefetch among the levels of such a chain; ``PART_STAGES = 2 * num_stages - 1`` (set by the
+    launcher) gives its operand loads the prefetch distance of the second loop.
     """
     pid_n = tl.program_id(0)
     pid_r = tl.program_id(1)
@@ -148,7 +157,7 @@ def _plora_bwd_dlora_b_kernel(
     dy_step = tl.cast(stride_dym, tl.int64) * BLOCK_M     # int64: BLOCK_M * stride can pass 2**31
     s_step = tl.cast(stride_sm, tl.int64) * BLOCK_M
     acc = tl.zeros((BLOCK_N, BLOCK_R), dtype=tl.float32)
-    for i in range(0, tl.load(counts_ptr + 1)):
+    for i in tl.range(0, tl.load(counts_ptr + 1), num_stages=PART_STAGES):
         rows = tl.load(part_ptr + i) * BLOCK_M + ms
         visual = tl.load(mask_ptr + rows, mask=rows < M, other=0) != 0
         rows64 = rows.to(tl.int64)
@@ -175,15 +184,17 @@ def _plora_bwd_dlora_a_kernel(
     ds_ptr, x_ptr, da_ptr, mask_ptr, run_start_ptr, run_end_ptr, part_ptr, counts_ptr, seed_ptr,
     M, K, R,
     stride_dsm, stride_dsr, stride_xm, stride_xk, stride_dar, stride_dak,
-    dropout_p, keep_scale,
+    keep_threshold, keep_scale,
     HAS_DROPOUT: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_M: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    PART_STAGES: tl.constexpr,
 ):
     """dA = dS[visual].T @ dropout(x)[visual]   ([R, K], a reduction over rows).
 
     Grid: (cdiv(R, BLOCK_R), cdiv(K, BLOCK_K)); the listed M-tiles as in :func:`_plora_bwd_dlora_b_kernel`
-    (runs of all-visual tiles unmasked, then the other visual tiles with text rows masked out of both
-    operands); the forward's dropout mask is redrawn for each (rows, k) block.  Column indices wrap.
+    (the visual tiles with text rows, masked out of both operands, then the runs of all-visual tiles
+    unmasked; ``PART_STAGES`` as there); the forward's dropout mask is redrawn for each (rows, k)
+    block.  Column indices wrap.
     """
     pid_r = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -197,7 +208,7 @@ def _plora_bwd_dlora_a_kernel(
     if HAS_DROPOUT:
         seed = tl.load(seed_ptr)
     acc = tl.zeros((BLOCK_R, BLOCK_K), dtype=tl.float32)
-    for i in range(0, tl.load(counts_ptr + 1)):
+    for i in tl.range(0, tl.load(counts_ptr + 1), num_stages=PART_STAGES):
         rows = tl.load(part_ptr + i) * BLOCK_M + ms
         visual = tl.load(mask_ptr + rows, mask=rows < M, other=0) != 0
         rows64 = rows.to(tl.int64)
@@ -205,8 +216,7 @@ def _plora_bwd_dlora_a_kernel(
                        mask=visual[None, :], other=0.0)
         x = tl.load(x_ptr + rows64[:, None] * stride_xm + ks64[None, :] * stride_xk, mask=visual[:, None], other=0.0)
         if HAS_DROPOUT:
-            keep = dropout_keep(seed, rows, ks, dropout_p)
-            x = tl.where(keep, x.to(tl.float32) * keep_scale, 0.0).to(x_ptr.dtype.element_ty)
+            x = dropout_zero(x, seed, rows, pid_k * BLOCK_K, keep_threshold)
         acc = tl.dot(ds_t, x, acc, input_precision=DOT_PRECISION)
     for j in range(0, tl.load(counts_ptr)):
         t_start = tl.load(run_start_ptr + j)
@@ -216,11 +226,12 @@ def _plora_bwd_dlora_a_kernel(
         for t in range(t_start, tl.load(run_end_ptr + j)):
             x = tl.load(x_ptrs)
             if HAS_DROPOUT:
-                keep = dropout_keep(seed, t * BLOCK_M + ms, ks, dropout_p)
-                x = tl.where(keep, x.to(tl.float32) * keep_scale, 0.0).to(x_ptr.dtype.element_ty)
+                x = dropout_zero(x, seed, t * BLOCK_M + ms, pid_k * BLOCK_K, keep_threshold)
             acc = tl.dot(tl.load(ds_ptrs), x, acc, input_precision=DOT_PRECISION)
             ds_ptrs += ds_step
             x_ptrs += x_step
+    if HAS_DROPOUT:
+        acc = acc * keep_scale
     tl.store(da_ptr + rcols[:, None] * stride_dar + ks[None, :] * stride_dak,
              acc.to(da_ptr.dtype.element_ty), mask=(rcols < R)[:, None] & (ks < K)[None, :])
 
@@ -279,7 +290,7 @@ def _plora_bwd_dw_kernel(
 
 
 @triton.jit
-def _dropout_mask_kernel(seed_ptr, keep_ptr, row0, M, K, dropout_p,
+def _dropout_mask_kernel(seed_ptr, keep_ptr, row0, M, K, keep_threshold,
                          BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
     """Materialise rows ``[row0, row0 + M)`` of the keep-mask the PLoRA kernels draw for a given seed
     (for tests and debugging; ``row0`` may exceed 2**31, so far rows are checked without allocating
@@ -290,6 +301,6 @@ def _dropout_mask_kernel(seed_ptr, keep_ptr, row0, M, K, dropout_p,
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     ks = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
     seed = tl.load(seed_ptr)
-    keep = dropout_keep(seed, rows.to(tl.int64) + row0, ks, dropout_p)
+    keep = dropout_keep(seed, rows.to(tl.int64) + row0, tl.program_id(1) * BLOCK_K, keep_threshold, BLOCK_K)
     tl.store(keep_ptr + rows[:, None].to(tl.int64) * K + ks[None, :], keep.to(tl.int8),
              mask=(rows[:, None] < M) & (ks[None, :] < K))

@@ -22,7 +22,7 @@ from ..._validation import check_int
 from .._gemm import config as gemm_config
 from .._gemm import kernels as gemm
 from .._gemm import launch as gemm_launch
-from .._gemm.launch import dot_precision
+from .._gemm.launch import dot_precision, dropout_threshold
 from . import kernels
 from .kernels import FLAG_ROWS
 
@@ -33,7 +33,11 @@ _GPU_HALF = {
     "dlora_a": dict(BLOCK_R=64, BLOCK_K=128, BLOCK_M=64, num_warps=4, num_stages=3),
     "dw": dict(BLOCK_N=128, BLOCK_K=128, BLOCK_M=64, num_warps=8, num_stages=3),
 }
-_GPU_FP32 = {k: dict(v, num_stages=2, **({"BLOCK_K": 32} if k == "shrink" else {})) for k, v in _GPU_HALF.items()}
+# With LoRA dropout the shrink and dA draw the mask (Philox) in their main loops, so they have entries
+# of their own ("<kernel>_dropout"); elsewhere they are the kernels' entries.
+_GPU_HALF.update(shrink_dropout=_GPU_HALF["shrink"], dlora_a_dropout=_GPU_HALF["dlora_a"])
+_GPU_FP32 = {k: dict(v, num_stages=2, **({"BLOCK_K": 32} if k.startswith("shrink") else {}))
+             for k, v in _GPU_HALF.items()}
 # Hopper (sm_90): more shared memory, so deeper pipelines (measured with benchmarks/tune_plora.py).
 _GPU_HALF_SM90 = {  # winners of benchmarks/tune_plora.py on an H200 (benchmarks/results/plora-h200-tuned-configs.json)
     "shrink": dict(BLOCK_M=64, BLOCK_R=128, BLOCK_K=64, num_warps=4, num_stages=4),
@@ -43,6 +47,13 @@ _GPU_HALF_SM90 = {  # winners of benchmarks/tune_plora.py on an H200 (benchmarks
     # instructions per tensor-core clock (the H200 sweep re-measures both)
     "dlora_a": dict(BLOCK_R=64, BLOCK_K=64, BLOCK_M=128, num_warps=4, num_stages=3),
     "dlora_b": dict(BLOCK_N=64, BLOCK_R=128, BLOCK_M=64, num_warps=4, num_stages=3),
+    # With dropout the Philox draws of the x tile, not the MMA, bound the main loop: the whole of R
+    # (256 in the models) per program draws each element of x once, not R / BLOCK_R times (the
+    # measured 64x128 tile drew it twice; 1.31 instructions per tensor-core clock against 2.36 at
+    # sm_90, offline); dA's 128 rows of R draw it twice instead of four times (2.2 against 4.1).
+    # Defaults, not timed: benchmarks/tune_plora.py sweeps them against the no-dropout tiles.
+    "shrink_dropout": dict(BLOCK_M=64, BLOCK_R=256, BLOCK_K=64, num_warps=4, num_stages=4),
+    "dlora_a_dropout": dict(BLOCK_R=128, BLOCK_K=64, BLOCK_M=128, num_warps=4, num_stages=4),
 }
 _INTERPRETER = {
     "shrink": dict(BLOCK_M=32, BLOCK_R=16, BLOCK_K=16),
@@ -50,6 +61,7 @@ _INTERPRETER = {
     "dlora_a": dict(BLOCK_R=16, BLOCK_K=32, BLOCK_M=16),
     "dw": dict(BLOCK_N=32, BLOCK_K=32, BLOCK_M=16),
 }
+_INTERPRETER.update(shrink_dropout=_INTERPRETER["shrink"], dlora_a_dropout=_INTERPRETER["dlora_a"])
 # the GEMM-core roles of PLoRA (their blocks: mmkernels/ops/_gemm/config.py)
 CORE_ROLES = {"fwd": "plora.fwd", "dx": "plora.dx", "ds": "plora.ds"}   # dX with dropout: plora.dx_dropout
 
@@ -128,13 +140,13 @@ def plora_forward(x, weight, bias, lora_a, lora_b, im_mask, flags, scaling, drop
     has_dropout = dropout_seed is not None and dropout_p > 0
     seed = dropout_seed if has_dropout else mask_u8
     if R > 0:
-        cfg = _config("shrink", x.device, x.dtype)
+        cfg = _config("shrink_dropout" if has_dropout else "shrink", x.device, x.dtype)
         grid = (cdiv(M, cfg["BLOCK_M"]), cdiv(R, cfg["BLOCK_R"]))
         kernels._plora_shrink_kernel[grid](
             x, lora_a, s, mask_u8, flags, seed,
             M, K, R, flags.numel(),
             x.stride(0), x.stride(1), lora_a.stride(0), lora_a.stride(1), s.stride(0), s.stride(1),
-            float(dropout_p), _keep_scale(dropout_p),
+            dropout_threshold(dropout_p), _keep_scale(dropout_p),
             HAS_DROPOUT=has_dropout, FLAG_ROWS=FLAG_ROWS, DOT_PRECISION=dot_precision(x.dtype), **cfg)
     if N > 0:
         # y = x @ W0.T + b0, the LoRA expand first on the tiles with a visual row (a zero-trip loop on
@@ -143,6 +155,13 @@ def plora_forward(x, weight, bias, lora_a, lora_b, im_mask, flags, scaling, drop
         gemm_launch.row_gemm("plora.fwd", x, weight.unsqueeze(0), y, M=M, N=N, K=K, bias=bias, lora=lora,
                              tile_flags=flags if R else None, flag_rows=FLAG_ROWS)
     return y, s
+
+
+def _part_stages(cfg: dict) -> int:
+    """The pipeline depth of dA's and dB's loop over mixed tiles (see ``_plora_bwd_dlora_b_kernel``):
+    its tile index is one more load in the chain, so it needs ``2 * (num_stages - 1)`` stages of
+    prefetch for its operands to get the ``num_stages - 1`` of the loop over runs."""
+    return 2 * cfg.get("num_stages", 1) - 1
 
 
 def visual_tiles(flags: torch.Tensor, M: int, block_m: int):
@@ -228,13 +247,13 @@ def plora_backward(grad_y, x, weight, lora_a, lora_b, lora_hidden, im_mask, flag
             if M == 0:
                 da.zero_()
             else:
-                cfg = _config("dlora_a", dev, dt)
+                cfg = _config("dlora_a_dropout" if has_dropout else "dlora_a", dev, dt)
                 grid = (cdiv(R, cfg["BLOCK_R"]), cdiv(K, cfg["BLOCK_K"]))
                 kernels._plora_bwd_dlora_a_kernel[grid](
                     ds, x, da, mask_u8, *listed(cfg["BLOCK_M"]), seed, M, K, R,
                     ds.stride(0), ds.stride(1), x.stride(0), x.stride(1), da.stride(0), da.stride(1),
-                    float(dropout_p), keep_scale,
-                    HAS_DROPOUT=has_dropout, DOT_PRECISION=precision, **cfg)
+                    dropout_threshold(dropout_p), keep_scale,
+                    HAS_DROPOUT=has_dropout, DOT_PRECISION=precision, PART_STAGES=_part_stages(cfg), **cfg)
 
     dlb = empty()
     if need_db:
@@ -248,7 +267,8 @@ def plora_backward(grad_y, x, weight, lora_a, lora_b, lora_hidden, im_mask, flag
                 kernels._plora_bwd_dlora_b_kernel[grid](
                     grad_y, lora_hidden, dlb, mask_u8, *listed(cfg["BLOCK_M"]), M, N, R,
                     grad_y.stride(0), grad_y.stride(1), lora_hidden.stride(0), lora_hidden.stride(1),
-                    dlb.stride(0), dlb.stride(1), float(scaling), DOT_PRECISION=precision, **cfg)
+                    dlb.stride(0), dlb.stride(1), float(scaling), DOT_PRECISION=precision,
+                    PART_STAGES=_part_stages(cfg), **cfg)
     return dx, dw, dbias, da, dlb
 
 
@@ -260,8 +280,8 @@ def dropout_keep_mask(dropout_seed: torch.Tensor, M: int, K: int, dropout_p: flo
     keep = new_output((M, K), dtype=torch.int8, device=dropout_seed.device)
     if M and K:
         block_m = min(32, triton.next_power_of_2(M))  # ~1024 elements per program, few rows or many
-        block_k = min(1024 // block_m, triton.next_power_of_2(K))
+        block_k = max(4, min(1024 // block_m, triton.next_power_of_2(K)))   # a multiple of 4 (dropout_keep)
         grid = (cdiv(M, block_m), cdiv(K, block_k))
-        kernels._dropout_mask_kernel[grid](dropout_seed, keep, row_offset, M, K, float(dropout_p),
+        kernels._dropout_mask_kernel[grid](dropout_seed, keep, row_offset, M, K, dropout_threshold(dropout_p),
                                            BLOCK_M=block_m, BLOCK_K=block_k)
     return keep.bool()
