@@ -183,14 +183,45 @@ def _hyper_layout_kernel(
 
 
 @triton.jit
-def _row_block_visual_keys(layout_ptr, cu_ptr, b, Lq, row0, row_end, T):
-    """Visual keys of the query rows ``[row0, row_end)`` (``row_end > row0``, all < L_q) of sample b:
-    ``[lo, full)`` is seen by every row (full tiles), ``[full, hi)`` by some (partial), nothing past
-    ``hi`` (empty).  The rows' limits grow with the row, so the first row's is the smallest."""
-    lo = tl.load(cu_ptr + b).to(tl.int32) * T
-    full = tl.load(layout_ptr + _layout_row(b, row0, Lq)) * T
-    hi = tl.load(layout_ptr + _layout_row(b, row_end - 1, Lq)) * T
-    return lo, full, hi
+def _row_block_key_tiles(layout_ptr, cu_ptr, b, Lq, Lk, row0, row_end, T, BLOCK_N: tl.constexpr):
+    """Key tiles (BLOCK_N keys each) of the query rows ``[row0, row_end)`` (``row_end > row0``, all
+    < L_q) of sample b, as ``(v_lo, v_mid, v_hi, t_mid, t_hi)``:
+
+    * visual: tiles from ``v_lo`` (the sample's first visual key) up to ``v_mid`` are full, those
+      from ``v_mid`` to ``v_hi`` partial; the rows' limits grow with the row, so the first row's
+      limit bounds the full tiles and the last row's everything;
+    * text: tiles from 0 up to ``t_mid`` (keys up to the first row's position) are full, those from
+      ``t_mid`` to ``t_hi`` (one past the last row's position) partial;
+    * every other tile is empty.
+    """
+    shift = Lk - Lq
+    v_lo = tl.load(cu_ptr + b).to(tl.int32) * T
+    v_full = tl.load(layout_ptr + _layout_row(b, row0, Lq)) * T
+    v_hi = tl.load(layout_ptr + _layout_row(b, row_end - 1, Lq)) * T
+    v_mid = v_lo + ((v_full - v_lo) // BLOCK_N) * BLOCK_N
+    t_mid = ((row0 + shift + 1) // BLOCK_N) * BLOCK_N
+    return v_lo, v_mid, v_hi, t_mid, row_end + shift
+
+
+@triton.jit
+def _key_block_row_tiles(row_lo, row_full, Lq, BLOCK_M: tl.constexpr):
+    """Row tiles (BLOCK_M rows each, from row 0) of a key block whose keys some row from ``row_lo``
+    on sees and every row from ``row_full`` on sees, as ``(r_lo, r_full, r_down, r_tail, r_up)``:
+    tiles from ``r_lo`` to ``r_full`` are partial, from ``r_full`` to ``r_down`` full, from
+    ``r_tail`` to ``r_up`` partial again (the short last tile, when L_q is not a multiple of
+    BLOCK_M); every other tile is empty."""
+    r_up = tl.cdiv(Lq, BLOCK_M) * BLOCK_M
+    r_down = (Lq // BLOCK_M) * BLOCK_M
+    r_lo = tl.where(row_lo >= Lq, r_up, (row_lo // BLOCK_M) * BLOCK_M)
+    r_full = tl.minimum(tl.maximum(tl.cdiv(row_full, BLOCK_M) * BLOCK_M, r_lo), r_up)
+    return r_lo, r_full, r_down, tl.maximum(r_full, r_down), r_up
+
+
+@triton.jit
+def _text_key_block_rows(key0, n_keys, shift):
+    """Rows that see text keys ``[key0, key0 + n_keys)`` (row r sees key j iff ``j <= r + shift``):
+    ``(row_lo, row_full)``, the first row that sees some and the first that sees all of them."""
+    return tl.maximum(key0 - shift, 0), tl.maximum(key0 + n_keys - 1 - shift, 0)
 
 
 @triton.jit
@@ -255,14 +286,13 @@ def _hyper_fwd_kernel(
                 + offs_d[None, :] * stride_qd, mask=row_ok[:, None], other=0.0)
 
     # ---- visual keys of this sample (a per-row prefix of its images)
-    v_lo, v_full, v_hi = _row_block_visual_keys(layout_ptr, cu_ptr, b, Lq, row0, row_end, T)
+    v_lo, v_mid, v_hi, t_mid, t_hi = _row_block_key_tiles(layout_ptr, cu_ptr, b, Lq, Lk, row0, row_end, T, BLOCK_N)
     lim_v = tl.load(layout_ptr + _layout_row(b, rows, Lq), mask=row_ok, other=0) * T
     kv_base = kv_ptr + hk * stride_kvh
     vv_base = vv_ptr + hk * stride_vvh
     acc_v = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
     m_v = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
     l_v = tl.zeros((BLOCK_M,), dtype=tl.float32)
-    v_mid = v_lo + ((v_full - v_lo) // BLOCK_N) * BLOCK_N
     acc_v, m_v, l_v = _attend_tiles(acc_v, m_v, l_v, q, kv_base, vv_base, stride_kvn, stride_kvd,
                                     stride_vvn, stride_vvd, v_lo, v_mid, lim_v, kpm_ptr, 0, qk_scale, offs_d,
                                     BLOCK_N, False, False, DOT_PRECISION)
@@ -285,7 +315,6 @@ def _hyper_fwd_kernel(
     else:
         acc_t, m_t, l_t = acc_v, m_v, l_v
     lim_t = t + 1
-    t_mid = ((row0 + shift + 1) // BLOCK_N) * BLOCK_N   # keys up to the first row's position: full tiles
     k_base = k_ptr + b64 * stride_kb + hk * stride_kh
     v_base = v_ptr + b64 * stride_vb + hk * stride_vh
     kpm_base = kpm_ptr + b64 * stride_kpb
@@ -293,7 +322,7 @@ def _hyper_fwd_kernel(
                                     stride_vd, 0, t_mid, lim_t, kpm_base, stride_kpn, qk_scale, offs_d,
                                     BLOCK_N, False, HAS_KPM, DOT_PRECISION)
     acc_t, m_t, l_t = _attend_tiles(acc_t, m_t, l_t, q, k_base, v_base, stride_kn, stride_kd, stride_vn,
-                                    stride_vd, t_mid, row_end + shift, lim_t, kpm_base, stride_kpn, qk_scale,
+                                    stride_vd, t_mid, t_hi, lim_t, kpm_base, stride_kpn, qk_scale,
                                     offs_d, BLOCK_N, True, HAS_KPM, DOT_PRECISION)
 
     # ---- epilogue
@@ -544,8 +573,7 @@ def _dkv_program(
         key0 = kb * BLOCK_N
         n_keys = tl.minimum(Lk - key0, BLOCK_N)                   # valid keys of the block
         first0, first_step = key0 - shift, 1                      # causal: row r sees key j iff j <= r + shift
-        row_lo = tl.maximum(key0 - shift, 0)
-        row_full = tl.maximum(key0 + n_keys - 1 - shift, 0)
+        row_lo, row_full = _text_key_block_rows(key0, n_keys, shift)
         b64 = b.to(tl.int64)
         k_base = k_ptr + b64 * stride_kb + hk * stride_kh + key0 * stride_kn
         v_base = v_ptr + b64 * stride_vb + hk * stride_vh + key0 * stride_vn
@@ -574,12 +602,7 @@ def _dkv_program(
     first_row = first0 + offs_n * first_step
     dk = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
     dv = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
-    # Row tiles: [r_lo, r_full) partial, [r_full, r_down) full, [max(r_full, r_down), r_up) the short last one.
-    r_up = tl.cdiv(Lq, BLOCK_M) * BLOCK_M
-    r_down = (Lq // BLOCK_M) * BLOCK_M
-    r_lo = tl.where(row_lo >= Lq, r_up, (row_lo // BLOCK_M) * BLOCK_M)
-    r_full = tl.minimum(tl.maximum(tl.cdiv(row_full, BLOCK_M) * BLOCK_M, r_lo), r_up)
-    r_tail = tl.maximum(r_full, r_down)
+    r_lo, r_full, r_down, r_tail, r_up = _key_block_row_tiles(row_lo, row_full, Lq, BLOCK_M)
     h0 = hk * G                              # the group's first query head
     q_group = q_ptr + b64 * stride_qb + h0 * stride_qh
     do_group = do_ptr + part * stride_dop + b64 * stride_dob + h0 * stride_doh
@@ -669,9 +692,8 @@ def _dq_program(
     do = tl.load(do_v + do_offs, mask=row_ok[:, None], other=0.0)
     lse2 = tl.load(stats_v + st_offs, mask=row_ok, other=float("inf"))
     delta = tl.load(stats_v + stride_sk + st_offs, mask=row_ok, other=0.0)
-    v_lo, v_full, v_hi = _row_block_visual_keys(layout_ptr, cu_ptr, b, Lq, row0, row_end, T)
+    v_lo, v_mid, v_hi, t_mid, t_hi = _row_block_key_tiles(layout_ptr, cu_ptr, b, Lq, Lk, row0, row_end, T, BLOCK_N)
     lim_v = tl.load(layout_ptr + _layout_row(b, rows, Lq), mask=row_ok, other=0) * T
-    v_mid = v_lo + ((v_full - v_lo) // BLOCK_N) * BLOCK_N
     kv_base = kv_ptr + hk * stride_kvh
     vv_base = vv_ptr + hk * stride_vvh
     dq = _dq_key_tiles(dq, q, do, lse2, delta, kv_base, vv_base, stride_kvn, stride_kvd, stride_vvn, stride_vvd,
@@ -684,7 +706,6 @@ def _dq_program(
         do = tl.load(do_ptr + do_offs, mask=row_ok[:, None], other=0.0)
         lse2 = tl.load(stats_ptr + st_offs, mask=row_ok, other=float("inf"))
         delta = tl.load(stats_ptr + stride_sk + st_offs, mask=row_ok, other=0.0)
-    t_mid = ((row0 + shift + 1) // BLOCK_N) * BLOCK_N
     k_base = k_ptr + b64 * stride_kb + hk * stride_kh
     v_base = v_ptr + b64 * stride_vb + hk * stride_vh
     kpm_base = kpm_ptr + b64 * stride_kpb
@@ -692,7 +713,7 @@ def _dq_program(
                        0, t_mid, rows + shift + 1, kpm_base, stride_kpn, qk_scale, offs_d, BLOCK_N, False, HAS_KPM,
                        DOT_PRECISION)
     dq = _dq_key_tiles(dq, q, do, lse2, delta, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
-                       t_mid, row_end + shift, rows + shift + 1, kpm_base, stride_kpn, qk_scale, offs_d, BLOCK_N,
+                       t_mid, t_hi, rows + shift + 1, kpm_base, stride_kpn, qk_scale, offs_d, BLOCK_N,
                        True, HAS_KPM, DOT_PRECISION)
     tl.store(dq_ptr + b64 * stride_dqb + h * stride_dqh + r64 * stride_dqm + offs_d[None, :],
              (dq * scale).to(dq_ptr.dtype.element_ty), mask=row_ok[:, None])
@@ -757,6 +778,61 @@ def _hyper_bwd_kernel(
                     stride_sp, stride_sk, stride_sb, stride_sh,
                     stride_dqb, stride_dqm, stride_dqh,
                     qk_scale, scale, GATED, HAS_KPM, BLOCK_M, BLOCK_N, BLOCK_D, DOT_PRECISION)
+
+
+@triton.jit
+def _hyper_block_classes_kernel(
+    layout_ptr, cu_ptr, row_view_ptr, key_view_ptr,
+    B, Lq, Lk, T, N, n_layout_rows, n_row_programs, n_text_blocks, n_vis_tiles, n_text_tiles, n_row_tiles,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M_KV: tl.constexpr, BLOCK_N_KV: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+):
+    """The classes (0 empty, 1 partial, 2 full) the attention kernels give their tiles, written out
+    from the same rules (:func:`_row_block_key_tiles`, :func:`_key_block_row_tiles`) for tests and
+    tile statistics; the attention kernels never call it.
+
+    Programs below ``n_row_programs = B * cdiv(L_q, BLOCK_M)`` write the row-block view (forward,
+    dQ): ``row_view[b, i, :]`` = the visual key tiles of row block i of sample b, counted from the
+    sample's first visual key, then its text key tiles.  The others write the key-block view (dK/dV,
+    BLOCK_N_KV keys x BLOCK_M_KV rows): ``key_view[kb * B + b, :]`` for text key block kb of sample
+    b, then ``key_view[n_text_blocks + n * cdiv(T, BLOCK_N_KV) + kb, :]`` for key block kb of image n.
+    """
+    pid = tl.program_id(0)
+    shift = Lk - Lq
+    if pid < n_row_programs:
+        n_rb = tl.cdiv(Lq, BLOCK_M)
+        b = pid // n_rb
+        row0 = (pid % n_rb) * BLOCK_M
+        v_lo, v_mid, v_hi, t_mid, t_hi = _row_block_key_tiles(layout_ptr, cu_ptr, b, Lq, Lk, row0,
+                                                              tl.minimum(row0 + BLOCK_M, Lq), T, BLOCK_N)
+        out = row_view_ptr + pid.to(tl.int64) * (n_vis_tiles + n_text_tiles)
+        for i0 in range(0, n_vis_tiles, BLOCK_T):
+            i = i0 + tl.arange(0, BLOCK_T)
+            start = v_lo + i * BLOCK_N
+            cls = tl.where(start < v_mid, 2, tl.where(start < v_hi, 1, 0))
+            tl.store(out + i, cls.to(tl.int8), mask=i < n_vis_tiles)
+        for i0 in range(0, n_text_tiles, BLOCK_T):
+            i = i0 + tl.arange(0, BLOCK_T)
+            start = i * BLOCK_N
+            cls = tl.where(start < t_mid, 2, tl.where(start < t_hi, 1, 0))
+            tl.store(out + n_vis_tiles + i, cls.to(tl.int8), mask=i < n_text_tiles)
+    else:
+        kb_all = pid - n_row_programs
+        if kb_all < n_text_blocks:
+            key0 = (kb_all // B) * BLOCK_N_KV
+            row_lo, row_full = _text_key_block_rows(key0, tl.minimum(Lk - key0, BLOCK_N_KV), shift)
+        else:
+            n = (kb_all - n_text_blocks) // tl.cdiv(T, BLOCK_N_KV)
+            row_lo = tl.load(layout_ptr + n_layout_rows + n)
+            row_full = row_lo
+        r_lo, r_full, r_down, r_tail, r_up = _key_block_row_tiles(row_lo, row_full, Lq, BLOCK_M_KV)
+        out = key_view_ptr + kb_all.to(tl.int64) * n_row_tiles
+        for j0 in range(0, n_row_tiles, BLOCK_T):
+            j = j0 + tl.arange(0, BLOCK_T)
+            start = j * BLOCK_M_KV
+            partial = ((start >= r_lo) & (start < r_full)) | ((start >= r_tail) & (start < r_up))
+            full = (start >= r_full) & (start < r_down)
+            tl.store(out + j, tl.where(full, 2, tl.where(partial, 1, 0)).to(tl.int8), mask=j < n_row_tiles)
 
 
 # =========================================================================== visual K/V producer

@@ -130,6 +130,38 @@ def hyper_layout(image_positions: torch.Tensor, cu_images: torch.Tensor, Lq: int
     return layout
 
 
+BLOCK_EMPTY, BLOCK_PARTIAL, BLOCK_FULL = 0, 1, 2   # the classes block_classes reports
+
+
+def block_classes(layout: torch.Tensor, cu_images: torch.Tensor, Lq: int, Lk: int, T: int, N: int,
+                  fwd: dict, bwd: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """The class (BLOCK_EMPTY / BLOCK_PARTIAL / BLOCK_FULL) the kernels give each of their tiles,
+    computed on the device from ``layout`` (:func:`hyper_layout`) by the kernels' own rules, for
+    tests and tile statistics.  ``fwd``/``bwd``: the ``"fwd"``/``"bwd"`` block configs (the dQ
+    tiles are the forward's when both use the same BLOCK_M, BLOCK_N).
+
+    Returns ``(row_view int8 [B, cdiv(L_q, BM), n_vis_tiles + n_text_tiles], key_view int8
+    [n_key_blocks, cdiv(L_q, BM_KV)])``: per row block, its visual key tiles (counted from the
+    sample's first visual key; ``n_vis_tiles = cdiv(N*T, BN)``) then its text key tiles; per dK/dV
+    key block (text blocks ``kb * B + b`` first, then image n's blocks), its row tiles."""
+    cu_images = unit_stride(cu_images)[0]
+    B = cu_images.shape[0] - 1
+    BM, BN = fwd["BLOCK_M"], fwd["BLOCK_N"]
+    BM_KV, BN_KV = bwd["BLOCK_M_KV"], bwd["BLOCK_N_KV"]
+    n_rb, n_vis, n_text, n_rows = cdiv(Lq, BM), cdiv(N * T, BN), cdiv(Lk, BN), cdiv(Lq, BM_KV)
+    n_text_blocks = cdiv(Lk, BN_KV) * B
+    n_key_blocks = n_text_blocks + cdiv(T, BN_KV) * N
+    dev = cu_images.device
+    row_view = new_output((B, n_rb, n_vis + n_text), dtype=torch.int8, device=dev)
+    key_view = new_output((n_key_blocks, n_rows), dtype=torch.int8, device=dev)
+    grid = (B * n_rb + n_key_blocks,)
+    if grid[0] and Lq:
+        kernels._hyper_block_classes_kernel[grid](
+            layout, cu_images, row_view, key_view, B, Lq, Lk, T, N, B * Lq, B * n_rb, n_text_blocks, n_vis, n_text,
+            n_rows, BLOCK_M=BM, BLOCK_N=BN, BLOCK_M_KV=BM_KV, BLOCK_N_KV=BN_KV, BLOCK_T=16)
+    return row_view, key_view
+
+
 def hyper_forward(q, k, v, k_vis, v_vis, image_positions, cu_images, gate, key_padding_mask,
                   gated: bool, inclusive: bool, scale: float, save_parts: bool, layout=None):
     """Fused forward.  Returns ``(out, o_text, o_vis, lse)``; ``o_text``/``o_vis`` are the two gated
