@@ -14,6 +14,13 @@
 #   2c. profile: one fwd+bwd step per operator under torch.profiler (benchmarks.profile_step: MoE phi-2
 #      16k tokens dropless, PLoRA wqkv 8k 50 % visual, hyper attention 7B joint + gated), kernels by
 #      self CUDA time                                      -> $OUT/profile.log, profile.txt, profile.json
+#   H. hyper attention, its own steps and timeouts (about 4 min at most; SKIP_HYPER=1 skips the block):
+#      H1 codegen table: what its kernels compile to here   -> $OUT/hyper_codegen.log, hyper_codegen.json
+#      H2 benchmarks (bench_hyper_attention, quick shapes)  -> $OUT/hyper_bench.log, hyper_attention-<dev>-latest.json
+#      H3 GPU tests of the operator (pytest -m gpu)          -> $OUT/hyper_tests.log
+#      H4 profile of one training step (joint + gated)      -> $OUT/hyper_profile.{log,txt,json}
+#      H5 tile sweep (benchmarks.tune_hyper)                -> $OUT/hyper_tune.log, hyper_tune.json
+#      The general steps below then leave hyper attention out (its profile cases, benchmark and tests).
 #   3. GPU tests: pytest -x tests -m gpu (xdist if there)  -> $OUT/tests.log
 #   4. benchmarks: python3 -m benchmarks.run --out $OUT    -> $OUT/bench.log, <op>-<dev>-latest.{json,png}
 #      (each JSON: "commit" and "targets" [{id, value, goal, better, met, ...}], issue 7's peers included)
@@ -23,6 +30,8 @@
 # Knobs: PYTHON (python3), OUT, QUICK=1 (bench --quick), SKIP_BUILD=1, SKIP_TUNE=1, SKIP_PROFILE=1,
 #        SKIP_TESTS=1, SKIP_BENCH=1, BUILD_TIMEOUT (120), TUNE_TIMEOUT (110), PROFILE_TIMEOUT (60),
 #        TESTS_TIMEOUT (180), BENCH_TIMEOUT (150), TORCH_CUDA_ARCH_LIST (9.0a),
+#        SKIP_HYPER=1, HYPER_CODEGEN_TIMEOUT (25), HYPER_BENCH_TIMEOUT (100), HYPER_TESTS_TIMEOUT (40),
+#        HYPER_PROFILE_TIMEOUT (30), HYPER_TUNE_TIMEOUT (45),
 #        BENCH_OPS ("plora moe ..."; default all), PROFILE_CASES ("moe plora hyper_joint hyper_gated"; default
 #        all), TEST_PATHS (default tests).
 set -uo pipefail
@@ -42,6 +51,7 @@ export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONUNBUFFERED=1
 
 declare -a SUMMARY=()
+declare -a HYPER_IGNORE=()
 record() {  # step rc seconds note
   local verdict
   case "$2" in
@@ -118,6 +128,36 @@ if [ -n "${BUILD_PID:-}" ]; then
   record build "${rc:-1}" $(( $(date +%s) - t_build )) "$info"
 fi
 
+# ---------------------------------------------------------------- H. hyper attention (its own block)
+HYPER_TESTS="tests/test_hyper_attention.py tests/test_hyper_attention_hardening.py tests/test_hyper_attention_static_cache.py"
+if [ "${SKIP_HYPER:-0}" = "1" ]; then
+  record hyper skip 0 "SKIP_HYPER=1"
+else
+  hyper_step() {  # name timeout log -- command...
+    local name="$1" limit="$2" log="$3"; shift 4
+    local t0; t0=$(date +%s)
+    timeout -k 5 "$limit" "$@" 2>&1 | tee "$OUT/$log"
+    HYPER_RC=${PIPESTATUS[0]}
+    HYPER_T=$(( $(date +%s) - t0 ))
+  }
+  hyper_step h-codegen "${HYPER_CODEGEN_TIMEOUT:-25}" hyper_codegen.log -- "$PY" -m benchmarks.hyper_codegen --out "$OUT"
+  record h-codegen "$HYPER_RC" "$HYPER_T" "$(grep -E 'compiled kernels' "$OUT/hyper_codegen.log" | tail -n 1)"
+  hyper_step h-bench "${HYPER_BENCH_TIMEOUT:-100}" hyper_bench.log -- "$PY" -m benchmarks.run --op hyper_attention --quick --out "$OUT"
+  find "$OUT" -maxdepth 1 -name 'hyper_attention-*-[0-9]*-[0-9]*.json' -delete 2>/dev/null
+  record h-bench "$HYPER_RC" "$HYPER_T" "$(grep -cE 'NOT MET' "$OUT/hyper_bench.log") NOT MET, $(grep -cE '\[ *MET\]' "$OUT/hyper_bench.log") MET targets"
+  HYPER_TARGETS="$(grep -E '^[[:space:]]*\[( *MET|NOT MET)\]' "$OUT/hyper_bench.log" 2>/dev/null)"
+  hyper_step h-tests "${HYPER_TESTS_TIMEOUT:-40}" hyper_tests.log -- "$PY" -m pytest -q -x -p no:cacheprovider $HYPER_TESTS -m gpu
+  record h-tests "$HYPER_RC" "$HYPER_T" "$(grep -E '[0-9]+ (passed|failed|error)' "$OUT/hyper_tests.log" | tail -n 1)"
+  hyper_step h-profile "${HYPER_PROFILE_TIMEOUT:-30}" hyper_profile.log -- "$PY" -m benchmarks.profile_step --out "$OUT" --name hyper_profile --case hyper_joint --case hyper_gated
+  record h-profile "$HYPER_RC" "$HYPER_T" "$(grep -c '^== .*total' "$OUT/hyper_profile.log") cases profiled"
+  hyper_step h-tune "${HYPER_TUNE_TIMEOUT:-45}" hyper_tune.log -- "$PY" -m benchmarks.tune_hyper --out "$OUT/hyper_tune.json"
+  record h-tune "$HYPER_RC" "$HYPER_T" "$(grep -E '^(bwd|fwd): ' "$OUT/hyper_tune.log" | tr '\n' ';')"
+  # the general steps leave hyper attention to this block
+  PROFILE_CASES="${PROFILE_CASES:-moe plora}"
+  BENCH_OPS="${BENCH_OPS:-plora moe}"
+  for f in $HYPER_TESTS; do HYPER_IGNORE+=(--ignore "$f"); done
+fi
+
 # ---------------------------------------------------------------- 2c. profile (kernel times of one step)
 if [ "${SKIP_PROFILE:-0}" = "1" ]; then
   record profile skip 0 "SKIP_PROFILE=1"
@@ -137,7 +177,7 @@ else
   t0=$(date +%s)
   xdist=()
   "$PY" -c "import xdist" 2>/dev/null && xdist=(-n 8)
-  timeout -k 10 "$TESTS_TIMEOUT" "$PY" -m pytest -q -x -p no:cacheprovider "${xdist[@]}" --durations=10 ${TEST_PATHS:-tests} -m gpu 2>&1 | tee "$OUT/tests.log"
+  timeout -k 10 "$TESTS_TIMEOUT" "$PY" -m pytest -q -x -p no:cacheprovider "${xdist[@]}" --durations=10 ${TEST_PATHS:-tests} "${HYPER_IGNORE[@]}" -m gpu 2>&1 | tee "$OUT/tests.log"
   rc=${PIPESTATUS[0]}
   record tests "$rc" $(( $(date +%s) - t0 )) "$(grep -E '[0-9]+ (passed|failed|error)' "$OUT/tests.log" | tail -n 1)"
 fi
@@ -165,9 +205,10 @@ fi
   echo "=== gpu_check summary ($(( $(date +%s) - T_ALL ))s total; outputs in $OUT) ==="
   printf '%-8s %-12s %7s  %s\n' step status time note
   for line in "${SUMMARY[@]}"; do echo "$line"; done
-  if [ -n "${TARGETS:-}" ]; then
+  if [ -n "${TARGETS:-}${HYPER_TARGETS:-}" ]; then
     echo "--- targets"
-    echo "$TARGETS"
+    [ -n "${HYPER_TARGETS:-}" ] && echo "$HYPER_TARGETS"
+    [ -n "${TARGETS:-}" ] && echo "$TARGETS"
   fi
   echo "--- files"
   ls -1 "$OUT"
@@ -177,7 +218,7 @@ fi
 status=0
 for line in "${SUMMARY[@]}"; do
   case "$line" in
-    tests*FAIL*|tests*TIMEOUT*|bench*FAIL*|bench*TIMEOUT*) status=1 ;;
+    tests*FAIL*|tests*TIMEOUT*|bench*FAIL*|bench*TIMEOUT*|h-tests*FAIL*|h-tests*TIMEOUT*|h-bench*FAIL*) status=1 ;;
   esac
 done
 exit $status
