@@ -592,3 +592,25 @@ def test_layout_op_opcheck(device):
     op = torch.ops.mmkernels.hyper_attention_layout.default
     for inclusive, Lq in ((False, 23), (True, 5)):
         torch.library.opcheck(op, (pos, cu, Lq, 23, 7, inclusive))
+
+
+@pytest.mark.parametrize("device", KERNEL_DEVICES)
+@pytest.mark.parametrize("mode", ["gated", "joint"])
+def test_backward_with_gpu_like_row_tiles(device, mode, monkeypatch):
+    """The GPU's backward geometry at interpreter scale: dK/dV row tiles of 32 with the partial ones
+    masked in steps of 16, dQ tiles of 32 x 16; every gradient still matches (odd sizes, GQA, padding)."""
+    real = launch._config
+
+    def config(name, dev, dt, head_dim):
+        cfg = real(name, dev, dt, head_dim)
+        if name == "bwd":
+            cfg.update(BLOCK_M=32, BLOCK_N=16, BLOCK_N_KV=32, BLOCK_M_KV=32, BLOCK_M_KV_MASKED=16)
+        return cfg
+    monkeypatch.setattr(launch, "_config", config)
+    B, Lk, Lq, H, Hkv, D, T = 2, 45, 41, 4, 2, 16, 19
+    pos = torch.tensor([0, 17, 30, 40], dtype=torch.int32, device=device)
+    cu = torch.tensor([0, 3, 4], dtype=torch.int32, device=device)
+    tensors = make_inputs(B, Lq, Lk, H, Hkv, D, 4, T, torch.float32, device)
+    kpm = torch.rand(B, Lk, device=device) > 0.2
+    kpm[:, -1] = True
+    run_both(tensors, torch.randn(H * D, device=device), pos, cu, torch.float32, mode, "inclusive", kpm)

@@ -470,22 +470,26 @@ def _dq_key_tiles(dq, q, do, lse2, delta, k_base, v_base, stride_kn, stride_kd, 
 
 @triton.jit
 def _dkv_row_tiles(dk, dv, k, v, q_group, do_group, stats_group, stride_qh, stride_doh, stride_sh, stride_sk,
-                   stride_qm, stride_qd, stride_dom, stride_dod, G, lo, hi, Lq, first_row, qk_scale, offs_d,
-                   BLOCK_M: tl.constexpr, MASKED: tl.constexpr, NUM_STAGES: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """``dk += dS^T Q``, ``dv += P^T dO`` over the query rows ``[lo, hi)`` (a multiple of BLOCK_M) of
-    each of the G query heads of the group (``*_group`` point at its first head; ``stats`` holds the
-    base-2 lse, and ``stride_sk`` further on delta, see the preprocessing kernel): one flat loop over
-    the (head, row tile) pairs, so the pipeline does not drain between heads.
+                   stride_qm, stride_qd, stride_dom, stride_dod, G, lo, gap_lo, gap_hi, hi, Lq, first_row, qk_scale,
+                   offs_d, BLOCK_M: tl.constexpr, MASKED: tl.constexpr, NUM_STAGES: tl.constexpr,
+                   DOT_PRECISION: tl.constexpr):
+    """``dk += dS^T Q``, ``dv += P^T dO`` over the query rows ``[lo, gap_lo)`` and ``[gap_hi, hi)``
+    (multiples of BLOCK_M; ``gap_lo <= gap_hi``) of each of the G query heads of the group
+    (``*_group`` point at its first head; ``stats`` holds the base-2 lse, and ``stride_sk`` further
+    on delta, see the preprocessing kernel): one flat loop over the (head, row tile) pairs, so the
+    pipeline does not drain between heads.
 
     Key j (row j of ``k``) is visible from query row r iff ``r >= first_row[j]``.  ``MASKED=False``
     (full tiles): every row sees every key and every row is below L_q.  ``MASKED=True`` (partial
     tiles and the last, short row tile): the rule above, and rows from L_q on are not loaded (their
     lse reads as +inf, so their P and dS are 0).  ``NUM_STAGES``: the pipeline depth; the masked
-    loops, which run few tiles, take 2 so that the program stays within 255 registers unspilled.
+    loop, which runs few tiles, takes 2 so that the program stays within 255 registers unspilled.
     """
-    row = lo
+    n_tiles = (tl.maximum(gap_lo - lo, 0) + tl.maximum(hi - gap_hi, 0)) // BLOCK_M
+    first = tl.where(lo < gap_lo, lo, gap_hi)       # the first tile (the first range may be empty)
+    row = first
     g = lo * 0
-    for _ in tl.range(0, G * (tl.maximum(hi - lo, 0) // BLOCK_M), num_stages=NUM_STAGES):
+    for _ in tl.range(0, G * n_tiles, num_stages=NUM_STAGES):
         offs_m = tl.arange(0, BLOCK_M)
         rows = row + offs_m
         r64 = rows.to(tl.int64)
@@ -515,9 +519,10 @@ def _dkv_row_tiles(dk, dv, k, v, q_group, do_group, stats_group, stride_qh, stri
         dpT = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
         dsT = pT * (dpT - delta[None, :])
         dk = tl.dot(dsT.to(qT.dtype), tl.trans(qT), dk, input_precision=DOT_PRECISION)
-        row += BLOCK_M                       # next row tile; past hi: the next head's first tile
+        row += BLOCK_M                       # next row tile, over the gap; past hi: the next head's first tile
+        row = tl.where(row == gap_lo, gap_hi, row)
         wrap = row >= hi
-        row = tl.where(wrap, lo, row)
+        row = tl.where(wrap, first, row)
         g += wrap.to(g.dtype)
     return dk, dv
 
@@ -552,11 +557,13 @@ def _dkv_program(
     stride_sp, stride_sk, stride_sb, stride_sh,
     stride_dkb, stride_dkn, stride_dkh, stride_dkvn, stride_dkvh,
     qk_scale, scale,
-    GATED: tl.constexpr, HAS_KPM: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    GATED: tl.constexpr, HAS_KPM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_M_MASKED: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     """dK, dV of BLOCK_N keys of one K/V head: program ``p`` loops over the G query heads sharing the
-    head and over every row block that sees the keys (partial ones masked, full ones not).
+    head and over every row block (of BLOCK_M rows) that sees the keys: the full ones unmasked, the
+    partial ones masked, in tiles of BLOCK_M_MASKED rows (a divisor of BLOCK_M; the masked loop needs
+    more registers beside the dK/dV accumulators).
 
     Programs ``p < n_text_programs`` take text key blocks, key block major (``p = (kb * B + b) *
     H_kv + hk``): block 0 is seen by every row, so the heaviest programs start first.  The others
@@ -607,15 +614,13 @@ def _dkv_program(
     q_group = q_ptr + b64 * stride_qb + h0 * stride_qh
     do_group = do_ptr + part * stride_dop + b64 * stride_dob + h0 * stride_doh
     stats_group = stats_ptr + part * stride_sp + b64 * stride_sb + h0 * stride_sh
+    # the partial row tiles (the boundary, and the short last tile), then the full ones
     dk, dv = _dkv_row_tiles(dk, dv, k, v, q_group, do_group, stats_group, stride_qh, stride_doh, stride_sh, stride_sk,
-                            stride_qm, stride_qd, stride_dom, stride_dod, G, r_lo, r_full, Lq, first_row, qk_scale,
-                            offs_d, BLOCK_M, True, 2, DOT_PRECISION)
+                            stride_qm, stride_qd, stride_dom, stride_dod, G, r_lo, r_full, r_tail, r_up, Lq, first_row,
+                            qk_scale, offs_d, BLOCK_M_MASKED, True, 2, DOT_PRECISION)
     dk, dv = _dkv_row_tiles(dk, dv, k, v, q_group, do_group, stats_group, stride_qh, stride_doh, stride_sh, stride_sk,
-                            stride_qm, stride_qd, stride_dom, stride_dod, G, r_full, r_down, Lq, first_row, qk_scale,
-                            offs_d, BLOCK_M, False, 3, DOT_PRECISION)
-    dk, dv = _dkv_row_tiles(dk, dv, k, v, q_group, do_group, stats_group, stride_qh, stride_doh, stride_sh, stride_sk,
-                            stride_qm, stride_qd, stride_dom, stride_dod, G, r_tail, r_up, Lq, first_row, qk_scale,
-                            offs_d, BLOCK_M, True, 2, DOT_PRECISION)
+                            stride_qm, stride_qd, stride_dom, stride_dod, G, r_full, r_down, r_down, r_down, Lq,
+                            first_row, qk_scale, offs_d, BLOCK_M, False, 3, DOT_PRECISION)
     # The output addresses are decoded from p again (not kept in registers through the loops).
     dk = dk * scale
     keys_out = tl.arange(0, BLOCK_N)
@@ -736,8 +741,8 @@ def _hyper_bwd_kernel(
     stride_dkb, stride_dkn, stride_dkh, stride_dkvn, stride_dkvh,
     qk_scale, scale,
     GATED: tl.constexpr, HAS_KPM: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M_KV: tl.constexpr, BLOCK_N_KV: tl.constexpr,
-    BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M_KV: tl.constexpr, BLOCK_M_KV_MASKED: tl.constexpr,
+    BLOCK_N_KV: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     """The whole backward after the row statistics, in one launch of two kinds of program.
 
@@ -763,7 +768,8 @@ def _hyper_bwd_kernel(
                      stride_dob, stride_dom, stride_doh, stride_dod, stride_dop,
                      stride_sp, stride_sk, stride_sb, stride_sh,
                      stride_dkb, stride_dkn, stride_dkh, stride_dkvn, stride_dkvh,
-                     qk_scale, scale, GATED, HAS_KPM, BLOCK_M_KV, BLOCK_N_KV, BLOCK_D, DOT_PRECISION)
+                     qk_scale, scale, GATED, HAS_KPM, BLOCK_M_KV, BLOCK_M_KV_MASKED, BLOCK_N_KV, BLOCK_D,
+                     DOT_PRECISION)
     else:
         _dq_program(pid - n_kv_programs, q_ptr, k_ptr, v_ptr, kv_ptr, vv_ptr, cu_ptr, layout_ptr, kpm_ptr,
                     do_ptr, stats_ptr, dq_ptr,

@@ -16,16 +16,19 @@ from . import kernels
 
 # (GPU, half precision) by head dim; fp32 halves the key blocks (see _config).  name -> block sizes
 # + launch options.  "bwd" is one launch of two kinds of program (kernels._hyper_bwd_kernel): dQ over
-# BLOCK_M query rows x BLOCK_N keys, dK/dV over BLOCK_N_KV keys x BLOCK_M_KV query rows; its tiles put
-# distinct rows on each warpgroup (a 64-row tile on 8 warps would make both warpgroups compute the
-# same S and dP), so 8 warps take 128-row tiles and 4 warps 64-row ones.
+# BLOCK_M query rows x BLOCK_N keys, dK/dV over BLOCK_N_KV keys x BLOCK_M_KV query rows (the masked,
+# partial row tiles in steps of BLOCK_M_KV_MASKED rows, a divisor).  The tiles put distinct rows on
+# each warpgroup (a 64-row tile on 8 warps would make both warpgroups compute the same S and dP), so
+# 8 warps take 128-row tiles and 4 warps 64-row ones.
 _GPU_HALF = {
     "fwd": {64: dict(BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=3),
             128: dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3)},
     "bwd_pre": {64: dict(BLOCK_M=64, num_warps=4),
                 128: dict(BLOCK_M=64, num_warps=8)},
-    "bwd": {64: dict(BLOCK_M=64, BLOCK_N=64, BLOCK_N_KV=64, BLOCK_M_KV=64, num_warps=4, num_stages=3),
-            128: dict(BLOCK_M=128, BLOCK_N=64, BLOCK_N_KV=128, BLOCK_M_KV=64, num_warps=8, num_stages=3)},
+    "bwd": {64: dict(BLOCK_M=64, BLOCK_N=64, BLOCK_N_KV=64, BLOCK_M_KV=64, BLOCK_M_KV_MASKED=32, num_warps=4,
+                     num_stages=3),
+            128: dict(BLOCK_M=128, BLOCK_N=64, BLOCK_N_KV=128, BLOCK_M_KV=64, BLOCK_M_KV_MASKED=32, num_warps=8,
+                      num_stages=3)},
     # decode is bandwidth-bound: 2 stages keep shared memory near 100 KB, so two programs share an SM
     "decode": {64: dict(BLOCK_M=16, BLOCK_N=128, num_warps=4, num_stages=2),
                128: dict(BLOCK_M=16, BLOCK_N=64, num_warps=4, num_stages=2)},
@@ -33,7 +36,7 @@ _GPU_HALF = {
 _INTERPRETER = {
     "fwd": dict(BLOCK_M=16, BLOCK_N=16),
     "bwd_pre": dict(BLOCK_M=16),
-    "bwd": dict(BLOCK_M=16, BLOCK_N=16, BLOCK_N_KV=16, BLOCK_M_KV=16),
+    "bwd": dict(BLOCK_M=16, BLOCK_N=16, BLOCK_N_KV=16, BLOCK_M_KV=16, BLOCK_M_KV_MASKED=16),
     "decode": dict(BLOCK_M=16, BLOCK_N=16),
 }
 # Element-wise launches (the block classification, the producer's rotation, the text RoPE, the decode
@@ -71,7 +74,8 @@ def _config(name: str, device: torch.device, dtype: torch.dtype, head_dim: int) 
             if key in cfg:
                 cfg[key] = max(16, cfg[key] // 2)
         if name == "bwd":        # and the backward's row blocks, on one warpgroup (64-row tiles)
-            cfg.update(BLOCK_M=min(cfg["BLOCK_M"], 64), BLOCK_M_KV=min(cfg["BLOCK_M_KV"], 32), num_warps=4)
+            cfg.update(BLOCK_M=min(cfg["BLOCK_M"], 64), BLOCK_M_KV=min(cfg["BLOCK_M_KV"], 32), num_warps=4,
+                       BLOCK_M_KV_MASKED=min(cfg["BLOCK_M_KV_MASKED"], 16))
         if "num_stages" in cfg:
             cfg["num_stages"] = min(cfg["num_stages"], 2)
     if head_dim > 128:
@@ -81,6 +85,8 @@ def _config(name: str, device: torch.device, dtype: torch.dtype, head_dim: int) 
         for key in ("BLOCK_N", "BLOCK_N_KV", "BLOCK_M_KV"):
             if key in cfg:
                 cfg[key] = 32
+        if "BLOCK_M_KV_MASKED" in cfg:
+            cfg["BLOCK_M_KV_MASKED"] = 16
     if name == "bwd" and min(cfg["BLOCK_M"], cfg["BLOCK_N_KV"]) < 128:
         cfg["num_warps"] = 4     # a 64-row tile on 8 warps would compute S and dP twice
     return cfg
