@@ -139,9 +139,9 @@ def _plora_record(half_table, dtypes):
 
 def hyper_attention_calls():
     """Hyper Attention launches with the GPU block table: every kernel (gated mode, strict, padding
-    mask) in bf16 at D = 128 (the model's shapes), the joint forward, and the forward in fp32 at
-    D = 128 (the largest shared-memory footprint), for sm_90; the bf16 and fp32 forwards for sm_80.
-    Kept small: each compile takes seconds on a CPU."""
+    mask; the block classification and its class map) in bf16 at D = 128 (the model's shapes), the
+    joint forward, and the forward in fp32 at D = 128 (the largest shared-memory footprint), for
+    sm_90; the bf16 and fp32 forwards for sm_80.  Kept small: each compile takes seconds on a CPU."""
     return [(_hyper_attention_record(full=True), [SM90]), (_hyper_attention_record(full=False), [SM80])]
 
 
@@ -174,6 +174,8 @@ def _hyper_attention_record(full):
             launch.hyper_forward(q[:, -1:], k, v, kv, vv, pos, cu, g, mask, gated, inclusive, D ** -0.5, False)
             launch.hyper_backward(torch.randn_like(q), q, k, v, kv, vv, pos, cu, g, mask, out, o_t, o_v, lse,
                                   gated, inclusive, D ** -0.5)
+            launch.block_classes(launch.hyper_layout(pos, cu, L, L, T, inclusive), cu, L, L, T, N,
+                                 launch._config("fwd", None, dtype, D), launch._config("bwd", None, dtype, D))
         if every_kernel:
             inv_freq = torch.rand(D // 2)
             kvis, vvis = launch.visual_kv_rope(torch.randn(N * T, 2 * Hkv * D, dtype=dtype), torch.rand(N * T),

@@ -15,8 +15,9 @@ the keys).  Both key sets are masked by one rule, "key ``j`` is visible from row
 * text keys: ``lim = t + 1`` (causal), plus the key padding mask;
 * visual keys of the sample, flattened from ``cu[b]*T``: ``lim = (cu[b] + c(t)) * T`` where
   ``c(t)`` = number of the sample's images with ``pos < t`` (strict) / ``pos <= t`` (inclusive).
-  Positions increase within a sample, so the visible images are always a prefix: the layout is read
-  as metadata (O(n_images) scalar loads per program) and never expanded into a dense mask.
+  Positions increase within a sample, so the visible images are always a prefix, never expanded
+  into a dense mask: the prefill kernels read each row's limit from the block classification's
+  layout (section "block classification" below), the decode kernels count the images.
 
 Tiles that every row of the block sees run without any mask; tiles beyond the block's last
 visible key are never visited (a block of rows before the first image does no visual work).
