@@ -2,6 +2,9 @@
 CPU: the sweep's smoke run writes its rows and verdicts; the TTGIR reading finds replicated MMA work."""
 import json
 
+import pytest
+import torch
+
 from .hyper_codegen import ttgir_summary
 from .tune_hyper import main as tune_main
 
@@ -22,6 +25,15 @@ def test_ttgir_summary_finds_replicated_rows():
 
 
 def test_tune_smoke_run_writes_rows_and_verdicts(tmp_path):
+    """The sweep times the launchers themselves, so without a GPU it needs Triton's interpreter, which
+    must be on before mmkernels is first imported (``make test`` runs tests/conftest.py first)."""
+    from .run import _prepare_interpreter
+
+    _prepare_interpreter()
+    import mmkernels
+
+    if not (torch.cuda.is_available() or mmkernels.interpreter_enabled()):
+        pytest.skip("mmkernels was imported without TRITON_INTERPRET=1 in this process")
     out = tmp_path / "hyper_tune.json"
     result = tune_main(["--kernel", "fwd", "--out", str(out)])
     saved = json.loads(out.read_text())
