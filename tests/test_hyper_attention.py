@@ -251,8 +251,10 @@ def test_opcheck(device):
     kpm = torch.rand(B, L, device=device) > 0.3
     k_perm = k.detach().transpose(1, 2).contiguous().transpose(1, 2).requires_grad_()  # permuted strides
     op = torch.ops.mmkernels.hyper_attention_fwd.default
+    layout_ = torch.ops.mmkernels.hyper_attention_layout.default(pos, cu, L, L, T, False)
     for args in ((q, k, v, kv, vv, pos, cu, gate, kpm, True, False, D ** -0.5, True),
-                 (q, k_perm, v, kv, vv, pos, cu, None, None, False, True, 0.3, False)):
+                 (q, k_perm, v, kv, vv, pos, cu, None, None, False, True, 0.3, False),
+                 (q, k, v, kv, vv, pos, cu, gate, None, True, False, D ** -0.5, True, layout_)):
         torch.library.opcheck(op, args)
 
 
