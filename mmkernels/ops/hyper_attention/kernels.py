@@ -42,19 +42,6 @@ _LN2_K = tl.constexpr(LN2)
 
 
 @triton.jit
-def _visible_counts(pos_ptr, img_lo, img_hi, t, INCLUSIVE: tl.constexpr):
-    """Per row: how many of the sample's images (``pos[img_lo:img_hi]``) row position ``t`` sees."""
-    cnt = tl.zeros(t.shape, dtype=tl.int32)
-    for n in range(img_lo, img_hi):
-        p = tl.load(pos_ptr + n).to(tl.int32)
-        if INCLUSIVE:
-            cnt += (p <= t).to(tl.int32)
-        else:
-            cnt += (p < t).to(tl.int32)
-    return cnt
-
-
-@triton.jit
 def _attend_tiles(acc, m_i, l_i, q, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
                   lo, hi, lim, kpm_base, stride_kpn, qk_scale, offs_d,
                   BLOCK_N: tl.constexpr, MASKED: tl.constexpr, HAS_KPM: tl.constexpr,
