@@ -122,10 +122,12 @@ def _hyper_layer(L, images, gated):
     kv, vv = _meta(images, T, Hkv, D), _meta(images, T, Hkv, D)
     pos, cu = _meta(images, dtype=torch.int32), _meta(2, dtype=torch.int32)
     gate = _meta(H * D) if gated else None
+    # the block classification, once per forward and kept for the backward (as the public function does)
+    layout = launch.hyper_layout(pos, cu, L, L, T, not gated)
     out, o_t, o_v, lse = launch.hyper_forward(q, k, v, kv, vv, pos, cu, gate, None, gated, not gated, D ** -0.5,
-                                              True)
+                                              True, layout)
     launch.hyper_backward(_meta(1, L, H, D), q, k, v, kv, vv, pos, cu, gate, None, out, o_t, o_v, lse, gated,
-                          not gated, D ** -0.5)
+                          not gated, D ** -0.5, layout)
 
 
 def _hyper_decode():
@@ -147,8 +149,12 @@ def _hyper_producers():
     launch.rope(_meta(1, L, H, D), torch.arange(L, device="meta").expand(1, L), inv_freq, False)
 
 
-_HYPER_ROLES = {"_hyper_fwd_kernel": ("fwd",), "_hyper_bwd_pre_kernel": ("bwd_pre",),
-                "_hyper_bwd_dq_kernel": ("dQ",), "_hyper_bwd_dkv_kernel": ("dKV_text", "dKV_visual")}
+# The backward is one launch of two kinds of program (kernels._hyper_bwd_kernel): its row holds the
+# dK/dV programs' MMA loops (partial row tiles, then full ones), then the dQ programs' (visual full,
+# visual partial, text full, text diagonal), in address order.  In the causal case (no image) the
+# preprocessing kernel is the joint one, so only the joint and gated cases show it.
+_HYPER_ROLES = {"_hyper_layout_kernel": ("layout",), "_hyper_fwd_kernel": ("fwd",),
+                "_hyper_bwd_pre_kernel": ("bwd_pre",), "_hyper_bwd_kernel": ("bwd",)}
 
 CASES = [
     Case("moe", "bench", "grouped GEMM 32768x10240x2560, 4 experts (the grouped-GEMM benchmark)", _moe_bench,
@@ -177,7 +183,7 @@ CASES = [
     Case("hyper_attention", "gated", "the same in gated mode (partial outputs saved for training)",
          lambda: _hyper_layer(2048, 32, gated=True), _HYPER_ROLES),
     Case("hyper_attention", "causal4k", "dense causal attention (no image), 4k tokens, fwd+bwd",
-         lambda: _hyper_layer(4096, 0, gated=False), dict(_HYPER_ROLES, _hyper_bwd_dkv_kernel=("dKV_text",))),
+         lambda: _hyper_layer(4096, 0, gated=False), _HYPER_ROLES),
     Case("hyper_attention", "decode", "one query row after 2k text + 32 images (gated, inference)", _hyper_decode,
          {"_hyper_decode_split_kernel": ("split",), "_hyper_decode_merge_kernel": ("merge",)}),
     Case("hyper_attention", "producer", "the elementwise producers: MI-RoPE of 32 images' K/V (with RMSNorm scale "
