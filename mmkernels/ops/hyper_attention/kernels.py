@@ -65,7 +65,9 @@ def _attend_tiles(acc, m_i, l_i, q, k_base, v_base, stride_kn, stride_kd, stride
             v = tl.load(v_base + n64[:, None] * stride_vn + offs_d[None, :] * stride_vd)
         qk = tl.dot(q, k, input_precision=DOT_PRECISION) * qk_scale
         if MASKED:
-            visible = offs_n[None, :] < lim[:, None]
+            # offs_n < lim, compared as (tile column) < (lim - start): the column index is a constant
+            # of the loop, so the compiler does not rebuild a per-column vector each tile
+            visible = tl.arange(0, BLOCK_N)[None, :] < (lim - start)[:, None]
             if HAS_KPM:
                 keep = tl.load(kpm_base + n64 * stride_kpn, mask=n_ok, other=0) != 0
                 visible = visible & keep[None, :]
