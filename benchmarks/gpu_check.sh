@@ -35,15 +35,16 @@
 #                                                          -> $OUT/codegen.md, codegen.json, codegen.log
 #   H. hyper attention, its own steps and limits (SKIP_HYPER=1 skips them); the general steps then
 #      leave it out (its profile cases, benchmark and tests):
-#      H1 GPU tests of the operator (pytest -m gpu; one checks that the kernels this GPU compiled at
-#         the model's shapes neither spill nor replicate MMA work)   -> $OUT/hyper_tests.log
+#      H1 GPU tests of the operator (pytest -m gpu)          -> $OUT/hyper_tests.log
 #      H2 profile of one training step (joint + gated)      -> $OUT/hyper_profile.{log,txt,json}
 #      H3 benchmarks (bench_hyper_attention, quick shapes)  -> $OUT/hyper_bench.log, hyper_attention-<dev>-latest.json
 #      H4 tile sweep (benchmarks.tune_hyper)                -> $OUT/hyper_tune.log, hyper_tune.json
 #   2c. profile: one fwd+bwd step per operator under torch.profiler (benchmarks.profile_step: MoE phi-2
 #      16k tokens dropless, PLoRA wqkv 8k 50 % visual), kernels by self CUDA time
 #                                                          -> $OUT/profile.log, profile.txt, profile.json
-#   3. GPU tests: pytest -x tests -m gpu (xdist if there)  -> $OUT/tests.log
+#   3. GPU tests: pytest -x tests -m gpu (xdist if there)  -> $OUT/tests.log  (among them the device side
+#      of 2d: hyper attention's training-step kernels as this GPU compiles and loads them neither spill
+#      nor replicate MMA work, tests/test_codegen.py)
 #   4. benchmarks: python3 -m benchmarks.run --out $OUT    -> $OUT/bench.log, <op>-<dev>-latest.{json,png}
 #      (each JSON: "commit" and "targets" [{id, value, goal, better, met, ...}], peer targets included)
 #   G3. GEMM-family targets from the bench JSONs (benchmarks.targets: measured or "not measured")
