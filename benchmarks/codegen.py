@@ -484,6 +484,7 @@ def analyse(case: Case, role: str, compiled, dump: str | None = None) -> dict:
         bar=c["BAR"], mbar=c["MBAR"], local=c["LOCAL"], mufu=c["MUFU"], tma=c["TMA"],
         dup=tg["dup"], dup_main=t.get("dup", 1.0),
         instr=c["instr"] or None, loop_instrs=[l["counts"]["instr"] for l in loops],
+        loop_issue=[l["issue"] for l in loops],
         tensor_clk=round(main["tensor_clk"], 1) if main else None,
         useful_clk=round(main["useful_clk"], 1) if main else None,
         issue=main["issue"] if main else None, issue_worst=max((l["issue"] for l in loops), default=None),

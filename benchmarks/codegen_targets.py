@@ -129,7 +129,7 @@ KNOWN_GAPS = [
     ("gemm.issue", "plora/dropout/dX", "issue 0.34"),
     # hyper attention backward: the dK/dV programs' loop over partial row tiles (the boundary tiles and
     # the short last tile, in 32-row steps) keeps 2 stages, so the 128-key tile's two fp32 accumulators
-    # still fit the registers; the full-tile loop and every dQ loop have 3 buffers, wait 4
+    # still fit the registers; the full-tile loop (wait 4) and every dQ loop (wait 2) have 3 buffers
     ("hyper.bwd_pipelined", "hyper_attention/*/bwd", "cp.async, bufs 2, wait 0 (MMA loop 0 of 6: dK/dV partial)"),
 ]
 
