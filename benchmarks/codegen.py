@@ -16,6 +16,8 @@ the structural targets in :mod:`benchmarks.codegen_targets` are checked::
     python -m benchmarks.codegen --gaps               # the failures, written as known-gap entries
 
 Another Triton is analysed by putting it first on ``PYTHONPATH`` (the GPU machines run Triton 3.6).
+On a GPU, :func:`device_rows` reads launches recorded with real tensors as that GPU compiles and loads
+them (the ``-m gpu`` test in ``tests/test_codegen.py``).
 
 The columns (counts are per warp and per iteration of the main loop: the innermost loop with the
 most tensor-core work, the leanest of equals, without code a predicated forward branch skips):
