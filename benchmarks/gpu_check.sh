@@ -3,8 +3,8 @@
 #
 #   OUT=./gpu_out bash benchmarks/gpu_check.sh
 #
-# Time: the whole script stays inside RUN_BUDGET seconds (default 570: one 10-min device call, with
-# room to start the machine and copy the results back).  Every step runs under `timeout` at its own
+# Time: the whole script stays inside RUN_BUDGET seconds (default 480: the prepared run's 8 minutes,
+# well inside one 10-min device call).  Every step runs under `timeout` at its own
 # limit or at what is left of the budget, whichever is smaller (the last 15 s are kept for G3 and the
 # summary); a step with under 10 s left is skipped ("SKIPPED", no time left).  The limits, in run order
 # (background steps in brackets):
@@ -16,7 +16,8 @@
 #   G3 10 and the summary                                   ->   15 s (kept)
 #
 # 830 s if every step ran to its limit: the budget cuts the last steps instead (the tile sweep H4 first,
-# then the general benchmarks), so the run always fits one call.
+# then the general benchmarks), so the run always ends within RUN_BUDGET plus a few seconds of kill
+# grace.
 #
 # Steps:
 #   1. nvidia-smi + versions                               -> $OUT/build.log (head)
@@ -53,7 +54,7 @@
 # Run order: 1, 2 + 2b, G1, 2d (background), H1, H2, 2c, 3, (codegen wait), H3, 4, H4, G3, 5.
 # $OUT stays flat (about 30 small files).
 #
-# Knobs: PYTHON (python3), OUT, RUN_BUDGET (570), QUICK=1 (bench --quick), SKIP_BUILD=1, SKIP_TUNE=1,
+# Knobs: PYTHON (python3), OUT, RUN_BUDGET (480), QUICK=1 (bench --quick), SKIP_BUILD=1, SKIP_TUNE=1,
 #        SKIP_PROFILE=1, SKIP_TESTS=1, SKIP_BENCH=1, SKIP_GEMM_TUNE=1, SKIP_CODEGEN=1, SKIP_HYPER=1,
 #        GEMM_TUNE_TIMEOUT (90), GEMM_ROLES (all; comma-separated), CODEGEN_TIMEOUT (240),
 #        BUILD_TIMEOUT (120), TUNE_TIMEOUT (110), PROFILE_TIMEOUT (60), TESTS_TIMEOUT (150),
@@ -70,7 +71,7 @@ PY="${PYTHON:-python3}"
 OUT="${OUT:-./gpu_out}"
 mkdir -p "$OUT"
 OUT="$(cd "$OUT" && pwd)"
-RUN_BUDGET="${RUN_BUDGET:-570}"
+RUN_BUDGET="${RUN_BUDGET:-480}"
 BUILD_TIMEOUT="${BUILD_TIMEOUT:-120}"
 TESTS_TIMEOUT="${TESTS_TIMEOUT:-150}"
 TUNE_TIMEOUT="${TUNE_TIMEOUT:-110}"
