@@ -16,6 +16,8 @@ the structural targets in :mod:`benchmarks.codegen_targets` are checked::
     python -m benchmarks.codegen --gaps               # the failures, written as known-gap entries
 
 Another Triton is analysed by putting it first on ``PYTHONPATH`` (the GPU machines run Triton 3.6).
+On a GPU, :func:`device_rows` reads launches recorded with real tensors as that GPU compiles and loads
+them (the ``-m gpu`` test in ``tests/test_codegen.py``).
 
 The columns (counts are per warp and per iteration of the main loop: the innermost loop with the
 most tensor-core work, the leanest of equals, without code a predicated forward branch skips):
@@ -76,8 +78,8 @@ class Case:
     roles: dict[str, tuple]
 
 
-def _meta(*shape, dtype=torch.bfloat16):
-    return torch.empty(*shape, dtype=dtype, device="meta")
+def _meta(*shape, dtype=torch.bfloat16, device="meta"):
+    return torch.empty(*shape, dtype=dtype, device=device)
 
 
 def _moe_bench():
@@ -114,23 +116,37 @@ def _plora_wqkv(dropout_p=0.0):
                           [True, True, False, True, True])
 
 
-def _hyper_layer(L, images, gated):
+# hyper attention's cases: the 7B layer (heads, K/V heads, head dim, tokens per image) and its training
+# shapes (mode, text tokens, images); tests/test_codegen.py runs the same steps on a GPU
+HYPER_7B = (28, 4, 128, 729)
+HYPER_TRAINING = {"joint": ("joint", 2048, 32), "gated": ("gated", 2048, 32), "causal4k": ("joint", 4096, 0)}
+
+
+def _hyper_layer(mode, L, images, device="meta"):
+    """One training step's launches (forward with the saved parts, backward); ``device``: where the
+    (uninitialised) tensors live: meta for the offline table, a GPU for :func:`device_rows`."""
     from mmkernels.ops.hyper_attention import launch
-    H, Hkv, D, T = 28, 4, 128, 729
-    q, k, v = _meta(1, L, H, D), _meta(1, L, Hkv, D), _meta(1, L, Hkv, D)
+    gated = mode == "gated"
+    H, Hkv, D, T = HYPER_7B
     T = T if images else 1   # as the benchmark passes zero images
-    kv, vv = _meta(images, T, Hkv, D), _meta(images, T, Hkv, D)
-    pos, cu = _meta(images, dtype=torch.int32), _meta(2, dtype=torch.int32)
-    gate = _meta(H * D) if gated else None
+
+    def new(*shape, dtype=torch.bfloat16):
+        return _meta(*shape, dtype=dtype, device=device)
+    q, k, v = new(1, L, H, D), new(1, L, Hkv, D), new(1, L, Hkv, D)
+    kv, vv = new(images, T, Hkv, D), new(images, T, Hkv, D)
+    pos, cu = new(images, dtype=torch.int32), new(2, dtype=torch.int32)
+    gate = new(H * D) if gated else None
+    # the block classification, once per forward and kept for the backward (as the public function does)
+    layout = launch.hyper_layout(pos, cu, L, L, T, not gated)
     out, o_t, o_v, lse = launch.hyper_forward(q, k, v, kv, vv, pos, cu, gate, None, gated, not gated, D ** -0.5,
-                                              True)
-    launch.hyper_backward(_meta(1, L, H, D), q, k, v, kv, vv, pos, cu, gate, None, out, o_t, o_v, lse, gated,
-                          not gated, D ** -0.5)
+                                              True, layout)
+    launch.hyper_backward(new(1, L, H, D), q, k, v, kv, vv, pos, cu, gate, None, out, o_t, o_v, lse, gated,
+                          not gated, D ** -0.5, layout)
 
 
 def _hyper_decode():
     from mmkernels.ops.hyper_attention import launch
-    H, Hkv, D, T, L, images = 28, 4, 128, 729, 2048, 32
+    (H, Hkv, D, T), L, images = HYPER_7B, 2048, 32
     q, k, v = _meta(1, 1, H, D), _meta(1, L, Hkv, D), _meta(1, L, Hkv, D)
     kv, vv = _meta(images, T, Hkv, D), _meta(images, T, Hkv, D)
     launch.hyper_forward(q, k, v, kv, vv, _meta(images, dtype=torch.int32), _meta(2, dtype=torch.int32), _meta(H * D),
@@ -139,7 +155,7 @@ def _hyper_decode():
 
 def _hyper_producers():
     from mmkernels.ops.hyper_attention import launch
-    H, Hkv, D, T, L, images = 28, 4, 128, 729, 2048, 32
+    (H, Hkv, D, T), L, images = HYPER_7B, 2048, 32
     pos, inv_freq = _meta(images, dtype=torch.int32), _meta(D // 2, dtype=torch.float32)
     k_vis, v_vis = launch.visual_kv_rope(_meta(images * T, 2 * Hkv * D), _meta(images * T, dtype=torch.float32),
                                          _meta(2 * Hkv * D), pos, inv_freq, T, Hkv, 1)
@@ -147,8 +163,12 @@ def _hyper_producers():
     launch.rope(_meta(1, L, H, D), torch.arange(L, device="meta").expand(1, L), inv_freq, False)
 
 
-_HYPER_ROLES = {"_hyper_fwd_kernel": ("fwd",), "_hyper_bwd_pre_kernel": ("bwd_pre",),
-                "_hyper_bwd_dq_kernel": ("dQ",), "_hyper_bwd_dkv_kernel": ("dKV_text", "dKV_visual")}
+# The backward is one launch of two kinds of program (kernels._hyper_bwd_kernel): its row holds the
+# dK/dV programs' MMA loops (partial row tiles, then full ones), then the dQ programs' (visual full,
+# visual partial, text full, text diagonal), in address order.  In the causal case (no image) the
+# preprocessing kernel is the joint one, so only the joint and gated cases show it.
+_HYPER_ROLES = {"_hyper_layout_kernel": ("layout",), "_hyper_fwd_kernel": ("fwd",),
+                "_hyper_bwd_pre_kernel": ("bwd_pre",), "_hyper_bwd_kernel": ("bwd",)}
 
 CASES = [
     Case("moe", "bench", "grouped GEMM 32768x10240x2560, 4 experts (the grouped-GEMM benchmark)", _moe_bench,
@@ -173,11 +193,11 @@ CASES = [
           "_plora_visual_tiles_kernel": (None, None), "_plora_bwd_dlora_a_kernel": ("dA",),
           "_plora_bwd_dlora_b_kernel": (None,)}),
     Case("hyper_attention", "joint", "7B layer (H 28, H_kv 4, D 128, T 729), joint mode, 2k text + 32 images, "
-         "fwd+bwd", lambda: _hyper_layer(2048, 32, gated=False), _HYPER_ROLES),
+         "fwd+bwd", lambda: _hyper_layer(*HYPER_TRAINING["joint"]), _HYPER_ROLES),
     Case("hyper_attention", "gated", "the same in gated mode (partial outputs saved for training)",
-         lambda: _hyper_layer(2048, 32, gated=True), _HYPER_ROLES),
+         lambda: _hyper_layer(*HYPER_TRAINING["gated"]), _HYPER_ROLES),
     Case("hyper_attention", "causal4k", "dense causal attention (no image), 4k tokens, fwd+bwd",
-         lambda: _hyper_layer(4096, 0, gated=False), dict(_HYPER_ROLES, _hyper_bwd_dkv_kernel=("dKV_text",))),
+         lambda: _hyper_layer(*HYPER_TRAINING["causal4k"]), _HYPER_ROLES),
     Case("hyper_attention", "decode", "one query row after 2k text + 32 images (gated, inference)", _hyper_decode,
          {"_hyper_decode_split_kernel": ("split",), "_hyper_decode_merge_kernel": ("merge",)}),
     Case("hyper_attention", "producer", "the elementwise producers: MI-RoPE of 32 images' K/V (with RMSNorm scale "
@@ -466,6 +486,7 @@ def analyse(case: Case, role: str, compiled, dump: str | None = None) -> dict:
         bar=c["BAR"], mbar=c["MBAR"], local=c["LOCAL"], mufu=c["MUFU"], tma=c["TMA"],
         dup=tg["dup"], dup_main=t.get("dup", 1.0),
         instr=c["instr"] or None, loop_instrs=[l["counts"]["instr"] for l in loops],
+        loop_issue=[l["issue"] for l in loops],
         tensor_clk=round(main["tensor_clk"], 1) if main else None,
         useful_clk=round(main["useful_clk"], 1) if main else None,
         issue=main["issue"] if main else None, issue_worst=max((l["issue"] for l in loops), default=None),
@@ -500,6 +521,40 @@ def _selected(key: str, kernel: str, only) -> bool:
     op = key.split("/")[0]
     return any(o == op or fnmatch.fnmatchcase(key, o) or fnmatch.fnmatchcase(f"{key.rsplit('/', 1)[0]}/{kernel}", o)
                for o in only)
+
+
+# ================================================================ what a GPU compiles (device side)
+
+def device_row(name: str, kernel) -> dict:
+    """One compiled kernel as a driver loaded it: block sizes, warps, stages, registers and spilled bytes
+    (the driver's counts), shared memory, and from its TTGIR (:func:`read_ttgir`) the replication of its
+    dots (dup) and the buffers of each MMA loop."""
+    names = kernel.src.fn.arg_names
+    consts = {names[k[0]]: v for k, v in kernel.src.constants.items() if len(k) == 1}
+    tg = read_ttgir(kernel.asm["ttgir"])
+    md = kernel.metadata
+    return dict(kernel=name, blocks=_blocks(consts), warps=md.num_warps, stages=md.num_stages,
+                regs=getattr(kernel, "n_regs", None), spill_bytes=getattr(kernel, "n_spills", None),
+                smem_kb=round(md.shared / 1024, 1), dup=tg["dup"], buffers=[l["buffers"] for l in tg["loops"]])
+
+
+def device_rows(launches) -> list[dict]:
+    """The device-side complement of the table: launches recorded with real tensors on this process's
+    GPU, each compiled for that GPU -- the JIT's own specialisation of those tensors, so the kernel a
+    real launch runs -- and loaded by its driver, as :func:`device_row` (one per distinct kernel)."""
+    import triton
+
+    from .offline_compile import compile_launch
+    target = triton.runtime.driver.active.get_current_target()
+    rows, seen = [], set()
+    for launch in launches:
+        compiled = compile_launch(launch, target)
+        if compiled.key in seen:
+            continue
+        seen.add(compiled.key)
+        compiled.kernel._init_handles()   # loads the binary: the driver's register and spill counts
+        rows.append(device_row(launch.name, compiled.kernel))
+    return rows
 
 
 # ============================================================================================ output

@@ -123,21 +123,11 @@ KNOWN_GAPS = [
     # even where a program covers all of R.  Drawing the mask outside the loop is the way to 0.6.
     ("gemm.issue_small", "plora/dropout/shrink", "issue 1.43 (Triton 3.6: 1.3)"),
     ("gemm.issue_small", "plora/dropout/dA", "issue 2.36 (Triton 3.6: 2.36)"),
-    ("hyper.no_spills", "hyper_attention/*/dKV_visual", "spill 32/32 B (Triton 3.6: 40/40)"),
-    ("hyper.no_spills", "hyper_attention/gated/fwd", "spill 136/136 B", "3.8"),
-    ("hyper.dup1", "hyper_attention/*/dQ", "dup 2"),
-    ("hyper.dup1", "hyper_attention/*/dKV_text", "dup 2"),
-    ("hyper.dup1", "hyper_attention/*/dKV_visual", "dup 2"),
-    ("hyper.bwd_pipelined", "hyper_attention/*/dQ", "cp.async, bufs 2, wait 0"),
-    ("hyper.bwd_pipelined", "hyper_attention/*/dKV_text", "cp.async, bufs 2, wait 0"),
-    ("hyper.bwd_pipelined", "hyper_attention/*/dKV_visual", "cp.async, bufs 2, wait 0"),
-    ("hyper.bwd_issue", "hyper_attention/*/dQ", "worst loop issue 1.7"),
-    ("hyper.bwd_issue", "hyper_attention/*/dKV_text", "worst loop issue 1.3"),
-    ("hyper.bwd_issue", "hyper_attention/*/dKV_visual", "worst loop issue 1.16"),
-    ("hyper.bwd_issue_unmasked", "hyper_attention/*/dQ", "issue 1.26"),
-    ("hyper.bwd_issue_unmasked", "hyper_attention/*/dKV_text", "issue 1.3"),
-    ("hyper.bwd_issue_unmasked", "hyper_attention/*/dKV_visual", "issue 1.16"),
-    ("hyper.fwd_pipelined", "hyper_attention/*/fwd", "plain loads in the visual-key boundary loop", "3.8"),
+    # hyper attention backward: the dK/dV programs' loop over partial row tiles (the boundary tiles and
+    # the short last tile, in 32-row steps) keeps 2 stages, so the 128-key tile's two fp32 accumulators
+    # still fit the registers; the full-tile loop (wait 4) and every dQ loop (wait 2) have 3 buffers.
+    # With 3 stages there the loop meets the target, but the causal case spills 4 B under Triton 3.6
+    ("hyper.bwd_pipelined", "hyper_attention/*/bwd", "cp.async, bufs 2, wait 0 (MMA loop 0 of 6: dK/dV partial)"),
 ]
 
 

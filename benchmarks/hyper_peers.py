@@ -6,7 +6,8 @@
 * :class:`GatedPeer` -- gated mode (v1): SDPA causal over the text, FlexAttention with the log-sum-exp
   over the visual keys (same visual mask), then ``(1 - sigmoid(g)) * o_text + sigmoid(g) * o_vis`` on
   the rows that see an image (finite visual lse), ``o_text`` elsewhere: the math of mmkernels' gated mode.
-* :class:`DenseCausalPeer` -- dense causal SDPA over the text alone (zero images): the practical ceiling.
+* :class:`DenseCausalPeer` -- dense causal SDPA over the text alone (zero images): the practical ceiling,
+  with torch's default backend choice or pinned to one backend (``"flash"``, ``"cudnn"``).
 
 Each peer is built once per image layout (the block mask is made at construction, outside any timed
 region) and used as ``peer.prepare(...)`` -> tensors in the peer's own layout (``[B, H, L, D]``,
@@ -267,19 +268,54 @@ class GatedPeer(_Peer):
         return torch.where(sees, mixed, o_t)
 
 
+SDPA_BACKENDS = {"flash": "FLASH_ATTENTION", "cudnn": "CUDNN_ATTENTION"}   # DenseCausalPeer's backend names
+
+
+def sdpa_backend_unavailable(backend: str | None) -> str | None:
+    """None when SDPA can be pinned to ``backend`` (``torch.nn.attention.SDPBackend``), else the reason."""
+    if backend is None:
+        return None
+    try:
+        from torch.nn.attention import SDPBackend, sdpa_kernel  # noqa: F401
+    except Exception as e:
+        return f"torch {torch.__version__} cannot pin an SDPA backend ({type(e).__name__}: {e})"
+    if not hasattr(SDPBackend, SDPA_BACKENDS[backend]):
+        return f"torch {torch.__version__} has no SDPBackend.{SDPA_BACKENDS[backend]}"
+    return None
+
+
 class DenseCausalPeer(_Peer):
-    """Dense causal SDPA over the text (zero images): the practical ceiling."""
+    """Dense causal SDPA over the text (zero images): the practical ceiling.
+
+    ``backend``: None lets torch pick (what ``F.scaled_dot_product_attention`` does by default), or
+    ``"flash"`` / ``"cudnn"`` pins ``SDPBackend.FLASH_ATTENTION`` / ``SDPBackend.CUDNN_ATTENTION``
+    (``sdpa_kernel``; a backend that cannot run the shape raises, and the benchmark says "not
+    measured").  The cuDNN peer gets its K/V heads repeated to the query heads in :meth:`prepare`
+    (outside any timed region), so it does not depend on cuDNN accepting ``enable_gqa``."""
 
     name = "sdpa_causal"
 
-    def __init__(self, L_q: int, L_k: int, *, scale: float | None = None, device=None):
-        self.unavailable = sdpa_gqa_unavailable()
+    def __init__(self, L_q: int, L_k: int, *, scale: float | None = None, device=None, backend: str | None = None):
+        if backend is not None and backend not in SDPA_BACKENDS:
+            raise ValueError(f"backend must be None or one of {sorted(SDPA_BACKENDS)}, got {backend!r}")
+        self.backend = backend
+        self.name = "sdpa_causal" if backend is None else f"sdpa_{backend}"
+        self.unavailable = sdpa_gqa_unavailable() or sdpa_backend_unavailable(backend)
         self.scale = scale
         self.text_mask = _text_mask(L_q, L_k, device)
 
     def prepare(self, q, k, v, *, detach: bool = False):
         self.dtype = q.dtype
-        return _detached((_heads_first(q), _heads_first(k), _heads_first(v)), detach)
+        q, k, v = _heads_first(q), _heads_first(k), _heads_first(v)
+        if self.backend == "cudnn" and k.shape[1] != q.shape[1]:
+            g = q.shape[1] // k.shape[1]
+            k, v = k.repeat_interleave(g, 1), v.repeat_interleave(g, 1)
+        return _detached((q, k, v), detach)
 
     def run(self, q, k, v):
-        return _causal_sdpa(q, k, v, self.text_mask, self.scale)
+        if self.backend is None:
+            return _causal_sdpa(q, k, v, self.text_mask, self.scale)
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        with sdpa_kernel([getattr(SDPBackend, SDPA_BACKENDS[self.backend])]):
+            return _causal_sdpa(q, k, v, self.text_mask, self.scale)

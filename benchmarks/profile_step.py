@@ -1,11 +1,12 @@
 """Kernel-time profile of one forward+backward training step per operator.
 
     python -m benchmarks.profile_step --out DIR [--case moe --case plora --case hyper_joint ...] [--rows 25]
+                                      [--name profile]
 
 For each case: two untimed warm-up steps (Triton compiles, autotuning, caches), then one step under
 ``torch.profiler`` (CPU + CUDA activities); printed, and written to ``DIR/profile.txt`` (the tables) and
 ``DIR/profile.json`` (per case: the kernels sorted by self device time, with calls and % of the step's
-kernel time).  Cases (CUDA, bf16, the default backend: Triton):
+kernel time; ``--name`` changes the files' stem).  Cases (CUDA, bf16, the default backend: Triton):
 
 * ``moe``: :class:`mmkernels.MoE`, phi-2 experts (E 4, H 2560, F 10240, GELU-tanh), 16k tokens,
   top-2 dropless, no second-expert sampling;
@@ -153,6 +154,7 @@ def parse_args(argv=None):
     p.add_argument("--out", default=None, help="folder for profile.txt and profile.json (default: print only)")
     p.add_argument("--case", action="append", choices=CASES, default=None, help="repeatable; default: all")
     p.add_argument("--rows", type=int, default=25, help="kernels per table")
+    p.add_argument("--name", default="profile", help="stem of the output files (default: profile)")
     return p.parse_args(argv)
 
 
@@ -189,10 +191,11 @@ def main(argv=None) -> int:
     if args.out:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
-        (out / "profile.txt").write_text("\n".join(lines) + "\n")
+        txt, js = out / f"{args.name}.txt", out / f"{args.name}.json"
+        txt.write_text("\n".join(lines) + "\n")
         doc = {"commit": H.git_commit_full(), "machine": header, "cuda": on_cuda, "cases": results}
-        (out / "profile.json").write_text(json.dumps(H._jsonable(doc), indent=1) + "\n")
-        print(f"wrote {out / 'profile.txt'} and {out / 'profile.json'}", flush=True)
+        js.write_text(json.dumps(H._jsonable(doc), indent=1) + "\n")
+        print(f"wrote {txt} and {js}", flush=True)
     return 0 if ok else 1
 
 

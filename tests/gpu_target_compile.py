@@ -91,9 +91,10 @@ def _plora_record(arch, dtypes):
 
 def hyper_attention_calls():
     """Hyper Attention launches: the benchmark shapes; with the GPU block table at small odd shapes,
-    every kernel (gated mode, strict, padding mask) in bf16 at D = 128 (the model's shapes), the joint
-    forward, and the forward in fp32 at D = 128 (the largest shared-memory footprint), for sm_90; the
-    bf16 and fp32 forwards for sm_80.  Kept small: each compile takes seconds on a CPU."""
+    every kernel (gated mode, strict, padding mask; the block classification and its class map) in bf16
+    at D = 128 (the model's shapes), the joint forward, and the forward in fp32 at D = 128 (the largest
+    shared-memory footprint), for sm_90; the bf16 and fp32 forwards for sm_80.  Kept small: each compile
+    takes seconds on a CPU."""
     return [(codegen_calls("hyper_attention"), [SM90]), (_hyper_attention_record(full=True), [SM90]),
             (_hyper_attention_record(full=False), [SM80])]
 
@@ -125,6 +126,8 @@ def _hyper_attention_record(full):
             launch.hyper_forward(q[:, -1:], k, v, kv, vv, pos, cu, gate, kpm, True, False, D ** -0.5, False)
             launch.hyper_backward(torch.randn_like(q), q, k, v, kv, vv, pos, cu, gate, kpm, out, o_t, o_v, lse,
                                   True, False, D ** -0.5)
+            launch.block_classes(launch.hyper_layout(pos, cu, L, L, T, False), cu, L, L, T, N,
+                                 launch._config("fwd", None, dtype, D), launch._config("bwd", None, dtype, D))
             inv_freq = torch.rand(D // 2)
             kvis, vvis = launch.visual_kv_rope(torch.randn(N * T, 2 * Hkv * D, dtype=dtype), torch.rand(N * T),
                                                torch.randn(2 * Hkv * D, dtype=dtype), pos, inv_freq, T, Hkv, 1)

@@ -8,9 +8,11 @@ known gap whose kernel now meets its target (delete the entry)."""
 import os
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import pytest
+import torch
 
 from benchmarks import codegen, codegen_targets
 
@@ -171,3 +173,33 @@ def test_read_ttgir():
     # the second loop's %x_1 is its own value, not the first loop's view of %a
     assert (second["buffers"], second["cp_async"], second["plain_loads"]) == ([], 0, 1)
     assert first["dup"] == second["dup"] == 2.0
+
+
+def test_device_row():
+    """A compiled kernel read back as the driver loaded it: its constexprs by name, the driver's register
+    and spill counts, the TTGIR reader's replication and buffers."""
+    fn = types.SimpleNamespace(arg_names=["x_ptr", "n", "BLOCK_M", "BLOCK_N"])
+    kernel = types.SimpleNamespace(src=types.SimpleNamespace(fn=fn, constants={(2,): 64, (3,): 32}),
+                                   asm={"ttgir": TTGIR}, n_regs=168, n_spills=0,
+                                   metadata=types.SimpleNamespace(num_warps=8, num_stages=3, shared=4096))
+    assert codegen.device_row("_k", kernel) == dict(kernel="_k", blocks="M=64 N=32", warps=8, stages=3, regs=168,
+                                                    spill_bytes=0, smem_kb=4.0, dup=2, buffers=[[1, 3], []])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_hyper_attention_compiled_on_this_gpu():
+    """The hyper attention training steps of the codegen cases (the 7B layer), launched with real tensors
+    on this GPU, compiled for it and loaded by its driver: no kernel spills (the driver's count) and no
+    dot is replicated across warps -- the targets hyper.no_spills and hyper.dup1 on the GPU's own
+    compile, beside the offline table."""
+    from benchmarks.offline_compile import recording
+
+    with recording() as launches:
+        for mode, L, images in codegen.HYPER_TRAINING.values():
+            codegen._hyper_layer(mode, L, images, device="cuda")
+    rows = codegen.device_rows(launches)
+    assert {r["kernel"] for r in rows} >= {"_hyper_layout_kernel", "_hyper_fwd_kernel", "_hyper_bwd_pre_kernel",
+                                            "_hyper_bwd_kernel"}
+    bad = [r for r in rows if r["spill_bytes"] or r["dup"] > 1]
+    assert not bad, bad

@@ -251,8 +251,10 @@ def test_opcheck(device):
     kpm = torch.rand(B, L, device=device) > 0.3
     k_perm = k.detach().transpose(1, 2).contiguous().transpose(1, 2).requires_grad_()  # permuted strides
     op = torch.ops.mmkernels.hyper_attention_fwd.default
+    layout_ = torch.ops.mmkernels.hyper_attention_layout.default(pos, cu, L, L, T, False)
     for args in ((q, k, v, kv, vv, pos, cu, gate, kpm, True, False, D ** -0.5, True),
-                 (q, k_perm, v, kv, vv, pos, cu, None, None, False, True, 0.3, False)):
+                 (q, k_perm, v, kv, vv, pos, cu, None, None, False, True, 0.3, False),
+                 (q, k, v, kv, vv, pos, cu, gate, None, True, False, D ** -0.5, True, layout_)):
         torch.library.opcheck(op, args)
 
 
@@ -453,3 +455,164 @@ def test_unsupported_head_dim(device):
         hyper_attention(q, k, v, kv, vv, pos, cu, mode="joint")
     out = hyper_attention(q, k, v, kv, vv, pos, cu, mode="joint")
     torch.testing.assert_close(out, hyper_attention_reference(q, k, v, kv, vv, pos, cu, mode="joint"))
+
+
+# --------------------------------------------------------------------------- block classification
+
+def _dense_visibility(pos, cu, b, Lq, Lk, T, visibility):
+    """The reference's masks of sample b: ``(visual [L_q, n_b*T], text [L_q, L_k])``, True = visible."""
+    from mmkernels.ops.hyper_attention.reference import visible_image_counts
+
+    t = torch.arange(Lk - Lq, Lk)
+    counts = visible_image_counts(pos.cpu(), cu.cpu(), b, t, visibility)
+    n_b = int(cu[b + 1] - cu[b])
+    vis = (torch.arange(n_b * T) // max(T, 1))[None, :] < counts[:, None]
+    text = torch.arange(Lk)[None, :] <= t[:, None]
+    return vis, text
+
+
+def _check_tile(cls, mask, rows, keys, n_rows, n_keys, bounded, where):
+    """A full tile: every pair of a valid row and a valid key is visible, and the loop that runs it
+    unmasked does not bound-check ``bounded`` ("keys" in the row-block view, "rows" in the key-block
+    view), so those must all be valid.  An empty tile: no visible pair.  Returns the mask's own class."""
+    r = torch.arange(rows.start, rows.stop)
+    k = torch.arange(keys.start, keys.stop)
+    valid = (r[:, None] < n_rows) & (k[None, :] < n_keys)
+    seen = torch.zeros(len(r), len(k), dtype=torch.bool)
+    if n_rows and n_keys:
+        seen = mask[r.clamp(max=n_rows - 1)][:, k.clamp(max=n_keys - 1)] & valid
+    in_bounds = bool((k < n_keys).all()) if bounded == "keys" else bool((r < n_rows).all())
+    if cls == launch.BLOCK_FULL:
+        assert in_bounds and bool(seen[valid].all()), f"{where}: classified full, but not every pair is visible"
+    elif cls == launch.BLOCK_EMPTY:
+        assert not bool(seen.any()), f"{where}: classified empty, but a pair is visible"
+    else:
+        assert cls == launch.BLOCK_PARTIAL, f"{where}: class {cls}"
+    return "empty" if not seen.any() else "full" if (in_bounds and seen[valid].all()) else "partial"
+
+
+def _classes(pos, cu, Lq, Lk, T, visibility, device):
+    from mmkernels.ops.hyper_attention.function import hyper_attention_layout_op
+
+    layout = hyper_attention_layout_op(pos, cu, Lq, Lk, T, visibility == "inclusive")
+    fwd = launch._config("fwd", torch.device(device), torch.float32, 16)
+    bwd = launch._config("bwd", torch.device(device), torch.float32, 16)
+    rows, keys = launch.block_classes(layout, cu, Lq, Lk, T, pos.shape[0], fwd, bwd)
+    return rows.cpu(), keys.cpu(), fwd, bwd
+
+
+@pytest.mark.parametrize("device", KERNEL_DEVICES)
+@pytest.mark.parametrize("Lq", [37, 22])
+@pytest.mark.parametrize("visibility", ["strict", "inclusive"])
+def test_block_classification_matches_dense_mask(device, visibility, Lq):
+    """Every tile the kernels run unmasked is fully visible and every tile they skip is fully hidden,
+    against the reference's dense mask, in both the row-block view (forward, dQ) and the key-block view
+    (dK/dV); each class occurs; no more tiles are partial than the mask makes partial plus the short
+    last one (the classification is exact up to that)."""
+    Lk, T = 37, 20
+    pos, cu = layout(Lk, device)
+    N, B = pos.shape[0], cu.shape[0] - 1
+    rows, keys, fwd, bwd = _classes(pos, cu, Lq, Lk, T, visibility, device)
+    BM, BN, BM_KV, BN_KV = fwd["BLOCK_M"], fwd["BLOCK_N"], bwd["BLOCK_M_KV"], bwd["BLOCK_N_KV"]
+    n_vis = -(-N * T // BN)
+    seen = set()
+    for b in range(B):
+        vis, text = _dense_visibility(pos, cu, b, Lq, Lk, T, visibility)
+        n_b = int(cu[b + 1] - cu[b])
+        for i in range(rows.shape[1]):
+            r = range(i * BM, (i + 1) * BM)
+            for part, mask, n_keys, tiles in (("visual", vis, n_b * T, rows[b, i, :n_vis]),
+                                              ("text", text, Lk, rows[b, i, n_vis:])):
+                extra = 0
+                for j, cls in enumerate(tiles.tolist()):
+                    truth = _check_tile(cls, mask, r, range(j * BN, (j + 1) * BN), Lq, n_keys, "keys",
+                                        f"sample {b} row block {i} {part} tile {j}")
+                    seen.add(("rows", cls))
+                    extra += cls == launch.BLOCK_PARTIAL and truth != "partial"
+                assert extra <= 1, f"sample {b} row block {i} {part}: {extra} tiles needlessly masked"
+    n_text_blocks = -(-Lk // BN_KV) * B
+    for kb_all in range(keys.shape[0]):
+        if kb_all < n_text_blocks:
+            kb, b = divmod(kb_all, B)
+            mask = _dense_visibility(pos, cu, b, Lq, Lk, T, visibility)[1]
+            k, n_keys = range(kb * BN_KV, (kb + 1) * BN_KV), Lk
+        else:
+            n, kb = divmod(kb_all - n_text_blocks, -(-T // BN_KV))
+            b = int(torch.searchsorted(cu[1:].cpu(), torch.tensor(n), right=True))
+            vis = _dense_visibility(pos, cu, b, Lq, Lk, T, visibility)[0]
+            local = n - int(cu[b])
+            mask = vis[:, local * T:(local + 1) * T]
+            k, n_keys = range(kb * BN_KV, (kb + 1) * BN_KV), T
+        extra = 0
+        for j, cls in enumerate(keys[kb_all].tolist()):
+            truth = _check_tile(cls, mask, range(j * BM_KV, (j + 1) * BM_KV), k, Lq, n_keys, "rows",
+                                f"key block {kb_all} row tile {j}")
+            seen.add(("keys", cls))
+            extra += cls == launch.BLOCK_PARTIAL and truth != "partial"
+        assert extra <= 1, f"key block {kb_all}: {extra} row tiles needlessly masked"
+    assert seen == {(v, c) for v in ("rows", "keys") for c in (0, 1, 2)}, f"classes seen: {sorted(seen)}"
+
+
+@pytest.mark.parametrize("device", KERNEL_DEVICES)
+@pytest.mark.parametrize("mode,visibility,Lq", [("gated", "strict", 45), ("joint", "inclusive", 29),
+                                                ("joint", "strict", 45), ("gated", "inclusive", 29)])
+def test_every_block_class_at_odd_sizes(device, mode, visibility, Lq):
+    """Forward and every gradient where the tiles of both views are full, partial and empty (checked
+    first), at sizes no block divides: GQA 2, one sample with three images (one at position 0), one
+    with one image, chunked prefill (L_q < L_k), and a key padding mask in the inclusive cases."""
+    B, Lk, H, Hkv, D, T = 2, 45, 4, 2, 16, 19
+    pos = torch.tensor([0, 17, 30, 40], dtype=torch.int32, device=device)
+    cu = torch.tensor([0, 3, 4], dtype=torch.int32, device=device)
+    rows, keys, _, _ = _classes(pos, cu, Lq, Lk, T, visibility, device)
+    for view in (rows, keys):
+        assert set(view.unique().tolist()) == {0, 1, 2}, view
+    tensors = make_inputs(B, Lq, Lk, H, Hkv, D, 4, T, torch.float32, device)
+    kpm = None
+    if visibility == "inclusive":
+        kpm = torch.rand(B, Lk, device=device) > 0.2
+        kpm[:, -1] = True
+    run_both(tensors, torch.randn(H * D, device=device), pos, cu, torch.float32, mode, visibility, kpm)
+
+
+@pytest.mark.parametrize("device", KERNEL_DEVICES)
+def test_layout_computed_once_per_training_step(device, monkeypatch):
+    """The public function computes the block classification once; the backward reuses the forward's."""
+    calls = []
+    real = launch.hyper_layout
+    monkeypatch.setattr(launch, "hyper_layout", lambda *a: calls.append(a) or real(*a))
+    B, L, H, Hkv, D, T = 3, 21, 2, 1, 16, 9
+    pos, cu = layout(L, device)
+    leaves = [t.requires_grad_() for t in make_inputs(B, L, L, H, Hkv, D, 5, T, torch.float32, device)]
+    with use_backend("triton"):
+        hyper_attention(*leaves, pos, cu, mode="joint").sum().backward()
+    assert len(calls) == 1
+
+
+@pytest.mark.parametrize("device", KERNEL_DEVICES)
+def test_layout_op_opcheck(device):
+    pos, cu = layout(23, device)
+    op = torch.ops.mmkernels.hyper_attention_layout.default
+    for inclusive, Lq in ((False, 23), (True, 5)):
+        torch.library.opcheck(op, (pos, cu, Lq, 23, 7, inclusive))
+
+
+@pytest.mark.parametrize("device", KERNEL_DEVICES)
+@pytest.mark.parametrize("mode", ["gated", "joint"])
+def test_backward_with_gpu_like_row_tiles(device, mode, monkeypatch):
+    """The GPU's backward geometry at interpreter scale: dK/dV row tiles of 32 with the partial ones
+    masked in steps of 16, dQ tiles of 32 x 16; every gradient still matches (odd sizes, GQA, padding)."""
+    real = launch._config
+
+    def config(name, dev, dt, head_dim):
+        cfg = real(name, dev, dt, head_dim)
+        if name == "bwd":
+            cfg.update(BLOCK_M=32, BLOCK_N=16, BLOCK_N_KV=32, BLOCK_M_KV=32, BLOCK_M_KV_MASKED=16)
+        return cfg
+    monkeypatch.setattr(launch, "_config", config)
+    B, Lk, Lq, H, Hkv, D, T = 2, 45, 41, 4, 2, 16, 19
+    pos = torch.tensor([0, 17, 30, 40], dtype=torch.int32, device=device)
+    cu = torch.tensor([0, 3, 4], dtype=torch.int32, device=device)
+    tensors = make_inputs(B, Lq, Lk, H, Hkv, D, 4, T, torch.float32, device)
+    kpm = torch.rand(B, Lk, device=device) > 0.2
+    kpm[:, -1] = True
+    run_both(tensors, torch.randn(H * D, device=device), pos, cu, torch.float32, mode, "inclusive", kpm)

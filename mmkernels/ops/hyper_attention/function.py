@@ -2,10 +2,16 @@
 
 Two ops in the ``mmkernels`` namespace (Triton kernels on CUDA, the Triton interpreter on CPU):
 
+* ``hyper_attention_layout(image_positions, cu_images, L_q, L_k, T, inclusive) -> layout``: the hyper
+  mask's block classification data (int32, see ``kernels.py``), computed once per forward;
 * ``hyper_attention_fwd(q, k, v, k_vis, v_vis, image_positions, cu_images, gate, key_padding_mask,
-  gated, inclusive, scale, save_parts) -> (out, o_text, o_vis, lse)``;
-* ``hyper_attention_bwd(grad_out, ..., out, o_text, o_vis, lse, gated, inclusive, scale)
+  gated, inclusive, scale, save_parts, layout=None) -> (out, o_text, o_vis, lse)``;
+* ``hyper_attention_bwd(grad_out, ..., out, o_text, o_vis, lse, gated, inclusive, scale, layout=None)
   -> (dq, dk, dv, dk_vis, dv_vis, dgate)``.
+
+``layout`` must be the layout op's result for the same ``image_positions``, ``cu_images``, shapes and
+visibility (the kernels trust it); None computes it inside the op.  The public function computes it
+once and passes it to both, so the backward reuses the forward's classification.
 
 :class:`HyperAttentionFunction` states the gradient once; it is registered as the autograd formula
 of ``hyper_attention_fwd`` so eager mode, ``torch.compile`` and ``torch.library.opcheck`` agree.
@@ -26,15 +32,30 @@ INDEX_DTYPES = (torch.int32, torch.int64)
 TRITON_HEAD_DIMS = (16, 32, 64, 128, 256)
 
 
+def _layout_impl(image_positions, cu_images, L_q, L_k, T, inclusive):
+    require_triton(cu_images.device)
+    return launch.hyper_layout(image_positions, cu_images, L_q, L_k, T, inclusive)
+
+
+def _layout_fake(image_positions, cu_images, L_q, L_k, T, inclusive):
+    return cu_images.new_empty(((cu_images.shape[0] - 1) * L_q + 2 * image_positions.shape[0],), dtype=torch.int32)
+
+
+hyper_attention_layout_op = define_op(
+    "hyper_attention_layout",
+    "(Tensor image_positions, Tensor cu_images, SymInt L_q, SymInt L_k, SymInt T, bool inclusive) -> Tensor",
+    _layout_impl, _layout_fake)
+
+
 def _forward_impl(q, k, v, k_vis, v_vis, image_positions, cu_images, gate, key_padding_mask, gated, inclusive,
-                  scale, save_parts):
+                  scale, save_parts, layout=None):
     require_triton(q.device, q.dtype)
     return launch.hyper_forward(q, k, v, k_vis, v_vis, image_positions, cu_images, gate, key_padding_mask,
-                                gated, inclusive, scale, save_parts)
+                                gated, inclusive, scale, save_parts, layout)
 
 
 def _forward_fake(q, k, v, k_vis, v_vis, image_positions, cu_images, gate, key_padding_mask, gated, inclusive,
-                  scale, save_parts):
+                  scale, save_parts, layout=None):
     B, Lq, H, _ = q.shape
     parts = (lambda: q.new_empty(q.shape)) if (save_parts and gated) else (lambda: q.new_empty(0))
     return (q.new_empty(q.shape), parts(), parts(),
@@ -42,14 +63,14 @@ def _forward_fake(q, k, v, k_vis, v_vis, image_positions, cu_images, gate, key_p
 
 
 def _backward_impl(grad_out, q, k, v, k_vis, v_vis, image_positions, cu_images, gate, key_padding_mask, out, o_t,
-                   o_v, lse, gated, inclusive, scale):
+                   o_v, lse, gated, inclusive, scale, layout=None):
     require_triton(q.device, q.dtype)
     return launch.hyper_backward(grad_out, q, k, v, k_vis, v_vis, image_positions, cu_images, gate,
-                                 key_padding_mask, out, o_t, o_v, lse, gated, inclusive, scale)
+                                 key_padding_mask, out, o_t, o_v, lse, gated, inclusive, scale, layout)
 
 
 def _backward_fake(grad_out, q, k, v, k_vis, v_vis, image_positions, cu_images, gate, key_padding_mask, out, o_t,
-                   o_v, lse, gated, inclusive, scale):
+                   o_v, lse, gated, inclusive, scale, layout=None):
     dgate = gate.new_empty(gate.shape) if (gated and gate is not None) else q.new_empty(0)
     return (q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), k_vis.new_empty(k_vis.shape),
             v_vis.new_empty(v_vis.shape), dgate)
@@ -58,15 +79,15 @@ def _backward_fake(grad_out, q, k, v, k_vis, v_vis, image_positions, cu_images, 
 hyper_attention_fwd_op = define_op(
     "hyper_attention_fwd",
     "(Tensor q, Tensor k, Tensor v, Tensor k_vis, Tensor v_vis, Tensor image_positions, Tensor cu_images, "
-    "Tensor? gate, Tensor? key_padding_mask, bool gated, bool inclusive, float scale, bool save_parts) "
-    "-> (Tensor, Tensor, Tensor, Tensor)",
+    "Tensor? gate, Tensor? key_padding_mask, bool gated, bool inclusive, float scale, bool save_parts, "
+    "Tensor? layout=None) -> (Tensor, Tensor, Tensor, Tensor)",
     _forward_impl, _forward_fake)
 
 hyper_attention_bwd_op = define_op(
     "hyper_attention_bwd",
     "(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor k_vis, Tensor v_vis, Tensor image_positions, "
     "Tensor cu_images, Tensor? gate, Tensor? key_padding_mask, Tensor out, Tensor o_text, Tensor o_vis, "
-    "Tensor lse, bool gated, bool inclusive, float scale) "
+    "Tensor lse, bool gated, bool inclusive, float scale, Tensor? layout=None) "
     "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)",
     _backward_impl, _backward_fake, backward_of="hyper_attention")
 
@@ -82,32 +103,34 @@ class HyperAttentionFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(q, k, v, k_vis, v_vis, image_positions, cu_images, gate, key_padding_mask, gated, inclusive, scale,
-                save_parts):
+                save_parts, layout=None):
         return hyper_attention_fwd_op(q, k, v, k_vis, v_vis, image_positions, cu_images, gate, key_padding_mask,
-                                      gated, inclusive, scale, save_parts)
+                                      gated, inclusive, scale, save_parts, layout)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
         (q, k, v, k_vis, v_vis, image_positions, cu_images, gate, key_padding_mask, gated, inclusive, scale,
-         save_parts) = inputs
+         save_parts, *rest) = inputs
+        layout = rest[0] if rest else None
         out, o_t, o_v, lse = output
         ctx.save_for_backward(q, k, v, k_vis, v_vis, image_positions, cu_images, gate, key_padding_mask, out, o_t,
-                              o_v, lse)
+                              o_v, lse, layout)
         ctx.gated, ctx.inclusive, ctx.scale = gated, inclusive, scale
+        ctx.n_inputs = len(inputs)
 
     @staticmethod
     def backward(ctx, grad_out, grad_ot, grad_ov, grad_lse):
         (q, k, v, k_vis, v_vis, image_positions, cu_images, gate, key_padding_mask, out, o_t, o_v,
-         lse) = ctx.saved_tensors
+         lse, layout) = ctx.saved_tensors
         need = ctx.needs_input_grad
         if grad_out is None or not any(need[:5] + (need[7],)):
-            return (None,) * 13
+            return (None,) * ctx.n_inputs
         dq, dk, dv, dkv, dvv, dg = hyper_attention_bwd_op(
             grad_out, q, k, v, k_vis, v_vis, image_positions, cu_images, gate, key_padding_mask, out, o_t, o_v,
-            lse, ctx.gated, ctx.inclusive, ctx.scale)
+            lse, ctx.gated, ctx.inclusive, ctx.scale, layout)
         grads = [g if flag else None for g, flag in zip((dq, dk, dv, dkv, dvv), need[:5])]
         dgate = dg if (ctx.gated and need[7]) else None
-        return (*grads, None, None, dgate, None, None, None, None, None)
+        return (*grads, None, None, dgate) + (None,) * (ctx.n_inputs - 8)
 
 
 torch.library.register_autograd("mmkernels::hyper_attention_fwd", HyperAttentionFunction.backward,
@@ -269,8 +292,14 @@ def hyper_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_vis: to
                                          gate=gate, visibility=visibility, key_padding_mask=key_padding_mask,
                                          scale=scale)
     save = gated and _needs_grad(q, k, v, k_vis, v_vis, gate)
+    inclusive = visibility == "inclusive"
+    layout = None
+    B, Lq, H, _ = q.shape
+    if not launch.use_decode_path(Lq, H // k.shape[2]) or _needs_grad(q, k, v, k_vis, v_vis, gate):
+        # the block classification, once: the forward's tiles and then the backward's use it
+        layout = hyper_attention_layout_op(image_positions, cu_images, Lq, k.shape[1], k_vis.shape[1], inclusive)
     out, _, _, _ = hyper_attention_fwd_op(q, k, v, k_vis, v_vis, image_positions, cu_images, gate,
-                                          key_padding_mask, gated, visibility == "inclusive", scale, save)
+                                          key_padding_mask, gated, inclusive, scale, save, layout)
     return out
 
 

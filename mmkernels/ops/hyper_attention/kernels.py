@@ -15,8 +15,9 @@ the keys).  Both key sets are masked by one rule, "key ``j`` is visible from row
 * text keys: ``lim = t + 1`` (causal), plus the key padding mask;
 * visual keys of the sample, flattened from ``cu[b]*T``: ``lim = (cu[b] + c(t)) * T`` where
   ``c(t)`` = number of the sample's images with ``pos < t`` (strict) / ``pos <= t`` (inclusive).
-  Positions increase within a sample, so the visible images are always a prefix: the layout is read
-  as metadata (O(n_images) scalar loads per program) and never expanded into a dense mask.
+  Positions increase within a sample, so the visible images are always a prefix, never expanded
+  into a dense mask: the prefill kernels read each row's limit from the block classification's
+  layout (section "block classification" below), the decode kernels count the images.
 
 Tiles that every row of the block sees run without any mask; tiles beyond the block's last
 visible key are never visited (a block of rows before the first image does no visual work).
@@ -35,19 +36,9 @@ import triton.language as tl
 
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
-
-
-@triton.jit
-def _visible_counts(pos_ptr, img_lo, img_hi, t, INCLUSIVE: tl.constexpr):
-    """Per row: how many of the sample's images (``pos[img_lo:img_hi]``) row position ``t`` sees."""
-    cnt = tl.zeros(t.shape, dtype=tl.int32)
-    for n in range(img_lo, img_hi):
-        p = tl.load(pos_ptr + n).to(tl.int32)
-        if INCLUSIVE:
-            cnt += (p <= t).to(tl.int32)
-        else:
-            cnt += (p < t).to(tl.int32)
-    return cnt
+# the same constants as kernel-side constexprs (a plain global float cannot be read inside a kernel)
+_LOG2E_K = tl.constexpr(LOG2E)
+_LN2_K = tl.constexpr(LN2)
 
 
 @triton.jit
@@ -74,7 +65,9 @@ def _attend_tiles(acc, m_i, l_i, q, k_base, v_base, stride_kn, stride_kd, stride
             v = tl.load(v_base + n64[:, None] * stride_vn + offs_d[None, :] * stride_vd)
         qk = tl.dot(q, k, input_precision=DOT_PRECISION) * qk_scale
         if MASKED:
-            visible = offs_n[None, :] < lim[:, None]
+            # offs_n < lim, compared as (tile column) < (lim - start): the column index is a constant
+            # of the loop, so the compiler does not rebuild a per-column vector each tile
+            visible = tl.arange(0, BLOCK_N)[None, :] < (lim - start)[:, None]
             if HAS_KPM:
                 keep = tl.load(kpm_base + n64 * stride_kpn, mask=n_ok, other=0) != 0
                 visible = visible & keep[None, :]
@@ -92,23 +85,145 @@ def _attend_tiles(acc, m_i, l_i, q, k_base, v_base, stride_kn, stride_kd, stride
     return acc, m_i, l_i
 
 
+# =========================================================================== block classification
+#
+# The hyper mask of sample b, for query row i at position t = L_k - L_q + i:
+#
+#   text key s:    visible iff s <= t (and key_padding_mask[b, s]);
+#   visual key j:  (row j of k_vis flattened over images) visible iff cu[b]*T <= j < row_img_end[b, i] * T,
+#                  row_img_end = cu[b] + the number of the sample's images at pos < t (strict) / pos <= t.
+#
+# Both limits grow with t (image positions increase within a sample), and the rows that see a key j
+# form one suffix [first_row(j), L_q): first_row = j - (L_k - L_q) for a text key, the image's first
+# seeing row for a visual key.  So for a block of rows [r0, r1) and a block of keys [k0, k1):
+#
+#   full     iff k1 <= limit(r0)       (every row sees every key)     -> unmasked loop
+#   empty    iff k0 >= limit(r1 - 1)   (no row sees any key)          -> never visited
+#   partial  otherwise                                                -> masked loop
+#
+# and, seen from the keys, the row blocks of a key block are empty below first_row(k0), full from
+# first_row(k1 - 1) on and partial in between.  The key padding mask is handled apart from the
+# classes: a column mask in both loops of the row-block programs (compiled in only when a mask is
+# given) and, in the key-block programs, a zeroed gradient for the padded keys at the store.
+#
+# The *layout* (int32 ``[B*L_q + 2*N]``, written once per forward by ``_hyper_layout_kernel`` and
+# kept for the backward) holds the two numbers these rules need, so every kernel classifies its
+# blocks with O(1) loads instead of scanning the image list:
+#
+#   layout[_layout_row(b, i, L_q)]  = row_img_end of query row i of sample b;
+#   layout[B*L_q + n]               = first query row of its sample that sees image n (in [0, L_q]);
+#   layout[B*L_q + N + n]           = the sample of image n
+#
+# (``n_layout_rows = B * L_q`` is passed to the kernels).
+#
+# ``_layout_row`` and the program mappings (``_row_program``, ``_dkv_program``, ``_dq_program``) are
+# the only places that turn a sample index into row numbers.
+
 @triton.jit
-def _visual_range(pos_ptr, cu_ptr, b, t, row_ok, T, INCLUSIVE: tl.constexpr):
-    """Per-row visual limit ``lim`` and the block's key ranges: ``[lo, full)`` is seen by every
-    valid row, ``[full, hi)`` needs the mask.  Also returns the per-row visible image counts."""
-    img_lo = tl.load(cu_ptr + b)
-    img_hi = tl.load(cu_ptr + b + 1)
-    cnt = _visible_counts(pos_ptr, img_lo, img_hi, t, INCLUSIVE)
-    lim = (img_lo + cnt) * T
-    lo = img_lo * T
-    hi = tl.max(tl.where(row_ok, lim, lo), axis=0)
-    full = tl.min(tl.where(row_ok, lim, hi), axis=0)
-    return cnt, lim, lo, full, hi
+def _layout_row(b, i, Lq):
+    """Index of query row ``i`` of sample ``b`` in the layout's per-row part (samples of ``L_q`` rows)."""
+    return b.to(tl.int64) * Lq + i
+
+
+@triton.jit
+def _hyper_layout_kernel(
+    pos_ptr, cu_ptr, layout_ptr,
+    B, Lq, Lk, N, n_layout_rows, n_row_programs,
+    INCLUSIVE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_I: tl.constexpr,
+):
+    """The layout (see above).  Grid ``(n_row_programs + cdiv(N, BLOCK_I),)``: programs below
+    ``n_row_programs = B * cdiv(L_q, BLOCK_R)`` count the visible images of BLOCK_R rows of one sample
+    (BLOCK_I positions compared at a time); the others find, for BLOCK_I images, their sample and
+    their first seeing row."""
+    pid = tl.program_id(0)
+    shift = Lk - Lq
+    if pid < n_row_programs:
+        n_rb = tl.cdiv(Lq, BLOCK_R)
+        b = pid // n_rb
+        rows = (pid % n_rb) * BLOCK_R + tl.arange(0, BLOCK_R)
+        t = rows + shift
+        img_lo = tl.load(cu_ptr + b).to(tl.int32)
+        img_hi = tl.load(cu_ptr + b + 1).to(tl.int32)
+        cnt = tl.zeros((BLOCK_R,), dtype=tl.int32)
+        for n0 in range(img_lo, img_hi, BLOCK_I):
+            n = n0 + tl.arange(0, BLOCK_I)
+            p = tl.load(pos_ptr + n, mask=n < img_hi, other=2147483647 // 2).to(tl.int32)
+            if INCLUSIVE:
+                sees = p[None, :] <= t[:, None]
+            else:
+                sees = p[None, :] < t[:, None]
+            cnt += tl.sum(sees.to(tl.int32), axis=1)
+        tl.store(layout_ptr + _layout_row(b, rows, Lq), img_lo + cnt, mask=rows < Lq)
+    else:
+        n = (pid - n_row_programs) * BLOCK_I + tl.arange(0, BLOCK_I)
+        n_ok = n < N
+        p = tl.load(pos_ptr + n, mask=n_ok, other=0).to(tl.int32)
+        sample = tl.zeros((BLOCK_I,), dtype=tl.int32)
+        for i0 in range(0, B, BLOCK_I):   # sample of image n = number of samples ending at or before n
+            i = i0 + tl.arange(0, BLOCK_I)
+            ends = tl.load(cu_ptr + 1 + i, mask=i < B, other=2147483647).to(tl.int32)
+            sample += tl.sum((ends[None, :] <= n[:, None]).to(tl.int32), axis=1)
+        if INCLUSIVE:
+            first = p - shift
+        else:
+            first = p + 1 - shift
+        first = tl.minimum(tl.maximum(first, 0), Lq)
+        tl.store(layout_ptr + n_layout_rows + n, first, mask=n_ok)
+        tl.store(layout_ptr + n_layout_rows + N + n, sample, mask=n_ok)
+
+
+@triton.jit
+def _row_block_key_tiles(layout_ptr, cu_ptr, b, Lq, Lk, row0, row_end, T, BLOCK_N: tl.constexpr):
+    """Key tiles (BLOCK_N keys each) of the query rows ``[row0, row_end)`` (``row_end > row0``, all
+    < L_q) of sample b, as ``(v_lo, v_mid, v_hi, t_mid, t_hi)``:
+
+    * visual: tiles from ``v_lo`` (the sample's first visual key) up to ``v_mid`` are full, those
+      from ``v_mid`` to ``v_hi`` partial; the rows' limits grow with the row, so the first row's
+      limit bounds the full tiles and the last row's everything;
+    * text: tiles from 0 up to ``t_mid`` (keys up to the first row's position) are full, those from
+      ``t_mid`` to ``t_hi`` (one past the last row's position) partial;
+    * every other tile is empty.
+    """
+    shift = Lk - Lq
+    v_lo = tl.load(cu_ptr + b).to(tl.int32) * T
+    v_full = tl.load(layout_ptr + _layout_row(b, row0, Lq)) * T
+    v_hi = tl.load(layout_ptr + _layout_row(b, row_end - 1, Lq)) * T
+    v_mid = v_lo + ((v_full - v_lo) // BLOCK_N) * BLOCK_N
+    t_mid = ((row0 + shift + 1) // BLOCK_N) * BLOCK_N
+    return v_lo, v_mid, v_hi, t_mid, row_end + shift
+
+
+@triton.jit
+def _key_block_row_tiles(row_lo, row_full, Lq, BLOCK_M: tl.constexpr):
+    """Row tiles (BLOCK_M rows each, from row 0) of a key block whose keys some row from ``row_lo``
+    on sees and every row from ``row_full`` on sees, as ``(r_lo, r_full, r_down, r_tail, r_up)``:
+    tiles from ``r_lo`` to ``r_full`` are partial, from ``r_full`` to ``r_down`` full, from
+    ``r_tail`` to ``r_up`` partial again (the short last tile, when L_q is not a multiple of
+    BLOCK_M); every other tile is empty."""
+    r_up = tl.cdiv(Lq, BLOCK_M) * BLOCK_M
+    r_down = (Lq // BLOCK_M) * BLOCK_M
+    r_lo = tl.where(row_lo >= Lq, r_up, (row_lo // BLOCK_M) * BLOCK_M)
+    r_full = tl.minimum(tl.maximum(tl.cdiv(row_full, BLOCK_M) * BLOCK_M, r_lo), r_up)
+    return r_lo, r_full, r_down, tl.maximum(r_full, r_down), r_up
+
+
+@triton.jit
+def _text_key_block_rows(key0, n_keys, shift):
+    """Rows that see text keys ``[key0, key0 + n_keys)`` (row r sees key j iff ``j <= r + shift``):
+    ``(row_lo, row_full)``, the first row that sees some and the first that sees all of them."""
+    return tl.maximum(key0 - shift, 0), tl.maximum(key0 + n_keys - 1 - shift, 0)
+
+
+@triton.jit
+def _row_program(pid_m, pid_bh, n_row_blocks, H):
+    """Row-block program (forward, backward preprocessing): grid ``(cdiv(L_q, BLOCK_M), B * H)``;
+    the later row blocks see more keys, so they are launched first.  Returns ``(row block, b, h)``."""
+    return n_row_blocks - 1 - pid_m, pid_bh // H, (pid_bh % H).to(tl.int64)
 
 
 @triton.jit
 def _hyper_fwd_kernel(
-    q_ptr, k_ptr, v_ptr, kv_ptr, vv_ptr, pos_ptr, cu_ptr, gate_ptr, kpm_ptr,
+    q_ptr, k_ptr, v_ptr, kv_ptr, vv_ptr, cu_ptr, layout_ptr, gate_ptr, kpm_ptr,
     out_ptr, ot_ptr, ov_ptr, lse_ptr,
     Lq, Lk, H, G, T,
     stride_qb, stride_qm, stride_qh, stride_qd,
@@ -121,36 +236,36 @@ def _hyper_fwd_kernel(
     stride_ob, stride_om, stride_oh,
     stride_ls, stride_lb, stride_lh,
     qk_scale,
-    GATED: tl.constexpr, INCLUSIVE: tl.constexpr, HAS_KPM: tl.constexpr, SAVE_PARTS: tl.constexpr,
+    GATED: tl.constexpr, HAS_KPM: tl.constexpr, SAVE_PARTS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     """Fused forward, both modes.
 
-    Grid: ``(cdiv(L_q, BLOCK_M), B * H)``; program (i, bh) owns query rows ``[i*BM, (i+1)*BM)`` of
-    sample ``b = bh // H``, head ``h = bh % H``.  It first walks the visible visual key tiles, then
-    the causal text key tiles:
+    Grid ``(cdiv(L_q, BLOCK_M), B * H)`` (:func:`_row_program`): a program owns query rows
+    ``[i*BM, (i+1)*BM)`` of sample b, head h.  It walks the sample's visual keys (full tiles without a
+    mask, then the partial ones; the layout gives both ranges), then its causal text keys (full, then
+    the diagonal):
 
-    * gated (v1): two online-softmax states, one after the other (the visual one is normalised and
-      rounded to the output dtype before the text loop); epilogue
-      ``out = o_t`` if the row sees no image else ``(1 - sigmoid(g)) * o_t + sigmoid(g) * o_v``
-      (the text state is computed exactly as for plain causal attention, so rows before the first
-      image are bit-identical to it);
+    * gated (v1): two online-softmax states, one after the other.  The visual part is normalised,
+      rounded to the output dtype and written out (to ``ov``: the saved part, or the output itself as
+      scratch) before the text loop, so no visual state is held in registers meanwhile; the epilogue
+      reads it back and writes ``out = o_t`` if the row sees no image, else
+      ``(1 - sigmoid(g)) * o_t + sigmoid(g) * o_v``.  The text state is computed exactly as for plain
+      causal attention, so rows before the first image are bit-identical to it;
     * joint (v2): one state carried from the visual tiles into the text tiles (= one softmax over
       the concatenated keys, the reference's ``cat([visual K ; text K])``).
 
     Writes ``lse`` (natural log, -inf for a row with no visible key, whose output is 0) and, when
-    ``SAVE_PARTS`` (gated training), ``o_t``/``o_v`` for the backward.
+    ``SAVE_PARTS`` (gated training), ``o_t`` (and ``o_v``) for the backward.
     """
-    # Later row blocks see more keys (causal text, more images): launch them first.
-    pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = pid_bh // H
-    h = (pid_bh % H).to(tl.int64)  # int64: h * (a head-major view's head stride) can pass 2^31
+    pid_m, b, h = _row_program(tl.program_id(0), tl.program_id(1), tl.num_programs(0), H)
     hk = h // G
     b64 = b.to(tl.int64)
 
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    row0 = pid_m * BLOCK_M
+    rows = row0 + tl.arange(0, BLOCK_M)
     row_ok = rows < Lq
+    row_end = tl.minimum(row0 + BLOCK_M, Lq)
     offs_d = tl.arange(0, BLOCK_D)
     shift = Lk - Lq
     t = rows + shift
@@ -161,13 +276,13 @@ def _hyper_fwd_kernel(
                 + offs_d[None, :] * stride_qd, mask=row_ok[:, None], other=0.0)
 
     # ---- visual keys of this sample (a per-row prefix of its images)
-    cnt, lim_v, v_lo, v_full, v_hi = _visual_range(pos_ptr, cu_ptr, b, t, row_ok, T, INCLUSIVE)
+    v_lo, v_mid, v_hi, t_mid, t_hi = _row_block_key_tiles(layout_ptr, cu_ptr, b, Lq, Lk, row0, row_end, T, BLOCK_N)
+    lim_v = tl.load(layout_ptr + _layout_row(b, rows, Lq), mask=row_ok, other=0) * T
     kv_base = kv_ptr + hk * stride_kvh
     vv_base = vv_ptr + hk * stride_vvh
     acc_v = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
     m_v = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
     l_v = tl.zeros((BLOCK_M,), dtype=tl.float32)
-    v_mid = v_lo + ((v_full - v_lo) // BLOCK_N) * BLOCK_N
     acc_v, m_v, l_v = _attend_tiles(acc_v, m_v, l_v, q, kv_base, vv_base, stride_kvn, stride_kvd,
                                     stride_vvn, stride_vvd, v_lo, v_mid, lim_v, kpm_ptr, 0, qk_scale, offs_d,
                                     BLOCK_N, False, False, DOT_PRECISION)
@@ -177,22 +292,19 @@ def _hyper_fwd_kernel(
 
     # ---- causal text keys
     if GATED:
-        # Finish the visual part now (kept in the output dtype) so its fp32 accumulator is dead
-        # before the text accumulator is live: one [BM, D] fp32 tile of registers, not two.
+        # Finish the visual part now and write it out (rounded to the output dtype, as the saved part
+        # is): its registers are free for the text accumulator, and the epilogue reads it back.
         has_v = l_v > 0.0
-        o_v = (acc_v / tl.where(has_v, l_v, 1.0)[:, None]).to(out_ptr.dtype.element_ty)
-        lse_v = tl.where(has_v, (m_v + tl.math.log2(tl.where(has_v, l_v, 1.0))) * 0.6931471805599453,
-                         float("-inf"))
+        o_v = (acc_v / tl.where(has_v, l_v, 1.0)[:, None]).to(ov_ptr.dtype.element_ty)
+        lse_v = tl.where(has_v, (m_v + tl.math.log2(tl.where(has_v, l_v, 1.0))) * _LN2_K, float("-inf"))
         tl.store(lse_ptr + stride_ls + lse_offs, lse_v, mask=row_ok)
+        tl.store(ov_ptr + o_offs, o_v, mask=row_ok[:, None])
         acc_t = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
         m_t = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
         l_t = tl.zeros((BLOCK_M,), dtype=tl.float32)
     else:
         acc_t, m_t, l_t = acc_v, m_v, l_v
     lim_t = t + 1
-    t_first = pid_m * BLOCK_M + shift
-    t_end = tl.minimum(pid_m * BLOCK_M + BLOCK_M, Lq) + shift  # one past the block's last key
-    t_mid = ((t_first + 1) // BLOCK_N) * BLOCK_N
     k_base = k_ptr + b64 * stride_kb + hk * stride_kh
     v_base = v_ptr + b64 * stride_vb + hk * stride_vh
     kpm_base = kpm_ptr + b64 * stride_kpb
@@ -200,24 +312,28 @@ def _hyper_fwd_kernel(
                                     stride_vd, 0, t_mid, lim_t, kpm_base, stride_kpn, qk_scale, offs_d,
                                     BLOCK_N, False, HAS_KPM, DOT_PRECISION)
     acc_t, m_t, l_t = _attend_tiles(acc_t, m_t, l_t, q, k_base, v_base, stride_kn, stride_kd, stride_vn,
-                                    stride_vd, t_mid, t_end, lim_t, kpm_base, stride_kpn, qk_scale, offs_d,
-                                    BLOCK_N, True, HAS_KPM, DOT_PRECISION)
+                                    stride_vd, t_mid, t_hi, lim_t, kpm_base, stride_kpn, qk_scale,
+                                    offs_d, BLOCK_N, True, HAS_KPM, DOT_PRECISION)
 
     # ---- epilogue
     has_t = l_t > 0.0
     o_t = acc_t / tl.where(has_t, l_t, 1.0)[:, None]
-    lse_t = tl.where(has_t, (m_t + tl.math.log2(tl.where(has_t, l_t, 1.0))) * 0.6931471805599453,
-                     float("-inf"))
+    lse_t = tl.where(has_t, (m_t + tl.math.log2(tl.where(has_t, l_t, 1.0))) * _LN2_K, float("-inf"))
     tl.store(lse_ptr + lse_offs, lse_t, mask=row_ok)
     if GATED:
-        g = tl.load(gate_ptr + b64 * stride_gb + h * stride_gh + rows[:, None].to(tl.int64) * stride_gm
-                    + offs_d[None, :] * stride_gd, mask=row_ok[:, None], other=0.0).to(tl.float32)
-        sg = 1.0 / (1.0 + tl.math.exp(-g))
-        mixed = o_t + sg * (o_v.to(tl.float32) - o_t)
-        out = tl.where((cnt > 0)[:, None], mixed, o_t)
+        # Both parts are mixed as the output dtype's values (the original model mixes two attention
+        # outputs in the model dtype; the saved parts are those values), then rounded once more.
+        o_t = o_t.to(ot_ptr.dtype.element_ty)
         if SAVE_PARTS:
-            tl.store(ot_ptr + o_offs, o_t.to(ot_ptr.dtype.element_ty), mask=row_ok[:, None])
-            tl.store(ov_ptr + o_offs, o_v, mask=row_ok[:, None])
+            tl.store(ot_ptr + o_offs, o_t, mask=row_ok[:, None])
+        tl.debug_barrier()   # o_v was written by other threads of this program
+        o_v = tl.load(ov_ptr + o_offs, mask=row_ok[:, None], other=0.0)
+        sees = tl.load(layout_ptr + _layout_row(b, rows, Lq), mask=row_ok, other=0) > v_lo // T
+        g = tl.load(gate_ptr + b64 * stride_gb + h * stride_gh + rows[:, None].to(tl.int64) * stride_gm
+                    + offs_d[None, :] * stride_gd, mask=row_ok[:, None], other=0.0)
+        sg = 1.0 / (1.0 + tl.math.exp(-g.to(tl.float32)))
+        o_t = o_t.to(tl.float32)
+        out = tl.where(sees[:, None], o_t + sg * (o_v.to(tl.float32) - o_t), o_t)
     else:
         out = o_t
     tl.store(out_ptr + o_offs, out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None])
@@ -238,26 +354,35 @@ def _hyper_fwd_kernel(
 
 
 @triton.jit
+def _lse_base2(lse):
+    """``lse * log2(e)``, and +inf where ``lse = -inf`` (a row without a visible key: P = 0)."""
+    return tl.where(lse == float("-inf"), float("inf"), lse * _LOG2E_K)
+
+
+@triton.jit
 def _hyper_bwd_pre_kernel(
-    do_ptr, out_ptr, ot_ptr, ov_ptr, gate_ptr, pos_ptr, cu_ptr,
-    dot_ptr, dov_ptr, delta_ptr, dg_ptr,
-    Lq, Lk, H,
-    stride_dob, stride_dom, stride_doh, stride_dod,
+    do_ptr, out_ptr, ot_ptr, ov_ptr, gate_ptr, cu_ptr, layout_ptr, lse_ptr,
+    dop_ptr, stats_ptr, dg_ptr,
+    Lq, H,
+    stride_dob, stride_dom, stride_doh, stride_dod, stride_dop,
     stride_gb, stride_gm, stride_gh, stride_gd,
     stride_ob, stride_om, stride_oh,
     stride_ls, stride_lb, stride_lh,
-    GATED: tl.constexpr, INCLUSIVE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+    stride_sp, stride_sk, stride_sb, stride_sh,
+    GATED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """Row statistics of the backward.  Grid ``(cdiv(L_q, BLOCK_M), B * H)``.
 
-    Joint: ``delta = rowsum(dO * out)``.  Gated: the two part gradients ``dO_t``, ``dO_v`` (written
-    in the input dtype, contiguous ``[B, L_q, H, D]`` like ``out``), their deltas, and the
-    elementwise ``d(gate)`` in float32 (reduced to the gate's shape on the host).
+    ``stats [S, 2, B, H, L_q]`` float32: per part x, ``stats[x, 0] = lse_x * log2(e)`` (the base-2
+    log-sum-exp the kernels' exp2 needs; +inf for a row that sees no key, so that its
+    ``P = exp2(s - lse)`` is exactly 0 with or without a mask) and
+    ``stats[x, 1] = delta_x = rowsum(dO_x * O_x)``.  Joint:
+    one part, ``dO_x = dO``.  Gated: also the two part gradients ``dO_t``, ``dO_v`` (``dop[0]``,
+    ``dop[1]``: ``[2, B, L_q, H, D]`` in the input dtype, each part laid out like ``out``, parts
+    ``stride_dop`` apart) and the elementwise ``d(gate)`` in float32 (reduced to the gate's shape on
+    the host).
     """
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = pid_bh // H
-    h = (pid_bh % H).to(tl.int64)  # int64: h * (a head-major view's head stride) can pass 2^31
+    pid_m, b, h = _row_program(tl.program_id(0), tl.program_id(1), tl.num_programs(0), H)
     b64 = b.to(tl.int64)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < Lq
@@ -267,11 +392,13 @@ def _hyper_bwd_pre_kernel(
                  mask=row_ok[:, None], other=0.0).to(tl.float32)
     o_offs = b64 * stride_ob + h * stride_oh + r64 * stride_om + offs_d[None, :]
     lse_offs = b64 * stride_lb + h * stride_lh + rows
+    st_offs = b64 * stride_sb + h * stride_sh + rows
+    tl.store(stats_ptr + st_offs, _lse_base2(tl.load(lse_ptr + lse_offs, mask=row_ok, other=0.0)), mask=row_ok)
     if GATED:
+        tl.store(stats_ptr + stride_sp + st_offs, _lse_base2(tl.load(lse_ptr + stride_ls + lse_offs, mask=row_ok,
+                                                                      other=0.0)), mask=row_ok)
         img_lo = tl.load(cu_ptr + b)
-        img_hi = tl.load(cu_ptr + b + 1)
-        cnt = _visible_counts(pos_ptr, img_lo, img_hi, rows + (Lk - Lq), INCLUSIVE)
-        sees = (cnt > 0)[:, None]
+        sees = (tl.load(layout_ptr + _layout_row(b, rows, Lq), mask=row_ok, other=0) > img_lo)[:, None]
         g = tl.load(gate_ptr + b64 * stride_gb + h * stride_gh + r64 * stride_gm + offs_d[None, :] * stride_gd,
                     mask=row_ok[:, None], other=0.0).to(tl.float32)
         sg = 1.0 / (1.0 + tl.math.exp(-g))
@@ -279,209 +406,430 @@ def _hyper_bwd_pre_kernel(
         o_v = tl.load(ov_ptr + o_offs, mask=row_ok[:, None], other=0.0).to(tl.float32)
         do_t = tl.where(sees, do * (1.0 - sg), do)
         do_v = tl.where(sees, do * sg, 0.0)
-        do_t_lp = do_t.to(dot_ptr.dtype.element_ty)
-        do_v_lp = do_v.to(dov_ptr.dtype.element_ty)
-        tl.store(dot_ptr + o_offs, do_t_lp, mask=row_ok[:, None])
-        tl.store(dov_ptr + o_offs, do_v_lp, mask=row_ok[:, None])
-        tl.store(delta_ptr + lse_offs, tl.sum(do_t_lp.to(tl.float32) * o_t, axis=1), mask=row_ok)
-        tl.store(delta_ptr + stride_ls + lse_offs, tl.sum(do_v_lp.to(tl.float32) * o_v, axis=1), mask=row_ok)
+        do_t_lp = do_t.to(dop_ptr.dtype.element_ty)
+        do_v_lp = do_v.to(dop_ptr.dtype.element_ty)
+        tl.store(dop_ptr + o_offs, do_t_lp, mask=row_ok[:, None])
+        tl.store(dop_ptr + stride_dop + o_offs, do_v_lp, mask=row_ok[:, None])
+        tl.store(stats_ptr + stride_sk + st_offs, tl.sum(do_t_lp.to(tl.float32) * o_t, axis=1), mask=row_ok)
+        tl.store(stats_ptr + stride_sp + stride_sk + st_offs, tl.sum(do_v_lp.to(tl.float32) * o_v, axis=1),
+                 mask=row_ok)
         dg = tl.where(sees, do * (o_v - o_t) * sg * (1.0 - sg), 0.0)
         tl.store(dg_ptr + o_offs, dg, mask=row_ok[:, None])
     else:
         o = tl.load(out_ptr + o_offs, mask=row_ok[:, None], other=0.0).to(tl.float32)
-        tl.store(delta_ptr + lse_offs, tl.sum(do * o, axis=1), mask=row_ok)
+        tl.store(stats_ptr + stride_sk + st_offs, tl.sum(do * o, axis=1), mask=row_ok)
 
 
 @triton.jit
-def _dq_tiles(dq, q, do, lse2, delta, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
-              lo, hi, lim, kpm_base, stride_kpn, qk_scale, offs_d,
-              BLOCK_N: tl.constexpr, HAS_KPM: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """``dq += dS @ K`` over keys ``[lo, hi)`` (key j visible from row r iff ``j < lim[r]``)."""
+def _dq_key_tiles(dq, q, do, lse2, delta, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
+                  lo, hi, lim, kpm_base, stride_kpn, qk_scale, offs_d,
+                  BLOCK_N: tl.constexpr, MASKED: tl.constexpr, HAS_KPM: tl.constexpr,
+                  DOT_PRECISION: tl.constexpr):
+    """``dq += dS K`` over the keys ``[lo, hi)`` of one row block.
+
+    ``MASKED=False`` (full tiles): every row sees every key and every key is below the key set's
+    end; only the padding mask, when given, masks columns.  ``MASKED=True`` (partial tiles): key j is
+    visible from row r iff ``j < lim[r]`` (and kept), and keys from ``hi`` on are not loaded.
+    """
     for start in range(lo, hi, BLOCK_N):
         offs_n = start + tl.arange(0, BLOCK_N)
         n64 = offs_n.to(tl.int64)
-        n_ok = offs_n < hi
-        k = tl.load(k_base + n64[None, :] * stride_kn + offs_d[:, None] * stride_kd, mask=n_ok[None, :], other=0.0)
-        vT = tl.load(v_base + n64[None, :] * stride_vn + offs_d[:, None] * stride_vd, mask=n_ok[None, :], other=0.0)
-        visible = offs_n[None, :] < lim[:, None]
-        if HAS_KPM:
-            keep = tl.load(kpm_base + n64 * stride_kpn, mask=n_ok, other=0) != 0
-            visible = visible & keep[None, :]
-        s = tl.dot(q, k, input_precision=DOT_PRECISION) * qk_scale
-        p = tl.where(visible, tl.math.exp2(s - lse2[:, None]), 0.0)
+        if MASKED:
+            n_ok = offs_n < hi
+            kT = tl.load(k_base + n64[None, :] * stride_kn + offs_d[:, None] * stride_kd, mask=n_ok[None, :],
+                         other=0.0)
+            vT = tl.load(v_base + n64[None, :] * stride_vn + offs_d[:, None] * stride_vd, mask=n_ok[None, :],
+                         other=0.0)
+        else:
+            kT = tl.load(k_base + n64[None, :] * stride_kn + offs_d[:, None] * stride_kd)
+            vT = tl.load(v_base + n64[None, :] * stride_vn + offs_d[:, None] * stride_vd)
+        s = tl.dot(q, kT, input_precision=DOT_PRECISION)
+        p = tl.math.exp2(s * qk_scale - lse2[:, None])
+        if MASKED:
+            visible = tl.arange(0, BLOCK_N)[None, :] < (lim - start)[:, None]     # i.e. offs_n < lim
+            if HAS_KPM:
+                visible = visible & (tl.load(kpm_base + n64 * stride_kpn, mask=n_ok, other=0) != 0)[None, :]
+            p = tl.where(visible, p, 0.0)
+        elif HAS_KPM:
+            p = tl.where((tl.load(kpm_base + n64 * stride_kpn) != 0)[None, :], p, 0.0)
         dp = tl.dot(do, vT, input_precision=DOT_PRECISION)
         ds = p * (dp - delta[:, None])
-        dq = tl.dot(ds.to(k.dtype), tl.trans(k), dq, input_precision=DOT_PRECISION)
+        dq = tl.dot(ds.to(kT.dtype), tl.trans(kT), dq, input_precision=DOT_PRECISION)
     return dq
 
 
 @triton.jit
-def _hyper_bwd_dq_kernel(
-    q_ptr, k_ptr, v_ptr, kv_ptr, vv_ptr, pos_ptr, cu_ptr, kpm_ptr,
-    dot_ptr, dov_ptr, lse_ptr, delta_ptr, dq_ptr,
-    Lq, Lk, H, G, T,
+def _dkv_row_tiles(dk, dv, k, v, q_group, do_group, stats_group, stride_qh, stride_doh, stride_sh, stride_sk,
+                   stride_qm, stride_qd, stride_dom, stride_dod, G, lo, gap_lo, gap_hi, hi, Lq, first_row, qk_scale,
+                   offs_d, BLOCK_M: tl.constexpr, MASKED: tl.constexpr, NUM_STAGES: tl.constexpr,
+                   DOT_PRECISION: tl.constexpr):
+    """``dk += dS^T Q``, ``dv += P^T dO`` over the query rows ``[lo, gap_lo)`` and ``[gap_hi, hi)``
+    (multiples of BLOCK_M; ``gap_lo <= gap_hi``) of each of the G query heads of the group
+    (``*_group`` point at its first head; ``stats`` holds the base-2 lse, and ``stride_sk`` further
+    on delta, see the preprocessing kernel): one flat loop over the (head, row tile) pairs, so the
+    pipeline does not drain between heads.
+
+    Key j (row j of ``k``) is visible from query row r iff ``r >= first_row[j]``.  ``MASKED=False``
+    (full tiles): every row sees every key and every row is below L_q.  ``MASKED=True`` (partial
+    tiles and the last, short row tile): the rule above, and rows from L_q on are not loaded (their
+    lse reads as +inf, so their P and dS are 0).  ``NUM_STAGES``: the pipeline depth; the masked
+    loop, which runs few tiles, takes 2 so that the program stays within 255 registers unspilled
+    (with 3, Triton 3.6 spills a few bytes at the 7B causal shape; 3.8 does not).
+    """
+    n_tiles = (tl.maximum(gap_lo - lo, 0) + tl.maximum(hi - gap_hi, 0)) // BLOCK_M
+    first = tl.where(lo < gap_lo, lo, gap_hi)       # the first tile (the first range may be empty)
+    row = first
+    g = lo * 0
+    for _ in tl.range(0, G * n_tiles, num_stages=NUM_STAGES):
+        offs_m = tl.arange(0, BLOCK_M)
+        rows = row + offs_m
+        r64 = rows.to(tl.int64)
+        g64 = g.to(tl.int64)
+        q_base = q_group + g64 * stride_qh
+        do_base = do_group + g64 * stride_doh
+        lse_base = stats_group + g64 * stride_sh
+        delta_base = lse_base + stride_sk
+        if MASKED:
+            row_ok = offs_m < Lq - row
+            qT = tl.load(q_base + r64[None, :] * stride_qm + offs_d[:, None] * stride_qd, mask=row_ok[None, :],
+                         other=0.0)
+            do = tl.load(do_base + r64[:, None] * stride_dom + offs_d[None, :] * stride_dod, mask=row_ok[:, None],
+                         other=0.0)
+            lse2 = tl.load(lse_base + rows, mask=row_ok, other=float("inf"))
+            delta = tl.load(delta_base + rows, mask=row_ok, other=0.0)
+        else:
+            qT = tl.load(q_base + r64[None, :] * stride_qm + offs_d[:, None] * stride_qd)
+            do = tl.load(do_base + r64[:, None] * stride_dom + offs_d[None, :] * stride_dod)
+            lse2 = tl.load(lse_base + rows)
+            delta = tl.load(delta_base + rows)
+        sT = tl.dot(k, qT, input_precision=DOT_PRECISION)
+        pT = tl.math.exp2(sT * qk_scale - lse2[None, :])
+        if MASKED:   # row r sees key j iff r >= first_row[j]
+            pT = tl.where(offs_m[None, :] >= (first_row - row)[:, None], pT, 0.0)
+        dv = tl.dot(pT.to(do.dtype), do, dv, input_precision=DOT_PRECISION)
+        dpT = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
+        dsT = pT * (dpT - delta[None, :])
+        dk = tl.dot(dsT.to(qT.dtype), tl.trans(qT), dk, input_precision=DOT_PRECISION)
+        row += BLOCK_M                       # next row tile, over the gap; past hi: the next head's first tile
+        row = tl.where(row == gap_lo, gap_hi, row)
+        wrap = row >= hi
+        row = tl.where(wrap, first, row)
+        g += wrap.to(g.dtype)
+    return dk, dv
+
+
+@triton.jit
+def _dkv_text_block(p, B, Hkv):
+    """Text dK/dV program ``p = (kb * B + b) * H_kv + hk`` -> ``(kb, b, hk)``: key block major, so
+    block 0 (seen by every row: the heaviest) of every sample and head starts first."""
+    return p // (B * Hkv), (p % (B * Hkv)) // Hkv, (p % Hkv).to(tl.int64)
+
+
+@triton.jit
+def _dkv_image_block(p, T, Hkv, BLOCK_N: tl.constexpr):
+    """Visual dK/dV program ``p = (n * cdiv(T, BLOCK_N) + kb) * H_kv + hk`` (counted from the first
+    visual one) -> ``(n, kb, hk)``: image major, a sample's earlier images being seen by more rows."""
+    per_image = tl.cdiv(T, BLOCK_N) * Hkv
+    return p // per_image, (p % per_image) // Hkv, (p % Hkv).to(tl.int64)
+
+
+@triton.jit
+def _dkv_program(
+    p, q_ptr, k_ptr, v_ptr, kv_ptr, vv_ptr, layout_ptr, kpm_ptr, do_ptr, stats_ptr,
+    dk_ptr, dv_ptr, dkv_ptr, dvv_ptr,
+    B, Lq, Lk, H, G, T, N, n_layout_rows, n_text_programs,
     stride_qb, stride_qm, stride_qh, stride_qd,
     stride_kb, stride_kn, stride_kh, stride_kd,
     stride_vb, stride_vn, stride_vh, stride_vd,
     stride_kvn, stride_kvh, stride_kvd,
     stride_vvn, stride_vvh, stride_vvd,
     stride_kpb, stride_kpn,
-    stride_dob, stride_dom, stride_doh, stride_dod,
-    stride_ls, stride_lb, stride_lh,
-    stride_dqb, stride_dqm, stride_dqh,
+    stride_dob, stride_dom, stride_doh, stride_dod, stride_dop,
+    stride_sp, stride_sk, stride_sb, stride_sh,
+    stride_dkb, stride_dkn, stride_dkh, stride_dkvn, stride_dkvh,
     qk_scale, scale,
-    GATED: tl.constexpr, INCLUSIVE: tl.constexpr, HAS_KPM: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    GATED: tl.constexpr, HAS_KPM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_M_MASKED: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
-    """dQ.  Grid ``(cdiv(L_q, BLOCK_M), B * H)``, the forward's mapping: the block walks the same
-    visible visual tiles and causal text tiles.  ``dot_ptr``/``dov_ptr`` are the text/visual part
-    gradients (both = dO in joint mode); ``lse``/``delta`` rows 0/1 are text/visual (row 0 only,
-    shared, in joint mode)."""
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = pid_bh // H
-    h = (pid_bh % H).to(tl.int64)  # int64: h * (a head-major view's head stride) can pass 2^31
-    hk = h // G
-    b64 = b.to(tl.int64)
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_ok = rows < Lq
-    offs_d = tl.arange(0, BLOCK_D)
-    r64 = rows[:, None].to(tl.int64)
-    shift = Lk - Lq
-    t = rows + shift
-    q = tl.load(q_ptr + b64 * stride_qb + h * stride_qh + r64 * stride_qm + offs_d[None, :] * stride_qd,
-                mask=row_ok[:, None], other=0.0)
-    do_offs = b64 * stride_dob + h * stride_doh + r64 * stride_dom + offs_d[None, :] * stride_dod
-    lse_offs = b64 * stride_lb + h * stride_lh + rows
-    do_t = tl.load(dot_ptr + do_offs, mask=row_ok[:, None], other=0.0)
-    lse_t = tl.load(lse_ptr + lse_offs, mask=row_ok, other=0.0) * 1.4426950408889634
-    delta_t = tl.load(delta_ptr + lse_offs, mask=row_ok, other=0.0)
-    if GATED:
-        do_v = tl.load(dov_ptr + do_offs, mask=row_ok[:, None], other=0.0)
-        lse_v = tl.load(lse_ptr + stride_ls + lse_offs, mask=row_ok, other=0.0) * 1.4426950408889634
-        delta_v = tl.load(delta_ptr + stride_ls + lse_offs, mask=row_ok, other=0.0)
-    else:
-        do_v, lse_v, delta_v = do_t, lse_t, delta_t
-    cnt, lim_v, v_lo, v_full, v_hi = _visual_range(pos_ptr, cu_ptr, b, t, row_ok, T, INCLUSIVE)
-    dq = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
-    dq = _dq_tiles(dq, q, do_v, lse_v, delta_v, kv_ptr + hk * stride_kvh, vv_ptr + hk * stride_vvh,
-                   stride_kvn, stride_kvd, stride_vvn, stride_vvd, v_lo, v_hi, lim_v, kpm_ptr, 0, qk_scale,
-                   offs_d, BLOCK_N, False, DOT_PRECISION)
-    t_end = tl.minimum(pid_m * BLOCK_M + BLOCK_M, Lq) + shift
-    dq = _dq_tiles(dq, q, do_t, lse_t, delta_t, k_ptr + b64 * stride_kb + hk * stride_kh,
-                   v_ptr + b64 * stride_vb + hk * stride_vh, stride_kn, stride_kd, stride_vn, stride_vd,
-                   0, t_end, t + 1, kpm_ptr + b64 * stride_kpb, stride_kpn, qk_scale, offs_d,
-                   BLOCK_N, HAS_KPM, DOT_PRECISION)
-    dq = dq * scale
-    tl.store(dq_ptr + b64 * stride_dqb + h * stride_dqh + r64 * stride_dqm + offs_d[None, :],
-             dq.to(dq_ptr.dtype.element_ty), mask=row_ok[:, None])
+    """dK, dV of BLOCK_N keys of one K/V head: program ``p`` loops over the G query heads sharing the
+    head and over every row block (of BLOCK_M rows) that sees the keys: the full ones unmasked, the
+    partial ones masked, in tiles of BLOCK_M_MASKED rows (a divisor of BLOCK_M; the masked loop needs
+    more registers beside the dK/dV accumulators).
 
-
-@triton.jit
-def _dkv_rows(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qm, stride_qd, stride_dom, stride_dod,
-              m_lo, Lq, row_first, offs_n, key_ok, qk_scale, offs_d, shift,
-              BLOCK_M: tl.constexpr, CAUSAL_SHIFT: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """Accumulate one key tile's ``dk``/``dv`` over query rows ``[m_lo, Lq)`` of one head.
-
-    A row r sees the tile's key j iff ``r >= row_first`` (visual: the image's first seeing row) and,
-    when ``CAUSAL_SHIFT``, ``j <= r + shift`` (causal text); ``key_ok`` folds in bounds and padding.
+    Programs ``p < n_text_programs`` take text key blocks, key block major (``p = (kb * B + b) *
+    H_kv + hk``): block 0 is seen by every row, so the heaviest programs start first.  The others
+    take visual key blocks, image major (``p - n_text_programs = (n * cdiv(T, BN) + kb) * H_kv + hk``):
+    a sample's earlier images are seen by more rows.
     """
-    for start in range(m_lo, Lq, BLOCK_M):
-        rows = start + tl.arange(0, BLOCK_M)
-        row_ok = (rows < Lq) & (rows >= row_first)
-        r64 = rows.to(tl.int64)
-        qT = tl.load(q_base + r64[None, :] * stride_qm + offs_d[:, None] * stride_qd, mask=row_ok[None, :], other=0.0)
-        do = tl.load(do_base + r64[:, None] * stride_dom + offs_d[None, :] * stride_dod, mask=row_ok[:, None],
-                     other=0.0)
-        lse2 = tl.load(lse_base + rows, mask=row_ok, other=0.0) * 1.4426950408889634
-        delta = tl.load(delta_base + rows, mask=row_ok, other=0.0)
-        visible = key_ok[:, None] & row_ok[None, :]
-        if CAUSAL_SHIFT:
-            visible = visible & (offs_n[:, None] <= rows[None, :] + shift)
-        sT = tl.dot(k, qT, input_precision=DOT_PRECISION) * qk_scale
-        pT = tl.where(visible, tl.math.exp2(sT - lse2[None, :]), 0.0)
-        dv = tl.dot(pT.to(do.dtype), do, dv, input_precision=DOT_PRECISION)
-        dpT = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
-        dsT = pT * (dpT - delta[None, :])
-        dk = tl.dot(dsT.to(qT.dtype), tl.trans(qT), dk, input_precision=DOT_PRECISION)
-    return dk, dv
+    Hkv = H // G
+    shift = Lk - Lq
+    is_text = p < n_text_programs
+    # The branches only pick scalars (bases, strides, row ranges); every per-key vector is rebuilt from
+    # tl.arange where it is used, so none stays live in registers across the row loops.
+    if is_text:
+        kb, b, hk = _dkv_text_block(p, B, Hkv)
+        key0 = kb * BLOCK_N
+        n_keys = tl.minimum(Lk - key0, BLOCK_N)                   # valid keys of the block
+        first0, first_step = key0 - shift, 1                      # causal: row r sees key j iff j <= r + shift
+        row_lo, row_full = _text_key_block_rows(key0, n_keys, shift)
+        b64 = b.to(tl.int64)
+        k_base = k_ptr + b64 * stride_kb + hk * stride_kh + key0 * stride_kn
+        v_base = v_ptr + b64 * stride_vb + hk * stride_vh + key0 * stride_vn
+        stride_k, stride_v, stride_k_d, stride_v_d = stride_kn, stride_vn, stride_kd, stride_vd
+        part = p * 0                                               # the text part's dO and statistics
+    else:
+        n, kb, hk = _dkv_image_block(p - n_text_programs, T, Hkv, BLOCK_N)
+        b = tl.load(layout_ptr + n_layout_rows + N + n)
+        first = tl.load(layout_ptr + n_layout_rows + n)            # every row from here on sees the image
+        key0 = kb * BLOCK_N
+        n_keys = tl.minimum(T - key0, BLOCK_N)
+        first0, first_step = first, 0
+        row_lo = first
+        row_full = first
+        b64 = b.to(tl.int64)
+        row0 = n.to(tl.int64) * T + key0                           # the block's first row of k_vis [N*T, H_kv, D]
+        k_base = kv_ptr + hk * stride_kvh + row0 * stride_kvn
+        v_base = vv_ptr + hk * stride_vvh + row0 * stride_vvn
+        stride_k, stride_v, stride_k_d, stride_v_d = stride_kvn, stride_vvn, stride_kvd, stride_vvd
+        part = p * 0 + (1 if GATED else 0)                          # the visual part's (the joint one: 0)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    key_ok = offs_n < n_keys
+    k = tl.load(k_base + offs_n[:, None] * stride_k + offs_d[None, :] * stride_k_d, mask=key_ok[:, None], other=0.0)
+    v = tl.load(v_base + offs_n[:, None] * stride_v + offs_d[None, :] * stride_v_d, mask=key_ok[:, None], other=0.0)
+    first_row = first0 + offs_n * first_step
+    dk = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
+    dv = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
+    r_lo, r_full, r_down, r_tail, r_up = _key_block_row_tiles(row_lo, row_full, Lq, BLOCK_M)
+    h0 = hk * G                              # the group's first query head
+    q_group = q_ptr + b64 * stride_qb + h0 * stride_qh
+    do_group = do_ptr + part * stride_dop + b64 * stride_dob + h0 * stride_doh
+    stats_group = stats_ptr + part * stride_sp + b64 * stride_sb + h0 * stride_sh
+    # the partial row tiles (the boundary, and the short last tile), then the full ones
+    dk, dv = _dkv_row_tiles(dk, dv, k, v, q_group, do_group, stats_group, stride_qh, stride_doh, stride_sh, stride_sk,
+                            stride_qm, stride_qd, stride_dom, stride_dod, G, r_lo, r_full, r_tail, r_up, Lq, first_row,
+                            qk_scale, offs_d, BLOCK_M_MASKED, True, 2, DOT_PRECISION)
+    dk, dv = _dkv_row_tiles(dk, dv, k, v, q_group, do_group, stats_group, stride_qh, stride_doh, stride_sh, stride_sk,
+                            stride_qm, stride_qd, stride_dom, stride_dod, G, r_full, r_down, r_down, r_down, Lq,
+                            first_row, qk_scale, offs_d, BLOCK_M, False, 3, DOT_PRECISION)
+    # The output addresses are decoded from p again (not kept in registers through the loops).
+    dk = dk * scale
+    keys_out = tl.arange(0, BLOCK_N)
+    cols_out = tl.arange(0, BLOCK_D)
+    if is_text:
+        kb, b, hk = _dkv_text_block(p, B, Hkv)
+        b64 = b.to(tl.int64)
+        key0 = kb * BLOCK_N
+        store_ok = keys_out < Lk - key0
+        if HAS_KPM:   # padded text keys get a zero gradient (their P column is 0)
+            keep = tl.load(kpm_ptr + b64 * stride_kpb + (key0 + keys_out).to(tl.int64) * stride_kpn, mask=store_ok,
+                           other=0) != 0
+            dk = tl.where(keep[:, None], dk, 0.0)
+            dv = tl.where(keep[:, None], dv, 0.0)
+        offs = b64 * stride_dkb + hk * stride_dkh + (key0 + keys_out)[:, None].to(tl.int64) * stride_dkn \
+            + cols_out[None, :]
+        tl.store(dk_ptr + offs, dk.to(dk_ptr.dtype.element_ty), mask=store_ok[:, None])
+        tl.store(dv_ptr + offs, dv.to(dv_ptr.dtype.element_ty), mask=store_ok[:, None])
+    else:
+        n, kb, hk = _dkv_image_block(p - n_text_programs, T, Hkv, BLOCK_N)
+        key0 = kb * BLOCK_N
+        store_ok = keys_out < T - key0
+        offs = hk * stride_dkvh + (n.to(tl.int64) * T + key0 + keys_out)[:, None] * stride_dkvn + cols_out[None, :]
+        tl.store(dkv_ptr + offs, dk.to(dkv_ptr.dtype.element_ty), mask=store_ok[:, None])
+        tl.store(dvv_ptr + offs, dv.to(dvv_ptr.dtype.element_ty), mask=store_ok[:, None])
 
 
 @triton.jit
-def _hyper_bwd_dkv_kernel(
-    q_ptr, k_ptr, v_ptr, kpm_ptr, pos_ptr, cu_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr,
-    Lq, Lk, H, G, T, B,
+def _dq_program(
+    p, q_ptr, k_ptr, v_ptr, kv_ptr, vv_ptr, cu_ptr, layout_ptr, kpm_ptr, do_ptr, stats_ptr,
+    dq_ptr,
+    B, Lq, Lk, H, G, T,
     stride_qb, stride_qm, stride_qh, stride_qd,
     stride_kb, stride_kn, stride_kh, stride_kd,
     stride_vb, stride_vn, stride_vh, stride_vd,
+    stride_kvn, stride_kvh, stride_kvd,
+    stride_vvn, stride_vvh, stride_vvd,
     stride_kpb, stride_kpn,
-    stride_dob, stride_dom, stride_doh, stride_dod,
-    stride_lb, stride_lh,
-    stride_dkb, stride_dkn, stride_dkh,
+    stride_dob, stride_dom, stride_doh, stride_dod, stride_dop,
+    stride_sp, stride_sk, stride_sb, stride_sh,
+    stride_dqb, stride_dqm, stride_dqh,
     qk_scale, scale,
-    VISUAL: tl.constexpr, INCLUSIVE: tl.constexpr, HAS_KPM: tl.constexpr,
+    GATED: tl.constexpr, HAS_KPM: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
-    """dK, dV of one key set, one program per (key tile, K/V head), looping over the G query heads
-    that share the head and over every query block that sees the tile (no atomics).
-
-    * text (``VISUAL=False``): grid ``(cdiv(L_k, BLOCK_N), B * H_kv)``; ``k [B, L_k, H_kv, D]``;
-      rows from the first causal one (``i >= j - (L_k - L_q)``);
-    * visual: grid ``(cdiv(T, BLOCK_N), N * H_kv)``; ``k`` is ``[N, T, H_kv, D]`` (the batch dim is
-      the image); the image's sample b is found from ``cu``, and its rows are those at
-      positions ``t > pos[n]`` (strict) / ``t >= pos[n]`` (inclusive): one contiguous range.
-
-    ``lse``/``delta``/``do`` are the rows of the part these keys belong to.
-    """
-    pid_n = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    Hkv = H // G
-    bn = pid_bh // Hkv      # sample (text) or image (visual)
-    hk = (pid_bh % Hkv).to(tl.int64)  # int64: h * (a head-major view's head stride) can pass 2^31
-    shift = Lk - Lq
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-    bn64 = bn.to(tl.int64)
-    n64 = offs_n.to(tl.int64)
-    if VISUAL:
-        L_keys = T
-        b = pid_n * 0
-        for i in range(0, B):
-            b += (tl.load(cu_ptr + i + 1) <= bn).to(tl.int32)
-        p = tl.load(pos_ptr + bn).to(tl.int32)
-        if INCLUSIVE:
-            row_first = p - shift
-        else:
-            row_first = p + 1 - shift
-        row_first = tl.maximum(row_first, 0)
-    else:
-        L_keys = Lk
-        b = bn
-        row_first = tl.maximum(pid_n * BLOCK_N - shift, 0)
+    """dQ of BLOCK_M rows of one query head (``p = (rb' * B + b) * H + h`` with the row blocks taken
+    last first: they see the most keys).  The block walks the forward's tiles: the sample's visual
+    keys (full, then partial) with the visual part's dO, lse, delta, then its causal text keys (full,
+    then the diagonal) with the text part's (both parts are the one joint softmax in joint mode)."""
+    n_rb = tl.cdiv(Lq, BLOCK_M)
+    rb = n_rb - 1 - p // (B * H)
+    b = (p % (B * H)) // H
+    h = (p % H).to(tl.int64)
+    hk = h // G
     b64 = b.to(tl.int64)
-    key_ok = offs_n < L_keys
-    if HAS_KPM:
-        if not VISUAL:
-            key_ok = key_ok & (tl.load(kpm_ptr + b64 * stride_kpb + n64 * stride_kpn, mask=key_ok, other=0) != 0)
-    kv_offs = bn64 * stride_kb + hk * stride_kh + n64[:, None] * stride_kn + offs_d[None, :] * stride_kd
-    k = tl.load(k_ptr + kv_offs, mask=key_ok[:, None], other=0.0)
-    v = tl.load(v_ptr + bn64 * stride_vb + hk * stride_vh + n64[:, None] * stride_vn + offs_d[None, :] * stride_vd,
-                mask=key_ok[:, None], other=0.0)
-    dk = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
-    dv = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
-    m_lo = (row_first // BLOCK_M) * BLOCK_M
-    for g in range(0, G):
-        h = hk * G + g
-        q_base = q_ptr + b64 * stride_qb + h * stride_qh
-        do_base = do_ptr + b64 * stride_dob + h * stride_doh
-        lse_base = lse_ptr + b64 * stride_lb + h * stride_lh
-        delta_base = delta_ptr + b64 * stride_lb + h * stride_lh
-        dk, dv = _dkv_rows(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qm, stride_qd,
-                           stride_dom, stride_dod, m_lo, Lq, row_first, offs_n, key_ok, qk_scale, offs_d, shift,
-                           BLOCK_M, not VISUAL, DOT_PRECISION)
-    out_offs = bn64 * stride_dkb + hk * stride_dkh + n64[:, None] * stride_dkn + offs_d[None, :]
-    tl.store(dk_ptr + out_offs, (dk * scale).to(dk_ptr.dtype.element_ty), mask=(offs_n < L_keys)[:, None])
-    tl.store(dv_ptr + out_offs, dv.to(dv_ptr.dtype.element_ty), mask=(offs_n < L_keys)[:, None])
+    row0 = rb * BLOCK_M
+    rows = row0 + tl.arange(0, BLOCK_M)
+    row_ok = rows < Lq
+    row_end = tl.minimum(row0 + BLOCK_M, Lq)
+    offs_d = tl.arange(0, BLOCK_D)
+    r64 = rows[:, None].to(tl.int64)
+    shift = Lk - Lq
+    q = tl.load(q_ptr + b64 * stride_qb + h * stride_qh + r64 * stride_qm + offs_d[None, :] * stride_qd,
+                mask=row_ok[:, None], other=0.0)
+    do_offs = b64 * stride_dob + h * stride_doh + r64 * stride_dom + offs_d[None, :] * stride_dod
+    st_offs = b64 * stride_sb + h * stride_sh + rows
+    dq = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
+
+    # ---- visual keys (part 1 in gated mode)
+    if GATED:
+        stats_v, do_v = stats_ptr + stride_sp, do_ptr + stride_dop
+    else:
+        stats_v, do_v = stats_ptr, do_ptr
+    do = tl.load(do_v + do_offs, mask=row_ok[:, None], other=0.0)
+    lse2 = tl.load(stats_v + st_offs, mask=row_ok, other=float("inf"))
+    delta = tl.load(stats_v + stride_sk + st_offs, mask=row_ok, other=0.0)
+    v_lo, v_mid, v_hi, t_mid, t_hi = _row_block_key_tiles(layout_ptr, cu_ptr, b, Lq, Lk, row0, row_end, T, BLOCK_N)
+    lim_v = tl.load(layout_ptr + _layout_row(b, rows, Lq), mask=row_ok, other=0) * T
+    kv_base = kv_ptr + hk * stride_kvh
+    vv_base = vv_ptr + hk * stride_vvh
+    dq = _dq_key_tiles(dq, q, do, lse2, delta, kv_base, vv_base, stride_kvn, stride_kvd, stride_vvn, stride_vvd,
+                       v_lo, v_mid, lim_v, kpm_ptr, 0, qk_scale, offs_d, BLOCK_N, False, False, DOT_PRECISION)
+    dq = _dq_key_tiles(dq, q, do, lse2, delta, kv_base, vv_base, stride_kvn, stride_kvd, stride_vvn, stride_vvd,
+                       v_mid, v_hi, lim_v, kpm_ptr, 0, qk_scale, offs_d, BLOCK_N, True, False, DOT_PRECISION)
+
+    # ---- causal text keys (part 0)
+    if GATED:
+        do = tl.load(do_ptr + do_offs, mask=row_ok[:, None], other=0.0)
+        lse2 = tl.load(stats_ptr + st_offs, mask=row_ok, other=float("inf"))
+        delta = tl.load(stats_ptr + stride_sk + st_offs, mask=row_ok, other=0.0)
+    k_base = k_ptr + b64 * stride_kb + hk * stride_kh
+    v_base = v_ptr + b64 * stride_vb + hk * stride_vh
+    kpm_base = kpm_ptr + b64 * stride_kpb
+    dq = _dq_key_tiles(dq, q, do, lse2, delta, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
+                       0, t_mid, rows + shift + 1, kpm_base, stride_kpn, qk_scale, offs_d, BLOCK_N, False, HAS_KPM,
+                       DOT_PRECISION)
+    dq = _dq_key_tiles(dq, q, do, lse2, delta, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
+                       t_mid, t_hi, rows + shift + 1, kpm_base, stride_kpn, qk_scale, offs_d, BLOCK_N,
+                       True, HAS_KPM, DOT_PRECISION)
+    tl.store(dq_ptr + b64 * stride_dqb + h * stride_dqh + r64 * stride_dqm + offs_d[None, :],
+             (dq * scale).to(dq_ptr.dtype.element_ty), mask=row_ok[:, None])
+
+
+@triton.jit
+def _hyper_bwd_kernel(
+    q_ptr, k_ptr, v_ptr, kv_ptr, vv_ptr, cu_ptr, layout_ptr, kpm_ptr, do_ptr, stats_ptr,
+    dq_ptr, dk_ptr, dv_ptr, dkv_ptr, dvv_ptr,
+    B, Lq, Lk, H, G, T, N, n_layout_rows, n_text_kv_programs, n_kv_programs,
+    stride_qb, stride_qm, stride_qh, stride_qd,
+    stride_kb, stride_kn, stride_kh, stride_kd,
+    stride_vb, stride_vn, stride_vh, stride_vd,
+    stride_kvn, stride_kvh, stride_kvd,
+    stride_vvn, stride_vvh, stride_vvd,
+    stride_kpb, stride_kpn,
+    stride_dob, stride_dom, stride_doh, stride_dod, stride_dop,
+    stride_sp, stride_sk, stride_sb, stride_sh,
+    stride_dqb, stride_dqm, stride_dqh,
+    stride_dkb, stride_dkn, stride_dkh, stride_dkvn, stride_dkvh,
+    qk_scale, scale,
+    GATED: tl.constexpr, HAS_KPM: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M_KV: tl.constexpr, BLOCK_M_KV_MASKED: tl.constexpr,
+    BLOCK_N_KV: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """The whole backward after the row statistics, in one launch of two kinds of program.
+
+    Grid ``(n_kv_programs + B * H * cdiv(L_q, BLOCK_M),)``: programs below ``n_kv_programs`` compute
+    dK/dV of BLOCK_N_KV keys (text key blocks first, then visual ones; :func:`_dkv_program`), the
+    rest dQ of BLOCK_M query rows (:func:`_dq_program`).  Each kind is ordered heaviest first, and
+    the dQ programs fill in behind the dK/dV ones.  ``do`` (the part gradients) and ``stats``
+    (base-2 lse and delta), both from the preprocessing kernel, hold parts 0/1 = text/visual in
+    gated mode, ``stride_dop``/``stride_sp`` apart; joint mode has one part, used by both key sets
+    (``do`` is then the output gradient itself).
+    """
+    pid = tl.program_id(0)
+    if pid < n_kv_programs:
+        _dkv_program(pid, q_ptr, k_ptr, v_ptr, kv_ptr, vv_ptr, layout_ptr, kpm_ptr, do_ptr, stats_ptr,
+                     dk_ptr, dv_ptr, dkv_ptr, dvv_ptr,
+                     B, Lq, Lk, H, G, T, N, n_layout_rows, n_text_kv_programs,
+                     stride_qb, stride_qm, stride_qh, stride_qd,
+                     stride_kb, stride_kn, stride_kh, stride_kd,
+                     stride_vb, stride_vn, stride_vh, stride_vd,
+                     stride_kvn, stride_kvh, stride_kvd,
+                     stride_vvn, stride_vvh, stride_vvd,
+                     stride_kpb, stride_kpn,
+                     stride_dob, stride_dom, stride_doh, stride_dod, stride_dop,
+                     stride_sp, stride_sk, stride_sb, stride_sh,
+                     stride_dkb, stride_dkn, stride_dkh, stride_dkvn, stride_dkvh,
+                     qk_scale, scale, GATED, HAS_KPM, BLOCK_M_KV, BLOCK_M_KV_MASKED, BLOCK_N_KV, BLOCK_D,
+                     DOT_PRECISION)
+    else:
+        _dq_program(pid - n_kv_programs, q_ptr, k_ptr, v_ptr, kv_ptr, vv_ptr, cu_ptr, layout_ptr, kpm_ptr,
+                    do_ptr, stats_ptr, dq_ptr,
+                    B, Lq, Lk, H, G, T,
+                    stride_qb, stride_qm, stride_qh, stride_qd,
+                    stride_kb, stride_kn, stride_kh, stride_kd,
+                    stride_vb, stride_vn, stride_vh, stride_vd,
+                    stride_kvn, stride_kvh, stride_kvd,
+                    stride_vvn, stride_vvh, stride_vvd,
+                    stride_kpb, stride_kpn,
+                    stride_dob, stride_dom, stride_doh, stride_dod, stride_dop,
+                    stride_sp, stride_sk, stride_sb, stride_sh,
+                    stride_dqb, stride_dqm, stride_dqh,
+                    qk_scale, scale, GATED, HAS_KPM, BLOCK_M, BLOCK_N, BLOCK_D, DOT_PRECISION)
+
+
+@triton.jit
+def _hyper_block_classes_kernel(
+    layout_ptr, cu_ptr, row_view_ptr, key_view_ptr,
+    B, Lq, Lk, T, N, n_layout_rows, n_row_programs, n_text_blocks, n_vis_tiles, n_text_tiles, n_row_tiles,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M_KV: tl.constexpr, BLOCK_N_KV: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+):
+    """The classes (0 empty, 1 partial, 2 full) the attention kernels give their tiles, written out
+    from the same rules (:func:`_row_block_key_tiles`, :func:`_key_block_row_tiles`) for tests and
+    tile statistics; the attention kernels never call it.
+
+    Programs below ``n_row_programs = B * cdiv(L_q, BLOCK_M)`` write the row-block view (forward,
+    dQ): ``row_view[b, i, :]`` = the visual key tiles of row block i of sample b, counted from the
+    sample's first visual key, then its text key tiles.  The others write the key-block view (dK/dV,
+    BLOCK_N_KV keys x BLOCK_M_KV rows): ``key_view[kb * B + b, :]`` for text key block kb of sample
+    b, then ``key_view[n_text_blocks + n * cdiv(T, BLOCK_N_KV) + kb, :]`` for key block kb of image n.
+    """
+    pid = tl.program_id(0)
+    shift = Lk - Lq
+    if pid < n_row_programs:
+        n_rb = tl.cdiv(Lq, BLOCK_M)
+        b = pid // n_rb
+        row0 = (pid % n_rb) * BLOCK_M
+        v_lo, v_mid, v_hi, t_mid, t_hi = _row_block_key_tiles(layout_ptr, cu_ptr, b, Lq, Lk, row0,
+                                                              tl.minimum(row0 + BLOCK_M, Lq), T, BLOCK_N)
+        out = row_view_ptr + pid.to(tl.int64) * (n_vis_tiles + n_text_tiles)
+        for i0 in range(0, n_vis_tiles, BLOCK_T):
+            i = i0 + tl.arange(0, BLOCK_T)
+            start = v_lo + i * BLOCK_N
+            cls = tl.where(start < v_mid, 2, tl.where(start < v_hi, 1, 0))
+            tl.store(out + i, cls.to(tl.int8), mask=i < n_vis_tiles)
+        for i0 in range(0, n_text_tiles, BLOCK_T):
+            i = i0 + tl.arange(0, BLOCK_T)
+            start = i * BLOCK_N
+            cls = tl.where(start < t_mid, 2, tl.where(start < t_hi, 1, 0))
+            tl.store(out + n_vis_tiles + i, cls.to(tl.int8), mask=i < n_text_tiles)
+    else:
+        kb_all = pid - n_row_programs
+        if kb_all < n_text_blocks:
+            key0 = (kb_all // B) * BLOCK_N_KV
+            row_lo, row_full = _text_key_block_rows(key0, tl.minimum(Lk - key0, BLOCK_N_KV), shift)
+        else:
+            n = (kb_all - n_text_blocks) // tl.cdiv(T, BLOCK_N_KV)
+            row_lo = tl.load(layout_ptr + n_layout_rows + n)
+            row_full = row_lo
+        r_lo, r_full, r_down, r_tail, r_up = _key_block_row_tiles(row_lo, row_full, Lq, BLOCK_M_KV)
+        out = key_view_ptr + kb_all.to(tl.int64) * n_row_tiles
+        for j0 in range(0, n_row_tiles, BLOCK_T):
+            j = j0 + tl.arange(0, BLOCK_T)
+            start = j * BLOCK_M_KV
+            partial = ((start >= r_lo) & (start < r_full)) | ((start >= r_tail) & (start < r_up))
+            full = (start >= r_full) & (start < r_down)
+            tl.store(out + j, tl.where(full, 2, tl.where(partial, 1, 0)).to(tl.int8), mask=j < n_row_tiles)
 
 
 # =========================================================================== visual K/V producer

@@ -15,14 +15,21 @@ from ..._interpreter import interpreter_enabled
 from ..._utils import allow_tf32, cdiv, new_output
 from . import kernels
 
-# (GPU, half precision) by head dim; fp32 halves BLOCK_N.  name -> block sizes + launch options.
+# (GPU, half precision) by head dim; fp32 halves the key blocks (see _config).  name -> block sizes
+# + launch options.  "bwd" is one launch of two kinds of program (kernels._hyper_bwd_kernel): dQ over
+# BLOCK_M query rows x BLOCK_N keys, dK/dV over BLOCK_N_KV keys x BLOCK_M_KV query rows (the masked,
+# partial row tiles in steps of BLOCK_M_KV_MASKED rows, a divisor).  The tiles put distinct rows on
+# each warpgroup (a 64-row tile on 8 warps would make both warpgroups compute the same S and dP), so
+# 8 warps take 128-row tiles and 4 warps 64-row ones.
 _GPU_HALF = {
     "fwd": {64: dict(BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=3),
             128: dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3)},
-    "bwd_dq": {64: dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2),
-               128: dict(BLOCK_M=64, BLOCK_N=64, num_warps=8, num_stages=2)},
-    "bwd_dkv": {64: dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2),
-                128: dict(BLOCK_M=64, BLOCK_N=64, num_warps=8, num_stages=2)},
+    "bwd_pre": {64: dict(BLOCK_M=64, num_warps=4),
+                128: dict(BLOCK_M=64, num_warps=8)},
+    "bwd": {64: dict(BLOCK_M=64, BLOCK_N=64, BLOCK_N_KV=64, BLOCK_M_KV=64, BLOCK_M_KV_MASKED=32, num_warps=4,
+                     num_stages=3),
+            128: dict(BLOCK_M=128, BLOCK_N=64, BLOCK_N_KV=128, BLOCK_M_KV=64, BLOCK_M_KV_MASKED=32, num_warps=8,
+                      num_stages=3)},
     # decode split: bandwidth-bound.  One 64-row wgmma tile (all G * L_q rows of a K/V head) and a
     # 3-stage K/V pipeline in <= 76 KB of shared memory, so DECODE_CTAS_PER_SM programs share an SM.
     "decode": {64: dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3),
@@ -30,17 +37,17 @@ _GPU_HALF = {
 }
 _INTERPRETER = {
     "fwd": dict(BLOCK_M=16, BLOCK_N=16),
-    "bwd_dq": dict(BLOCK_M=16, BLOCK_N=16),
-    "bwd_dkv": dict(BLOCK_M=16, BLOCK_N=16),
+    "bwd_pre": dict(BLOCK_M=16),
+    "bwd": dict(BLOCK_M=16, BLOCK_N=16, BLOCK_N_KV=16, BLOCK_M_KV=16, BLOCK_M_KV_MASKED=16),
     "decode": dict(BLOCK_M=16, BLOCK_N=16),
 }
-# Element-wise launches (the producer's rotation, the text RoPE, the decode merge): one entry for
-# every head dim and dtype.
+# Element-wise launches (the block classification, the producer's rotation, the text RoPE, the decode
+# merge): one entry for every head dim and dtype.
 # (the decode merge's TILE: most elements of its [slots, channels] tile of partials per program)
-_ELEMENTWISE_GPU = {"visual_kv_rope": dict(BLOCK_M=32), "rope": dict(BLOCK_R=32),
-                    "decode_merge": dict(num_warps=4, TILE=4096)}
-_ELEMENTWISE_INTERPRETER = {"visual_kv_rope": dict(BLOCK_M=16), "rope": dict(BLOCK_R=16),
-                            "decode_merge": dict(num_warps=1, TILE=64)}
+_ELEMENTWISE_GPU = {"layout": dict(BLOCK_R=128, BLOCK_I=32, num_warps=4), "visual_kv_rope": dict(BLOCK_M=32),
+                    "rope": dict(BLOCK_R=32), "decode_merge": dict(num_warps=4, TILE=4096)}
+_ELEMENTWISE_INTERPRETER = {"layout": dict(BLOCK_R=16, BLOCK_I=4), "visual_kv_rope": dict(BLOCK_M=16),
+                            "rope": dict(BLOCK_R=16), "decode_merge": dict(num_warps=1, TILE=64)}
 # The decode split's grid fills the resident CTA slots (SMs x CTAs per SM) once.  The SM count and the
 # shared memory per SM are the CUDA device's; DECODE_MACHINE["gpu"] (an H100/H200: 132 SMs, 228 KB)
 # stands in where no CUDA device is queried (meta tensors: the offline sm_90 compile), and
@@ -62,11 +69,26 @@ def _config(name: str, device: torch.device, dtype: torch.dtype, head_dim: int) 
         return dict(_INTERPRETER[name])
     table = _GPU_HALF[name]
     cfg = dict(table[64] if head_dim <= 64 else table[128])
-    if dtype == torch.float32:
-        cfg["BLOCK_N"] = max(16, cfg["BLOCK_N"] // 2)
-        cfg["num_stages"] = min(cfg["num_stages"], 2)
+    if dtype == torch.float32:   # fp32 tiles take twice the shared memory: halve the key blocks
+        for key in ("BLOCK_N", "BLOCK_N_KV"):
+            if key in cfg:
+                cfg[key] = max(16, cfg[key] // 2)
+        if name == "bwd":        # and the backward's row blocks, on one warpgroup (64-row tiles)
+            cfg.update(BLOCK_M=min(cfg["BLOCK_M"], 64), BLOCK_M_KV=min(cfg["BLOCK_M_KV"], 32), num_warps=4,
+                       BLOCK_M_KV_MASKED=min(cfg["BLOCK_M_KV_MASKED"], 16))
+        if "num_stages" in cfg:
+            cfg["num_stages"] = min(cfg["num_stages"], 2)
     if head_dim > 128:
-        cfg.update(BLOCK_M=min(cfg["BLOCK_M"], 64), BLOCK_N=32, num_stages=1)
+        cfg["BLOCK_M"] = min(cfg["BLOCK_M"], 64)
+        if "num_stages" in cfg:
+            cfg["num_stages"] = 1
+        for key in ("BLOCK_N", "BLOCK_N_KV", "BLOCK_M_KV"):
+            if key in cfg:
+                cfg[key] = 32
+        if "BLOCK_M_KV_MASKED" in cfg:
+            cfg["BLOCK_M_KV_MASKED"] = 16
+    if name == "bwd" and min(cfg["BLOCK_M"], cfg["BLOCK_N_KV"]) < 128:
+        cfg["num_warps"] = 4     # a 64-row tile on 8 warps would compute S and dP twice
     return cfg
 
 
@@ -96,10 +118,61 @@ def expand_gate(gate: torch.Tensor | None, q: torch.Tensor) -> torch.Tensor:
     return gate.expand(B, Lq, H, D)
 
 
+def hyper_layout(image_positions: torch.Tensor, cu_images: torch.Tensor, Lq: int, Lk: int, T: int,
+                 inclusive: bool) -> torch.Tensor:
+    """The hyper mask's block classification data (int32 ``[B*L_q + 2*N]``, layout described in
+    ``kernels.py``, "block classification"): per query row the end of its visible images, per image
+    its first seeing row and its sample.  One launch, no host sync; the forward computes it once and
+    the backward reuses it."""
+    image_positions, cu_images = unit_stride(image_positions, cu_images)
+    B, N = cu_images.shape[0] - 1, image_positions.shape[0]
+    layout = new_output((B * Lq + 2 * N,), dtype=torch.int32, device=cu_images.device)
+    cfg = _config("layout", cu_images.device, torch.int32, 0)
+    n_row_programs = B * cdiv(Lq, cfg["BLOCK_R"])
+    grid = (n_row_programs + cdiv(N, cfg["BLOCK_I"]),)
+    if grid[0]:
+        kernels._hyper_layout_kernel[grid](image_positions, cu_images, layout, B, Lq, Lk, N, B * Lq, n_row_programs,
+                                           INCLUSIVE=inclusive, **cfg)
+    return layout
+
+
+BLOCK_EMPTY, BLOCK_PARTIAL, BLOCK_FULL = 0, 1, 2   # the classes block_classes reports
+
+
+def block_classes(layout: torch.Tensor, cu_images: torch.Tensor, Lq: int, Lk: int, T: int, N: int,
+                  fwd: dict, bwd: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """The class (BLOCK_EMPTY / BLOCK_PARTIAL / BLOCK_FULL) the kernels give each of their tiles,
+    computed on the device from ``layout`` (:func:`hyper_layout`) by the kernels' own rules, for
+    tests and tile statistics.  ``fwd``/``bwd``: the ``"fwd"``/``"bwd"`` block configs (the dQ
+    tiles are the forward's when both use the same BLOCK_M, BLOCK_N).
+
+    Returns ``(row_view int8 [B, cdiv(L_q, BM), n_vis_tiles + n_text_tiles], key_view int8
+    [n_key_blocks, cdiv(L_q, BM_KV)])``: per row block, its visual key tiles (counted from the
+    sample's first visual key; ``n_vis_tiles = cdiv(N*T, BN)``) then its text key tiles; per dK/dV
+    key block (text blocks ``kb * B + b`` first, then image n's blocks), its row tiles."""
+    cu_images = unit_stride(cu_images)[0]
+    B = cu_images.shape[0] - 1
+    BM, BN = fwd["BLOCK_M"], fwd["BLOCK_N"]
+    BM_KV, BN_KV = bwd["BLOCK_M_KV"], bwd["BLOCK_N_KV"]
+    n_rb, n_vis, n_text, n_rows = cdiv(Lq, BM), cdiv(N * T, BN), cdiv(Lk, BN), cdiv(Lq, BM_KV)
+    n_text_blocks = cdiv(Lk, BN_KV) * B
+    n_key_blocks = n_text_blocks + cdiv(T, BN_KV) * N
+    dev = cu_images.device
+    row_view = new_output((B, n_rb, n_vis + n_text), dtype=torch.int8, device=dev)
+    key_view = new_output((n_key_blocks, n_rows), dtype=torch.int8, device=dev)
+    grid = (B * n_rb + n_key_blocks,)
+    if grid[0] and Lq:
+        kernels._hyper_block_classes_kernel[grid](
+            layout, cu_images, row_view, key_view, B, Lq, Lk, T, N, B * Lq, B * n_rb, n_text_blocks, n_vis, n_text,
+            n_rows, BLOCK_M=BM, BLOCK_N=BN, BLOCK_M_KV=BM_KV, BLOCK_N_KV=BN_KV, BLOCK_T=16)
+    return row_view, key_view
+
+
 def hyper_forward(q, k, v, k_vis, v_vis, image_positions, cu_images, gate, key_padding_mask,
-                  gated: bool, inclusive: bool, scale: float, save_parts: bool):
+                  gated: bool, inclusive: bool, scale: float, save_parts: bool, layout=None):
     """Fused forward.  Returns ``(out, o_text, o_vis, lse)``; ``o_text``/``o_vis`` are the two gated
-    partial outputs when ``save_parts`` (else zero-size tensors)."""
+    partial outputs when ``save_parts`` (else zero-size tensors).  ``layout``: :func:`hyper_layout` of
+    the same metadata, or None to compute it here (the few-row decode path does not use it)."""
     image_positions, cu_images = unit_stride(image_positions, cu_images)
     B, Lq, H, D = q.shape
     Lk, Hkv = k.shape[1], k.shape[2]
@@ -122,26 +195,39 @@ def hyper_forward(q, k, v, k_vis, v_vis, image_positions, cu_images, gate, key_p
         _decode_forward(q, k, v, kv, vv, image_positions, cu_images, g, key_padding_mask, kpm, out, o_t, o_v, lse,
                         gated, inclusive, scale, save_parts, T)
         return out, o_t, o_v, lse
+    if layout is None:
+        layout = hyper_layout(image_positions, cu_images, Lq, Lk, T, inclusive)
     cfg = _config("fwd", dev, dt, D)
     grid = (cdiv(Lq, cfg["BLOCK_M"]), B * H)
+    # gated: the visual part goes to o_v (saved for the backward) or, at inference, to out as scratch
+    ov_buf = o_v if o_v.numel() else out
     kernels._hyper_fwd_kernel[grid](
-        q, k, v, kv, vv, image_positions, cu_images, g, kpm,
-        out, o_t if o_t.numel() else out, o_v if o_v.numel() else out, lse,
+        q, k, v, kv, vv, cu_images, layout, g, kpm,
+        out, o_t if o_t.numel() else out, ov_buf, lse,
         Lq, Lk, H, H // Hkv, T,
         *q.stride(), *k.stride(), *v.stride(), *kv.stride(), *vv.stride(), *g.stride(),
         *(key_padding_mask.stride() if key_padding_mask is not None else (0, 0)),
         out.stride(0), out.stride(1), out.stride(2),
         lse.stride(0), lse.stride(1), lse.stride(2),
         float(scale) * kernels.LOG2E,
-        GATED=gated, INCLUSIVE=inclusive, HAS_KPM=key_padding_mask is not None,
+        GATED=gated, HAS_KPM=key_padding_mask is not None,
         SAVE_PARTS=bool(save_parts and gated), BLOCK_D=D, DOT_PRECISION=_dot_precision(dt), **cfg)
     return out, o_t, o_v, lse
 
 
+def backward_grid(B: int, Lq: int, Lk: int, H: int, Hkv: int, N: int, T: int, cfg: dict) -> tuple[int, int, int]:
+    """Program counts of the backward launch: ``(text dK/dV, all dK/dV, total)`` (see
+    ``kernels._hyper_bwd_kernel``: dK/dV programs first, text key blocks then visual ones, then dQ)."""
+    n_text = cdiv(Lk, cfg["BLOCK_N_KV"]) * B * Hkv
+    n_kv = n_text + cdiv(T, cfg["BLOCK_N_KV"]) * N * Hkv
+    return n_text, n_kv, n_kv + cdiv(Lq, cfg["BLOCK_M"]) * B * H
+
+
 def hyper_backward(grad_out, q, k, v, k_vis, v_vis, image_positions, cu_images, gate, key_padding_mask,
-                   out, o_t, o_v, lse, gated: bool, inclusive: bool, scale: float):
+                   out, o_t, o_v, lse, gated: bool, inclusive: bool, scale: float, layout=None):
     """Gradients ``(dq, dk, dv, dk_vis, dv_vis, dgate)``; ``dgate`` has the gate's shape (zero-size
-    in joint mode).  Deterministic: every element is written by one program, no atomics."""
+    in joint mode).  Deterministic: every element is written by one program, no atomics.  ``layout``:
+    the forward's :func:`hyper_layout` (computed here when None)."""
     image_positions, cu_images = unit_stride(image_positions, cu_images)
     B, Lq, H, D = q.shape
     Lk, Hkv = k.shape[1], k.shape[2]
@@ -164,67 +250,47 @@ def hyper_backward(grad_out, q, k, v, k_vis, v_vis, image_positions, cu_images, 
     if gated and (o_t.numel() == 0 or o_v.numel() == 0):
         raise RuntimeError("the gated backward needs the forward's partial outputs: call hyper_attention_fwd "
                            "with save_parts=True when gradients are required")
-    precision = _dot_precision(dt)
-    qk_scale = float(scale) * kernels.LOG2E
+    if layout is None:
+        layout = hyper_layout(image_positions, cu_images, Lq, Lk, T, inclusive)
     kv, vv = flat_visual(k_vis), flat_visual(v_vis)
+    dkv, dvv = flat_visual(dk_vis), flat_visual(dv_vis)
     g = expand_gate(gate if gated else None, q)
     has_kpm = key_padding_mask is not None
     kpm = key_padding_mask.view(torch.uint8) if has_kpm else cu_images
     kpm_strides = key_padding_mask.stride() if has_kpm else (0, 0)
 
-    # 1. row statistics (and the gated part gradients + elementwise d(gate))
-    delta = new_output((S, B, H, Lq), dtype=torch.float32, device=dev)
-    if gated:
-        do_t = new_output((B, Lq, H, D), dtype=dt, device=dev)
-        do_v = new_output((B, Lq, H, D), dtype=dt, device=dev)
+    # 1. row statistics: base-2 lse and delta per part (and the gated part gradients + elementwise d(gate))
+    stats = new_output((S, 2, B, H, Lq), dtype=torch.float32, device=dev)
+    if gated:   # the two part gradients dO_t, dO_v, one buffer (parts selected by an offset in the kernels)
+        do_parts = new_output((2, B, Lq, H, D), dtype=dt, device=dev)
+        do_strides = (*do_parts.stride()[1:], do_parts.stride(0))
         dg_full = new_output((B, Lq, H, D), dtype=torch.float32, device=dev)
     else:
-        do_t = do_v = grad_out
-        dg_full = delta
-    cfg = _config("bwd_dq", dev, dt, D)
-    grid = (cdiv(Lq, cfg["BLOCK_M"]), B * H)
+        do_parts = grad_out
+        do_strides = (*grad_out.stride(), 0)
+        dg_full = stats
+    cfg = _config("bwd_pre", dev, dt, D)
     o_ref = out if not gated else o_t
-    kernels._hyper_bwd_pre_kernel[grid](
-        grad_out, o_ref, o_t if gated else out, o_v if gated else out, g, image_positions, cu_images,
-        do_t, do_v, delta, dg_full,
-        Lq, Lk, H, *grad_out.stride(), *g.stride(), o_ref.stride(0), o_ref.stride(1), o_ref.stride(2),
-        delta.stride(0), delta.stride(1), delta.stride(2),
-        GATED=gated, INCLUSIVE=inclusive, BLOCK_M=cfg["BLOCK_M"], BLOCK_D=D,
-        num_warps=cfg.get("num_warps", 4))
+    kernels._hyper_bwd_pre_kernel[(cdiv(Lq, cfg["BLOCK_M"]), B * H)](
+        grad_out, o_ref, o_t if gated else out, o_v if gated else out, g, cu_images, layout, lse,
+        do_parts, stats, dg_full,
+        Lq, H, *grad_out.stride(), do_strides[4], *g.stride(), o_ref.stride(0), o_ref.stride(1), o_ref.stride(2),
+        lse.stride(0), lse.stride(1), lse.stride(2), *stats.stride()[:4],
+        GATED=gated, BLOCK_D=D, **cfg)
     if gated:
         dgate = dg_full.sum_to_size(expand_gate_shape(gate, q)).reshape(gate.shape).to(gate.dtype)
 
-    # 2. dQ over both key sets
-    kernels._hyper_bwd_dq_kernel[grid](
-        q, k, v, kv, vv, image_positions, cu_images, kpm, do_t, do_v, lse, delta, dq,
-        Lq, Lk, H, G, T,
-        *q.stride(), *k.stride(), *v.stride(), *kv.stride(), *vv.stride(), *kpm_strides,
-        *do_t.stride(), lse.stride(0), lse.stride(1), lse.stride(2), dq.stride(0), dq.stride(1), dq.stride(2),
-        qk_scale, float(scale),
-        GATED=gated, INCLUSIVE=inclusive, HAS_KPM=has_kpm, BLOCK_D=D, DOT_PRECISION=precision, **cfg)
-
-    # 3. dK, dV: text keys, then visual keys (image = the batch dim of k_vis)
-    cfg = _config("bwd_dkv", dev, dt, D)
-    if Lk > 0:
-        grid = (cdiv(Lk, cfg["BLOCK_N"]), B * Hkv)
-        kernels._hyper_bwd_dkv_kernel[grid](
-            q, k, v, kpm, image_positions, cu_images, do_t, lse[0], delta[0], dk, dv,
-            Lq, Lk, H, G, T, B,
-            *q.stride(), *k.stride(), *v.stride(), *kpm_strides, *do_t.stride(),
-            lse.stride(1), lse.stride(2), dk.stride(0), dk.stride(1), dk.stride(2),
-            qk_scale, float(scale),
-            VISUAL=False, INCLUSIVE=inclusive, HAS_KPM=has_kpm, BLOCK_D=D, DOT_PRECISION=precision, **cfg)
-    if N > 0 and T > 0:
-        p = 1 if gated else 0
-        grid = (cdiv(T, cfg["BLOCK_N"]), N * Hkv)
-        kernels._hyper_bwd_dkv_kernel[grid](
-            q, k_vis, v_vis, kpm, image_positions, cu_images, do_v, lse[p], delta[p], dk_vis, dv_vis,
-            Lq, Lk, H, G, T, B,
-            *q.stride(), k_vis.stride(0), k_vis.stride(1), k_vis.stride(2), k_vis.stride(3),
-            *v_vis.stride(), 0, 0, *do_v.stride(),
-            lse.stride(1), lse.stride(2), dk_vis.stride(0), dk_vis.stride(1), dk_vis.stride(2),
-            qk_scale, float(scale),
-            VISUAL=True, INCLUSIVE=inclusive, HAS_KPM=False, BLOCK_D=D, DOT_PRECISION=precision, **cfg)
+    # 2. dK/dV (text keys, visual keys) and dQ, one launch
+    cfg = _config("bwd", dev, dt, D)
+    n_text, n_kv, n_all = backward_grid(B, Lq, Lk, H, Hkv, N, T, cfg)
+    kernels._hyper_bwd_kernel[(n_all,)](
+        q, k, v, kv, vv, cu_images, layout, kpm, do_parts, stats, dq, dk, dv, dkv, dvv,
+        B, Lq, Lk, H, G, T, N, B * Lq, n_text, n_kv,
+        *q.stride(), *k.stride(), *v.stride(), *kv.stride(), *vv.stride(), *kpm_strides, *do_strides,
+        *stats.stride()[:4], dq.stride(0), dq.stride(1), dq.stride(2),
+        dk.stride(0), dk.stride(1), dk.stride(2), dkv.stride(0), dkv.stride(1),
+        float(scale) * kernels.LOG2E, float(scale),
+        GATED=gated, HAS_KPM=has_kpm, BLOCK_D=D, DOT_PRECISION=_dot_precision(dt), **cfg)
     return dq, dk, dv, dk_vis, dv_vis, dgate
 
 
