@@ -52,9 +52,15 @@
 #                                                          -> $OUT/gemm_targets.txt
 #   5. summary table                                       -> stdout
 # Run order: 1, 2 + 2b, G1, 2d (background), H1, H2, 2c, 3, (codegen wait), H3, 4, H4, G3, 5.
-# $OUT stays flat (about 30 small files).
+# $OUT stays flat (about 30 small files, summary.txt among them).
 #
-# Knobs: PYTHON (python3), OUT, RUN_BUDGET (480), QUICK=1 (bench --quick), SKIP_BUILD=1, SKIP_TUNE=1,
+# A machine that hands back only a few files of a run (a lent GPU, say) gets the whole output as one
+# tarball with BUNDLE=<path>:
+#
+#   DEST="$OUT"; OUT=/tmp/gpu_out BUNDLE="$DEST/gpu_bundle.tar.gz" bash benchmarks/gpu_check.sh
+#
+# Knobs: PYTHON (python3), OUT, BUNDLE (a .tar.gz path for all of OUT), RUN_BUDGET (480),
+#        QUICK=1 (bench --quick), SKIP_BUILD=1, SKIP_TUNE=1,
 #        SKIP_PROFILE=1, SKIP_TESTS=1, SKIP_BENCH=1, SKIP_GEMM_TUNE=1, SKIP_CODEGEN=1, SKIP_HYPER=1,
 #        GEMM_TUNE_TIMEOUT (90), GEMM_ROLES (all; comma-separated), CODEGEN_TIMEOUT (240),
 #        BUILD_TIMEOUT (120), TUNE_TIMEOUT (110), PROFILE_TIMEOUT (60), TESTS_TIMEOUT (150),
@@ -313,7 +319,12 @@ record targets $? 0 "$(grep -c 'not measured' "$OUT/gemm_targets.txt") of $(grep
   fi
   echo "--- files"
   ls -1 "$OUT"
-} 2>&1
+} 2>&1 | tee "$OUT/summary.txt"
+
+# One file for machines that return only a few files of a run: the whole of $OUT as a tarball.
+if [ -n "${BUNDLE:-}" ]; then
+  tar -czf "$BUNDLE" -C "$OUT" . && echo "bundle: $BUNDLE ($(du -h "$BUNDLE" | cut -f1))"
+fi
 
 # exit status: failure of tests or bench (a failed build alone is not fatal)
 status=0
