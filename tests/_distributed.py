@@ -4,7 +4,7 @@
 the default process group (gloo, a file store in a temporary directory), calls ``fn(rank, world_size,
 *args)``, destroys the group and sends back its return value (something picklable and small) or its
 traceback.  The caller gets the list of return values in rank order, or ``AssertionError`` carrying
-every failing rank's traceback.  A rank that does not finish within ``timeout`` seconds (a hung
+every failing rank's traceback.  A rank that does not finish within ``timeout + startup`` seconds (a hung
 collective) has every rank killed and fails the test: nothing can hang CI.
 
 ``fn`` must be a module-level function of an importable module (spawn pickles it by name).  The
@@ -23,13 +23,13 @@ from typing import Callable
 import torch.multiprocessing as mp
 
 
-def _entry(fn, rank, world_size, init_file, results, timeout, args):
+def _entry(fn, rank, world_size, init_file, results, group_timeout, args):
     import torch
     import torch.distributed as dist
     torch.set_num_threads(1)   # N ranks share a 2-core machine
     try:
         dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size,
-                                timeout=datetime.timedelta(seconds=timeout))
+                                timeout=datetime.timedelta(seconds=group_timeout))
         try:
             value = fn(rank, world_size, *args)
         finally:
@@ -42,13 +42,15 @@ def _entry(fn, rank, world_size, init_file, results, timeout, args):
 def run_ranks(fn, world_size: int, *args, timeout: float = 120.0, startup: float = 60.0) -> list:
     """``[fn(0, world_size, *args), ..., fn(world_size - 1, ...)]``, each run on its own gloo rank.
 
-    ``timeout`` bounds the collectives (the process group's timeout) and, with ``startup`` seconds for
-    the children's imports, the whole call."""
+    ``timeout`` plus ``startup`` (seconds for the children's imports) bounds the whole call, and is also
+    the process group's own timeout: the rendezvous in ``init_process_group`` waits for the slowest
+    rank's imports, so a group timeout of ``timeout`` alone made a busy machine (ranks started seconds
+    apart) fail in the rendezvous instead of in ``fn``."""
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
     with tempfile.TemporaryDirectory(prefix="mmkernels-dist-") as tmp:
         init_file = os.path.join(tmp, "store")
-        procs = [ctx.Process(target=_entry, args=(fn, rank, world_size, init_file, results, timeout, args),
+        procs = [ctx.Process(target=_entry, args=(fn, rank, world_size, init_file, results, timeout + startup, args),
                              daemon=True) for rank in range(world_size)]
         for p in procs:
             p.start()
