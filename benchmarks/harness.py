@@ -6,6 +6,7 @@ What lives here (operator-independent):
 * :func:`time_ms` -- ``triton.testing.do_bench`` on CUDA, ``time.perf_counter`` on CPU (warm-up calls
   outside the timed region, GC off while timing); both give a :class:`Timing`: median, 20/80 %
   quantiles and the minimum over the repetitions;
+* :func:`sweep_timer` -- the tuning sweeps' quick per-candidate timer;
 * :func:`pin_cpu_threads` -- every CPU timing runs with a fixed, printed torch thread count
   (``MMKERNELS_BENCH_THREADS``, default 1: on a shared machine a multi-threaded GEMM is at the mercy
   of whatever else runs, which made the same shape measure 3.7 ms in one run and 37.5 ms in another);
@@ -316,6 +317,23 @@ def time_ms(fn: Callable[[], Any], grad_to_none: Iterable[torch.Tensor] | None =
     if is_cuda():
         return cuda_time_ms(fn, grad_to_none=grad_to_none, **kwargs)
     return cpu_time_ms(fn, grad_to_none=grad_to_none, **kwargs)
+
+
+def sweep_timer(device: torch.device, warmup: int = 10, rep: int = 40) -> Callable[[Callable[[], Any]], float]:
+    """The tuning sweeps' timer (``benchmarks/tune_*.py``): milliseconds of one candidate.  On CUDA a
+    short ``do_bench`` mean (a sweep ranks many candidates; the winners are re-timed by the benchmarks);
+    on CPU one untimed call, then one timed call: under the interpreter a sweep only proves it runs."""
+    if device.type == "cuda":
+        from triton.testing import do_bench
+
+        return lambda fn: float(do_bench(fn, warmup=warmup, rep=rep))
+
+    def cpu(fn: Callable[[], Any]) -> float:
+        fn()
+        t0 = time.perf_counter()
+        fn()
+        return (time.perf_counter() - t0) * 1e3
+    return cpu
 
 
 def mode_call(forward: Callable[[], Any], mode: str, dy: torch.Tensor | None = None) -> Callable[[], Any]:

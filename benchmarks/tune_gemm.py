@@ -131,19 +131,6 @@ def _setups(device, small: bool):
     }
 
 
-def _timer(device, small):
-    if device.type == "cuda":
-        import triton
-
-        return lambda fn: triton.testing.do_bench(fn, warmup=5, rep=25)
-
-    def cpu(fn):
-        fn()
-        t = time.perf_counter()
-        fn()
-        return (time.perf_counter() - t) * 1e3
-    return cpu
-
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -167,7 +154,7 @@ def main(argv=None):
     commit = H.git_commit_full()
     print(f"GEMM sweep on {card} (table {arch}), commit {commit}", flush=True)
     setups = _setups(device, small)
-    bench = _timer(device, small)
+    bench = H.sweep_timer(device, warmup=5, rep=25)
     saved_arch, saved = config._OVERRIDE_ARCH, dict(config._OVERRIDES)
     config._OVERRIDE_ARCH = arch
     rows, winners, skipped = [], {}, []

@@ -17,9 +17,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 
 import torch
+
+from . import harness as H
 
 # Overrides of the table's entry; {} is the entry itself.  Each candidate keeps every warpgroup on
 # distinct rows (8 warps with 128-row tiles, 4 warps with 64-row ones).
@@ -33,19 +34,6 @@ GPU_MODEL = dict(heads=28, kv_heads=4, head_dim=128, T=729)
 CPU_SHAPES = (dict(label="joint 40+3img", L=40, images=3), dict(label="causal 48", L=48, images=0))
 CPU_MODEL = dict(heads=4, kv_heads=2, head_dim=16, T=9)
 
-
-def _timer(device):
-    if device.type == "cuda":
-        import triton
-
-        return lambda fn: triton.testing.do_bench(fn, warmup=10, rep=40)
-
-    def cpu(fn):
-        fn()
-        t = time.perf_counter()
-        fn()
-        return (time.perf_counter() - t) * 1e3
-    return cpu
 
 
 def _case(shape: dict, model: dict, device, dtype):
@@ -96,7 +84,7 @@ def main(argv=None) -> dict:
     shapes, model = (GPU_SHAPES, GPU_MODEL) if on_cuda else (CPU_SHAPES, CPU_MODEL)
     kernels = args.kernel or list(CANDIDATES)
     candidates = {k: CANDIDATES[k] if on_cuda else CANDIDATES[k][:2] for k in kernels}
-    bench = _timer(device)
+    bench = H.sweep_timer(device)
     print(f"device {torch.cuda.get_device_name() if on_cuda else 'cpu (smoke run, interpreter)'}; "
           f"H {model['heads']}/{model['kv_heads']} D {model['head_dim']} T {model['T']} {str(dtype)[6:]}", flush=True)
     cases = [(s, *_case(s, model, device, dtype)) for s in shapes]

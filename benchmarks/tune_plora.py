@@ -11,9 +11,10 @@ JSON; ``MMKERNELS_PLORA_CONFIGS=<that file>`` makes the launchers use them, and 
 """
 import argparse
 import json
-import time
 
 import torch
+
+from . import harness as H
 
 W8S3, W8S4, W4S4, W4S3 = (dict(num_warps=8, num_stages=3), dict(num_warps=8, num_stages=4),
                           dict(num_warps=4, num_stages=4), dict(num_warps=4, num_stages=3))
@@ -37,19 +38,6 @@ CANDIDATES = {
 }
 
 
-def _timer(device):
-    if device.type == "cuda":
-        import triton
-
-        return lambda fn: triton.testing.do_bench(fn, warmup=10, rep=40)
-
-    def cpu(fn):
-        fn()
-        t = time.perf_counter()
-        fn()
-        return (time.perf_counter() - t) * 1e3
-    return cpu
-
 
 def main(argv=None):
     parser = argparse.ArgumentParser()
@@ -58,16 +46,22 @@ def main(argv=None):
     parser.add_argument("--N", type=int, default=6144)
     parser.add_argument("--rank", type=int, default=256)
     parser.add_argument("--out", default=None, help="write the winning configs here (JSON)")
+    parser.add_argument("--kernel", action="append", choices=sorted(CANDIDATES), default=None,
+                        help="sweep only these kernels (repeatable); default: all, in table order")
     args = parser.parse_args(argv)
+    from .run import _prepare_interpreter
 
+    _prepare_interpreter()   # no CUDA: the smoke run needs Triton's interpreter, set before mmkernels loads
     from mmkernels.ops.plora import launch
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.type == "cpu":  # smoke mode for the script itself: tiny shapes under the interpreter
         args.tokens, args.K, args.N, args.rank = 64, 64, 64, 32
-        for name, cands in CANDIDATES.items():
-            CANDIDATES[name] = [{k: (min(v, 32) if k.startswith("BLOCK") else v) for k, v in c.items()}
-                                for c in cands[:2]]
+        candidates = {name: [{k: (min(v, 32) if k.startswith("BLOCK") else v) for k, v in c.items()}
+                             for c in cands[:2]] for name, cands in CANDIDATES.items()}
+    else:
+        candidates = CANDIDATES
+    candidates = {name: cands for name, cands in candidates.items() if args.kernel is None or name in args.kernel}
     M, K, N, r = args.tokens, args.K, args.N, args.rank
     dt = torch.bfloat16
     x = torch.randn(M, K, device=device, dtype=dt)
@@ -79,7 +73,7 @@ def main(argv=None):
     flags = launch.tile_flags(mask)
     _, s = launch.plora_forward(x, w, None, a, b, mask, flags, 1.0, 0.0, None)
     dy = torch.randn(M, N, device=device, dtype=dt)
-    bench = _timer(device)
+    bench = H.sweep_timer(device)
 
     def fwd():
         launch.plora_forward(x, w, None, a, b, mask, flags, 1.0, 0.0, None)
@@ -112,7 +106,7 @@ def main(argv=None):
     launch._config = config
     rows = []
     try:
-        for name, cands in CANDIDATES.items():
+        for name, cands in candidates.items():
             best = None
             for cand in cands:
                 chosen[name] = cand
