@@ -136,15 +136,22 @@ def check_packed_against_per_sample(p, gate, mode, visibility, backend, dtype):
 
 # --------------------------------------------------------------------------- packed == per sample
 
-@pytest.mark.parametrize("mode,visibility,gate_kind", [("gated", "strict", "vector"), ("gated", "inclusive", "token"),
-                                                       ("joint", "strict", None), ("joint", "inclusive", None)])
+CASES = [("gated", "strict", "vector", False), ("gated", "inclusive", "token", True),
+         ("joint", "strict", None, True), ("joint", "inclusive", None, False)]
+
+
+@pytest.mark.parametrize("mode,visibility,gate_kind,chunked", CASES,
+                         ids=["gated-strict-vector", "gated-inclusive-token-chunked", "joint-strict-chunked",
+                              "joint-inclusive"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS)
-def test_reference_packed_equals_per_sample(dtype, mode, visibility, gate_kind):
-    """The reference backend: 5 samples (one of length 1, one without images), GQA 2."""
+@pytest.mark.parametrize("backend,device", BACKEND_DEVICES)
+def test_packed_equals_per_sample(backend, device, dtype, mode, visibility, gate_kind, chunked):
+    """Five samples (one of length 1, one without images, random lengths and image positions), GQA 2;
+    in the chunked cases each sample's queries are a random number of its last positions."""
     H, Hkv, D, T = 4, 2, 16, 5
-    p = packed_case(random_lengths(5), H, Hkv, D, T, dtype, "cpu", n_images=[2, 0, 3, 1, 2])
-    gate = make_gate(gate_kind, p.q.shape[0], H, D, dtype, "cpu") if mode == "gated" else None
-    check_packed_against_per_sample(p, gate, mode, visibility, "reference", dtype)
+    p = packed_case(random_lengths(5), H, Hkv, D, T, dtype, device, chunked=chunked, n_images=[2, 0, 3, 1, 2])
+    gate = make_gate(gate_kind, p.q.shape[0], H, D, dtype, device) if mode == "gated" else None
+    check_packed_against_per_sample(p, gate, mode, visibility, backend, dtype)
 
 
 @pytest.mark.parametrize("mode", ["gated", "joint"])

@@ -356,6 +356,108 @@ def hyper_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_vis: to
 
 
 # =========================================================================== packed samples (varlen)
+#
+# Three ops like the dense ones, on packed tensors (q [total_q, H, D], k/v [total_k, H_kv, D], lse
+# [S, H, total_q]); the same kernels with the sample offsets read from cu_seqlens (launch.Packed).
+
+def _packed(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k):
+    return launch.Packed(cu_seqlens_q, cu_seqlens_k, int(max_seqlen_q), int(max_seqlen_k))
+
+
+def _varlen_layout_impl(image_positions, cu_images, cu_seqlens_q, cu_seqlens_k, total_q, max_seqlen_q, max_seqlen_k,
+                        inclusive):
+    require_triton(cu_images.device)
+    return launch.hyper_layout(image_positions, cu_images, max_seqlen_q, max_seqlen_k, 0, inclusive,
+                               _packed(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k), total_q)
+
+
+def _varlen_layout_fake(image_positions, cu_images, cu_seqlens_q, cu_seqlens_k, total_q, max_seqlen_q, max_seqlen_k,
+                        inclusive):
+    return cu_images.new_empty((total_q + 2 * image_positions.shape[0],), dtype=torch.int32)
+
+
+hyper_attention_varlen_layout_op = define_op(
+    "hyper_attention_varlen_layout",
+    "(Tensor image_positions, Tensor cu_images, Tensor cu_seqlens_q, Tensor cu_seqlens_k, SymInt total_q, "
+    "SymInt max_seqlen_q, SymInt max_seqlen_k, bool inclusive) -> Tensor",
+    _varlen_layout_impl, _varlen_layout_fake)
+
+
+def _varlen_forward_impl(q, k, v, k_vis, v_vis, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                         image_positions, cu_images, gate, gated, inclusive, scale, save_parts, layout=None):
+    require_triton(q.device, q.dtype)
+    return launch.hyper_forward(q, k, v, k_vis, v_vis, image_positions, cu_images, gate, None, gated, inclusive,
+                                scale, save_parts, layout,
+                                _packed(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k))
+
+
+def _varlen_forward_fake(q, k, v, k_vis, v_vis, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                         image_positions, cu_images, gate, gated, inclusive, scale, save_parts, layout=None):
+    total_q, H, _ = q.shape
+    parts = (lambda: q.new_empty(q.shape)) if (save_parts and gated) else (lambda: q.new_empty(0))
+    return q.new_empty(q.shape), parts(), parts(), q.new_empty((2 if gated else 1, H, total_q), dtype=torch.float32)
+
+
+def _varlen_backward_impl(grad_out, q, k, v, k_vis, v_vis, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                          image_positions, cu_images, gate, out, o_t, o_v, lse, gated, inclusive, scale, layout=None):
+    require_triton(q.device, q.dtype)
+    return launch.hyper_backward(grad_out, q, k, v, k_vis, v_vis, image_positions, cu_images, gate, None, out, o_t,
+                                 o_v, lse, gated, inclusive, scale, layout,
+                                 _packed(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k))
+
+
+def _varlen_backward_fake(grad_out, q, k, v, k_vis, v_vis, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                          image_positions, cu_images, gate, out, o_t, o_v, lse, gated, inclusive, scale, layout=None):
+    return _backward_fake(grad_out, q, k, v, k_vis, v_vis, image_positions, cu_images, gate, None, out, o_t, o_v, lse,
+                          gated, inclusive, scale)
+
+
+hyper_attention_varlen_fwd_op = define_op(
+    "hyper_attention_varlen_fwd",
+    "(Tensor q, Tensor k, Tensor v, Tensor k_vis, Tensor v_vis, Tensor cu_seqlens_q, Tensor cu_seqlens_k, "
+    "SymInt max_seqlen_q, SymInt max_seqlen_k, Tensor image_positions, Tensor cu_images, Tensor? gate, bool gated, "
+    "bool inclusive, float scale, bool save_parts, Tensor? layout=None) -> (Tensor, Tensor, Tensor, Tensor)",
+    _varlen_forward_impl, _varlen_forward_fake)
+
+hyper_attention_varlen_bwd_op = define_op(
+    "hyper_attention_varlen_bwd",
+    "(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor k_vis, Tensor v_vis, Tensor cu_seqlens_q, "
+    "Tensor cu_seqlens_k, SymInt max_seqlen_q, SymInt max_seqlen_k, Tensor image_positions, Tensor cu_images, "
+    "Tensor? gate, Tensor out, Tensor o_text, Tensor o_vis, Tensor lse, bool gated, bool inclusive, float scale, "
+    "Tensor? layout=None) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)",
+    _varlen_backward_impl, _varlen_backward_fake, backward_of="hyper_attention_varlen")
+
+
+def _varlen_setup_context(ctx, inputs, output):
+    (q, k, v, k_vis, v_vis, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, image_positions, cu_images, gate,
+     gated, inclusive, scale, save_parts, *rest) = inputs
+    layout = rest[0] if rest else None
+    out, o_t, o_v, lse = output
+    ctx.save_for_backward(q, k, v, k_vis, v_vis, cu_seqlens_q, cu_seqlens_k, image_positions, cu_images, gate, out,
+                          o_t, o_v, lse, layout)
+    ctx.max_seqlen = (max_seqlen_q, max_seqlen_k)
+    ctx.gated, ctx.inclusive, ctx.scale = gated, inclusive, scale
+    ctx.n_inputs = len(inputs)
+
+
+def _varlen_backward(ctx, grad_out, grad_ot, grad_ov, grad_lse):
+    """The dense formula (:class:`HyperAttentionFunction`), per packed sample."""
+    (q, k, v, k_vis, v_vis, cu_seqlens_q, cu_seqlens_k, image_positions, cu_images, gate, out, o_t, o_v, lse,
+     layout) = ctx.saved_tensors
+    need = ctx.needs_input_grad
+    if grad_out is None or not any(need[:5] + (need[11],)):
+        return (None,) * ctx.n_inputs
+    dq, dk, dv, dkv, dvv, dg = hyper_attention_varlen_bwd_op(
+        grad_out, q, k, v, k_vis, v_vis, cu_seqlens_q, cu_seqlens_k, *ctx.max_seqlen, image_positions, cu_images,
+        gate, out, o_t, o_v, lse, ctx.gated, ctx.inclusive, ctx.scale, layout)
+    grads = [g if flag else None for g, flag in zip((dq, dk, dv, dkv, dvv), need[:5])]
+    dgate = dg if (ctx.gated and need[11]) else None
+    return (*grads, *(None,) * 6, dgate) + (None,) * (ctx.n_inputs - 12)
+
+
+torch.library.register_autograd("mmkernels::hyper_attention_varlen_fwd", _varlen_backward,
+                                setup_context=_varlen_setup_context)
+
 
 def _check_seqlen(name: str, value):
     """``max_seqlen_*``: a non-negative int (a SymInt under torch.compile's dynamic shapes passes as is)."""
@@ -470,8 +572,11 @@ def hyper_attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_
                      image_positions, cu_images, mode, gate, visibility, scale, check_metadata)
     D = q.shape[-1]
     scale = D ** -0.5 if scale is None else float(scale)
-    if _is_meta(q):
-        return q.new_empty(q.shape)
+    gated = mode == "gated"
+    if _is_meta(q):  # shapes only: the op's fake kernel, whatever the backend
+        return hyper_attention_varlen_fwd_op(q, k, v, k_vis, v_vis, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+                                             max_seqlen_k, image_positions, cu_images, gate, gated,
+                                             visibility == "inclusive", scale, False)[0]
     backend = resolve_backend(q.device, q.dtype)
     if backend == "triton" and D not in TRITON_HEAD_DIMS:
         if get_backend() == "triton":
@@ -482,23 +587,14 @@ def hyper_attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_
         return hyper_attention_varlen_reference(q, k, v, k_vis, v_vis, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
                                                 max_seqlen_k, image_positions, cu_images, mode=mode, gate=gate,
                                                 visibility=visibility, scale=scale)
-    # (interim: sample by sample through the dense kernels)
-    H = q.shape[1]
-    g = None
-    if gate is not None:
-        g = (gate.view(H, D) if (gate.dim() == 1 and gate.numel() == H * D) else gate).expand(q.shape)
-    cq, ck, ci = (x.detach().to("cpu", torch.int64).tolist() for x in (cu_seqlens_q, cu_seqlens_k, cu_images))
-    outs = []
-    for s in range(len(cq) - 1):
-        rows, keys, imgs = slice(cq[s], cq[s + 1]), slice(ck[s], ck[s + 1]), slice(ci[s], ci[s + 1])
-        cu = torch.tensor([0, ci[s + 1] - ci[s]], dtype=torch.int32, device=q.device)
-        outs.append(hyper_attention(q[None, rows], k[None, keys], v[None, keys], k_vis[imgs], v_vis[imgs],
-                                    image_positions[imgs], cu, mode=mode, gate=None if g is None else g[None, rows],
-                                    visibility=visibility, scale=scale, check_metadata=False)[0])
-    out = torch.cat(outs) if outs else q.new_zeros(q.shape)
-    for x in (q, k, v, k_vis, v_vis, gate):
-        if x is not None and x.requires_grad:
-            out = out + x.reshape(-1)[:0].sum().to(out.dtype)
+    save = gated and _needs_grad(q, k, v, k_vis, v_vis, gate)
+    inclusive = visibility == "inclusive"
+    # the block classification of every sample, once: the forward's tiles and then the backward's use it
+    layout = hyper_attention_varlen_layout_op(image_positions, cu_images, cu_seqlens_q, cu_seqlens_k, q.shape[0],
+                                              max_seqlen_q, max_seqlen_k, inclusive)
+    out, _, _, _ = hyper_attention_varlen_fwd_op(q, k, v, k_vis, v_vis, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+                                                 max_seqlen_k, image_positions, cu_images, gate, gated, inclusive,
+                                                 scale, save, layout)
     return out
 
 
