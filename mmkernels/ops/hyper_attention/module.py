@@ -8,7 +8,7 @@ from torch import nn
 
 from ..._utils import autocast_dtype
 from ..._validation import check_float, check_int, check_tensor
-from .function import INDEX_DTYPES, hyper_attention, hyper_attention_varlen, text_rope, visual_kv
+from .function import INDEX_DTYPES, _check_offsets, hyper_attention, hyper_attention_varlen, text_rope, visual_kv
 from .packing import cu_seqlens_from_starts, positions_from_cu_seqlens, sample_starts
 from .reference import MODES, VISIBILITIES
 
@@ -299,6 +299,15 @@ class HyperAttention(nn.Module):
                 raise ValueError(f"cu_seqlens must be a [S+1] tensor of sample offsets on {dev}, got shape "
                                  f"{tuple(cu_seqlens.shape)} on {cu_seqlens.device}")
             S = cu_seqlens.shape[0] - 1
+            if check and dev.type != "meta" and not torch.compiler.is_compiling():
+                # named for this argument (the op checks them again as cu_seqlens_q/k)
+                offsets = cu_seqlens.detach().to("cpu", torch.int64)
+                _check_offsets("cu_seqlens", offsets, total, f"total={total} (hidden_states.shape[1])")
+                longest = int(offsets.diff().max()) if S else 0
+                if max_seqlen is not None and max_seqlen < longest:
+                    raise ValueError(f"max_seqlen={max_seqlen} must be at least the longest sample's length, "
+                                     f"{longest}")
+                max_seqlen = longest if max_seqlen is None else max_seqlen
             if position_ids is None:      # each sample's own positions, from 0
                 position_ids = positions_from_cu_seqlens(cu_seqlens, total)
             else:
