@@ -109,17 +109,20 @@ def run_packed(model, batch, route, backend, dtype, device):
     return loss.detach().cpu(), grads
 
 
-CASES = [("reference", "cpu", v, r, d) for v in ("v1", "v2") for r, d in
+# sdpa: the model hands the layers a boolean mask, causal within each sample; eager: the additive form
+CASES = [("reference", "cpu", v, r, d, "sdpa") for v in ("v1", "v2") for r, d in
          (("position ids", torch.float64), ("varlen kwargs", torch.float32))]
-CASES += _triton_cases(("v1", "position ids", torch.float32), ("v2", "varlen kwargs", torch.float32))
+CASES += [("reference", "cpu", "v2", "position ids", torch.float32, "eager")]
+CASES += _triton_cases(("v1", "position ids", torch.float32, "sdpa"),
+                       ("v2", "varlen kwargs", torch.float32, "sdpa"))
 
 
-@pytest.mark.parametrize("backend, device, version, route, dtype", CASES)
-def test_packed_batch_equals_per_sample_runs(backend, device, version, route, dtype):
+@pytest.mark.parametrize("backend, device, version, route, dtype, attn", CASES)
+def test_packed_batch_equals_per_sample_runs(backend, device, version, route, dtype, attn):
     batch = Packed(version, *random_samples(version))
     expected = build(version, dtype=torch.float64).train()
     loss, grads = run_per_sample(expected, batch)
-    model = build(version, dtype=dtype).to(device).train()
+    model = build(version, dtype=dtype, attn=attn).to(device).train()
     assert apply_mmkernels(model, plora=False, moe=False) == {"hyper_attention": 1}
     loss2, grads2 = run_packed(model, batch, route, backend, dtype, device)
     assert_close("loss", loss2, loss, dtype)
@@ -161,7 +164,8 @@ def test_bad_packed_input_gets_a_clear_error(change, error, match):
     kw = dict(input_ids=ids, position_ids=pos, image_embeds=batch.images, media_offset=media_offset,
               use_cache=False, **varlen)
     if change == "batch of 2":
-        kw.update(input_ids=ids.expand(2, -1), position_ids=pos.expand(2, -1), media_offset=media_offset.expand(2, -1, -1))
+        kw.update(input_ids=ids.expand(2, -1), position_ids=pos.expand(2, -1),
+                  media_offset=media_offset.expand(2, -1, -1))
     elif change == "offsets":
         kw["cu_seq_lens_q"] = kw["cu_seq_lens_k"] = torch.tensor([0, 3, 7, 8], dtype=torch.int32)
     elif change == "k differs":

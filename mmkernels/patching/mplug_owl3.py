@@ -40,8 +40,8 @@ transformers 5's ``position_embeddings`` / ``cache_position``, and the cache as 
 * ``attention_mask``: None, a 2-D padding mask (``[B, >= L_k]``, the flash-attention convention: its
   last ``L_k`` columns), or a 4-D ``[B, 1, L, L_k']`` boolean / additive (0 and -inf or the dtype's
   min) mask; a 4-D mask must be causal plus key padding (it is checked: one host sync), or, on a packed
-  row, causal within each sample; anything else (sliding windows, biases) raises ValueError.  v2 with images ignores it, like the
-  original's joint path.  Rows that see no key at all (left padding) give 0 where the original gives
+  row, causal within each sample; anything else (sliding windows, biases) raises ValueError.  v2 with
+  images ignores it on a padded batch, like the original's joint path.  Rows that see no key at all (left padding) give 0 where the original gives
   an arbitrary value; no other row reads them.
 * not supported, raising: ``output_attentions=True``; a multi-token step after the prompt while images
   are given (chunked prefill / continuation; the original's masks are undefined there); a non-default
