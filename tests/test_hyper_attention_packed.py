@@ -190,3 +190,17 @@ def test_bad_packed_input_gets_a_named_error(case):
         layer(batch.hidden, position_ids, **kw)
     with pytest.raises(ValueError, match="shape \\(1, total, hidden\\)"), use_backend("reference"):
         layer(batch.hidden.expand(2, -1, -1), None, cu_seqlens=batch.cu_seqlens)
+
+
+@pytest.mark.parametrize("backend,device", BACKEND_DEVICES)
+def test_an_empty_packed_batch(backend, device):
+    """No token at all: no samples, empty samples only, or empty restarting positions."""
+    layer = make_layer("gated", "strict", torch.float32, device)
+    x = torch.randn(1, 0, HIDDEN, device=device, requires_grad=True)
+    with use_backend(backend):
+        for kw in (dict(cu_seqlens=torch.zeros(1, **INT, device=device)),
+                   dict(cu_seqlens=torch.zeros(3, **INT, device=device)),
+                   dict(position_ids=torch.zeros(1, 0, dtype=torch.long, device=device), packed=True)):
+            out, cache = layer(x, kw.pop("position_ids", None), **kw)
+            assert out.shape == (1, 0, HIDDEN) and cache is None
+            out.sum().backward()
