@@ -151,6 +151,8 @@ def _fixed(version="v1"):
     ("batch of 2", ValueError, "shape \\(1, total, hidden\\)"),
     ("offsets", ValueError, "cu_seq_lens_q must end at the row's length L=9"),
     ("k differs", ValueError, "cu_seq_lens_k must equal cu_seq_lens_q"),
+    ("float offsets", TypeError, "cu_seq_lens_q"),
+    ("no offsets", ValueError, "cu_seq_lens_q must be a \\(S\\+1,\\) tensor"),
     ("max_length", ValueError, "max_length_q=3 must be at least"),
     ("padding", ValueError, "takes no padding mask"),
     ("v1 rows", ValueError, "shape \\(1, L=9, 2\\)"),
@@ -170,6 +172,10 @@ def test_bad_packed_input_gets_a_clear_error(change, error, match):
         kw["cu_seq_lens_q"] = kw["cu_seq_lens_k"] = torch.tensor([0, 3, 7, 8], dtype=torch.int32)
     elif change == "k differs":
         kw["cu_seq_lens_k"] = torch.tensor([0, 4, 7, 9], dtype=torch.int32)
+    elif change == "float offsets":
+        kw["cu_seq_lens_q"] = kw["cu_seq_lens_q"].float()
+    elif change == "no offsets":
+        kw["cu_seq_lens_q"] = kw["cu_seq_lens_k"] = torch.zeros(0, dtype=torch.int32)
     elif change == "max_length":
         kw["max_length_q"] = 3
     elif change == "padding":

@@ -401,8 +401,9 @@ def _packed_rows(kwargs, attention_mask, position_ids, B, L, past_len, device, w
         cu_k = cu_q if cu_k is None else cu_k
         for name, t in (("cu_seq_lens_q", cu_q), ("cu_seq_lens_k", cu_k)):
             check_tensor(name, t, ndim=1, dtypes=(torch.int32, torch.int64))
-            if t.shape[0] < 1:
-                raise ValueError(f"{where}: {name} must have shape (S+1,), got (0,)")
+            if t.shape[0] < 1 or t.device != device:
+                raise ValueError(f"{where}: {name} must be a (S+1,) tensor of sample offsets on {device}, got "
+                                 f"shape {tuple(t.shape)} on {t.device}")
         if B != 1:
             raise ValueError(f"{where}: cu_seq_lens_q/k describe a packed row, so hidden_states must have shape "
                              f"(1, total, hidden), got batch {B}")
