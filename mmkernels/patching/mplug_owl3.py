@@ -39,9 +39,9 @@ transformers 5's ``position_embeddings`` / ``cache_position``, and the cache as 
   (sliding window) raises NotImplementedError.
 * ``attention_mask``: None, a 2-D padding mask (``[B, >= L_k]``, the flash-attention convention: its
   last ``L_k`` columns), or a 4-D ``[B, 1, L, L_k']`` boolean / additive (0 and -inf or the dtype's
-  min) mask; a 4-D mask must be causal plus key padding (it is checked: one host sync); anything else
-  (packed sequences, sliding windows, biases) raises ValueError.  v2 with images ignores it, like the
-  original's joint path.  Rows that see no key at all (left padding) give 0 where the original gives
+  min) mask; a 4-D mask must be causal plus key padding (it is checked: one host sync), or, on a packed
+  row, causal within each sample; anything else (sliding windows, biases) raises ValueError.  v2 with
+  images ignores it on a padded batch, like the original's joint path.  Rows that see no key at all (left padding) give 0 where the original gives
   an arbitrary value; no other row reads them.
 * not supported, raising: ``output_attentions=True``; a multi-token step after the prompt while images
   are given (chunked prefill / continuation; the original's masks are undefined there); a non-default
@@ -51,6 +51,19 @@ transformers 5's ``position_embeddings`` / ``cache_position``, and the cache as 
   it calls ``q_proj``/``k_proj``/``v_proj``/``o_proj`` (their hooks run) but reads ``v_kv_proj``'s
   weight into the fused producer, so hooks on ``v_kv_proj`` or any other child it does not call, a
   ``v_kv_proj`` whose forward is not ``nn.Linear``'s, and a forward set on the layer's instance.
+
+Packed batches (several samples in one row of ``[1, L]`` tokens, as transformers'
+``DataCollatorWithFlattening`` makes them) run each sample on its own through
+:func:`~mmkernels.hyper_attention_varlen`: text causal within the sample, its rows seeing only its own
+earlier images.  A row is packed when transformers' varlen keyword arguments ``cu_seq_lens_q/k`` (and
+``max_length_q/k``) reach the layer, or, as transformers decides it, when a single prompt row has
+position ids that restart (a sample starts wherever a position is not the previous one plus 1) and no
+key is padded (a left-padded single prompt stays on the padded path).  Its ``media_offset`` is v1's
+``[1, L, 2]`` with each token's row describing its own sample (``[first, first + #(the sample's image
+tokens before it)]``, or negative for a sample without images), or v2's one list of the row's
+``<|image|>`` token indices (each image belongs to the sample holding its token).  A packed row may
+fill a cache (its text K/V), but a later step on that cache raises ValueError: decoding runs on padded
+batches.  The original model cannot run a packed row: its attention lets the samples see each other.
 
 Deliberate difference from the original (v2): on a one-token decode step, a sample without images in
 a batch where another sample has images attends to all its keys (causal attention), where the
@@ -70,7 +83,8 @@ from torch import nn
 from torch.utils.weak import WeakIdKeyDictionary
 
 from .._validation import FLOAT_DTYPES, check_no_hooks, check_tensor
-from ..ops.hyper_attention.function import hyper_attention, visual_kv
+from ..ops.hyper_attention.function import _check_offsets, hyper_attention, hyper_attention_varlen, visual_kv
+from ..ops.hyper_attention.packing import positions_from_cu_seqlens, sample_starts
 from ..ops.hyper_attention.reference import rope_cos_sin, rotate_half
 from ._common import find_modules
 
@@ -249,28 +263,35 @@ def _v1_layout(media_offset, B, S_expected, N, where):
     mo = media_offset.detach().to("cpu", torch.int64)   # one host sync for the whole layout
     ranges, positions = [], []
     for b in range(B):
-        ends = mo[b, :, 1]
-        neg = ends < 0
-        if bool(neg.all()):
-            ranges.append([]), positions.append([])
-            continue
-        if bool(neg.any()):
-            raise ValueError(f"{where}: media_offset[{b}, :, 1] mixes negative (no images) and non-negative rows")
-        first, last = int(mo[b, -1, 0]), int(mo[b, -1, 1])
-        c = ends - first
-        if first < 0 or last > N or last < first:
-            raise ValueError(f"{where}: media_offset[{b}, -1] = [{first}, {last}] must be an image range inside "
-                             f"image_embeds (N={N})")
-        if int(c[0]) != 0:
-            raise ValueError(f"{where}: media_offset[{b}, 0, 1] - media_offset[{b}, -1, 0] = {int(c[0])}: the first "
-                             "token cannot see an image (no <|image|> token lies before it)")
-        steps = c[1:] - c[:-1]
-        if bool((steps < 0).any()) or bool((steps > 1).any()):
-            raise ValueError(f"{where}: media_offset[{b}, :, 1] must grow by 0 or 1 per token (one <|image|> token "
-                             f"each), got {mo[b, :, 1].tolist()}")
-        ranges.append(list(range(first, last)))
-        positions.append((steps.nonzero().squeeze(1)).tolist())   # token t_j - 1 = index of the <|image|> token
+        r, p = _v1_sample(mo[b], f"media_offset[{b}]", N, where)
+        ranges.append(r), positions.append(p)
     return ranges, positions
+
+
+def _v1_sample(rows, rows_name, N, where):
+    """One sample's v1 rows (a host ``[L_s, 2]`` tensor, named ``rows_name`` in errors) -> (its image
+    range, each image's token index in the sample's own coordinates)."""
+    if rows.shape[0] == 0:
+        return [], []
+    ends = rows[:, 1]
+    neg = ends < 0
+    if bool(neg.all()):
+        return [], []
+    if bool(neg.any()):
+        raise ValueError(f"{where}: {rows_name}[:, 1] mixes negative (no images) and non-negative rows")
+    first, last = int(rows[-1, 0]), int(rows[-1, 1])
+    c = ends - first
+    if first < 0 or last > N or last < first:
+        raise ValueError(f"{where}: {rows_name}[-1] = [{first}, {last}] must be an image range inside "
+                         f"image_embeds (N={N})")
+    if int(c[0]) != 0:
+        raise ValueError(f"{where}: {rows_name}[0, 1] - {rows_name}[-1, 0] = {int(c[0])}: the first "
+                         "token cannot see an image (no <|image|> token lies before it)")
+    steps = c[1:] - c[:-1]
+    if bool((steps < 0).any()) or bool((steps > 1).any()):
+        raise ValueError(f"{where}: {rows_name}[:, 1] must grow by 0 or 1 per token (one <|image|> token "
+                         f"each), got {rows[:, 1].tolist()}")
+    return list(range(first, last)), (steps.nonzero().squeeze(1)).tolist()   # t_j - 1: the <|image|> token
 
 
 def _v2_layout(media_offset, B, N, Lk, where):
@@ -306,16 +327,154 @@ def _layout(media_offset, B, S_expected, N, Lk, device, where):
     else:
         raise TypeError(f"{where}: media_offset must be a [B, S, 2] integer tensor (v1) or a list of per-sample "
                         f"image token indices (v2), got {type(media_offset).__name__}")
+    pos = [p for ps in positions for p in ps]
+    if pos and max(pos) >= Lk:
+        raise ValueError(f"{where}: an <|image|> token index {max(pos)} lies outside the sequence [0, {Lk})")
+    return _layout_tensors(ranges, positions, device)
+
+
+def _layout_tensors(ranges, positions, device):
+    """Per-sample image ranges and token indices -> ``(gather index or None, images used,
+    image_positions [N'], cu_images [B+1])``."""
     order = [i for r in ranges for i in r]
     cu = [0]
     for r in ranges:
         cu.append(cu[-1] + len(r))
     pos = [p for ps in positions for p in ps]
-    if pos and max(pos) >= Lk:
-        raise ValueError(f"{where}: an <|image|> token index {max(pos)} lies outside the sequence [0, {Lk})")
     gather = None if order == list(range(len(order))) else torch.tensor(order, dtype=torch.long, device=device)
     return (gather, len(order), torch.tensor(pos, dtype=torch.int32, device=device),
             torch.tensor(cu, dtype=torch.int32, device=device))
+
+
+# =========================================================================== packed rows
+
+# transformers' flash-attention keyword arguments of a packed batch (DataCollatorWithFlattening)
+_VARLEN_KWARGS = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")
+
+# Caches that hold a packed prompt's text K/V: a later step on them is refused (decoding runs on padded
+# batches).  Weak: the entries go with the caches.
+_PACKED_PROMPTS: "WeakIdKeyDictionary" = WeakIdKeyDictionary()
+
+
+def _holds_packed_prompt(cache) -> bool:
+    try:
+        return _PACKED_PROMPTS.get(cache, False)
+    except TypeError:                  # a cache that cannot be weakly referenced was never recorded
+        return False
+
+
+def _bool_mask(attention_mask):
+    """A 4-D mask's ``[B|1, L, L_k']`` bool form (True = attend): bool as is, additive 0 = attend."""
+    m = attention_mask[:, 0]
+    return m if m.dtype == torch.bool else m == 0
+
+
+def _mask_fits_packed(attention_mask, cu, L):
+    """True when ``attention_mask`` is None, a 2-D mask without padding, or a 4-D mask that is causal
+    (over the whole row, or within each sample of ``cu``: the mask transformers builds for a packed row)."""
+    if attention_mask is None:
+        return True
+    if attention_mask.dim() == 2:
+        return attention_mask.shape == (1, L) and bool((attention_mask != 0).all())
+    if attention_mask.dim() != 4 or tuple(attention_mask.shape[:3]) != (1, 1, L) or attention_mask.shape[3] < L:
+        return False
+    full = _bool_mask(attention_mask)[0]                 # compared on its device: one host sync
+    tokens = torch.arange(L, device=full.device)
+    causal = tokens[None, :] <= tokens[:, None]
+    sample = torch.searchsorted(cu[1:].to(full.device), tokens, right=True)
+    document = causal & (sample[:, None] == sample[None, :])
+    extra = full[:, L:].any()
+    return not bool(extra | ((full[:, :L] != causal).any() & (full[:, :L] != document).any()))
+
+
+def _packed_rows(kwargs, attention_mask, position_ids, B, L, past_len, device, where):
+    """``None`` for a padded batch; for a packed row (one row holding several samples) ``(cu_seqlens
+    int32 [S+1] on the device, the longest sample, the offsets on the host)``.
+
+    A row is packed when transformers' varlen keyword arguments are passed (``cu_seq_lens_q/k``,
+    ``max_length_q/k``), or, as transformers decides it, when a single row of a prompt step has position
+    ids that restart (a sample starts wherever a position is not the previous one plus 1) and no key is
+    padded; its mask must then be None, causal, or causal within each sample."""
+    cu_q, cu_k = kwargs.get("cu_seq_lens_q"), kwargs.get("cu_seq_lens_k")
+    if cu_q is not None or cu_k is not None:
+        cu_q = cu_k if cu_q is None else cu_q
+        cu_k = cu_q if cu_k is None else cu_k
+        for name, t in (("cu_seq_lens_q", cu_q), ("cu_seq_lens_k", cu_k)):
+            check_tensor(name, t, ndim=1, dtypes=(torch.int32, torch.int64))
+            if t.shape[0] < 1 or t.device != device:
+                raise ValueError(f"{where}: {name} must be a (S+1,) tensor of sample offsets on {device}, got "
+                                 f"shape {tuple(t.shape)} on {t.device}")
+        if B != 1:
+            raise ValueError(f"{where}: cu_seq_lens_q/k describe a packed row, so hidden_states must have shape "
+                             f"(1, total, hidden), got batch {B}")
+        if past_len:
+            raise ValueError(f"{where}: a packed batch cannot continue a cache ({past_len} cached tokens); decoding "
+                             "runs on padded batches")
+        cq, ck = (t.detach().to("cpu", torch.int64) for t in (cu_q, cu_k))
+        if not torch.equal(cq, ck):
+            raise ValueError(f"{where}: cu_seq_lens_k must equal cu_seq_lens_q (a packed prompt's queries are its "
+                             f"keys), got {ck.tolist()} and {cq.tolist()}")
+        _check_offsets("cu_seq_lens_q", cq, L, f"the row's length L={L} (hidden_states.shape[1])")
+        longest = int(cq.diff().max()) if cq.numel() > 1 else 0
+        for name in ("max_length_q", "max_length_k"):
+            bound = kwargs.get(name)
+            if bound is not None and int(bound) < longest:
+                raise ValueError(f"{where}: {name}={int(bound)} must be at least the longest sample's length, "
+                                 f"{longest}")
+        if not _mask_fits_packed(attention_mask, cq, L):
+            raise ValueError(f"{where}: a packed row (cu_seq_lens_q/k) takes no padding mask; its attention_mask "
+                             "must be None, causal, or causal within each sample")
+        return cu_q.to(torch.int32), longest, cq
+    if B != 1 or past_len or L < 2 or position_ids is None:
+        return None
+    if position_ids.numel() != L or position_ids.is_floating_point():
+        return None                        # not a packed row's positions: the padded path handles them
+    starts = sample_starts(position_ids.reshape(L)).to("cpu")     # one host sync, on prompt rows of batch 1 only
+    if int(starts.sum()) < 2:
+        return None
+    firsts = starts.nonzero().squeeze(1)
+    cq = torch.cat([firsts, torch.tensor([L])])
+    if not _mask_fits_packed(attention_mask, cq, L):
+        return None                        # padded (e.g. left padding): the padded path
+    return cq.to(device=device, dtype=torch.int32), int(cq.diff().max()), cq
+
+
+def _packed_layout(media_offset, cq, N, device, where):
+    """A packed row's image layout: ``media_offset`` (v1 ``[1, L, 2]``, each token's row describing its own
+    sample's images; or v2 ``[indices]``, the row's ``<|image|>`` token indices) -> ``(gather index or None,
+    images used, image_positions [N'] in each sample's coordinates, cu_images [S+1])``."""
+    S = cq.numel() - 1
+    L = int(cq[-1])
+    if media_offset is None:
+        raise ValueError(f"{where}: image_embeds needs media_offset (which tokens see which images)")
+    if isinstance(media_offset, torch.Tensor):
+        if media_offset.is_floating_point() or media_offset.is_complex() or media_offset.dtype == torch.bool:
+            raise TypeError(f"{where}: media_offset must be an integer tensor, got {media_offset.dtype}")
+        if tuple(media_offset.shape) != (1, L, 2):
+            raise ValueError(f"{where}: a packed row's media_offset must have shape (1, L={L}, 2) (one row per "
+                             f"token, describing that token's own sample), got {tuple(media_offset.shape)}")
+        mo = media_offset[0].detach().to("cpu", torch.int64)
+        ranges, positions = [], []
+        for s in range(S):
+            a, b = int(cq[s]), int(cq[s + 1])
+            r, p = _v1_sample(mo[a:b], f"media_offset[0, {a}:{b}] (packed sample {s})", N, where)
+            ranges.append(r), positions.append(p)
+        return _layout_tensors(ranges, positions, device)
+    if isinstance(media_offset, (list, tuple)):
+        if len(media_offset) != 1:
+            raise ValueError(f"{where}: a packed row's media_offset must be a list of one entry (the <|image|> "
+                             f"token indices of the whole row), got {len(media_offset)} entries")
+        (order,), (idx,) = _v2_layout(media_offset, 1, N, L, where)
+        idx = torch.tensor(idx, dtype=torch.int64)
+        sample = torch.searchsorted(cq[1:].contiguous(), idx, right=True)       # each image's sample
+        ranges = [[] for _ in range(S)]
+        positions = [[] for _ in range(S)]
+        for image, s, i in zip(order, sample.tolist(), idx.tolist()):
+            ranges[s].append(image)
+            positions[s].append(i - int(cq[s]))
+        return _layout_tensors(ranges, positions, device)
+    raise TypeError(f"{where}: media_offset must be a [1, L, 2] integer tensor (v1) or a list of the row's image "
+                    f"token indices (v2), got {type(media_offset).__name__}")
 
 
 # =========================================================================== masks, RoPE
@@ -457,6 +616,12 @@ def hyper_forward(self, hidden_states, attention_mask=None, position_ids=None, i
         if not isinstance(getattr(self, "layer_idx", None), int):
             raise ValueError(f"{where}: the layer has no integer layer_idx, so it cannot use a Cache")
         past_len = int(cache.get_seq_length(self.layer_idx))
+        if past_len and _holds_packed_prompt(cache):
+            raise ValueError(f"{where}: this cache holds a packed batch (several samples in one row), which cannot "
+                             "be continued; decoding runs on padded batches")
+    packed = _packed_rows(kwargs, attention_mask, position_ids, B, L, past_len, device, where)
+    if packed is not None and position_ids is None:
+        position_ids = positions_from_cu_seqlens(packed[0], L)[None]     # each sample's own positions
 
     q = self.q_proj(hidden_states).view(B, L, H, D)
     k = self.k_proj(hidden_states).view(B, L, Hkv, D)
@@ -474,6 +639,8 @@ def hyper_forward(self, hidden_states, attention_mask=None, position_ids=None, i
                                       "position are supported")
         k, v = keys[:, :, :Lk].transpose(1, 2), values[:, :, :Lk].transpose(1, 2)   # static caches: the filled prefix
 
+    if packed is not None:
+        return _packed_attention(self, spec, q, k, v, image_embeds, media_offset, packed, cache, where), None, cache
     visual = None
     if image_embeds is not None:
         visual = _visual(self, spec, image_embeds, media_offset, cache, past_len, B, L, Lk, device, where)
@@ -493,3 +660,38 @@ def hyper_forward(self, hidden_states, attention_mask=None, position_ids=None, i
                         visibility=spec.visibility, key_padding_mask=kpm, check_metadata=False)
     out = self.o_proj(o.reshape(B, L, H * D))
     return out, None, cache
+
+
+def _packed_attention(self, spec, q, k, v, image_embeds, media_offset, packed, cache, where):
+    """The attention of a packed row (``q [1, L, H, D]``, ``k, v [1, L, H_kv, D]``) through
+    ``hyper_attention_varlen``: each sample on its own, with its own images.  ``o_proj`` applied."""
+    cu_seqlens, longest, cq = packed
+    _, L, H, D = q.shape
+    Hkv = k.shape[2]
+    if cache is not None:
+        try:
+            _PACKED_PROMPTS[cache] = True
+        except TypeError:              # a cache that cannot be weakly referenced: nothing to remember
+            pass
+    positions = None
+    if image_embeds is not None:
+        check_tensor("image_embeds", image_embeds, ndim=3, dtypes=FLOAT_DTYPES)
+        if image_embeds.shape[2] != self.v_kv_proj.in_features:
+            raise ValueError(f"{where}: image_embeds must have shape (N, T, hidden={self.v_kv_proj.in_features}), "
+                             f"got {tuple(image_embeds.shape)}")
+        gather, n_used, positions, cu = _packed_layout(media_offset, cq, image_embeds.shape[0], q.device, where)
+        if n_used:
+            images = image_embeds[:n_used] if gather is None else image_embeds.index_select(0, gather)
+            k_vis, v_vis = visual_kv(images, None, self.v_kv_proj.weight, self.v_kv_proj.bias, positions,
+                                     num_kv_heads=spec.num_kv_heads, rope_theta=spec.rope_theta,
+                                     position_offset=spec.position_offset)
+        else:
+            positions = None
+    if positions is None:
+        k_vis = v_vis = q.new_zeros((0, 1, Hkv, D))
+        positions = torch.zeros(0, dtype=torch.int32, device=q.device)
+        cu = torch.zeros(cq.numel(), dtype=torch.int32, device=q.device)
+    gate = self.gate.to(q.dtype) if spec.mode == "gated" else None
+    o = hyper_attention_varlen(q[0], k[0], v[0], k_vis, v_vis, cu_seqlens, cu_seqlens, longest, longest, positions,
+                               cu, mode=spec.mode, gate=gate, visibility=spec.visibility, check_metadata=False)
+    return self.o_proj(o.reshape(1, L, H * D))

@@ -227,11 +227,15 @@ class HyperQwen2DecoderLayer(Qwen2DecoderLayer):
             image_embeds = self.input_layernorm(image_embeds)
         else:
             image_embeds = media_offset = None
+        # transformers' varlen keyword arguments of a packed batch reach the attention, as in transformers'
+        # own Qwen2 decoder layer (the mirrored attention ignores them; a patched one reads them)
+        varlen = {k: kwargs[k] for k in ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")
+                  if kwargs.get(k) is not None}
         hidden_states, _, _ = self.self_attn(hidden_states=hidden_states, attention_mask=attention_mask,
                                              position_ids=position_ids, image_embeds=image_embeds,
                                              media_offset=media_offset, past_key_value=cache,
                                              output_attentions=False, use_cache=use_cache,
-                                             position_embeddings=position_embeddings)
+                                             position_embeddings=position_embeddings, **varlen)
         hidden_states = residual + hidden_states
         residual = hidden_states
         hidden_states = self.mlp(self.post_attention_layernorm(hidden_states))

@@ -26,7 +26,7 @@ from ..._validation import (FLOAT_DTYPES, check_float, check_int, check_same_dev
                              check_shape, check_tensor)
 from ...backend import get_backend, require_triton, resolve_backend
 from . import launch
-from .reference import MODES, VISIBILITIES, hyper_attention_reference
+from .reference import MODES, VISIBILITIES, hyper_attention_reference, hyper_attention_varlen_reference
 
 INDEX_DTYPES = (torch.int32, torch.int64)
 TRITON_HEAD_DIMS = (16, 32, 64, 128, 256)
@@ -138,26 +138,110 @@ torch.library.register_autograd("mmkernels::hyper_attention_fwd", HyperAttention
 
 
 # --------------------------------------------------------------------------- validation
+#
+# The dense and the packed (varlen) functions share these checks; each raises a ValueError/TypeError
+# naming the argument.
 
-def _check_metadata_values(image_positions: torch.Tensor, cu_images: torch.Tensor, N: int, Lk: int) -> None:
-    """Value checks of the image layout (one host sync; skipped while torch.compile traces)."""
+def _check_offsets(name: str, offsets: torch.Tensor, total: int, what: str) -> None:
+    """Values of a ``[S+1]`` offsets tensor (copied to the host by the caller): 0 first, monotone
+    non-decreasing, ``total`` last (``what`` says what ``total`` counts)."""
+    if offsets.numel() and int(offsets[0]) != 0:
+        raise ValueError(f"{name} must start at 0, got {name}[0]={int(offsets[0])}")
+    if offsets.numel() > 1 and bool((offsets[1:] < offsets[:-1]).any()):
+        raise ValueError(f"{name} must be monotone non-decreasing, got {offsets.tolist()}")
+    if offsets.numel() and int(offsets[-1]) != total:
+        raise ValueError(f"{name} must end at {what}, got {int(offsets[-1])}")
+
+
+def _check_metadata_values(image_positions: torch.Tensor, cu_images: torch.Tensor, N: int, Lk) -> None:
+    """Value checks of the image layout (one host sync; skipped while torch.compile traces).  ``Lk``:
+    the key length of every sample (an int) or of each sample (a host tensor ``[S]``)."""
     cu = cu_images.detach().to("cpu", torch.int64)
     pos = image_positions.detach().to("cpu", torch.int64)
-    if cu.numel() and int(cu[0]) != 0:
-        raise ValueError(f"cu_images must start at 0, got cu_images[0]={int(cu[0])}")
-    if cu.numel() > 1 and bool((cu[1:] < cu[:-1]).any()):
-        raise ValueError(f"cu_images must be monotone non-decreasing, got {cu.tolist()}")
-    if cu.numel() and int(cu[-1]) != N:
-        raise ValueError(f"cu_images must end at the number of images N={N} (k_vis.shape[0]), got {int(cu[-1])}")
-    if pos.numel():
-        if int(pos.min()) < 0 or int(pos.max()) >= Lk:
-            raise ValueError(f"image_positions must lie inside the sample, in [0, L_k={Lk}), got min "
-                             f"{int(pos.min())}, max {int(pos.max())}")
+    _check_offsets("cu_images", cu, N, f"the number of images N={N} (k_vis.shape[0])")
+    if not pos.numel():
+        return
+    if isinstance(Lk, torch.Tensor):   # per sample: each image inside its own sample
         for b in range(cu.numel() - 1):
             p = pos[int(cu[b]):int(cu[b + 1])]
-            if p.numel() > 1 and bool((p[1:] <= p[:-1]).any()):
-                raise ValueError(f"image_positions must be strictly increasing within a sample; sample {b} has "
-                                 f"{p.tolist()}")
+            if p.numel() and (int(p.min()) < 0 or int(p.max()) >= int(Lk[b])):
+                raise ValueError(f"image_positions must lie inside their sample, in [0, L_k) of the sample "
+                                 f"(sample {b}: L_k={int(Lk[b])}), got {p.tolist()}")
+    elif int(pos.min()) < 0 or int(pos.max()) >= Lk:
+        raise ValueError(f"image_positions must lie inside the sample, in [0, L_k={Lk}), got min "
+                         f"{int(pos.min())}, max {int(pos.max())}")
+    for b in range(cu.numel() - 1):
+        p = pos[int(cu[b]):int(cu[b + 1])]
+        if p.numel() > 1 and bool((p[1:] <= p[:-1]).any()):
+            raise ValueError(f"image_positions must be strictly increasing within a sample; sample {b} has "
+                             f"{p.tolist()}")
+
+
+def _check_mode(mode: str, visibility: str) -> None:
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    if visibility not in VISIBILITIES:
+        raise ValueError(f"visibility must be one of {VISIBILITIES}, got {visibility!r}")
+
+
+def _check_head_dim(q: torch.Tensor) -> int:
+    D = q.shape[-1]
+    if D < 1:
+        raise ValueError(f"q must have a positive head dim D, got shape {tuple(q.shape)}")
+    return D
+
+
+def _check_heads(H: int, Hkv: int) -> None:
+    if Hkv < 1 or H % Hkv != 0:
+        raise ValueError(f"the number of query heads H={H} must be a multiple of the key/value heads H_kv={Hkv}")
+
+
+def _check_images(k_vis, v_vis, image_positions, cu_images, Hkv: int, D: int, n_samples: int, samples: str) -> int:
+    """Shapes of the visual keys/values and their metadata; returns the number of images N."""
+    if k_vis.shape[2] != Hkv or k_vis.shape[3] != D:
+        raise ValueError(f"k_vis must have shape (N, T, H_kv={Hkv}, D={D}), got {tuple(k_vis.shape)}")
+    check_shape("v_vis", v_vis, k_vis.shape, "the shape of k_vis")
+    N = k_vis.shape[0]
+    if image_positions.shape[0] != N:
+        raise ValueError(f"image_positions must have shape ({N},) (one per image of k_vis), "
+                         f"got {tuple(image_positions.shape)}")
+    if cu_images.shape[0] != n_samples + 1:
+        raise ValueError(f"cu_images must have shape ({n_samples + 1},) ({samples}+1 offsets), "
+                         f"got {tuple(cu_images.shape)}")
+    return N
+
+
+def _check_gate(mode: str, gate, H: int, D: int, rows: tuple, rows_name: str):
+    """The gate of ``mode``: required in gated mode, a ``[H*D]`` vector or broadcastable to
+    ``(*rows, H, D)`` (``rows_name`` names those dims); None in joint mode.  Returns
+    ``[("gate", gate)]`` for the dtype/device checks, or ``[]``."""
+    if mode == "gated":
+        full = (*rows, H, D)
+        if gate is None:
+            raise ValueError(f"gate is required in mode='gated' (a [H*D] vector or a tensor broadcastable to "
+                             f"[{rows_name}, H, D])")
+        check_tensor("gate", gate, dtypes=FLOAT_DTYPES)
+        shape = (H, D) if (gate.dim() == 1 and gate.numel() == H * D) else tuple(gate.shape)
+        try:
+            ok = torch.broadcast_shapes(shape, full) == full
+        except RuntimeError:
+            ok = False
+        if not ok:
+            raise ValueError(f"gate must be a [H*D]={H * D} vector or broadcastable to [{rows_name}, H, D]="
+                             f"{full}, got shape {tuple(gate.shape)}")
+        return [("gate", gate)]
+    if gate is not None:
+        raise ValueError("gate must be None in mode='joint': the joint (v2, 241101) softmax has no gate; "
+                         "pass mode='gated' to mix the two parts with sigmoid(gate)")
+    return []
+
+
+def _check_same_kind(floats, ints, scale) -> None:
+    """One dtype for the floating inputs, one device for everything, a non-negative scale."""
+    check_same_dtype(floats)
+    check_same_device(floats + ints)
+    if scale is not None:
+        check_float("scale", scale, low=0.0)
 
 
 def _validate(q, k, v, k_vis, v_vis, image_positions, cu_images, mode, gate, visibility, key_padding_mask, scale,
@@ -166,56 +250,24 @@ def _validate(q, k, v, k_vis, v_vis, image_positions, cu_images, mode, gate, vis
         check_tensor(name, t, ndim=4, dtypes=FLOAT_DTYPES)
     check_tensor("image_positions", image_positions, ndim=1, dtypes=INDEX_DTYPES)
     check_tensor("cu_images", cu_images, ndim=1, dtypes=INDEX_DTYPES)
-    if mode not in MODES:
-        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-    if visibility not in VISIBILITIES:
-        raise ValueError(f"visibility must be one of {VISIBILITIES}, got {visibility!r}")
-    B, Lq, H, D = q.shape
-    if D < 1:
-        raise ValueError(f"q must have a positive head dim D, got shape {tuple(q.shape)}")
+    _check_mode(mode, visibility)
+    B, Lq, H, _ = q.shape
+    D = _check_head_dim(q)
     if k.shape[0] != B or k.shape[3] != D:
         raise ValueError(f"k must have shape (B={B}, L_k, H_kv, D={D}) to match q, got {tuple(k.shape)}")
     Lk, Hkv = k.shape[1], k.shape[2]
     check_shape("v", v, k.shape, "the shape of k")
-    if Hkv < 1 or H % Hkv != 0:
-        raise ValueError(f"the number of query heads H={H} must be a multiple of the key/value heads H_kv={Hkv}")
+    _check_heads(H, Hkv)
     if Lq > Lk:
         raise ValueError(f"q has L_q={Lq} rows but k only L_k={Lk}: the queries must be the last L_q of the keys")
-    if k_vis.shape[2] != Hkv or k_vis.shape[3] != D:
-        raise ValueError(f"k_vis must have shape (N, T, H_kv={Hkv}, D={D}), got {tuple(k_vis.shape)}")
-    check_shape("v_vis", v_vis, k_vis.shape, "the shape of k_vis")
-    N = k_vis.shape[0]
-    if image_positions.shape[0] != N:
-        raise ValueError(f"image_positions must have shape ({N},) (one per image of k_vis), "
-                         f"got {tuple(image_positions.shape)}")
-    if cu_images.shape[0] != B + 1:
-        raise ValueError(f"cu_images must have shape ({B + 1},) (B+1 offsets), got {tuple(cu_images.shape)}")
+    N = _check_images(k_vis, v_vis, image_positions, cu_images, Hkv, D, B, "B")
     floats = [("q", q), ("k", k), ("v", v), ("k_vis", k_vis), ("v_vis", v_vis)]
-    if mode == "gated":
-        if gate is None:
-            raise ValueError("gate is required in mode='gated' (a [H*D] vector or a tensor broadcastable to "
-                             "[B, L_q, H, D])")
-        check_tensor("gate", gate, dtypes=FLOAT_DTYPES)
-        shape = (H, D) if (gate.dim() == 1 and gate.numel() == H * D) else tuple(gate.shape)
-        try:
-            ok = torch.broadcast_shapes(shape, (B, Lq, H, D)) == (B, Lq, H, D)
-        except RuntimeError:
-            ok = False
-        if not ok:
-            raise ValueError(f"gate must be a [H*D]={H * D} vector or broadcastable to [B, L_q, H, D]="
-                             f"{(B, Lq, H, D)}, got shape {tuple(gate.shape)}")
-        floats.append(("gate", gate))
-    elif gate is not None:
-        raise ValueError("gate must be None in mode='joint': the joint (v2, 241101) softmax has no gate; "
-                         "pass mode='gated' to mix the two parts with sigmoid(gate)")
+    floats += _check_gate(mode, gate, H, D, (B, Lq), "B, L_q")
     if key_padding_mask is not None:
         check_tensor("key_padding_mask", key_padding_mask, ndim=2, dtypes=(torch.bool,))
         check_shape("key_padding_mask", key_padding_mask, (B, Lk), f"B={B}, L_k={Lk}")
-    check_same_dtype(floats)
-    check_same_device(floats + [("image_positions", image_positions), ("cu_images", cu_images),
-                                ("key_padding_mask", key_padding_mask)])
-    if scale is not None:
-        check_float("scale", scale, low=0.0)
+    _check_same_kind(floats, [("image_positions", image_positions), ("cu_images", cu_images),
+                              ("key_padding_mask", key_padding_mask)], scale)
     if check_metadata and not torch.compiler.is_compiling() and not _is_meta(q):
         _check_metadata_values(image_positions, cu_images, N, Lk)
 
@@ -300,6 +352,249 @@ def hyper_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_vis: to
         layout = hyper_attention_layout_op(image_positions, cu_images, Lq, k.shape[1], k_vis.shape[1], inclusive)
     out, _, _, _ = hyper_attention_fwd_op(q, k, v, k_vis, v_vis, image_positions, cu_images, gate,
                                           key_padding_mask, gated, inclusive, scale, save, layout)
+    return out
+
+
+# =========================================================================== packed samples (varlen)
+#
+# Three ops like the dense ones, on packed tensors (q [total_q, H, D], k/v [total_k, H_kv, D], lse
+# [S, H, total_q]); the same kernels with the sample offsets read from cu_seqlens (launch.Packed).
+
+def _packed(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k):
+    return launch.Packed(cu_seqlens_q, cu_seqlens_k, int(max_seqlen_q), int(max_seqlen_k))
+
+
+def _varlen_layout_impl(image_positions, cu_images, cu_seqlens_q, cu_seqlens_k, total_q, max_seqlen_q, max_seqlen_k,
+                        inclusive):
+    require_triton(cu_images.device)
+    return launch.hyper_layout(image_positions, cu_images, max_seqlen_q, max_seqlen_k, 0, inclusive,
+                               _packed(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k), total_q)
+
+
+def _varlen_layout_fake(image_positions, cu_images, cu_seqlens_q, cu_seqlens_k, total_q, max_seqlen_q, max_seqlen_k,
+                        inclusive):
+    return cu_images.new_empty((total_q + 2 * image_positions.shape[0],), dtype=torch.int32)
+
+
+hyper_attention_varlen_layout_op = define_op(
+    "hyper_attention_varlen_layout",
+    "(Tensor image_positions, Tensor cu_images, Tensor cu_seqlens_q, Tensor cu_seqlens_k, SymInt total_q, "
+    "SymInt max_seqlen_q, SymInt max_seqlen_k, bool inclusive) -> Tensor",
+    _varlen_layout_impl, _varlen_layout_fake)
+
+
+def _varlen_forward_impl(q, k, v, k_vis, v_vis, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                         image_positions, cu_images, gate, gated, inclusive, scale, save_parts, layout=None):
+    require_triton(q.device, q.dtype)
+    return launch.hyper_forward(q, k, v, k_vis, v_vis, image_positions, cu_images, gate, None, gated, inclusive,
+                                scale, save_parts, layout,
+                                _packed(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k))
+
+
+def _varlen_forward_fake(q, k, v, k_vis, v_vis, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                         image_positions, cu_images, gate, gated, inclusive, scale, save_parts, layout=None):
+    total_q, H, _ = q.shape
+    parts = (lambda: q.new_empty(q.shape)) if (save_parts and gated) else (lambda: q.new_empty(0))
+    return q.new_empty(q.shape), parts(), parts(), q.new_empty((2 if gated else 1, H, total_q), dtype=torch.float32)
+
+
+def _varlen_backward_impl(grad_out, q, k, v, k_vis, v_vis, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                          image_positions, cu_images, gate, out, o_t, o_v, lse, gated, inclusive, scale, layout=None):
+    require_triton(q.device, q.dtype)
+    return launch.hyper_backward(grad_out, q, k, v, k_vis, v_vis, image_positions, cu_images, gate, None, out, o_t,
+                                 o_v, lse, gated, inclusive, scale, layout,
+                                 _packed(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k))
+
+
+def _varlen_backward_fake(grad_out, q, k, v, k_vis, v_vis, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                          image_positions, cu_images, gate, out, o_t, o_v, lse, gated, inclusive, scale, layout=None):
+    return _backward_fake(grad_out, q, k, v, k_vis, v_vis, image_positions, cu_images, gate, None, out, o_t, o_v, lse,
+                          gated, inclusive, scale)
+
+
+hyper_attention_varlen_fwd_op = define_op(
+    "hyper_attention_varlen_fwd",
+    "(Tensor q, Tensor k, Tensor v, Tensor k_vis, Tensor v_vis, Tensor cu_seqlens_q, Tensor cu_seqlens_k, "
+    "SymInt max_seqlen_q, SymInt max_seqlen_k, Tensor image_positions, Tensor cu_images, Tensor? gate, bool gated, "
+    "bool inclusive, float scale, bool save_parts, Tensor? layout=None) -> (Tensor, Tensor, Tensor, Tensor)",
+    _varlen_forward_impl, _varlen_forward_fake)
+
+hyper_attention_varlen_bwd_op = define_op(
+    "hyper_attention_varlen_bwd",
+    "(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor k_vis, Tensor v_vis, Tensor cu_seqlens_q, "
+    "Tensor cu_seqlens_k, SymInt max_seqlen_q, SymInt max_seqlen_k, Tensor image_positions, Tensor cu_images, "
+    "Tensor? gate, Tensor out, Tensor o_text, Tensor o_vis, Tensor lse, bool gated, bool inclusive, float scale, "
+    "Tensor? layout=None) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)",
+    _varlen_backward_impl, _varlen_backward_fake, backward_of="hyper_attention_varlen")
+
+
+def _varlen_setup_context(ctx, inputs, output):
+    (q, k, v, k_vis, v_vis, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, image_positions, cu_images, gate,
+     gated, inclusive, scale, save_parts, *rest) = inputs
+    layout = rest[0] if rest else None
+    out, o_t, o_v, lse = output
+    ctx.save_for_backward(q, k, v, k_vis, v_vis, cu_seqlens_q, cu_seqlens_k, image_positions, cu_images, gate, out,
+                          o_t, o_v, lse, layout)
+    ctx.max_seqlen = (max_seqlen_q, max_seqlen_k)
+    ctx.gated, ctx.inclusive, ctx.scale = gated, inclusive, scale
+    ctx.n_inputs = len(inputs)
+
+
+def _varlen_backward(ctx, grad_out, grad_ot, grad_ov, grad_lse):
+    """The dense formula (:class:`HyperAttentionFunction`), per packed sample."""
+    (q, k, v, k_vis, v_vis, cu_seqlens_q, cu_seqlens_k, image_positions, cu_images, gate, out, o_t, o_v, lse,
+     layout) = ctx.saved_tensors
+    need = ctx.needs_input_grad
+    if grad_out is None or not any(need[:5] + (need[11],)):
+        return (None,) * ctx.n_inputs
+    dq, dk, dv, dkv, dvv, dg = hyper_attention_varlen_bwd_op(
+        grad_out, q, k, v, k_vis, v_vis, cu_seqlens_q, cu_seqlens_k, *ctx.max_seqlen, image_positions, cu_images,
+        gate, out, o_t, o_v, lse, ctx.gated, ctx.inclusive, ctx.scale, layout)
+    grads = [g if flag else None for g, flag in zip((dq, dk, dv, dkv, dvv), need[:5])]
+    dgate = dg if (ctx.gated and need[11]) else None
+    return (*grads, *(None,) * 6, dgate) + (None,) * (ctx.n_inputs - 12)
+
+
+torch.library.register_autograd("mmkernels::hyper_attention_varlen_fwd", _varlen_backward,
+                                setup_context=_varlen_setup_context)
+
+
+def _check_seqlen(name: str, value):
+    """``max_seqlen_*``: a non-negative int (a SymInt under torch.compile's dynamic shapes passes as is)."""
+    if isinstance(value, torch.SymInt):
+        return value
+    return check_int(name, value, low=0)
+
+
+def _check_varlen_metadata_values(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, image_positions,
+                                  cu_images, total_q: int, total_k: int, N: int) -> None:
+    """Value checks of the packed layout, from one copy to the host (one sync)."""
+    parts = (cu_seqlens_q, cu_seqlens_k, cu_images, image_positions)
+    host = torch.cat([x.detach().reshape(-1).to(torch.int64) for x in parts]).cpu()
+    cq, ck, cu, pos = host.split([x.numel() for x in parts])
+    _check_offsets("cu_seqlens_q", cq, total_q, f"total_q={total_q} (q.shape[0])")
+    _check_offsets("cu_seqlens_k", ck, total_k, f"total_k={total_k} (k.shape[0])")
+    len_q, len_k = cq.diff(), ck.diff()
+    longer = (len_q > len_k).nonzero()
+    if longer.numel():
+        s = int(longer[0])
+        raise ValueError(f"sample {s} has L_q={int(len_q[s])} query rows (cu_seqlens_q) but only L_k={int(len_k[s])} "
+                         "keys (cu_seqlens_k): a sample's queries must be the last L_q of its keys")
+    for name, lengths, bound in (("max_seqlen_q", len_q, max_seqlen_q), ("max_seqlen_k", len_k, max_seqlen_k)):
+        if lengths.numel() and int(lengths.max()) > bound:
+            raise ValueError(f"{name}={bound} must be at least the longest sample's length, "
+                             f"{int(lengths.max())} (sample {int(lengths.argmax())})")
+    _check_metadata_values(pos, cu, N, len_k)
+
+
+def _validate_varlen(q, k, v, k_vis, v_vis, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                     image_positions, cu_images, mode, gate, visibility, scale, check_metadata):
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        check_tensor(name, t, ndim=3, dtypes=FLOAT_DTYPES)
+    for name, t in (("k_vis", k_vis), ("v_vis", v_vis)):
+        check_tensor(name, t, ndim=4, dtypes=FLOAT_DTYPES)
+    for name, t in (("cu_seqlens_q", cu_seqlens_q), ("cu_seqlens_k", cu_seqlens_k),
+                    ("image_positions", image_positions), ("cu_images", cu_images)):
+        check_tensor(name, t, ndim=1, dtypes=INDEX_DTYPES)
+    max_seqlen_q = _check_seqlen("max_seqlen_q", max_seqlen_q)
+    max_seqlen_k = _check_seqlen("max_seqlen_k", max_seqlen_k)
+    _check_mode(mode, visibility)
+    total_q, H, _ = q.shape
+    D = _check_head_dim(q)
+    if k.shape[2] != D:
+        raise ValueError(f"k must have shape (total_k, H_kv, D={D}) to match q, got {tuple(k.shape)}")
+    total_k, Hkv = k.shape[0], k.shape[1]
+    check_shape("v", v, k.shape, "the shape of k")
+    _check_heads(H, Hkv)
+    if cu_seqlens_q.shape[0] < 1:
+        raise ValueError("cu_seqlens_q must have shape (S+1,) (S+1 offsets of S samples), got shape (0,)")
+    S = cu_seqlens_q.shape[0] - 1
+    if cu_seqlens_k.shape[0] != S + 1:
+        raise ValueError(f"cu_seqlens_k must have shape ({S + 1},) like cu_seqlens_q (S+1 offsets), "
+                         f"got {tuple(cu_seqlens_k.shape)}")
+    N = _check_images(k_vis, v_vis, image_positions, cu_images, Hkv, D, S, "S")
+    floats = [("q", q), ("k", k), ("v", v), ("k_vis", k_vis), ("v_vis", v_vis)]
+    floats += _check_gate(mode, gate, H, D, (total_q,), "total_q")
+    _check_same_kind(floats, [("cu_seqlens_q", cu_seqlens_q), ("cu_seqlens_k", cu_seqlens_k),
+                              ("image_positions", image_positions), ("cu_images", cu_images)], scale)
+    if check_metadata and not torch.compiler.is_compiling() and not _is_meta(q):
+        _check_varlen_metadata_values(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, image_positions,
+                                      cu_images, total_q, total_k, N)
+
+
+def hyper_attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_vis: torch.Tensor,
+                           v_vis: torch.Tensor, cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor,
+                           max_seqlen_q: int, max_seqlen_k: int, image_positions: torch.Tensor,
+                           cu_images: torch.Tensor, *, mode: str = "gated", gate: torch.Tensor | None = None,
+                           visibility: str = "strict", scale: float | None = None,
+                           check_metadata: bool = True) -> torch.Tensor:
+    """Hyper Attention over packed samples (variable lengths, flash-attn's ``cu_seqlens`` convention).
+
+    The samples of a batch are concatenated along the token dim instead of padded.  Each sample is
+    attended on its own, exactly as :func:`hyper_attention` attends one row of a ``[B, L, ...]``
+    batch: its text is causal within the sample, its rows see only its own earlier images.
+
+    Args:
+        q: ``[total_q, H, D]`` text queries (already RoPE'd), sample after sample.
+        k, v: ``[total_k, H_kv, D]`` text keys and values, sample after sample; ``H % H_kv == 0``.
+        k_vis, v_vis: ``[N, T, H_kv, D]`` visual keys/values of all images, sample-major, each sample's
+            images in sequence order.
+        cu_seqlens_q, cu_seqlens_k: int32 (or int64) ``[S+1]``: sample s's queries are rows
+            ``cu_seqlens_q[s]:cu_seqlens_q[s+1]`` of q and its keys rows ``cu_seqlens_k[s]:cu_seqlens_k[s+1]``
+            of k.  A sample's ``L_q <= L_k`` queries are the last ``L_q`` of its ``L_k`` positions
+            (``L_q < L_k``: chunked prefill); a sample may be empty.
+        max_seqlen_q, max_seqlen_k: the longest sample's ``L_q`` and ``L_k`` (or any larger bound):
+            they size the kernels' grid, so the host never reads the offsets.
+        image_positions: int ``[N]``, sequence index of each image's ``<|image|>`` token in its own
+            sample's coordinates (strictly increasing within a sample, in ``[0, L_k)`` of the sample).
+        cu_images: int32 ``[S+1]``: sample s's images are ``cu_images[s]:cu_images[s+1]`` (may be empty).
+        mode, visibility, scale: as in :func:`hyper_attention`.
+        gate: gated mode only: a ``[H*D]`` vector or any tensor broadcastable to ``[total_q, H, D]``
+            (a per-token gate gives one row per packed query).
+        check_metadata: check the *values* of the offsets, lengths and image layout (monotone, ending at
+            the totals, ``L_q <= L_k`` per sample, the ``max_seqlen_*`` bounds, images inside their
+            sample, positions increasing): one host synchronisation.  Pass False when they are known
+            to be valid; the kernels trust them.  Shapes and dtypes are always checked.
+
+    Returns ``[total_q, H, D]``: rows ``cu_seqlens_q[s]:cu_seqlens_q[s+1]`` equal
+    ``hyper_attention`` of sample s alone.  Every floating input takes part in the autograd graph.
+
+    Example::
+
+        >>> q = torch.randn(7, 4, 32); k = v = torch.randn(9, 2, 32)     # 2 samples: (3, 5) and (4, 4)
+        >>> kv = vv = torch.randn(2, 20, 2, 32)                          # 2 images of 20 tokens
+        >>> cu_q = torch.tensor([0, 3, 7], dtype=torch.int32); cu_k = torch.tensor([0, 5, 9], dtype=torch.int32)
+        >>> pos = torch.tensor([1, 0]); cu = torch.tensor([0, 1, 2], dtype=torch.int32)
+        >>> hyper_attention_varlen(q, k, v, kv, vv, cu_q, cu_k, 4, 5, pos, cu, mode="joint").shape
+        torch.Size([7, 4, 32])
+    """
+    _validate_varlen(q, k, v, k_vis, v_vis, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                     image_positions, cu_images, mode, gate, visibility, scale, check_metadata)
+    D = q.shape[-1]
+    scale = D ** -0.5 if scale is None else float(scale)
+    gated = mode == "gated"
+    if _is_meta(q):  # shapes only: the op's fake kernel, whatever the backend
+        return hyper_attention_varlen_fwd_op(q, k, v, k_vis, v_vis, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+                                             max_seqlen_k, image_positions, cu_images, gate, gated,
+                                             visibility == "inclusive", scale, False)[0]
+    backend = resolve_backend(q.device, q.dtype)
+    if backend == "triton" and D not in TRITON_HEAD_DIMS:
+        if get_backend() == "triton":
+            raise ValueError(f"the triton backend supports head dims {TRITON_HEAD_DIMS}, got D={D}; "
+                             "use the reference backend")
+        backend = "reference"
+    if backend == "reference":
+        return hyper_attention_varlen_reference(q, k, v, k_vis, v_vis, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+                                                max_seqlen_k, image_positions, cu_images, mode=mode, gate=gate,
+                                                visibility=visibility, scale=scale)
+    save = gated and _needs_grad(q, k, v, k_vis, v_vis, gate)
+    inclusive = visibility == "inclusive"
+    # the block classification of every sample, once: the forward's tiles and then the backward's use it
+    layout = hyper_attention_varlen_layout_op(image_positions, cu_images, cu_seqlens_q, cu_seqlens_k, q.shape[0],
+                                              max_seqlen_q, max_seqlen_k, inclusive)
+    out, _, _, _ = hyper_attention_varlen_fwd_op(q, k, v, k_vis, v_vis, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+                                                 max_seqlen_k, image_positions, cu_images, gate, gated, inclusive,
+                                                 scale, save, layout)
     return out
 
 

@@ -8,6 +8,14 @@ Layouts (strides passed explicitly, so permuted views need no copy):
 ``kpm [B, L_k]`` (uint8 key padding mask, 1 = keep), ``lse [S, B, H, L_q]`` float32, natural log
 (S = 2 rows text/visual in gated mode, 1 in joint mode).
 
+Packed samples (``VARLEN``, flash-attn's ``cu_seqlens`` convention): the per-row and per-key tensors
+are ``[1, total, ...]`` views of the packed ``[total, ...]`` ones (``lse [S, 1, H, total_q]``); sample
+b's queries are rows ``cu_q[b]:cu_q[b+1]``, its keys rows ``cu_k[b]:cu_k[b+1]``, and ``L_q``, ``L_k``
+are the sample's own lengths (the launch passes the largest, which size the grid).  Every kernel
+below computes in a sample's own coordinates; only the offset of its first row differs
+(:func:`_sample_offset`), so a packed sample runs exactly the tiles and arithmetic of the same sample
+in a ``[1, L, ...]`` batch.
+
 Query row ``i`` is at absolute position ``t = L_k - L_q + i`` (the queries are the last rows of
 the keys).  Both key sets are masked by one rule, "key ``j`` is visible from row r iff
 ``j < lim[r]``", with
@@ -106,42 +114,74 @@ def _attend_tiles(acc, m_i, l_i, q, k_base, v_base, stride_kn, stride_kd, stride
 # classes: a column mask in both loops of the row-block programs (compiled in only when a mask is
 # given) and, in the key-block programs, a zeroed gradient for the padded keys at the store.
 #
-# The *layout* (int32 ``[B*L_q + 2*N]``, written once per forward by ``_hyper_layout_kernel`` and
-# kept for the backward) holds the two numbers these rules need, so every kernel classifies its
+# The *layout* (int32 ``[n_layout_rows + 2*N]``, written once per forward by ``_hyper_layout_kernel``
+# and kept for the backward) holds the two numbers these rules need, so every kernel classifies its
 # blocks with O(1) loads instead of scanning the image list:
 #
-#   layout[_layout_row(b, i, L_q)]  = row_img_end of query row i of sample b;
-#   layout[B*L_q + n]               = first query row of its sample that sees image n (in [0, L_q]);
-#   layout[B*L_q + N + n]           = the sample of image n
+#   layout[_layout_row0(b, ...) + i]  = row_img_end of query row i of sample b;
+#   layout[n_layout_rows + n]         = first query row of its sample that sees image n (in [0, L_q]);
+#   layout[n_layout_rows + N + n]     = the sample of image n
 #
-# (``n_layout_rows = B * L_q`` is passed to the kernels).
+# (``n_layout_rows`` = the number of query rows, ``B * L_q``, or ``total_q`` packed).  Packed samples
+# keep their rows in their own coordinates: the same numbers as each sample alone, so the classes
+# are per sample.
 #
-# ``_layout_row`` and the program mappings (``_row_program``, ``_dkv_program``, ``_dq_program``) are
-# the only places that turn a sample index into row numbers.
+# ``_layout_row0``, ``_sample_offset``, ``_packed_sample`` and the program mappings (``_row_program``,
+# ``_dkv_program``, ``_dq_program``) are the only places that turn a sample index into row numbers.
 
 @triton.jit
-def _layout_row(b, i, Lq):
-    """Index of query row ``i`` of sample ``b`` in the layout's per-row part (samples of ``L_q`` rows)."""
-    return b.to(tl.int64) * Lq + i
+def _layout_row0(b, Lq, q0, VARLEN: tl.constexpr):
+    """Index of sample b's query row 0 in the layout's per-row part: ``b * L_q`` (samples of ``L_q``
+    rows), or its first packed row ``q0``."""
+    if VARLEN:
+        return q0
+    else:
+        return b.to(tl.int64) * Lq
+
+
+@triton.jit
+def _sample_offset(b64, row0, stride_b, stride_m, VARLEN: tl.constexpr):
+    """Element offset of sample b's first row in a per-row (or per-key) tensor: ``b * stride_b`` in a
+    ``[B, L, ...]`` batch, ``row0 * stride_m`` in a packed one (``row0``: the sample's first packed row)."""
+    if VARLEN:
+        return row0.to(tl.int64) * stride_m
+    else:
+        return b64 * stride_b
+
+
+@triton.jit
+def _packed_sample(cu_q_ptr, cu_k_ptr, b):
+    """Packed sample b: ``(q0, k0, L_q, L_k)``, its first query and key rows and its lengths (from the
+    ``cu_seqlens`` offsets)."""
+    q0 = tl.load(cu_q_ptr + b).to(tl.int32)
+    k0 = tl.load(cu_k_ptr + b).to(tl.int32)
+    return q0, k0, tl.load(cu_q_ptr + b + 1).to(tl.int32) - q0, tl.load(cu_k_ptr + b + 1).to(tl.int32) - k0
 
 
 @triton.jit
 def _hyper_layout_kernel(
-    pos_ptr, cu_ptr, layout_ptr,
+    pos_ptr, cu_ptr, cu_q_ptr, cu_k_ptr, layout_ptr,
     B, Lq, Lk, N, n_layout_rows, n_row_programs,
-    INCLUSIVE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_I: tl.constexpr,
+    INCLUSIVE: tl.constexpr, VARLEN: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_I: tl.constexpr,
 ):
     """The layout (see above).  Grid ``(n_row_programs + cdiv(N, BLOCK_I),)``: programs below
     ``n_row_programs = B * cdiv(L_q, BLOCK_R)`` count the visible images of BLOCK_R rows of one sample
     (BLOCK_I positions compared at a time); the others find, for BLOCK_I images, their sample and
-    their first seeing row."""
+    their first seeing row.  ``VARLEN``: packed samples, ``L_q`` the longest one's (their rows past
+    a shorter sample's end store nothing)."""
     pid = tl.program_id(0)
     shift = Lk - Lq
     if pid < n_row_programs:
         n_rb = tl.cdiv(Lq, BLOCK_R)
         b = pid // n_rb
         rows = (pid % n_rb) * BLOCK_R + tl.arange(0, BLOCK_R)
-        t = rows + shift
+        if VARLEN:
+            q0, _, n_rows, n_keys = _packed_sample(cu_q_ptr, cu_k_ptr, b)
+            t = rows + (n_keys - n_rows)
+        else:
+            q0 = 0
+            n_rows = Lq
+            t = rows + shift
         img_lo = tl.load(cu_ptr + b).to(tl.int32)
         img_hi = tl.load(cu_ptr + b + 1).to(tl.int32)
         cnt = tl.zeros((BLOCK_R,), dtype=tl.int32)
@@ -153,7 +193,7 @@ def _hyper_layout_kernel(
             else:
                 sees = p[None, :] < t[:, None]
             cnt += tl.sum(sees.to(tl.int32), axis=1)
-        tl.store(layout_ptr + _layout_row(b, rows, Lq), img_lo + cnt, mask=rows < Lq)
+        tl.store(layout_ptr + _layout_row0(b, Lq, q0, VARLEN) + rows, img_lo + cnt, mask=rows < n_rows)
     else:
         n = (pid - n_row_programs) * BLOCK_I + tl.arange(0, BLOCK_I)
         n_ok = n < N
@@ -163,19 +203,27 @@ def _hyper_layout_kernel(
             i = i0 + tl.arange(0, BLOCK_I)
             ends = tl.load(cu_ptr + 1 + i, mask=i < B, other=2147483647).to(tl.int32)
             sample += tl.sum((ends[None, :] <= n[:, None]).to(tl.int32), axis=1)
-        if INCLUSIVE:
-            first = p - shift
+        if VARLEN:   # the image's own sample's lengths
+            q0 = tl.load(cu_q_ptr + sample, mask=n_ok, other=0).to(tl.int32)
+            k0 = tl.load(cu_k_ptr + sample, mask=n_ok, other=0).to(tl.int32)
+            n_rows = tl.load(cu_q_ptr + sample + 1, mask=n_ok, other=0).to(tl.int32) - q0
+            shift_n = tl.load(cu_k_ptr + sample + 1, mask=n_ok, other=0).to(tl.int32) - k0 - n_rows
         else:
-            first = p + 1 - shift
-        first = tl.minimum(tl.maximum(first, 0), Lq)
+            n_rows = Lq
+            shift_n = shift
+        if INCLUSIVE:
+            first = p - shift_n
+        else:
+            first = p + 1 - shift_n
+        first = tl.minimum(tl.maximum(first, 0), n_rows)
         tl.store(layout_ptr + n_layout_rows + n, first, mask=n_ok)
         tl.store(layout_ptr + n_layout_rows + N + n, sample, mask=n_ok)
 
 
 @triton.jit
-def _row_block_key_tiles(layout_ptr, cu_ptr, b, Lq, Lk, row0, row_end, T, BLOCK_N: tl.constexpr):
+def _row_block_key_tiles(layout_ptr, cu_ptr, b, layout_row0, Lq, Lk, row0, row_end, T, BLOCK_N: tl.constexpr):
     """Key tiles (BLOCK_N keys each) of the query rows ``[row0, row_end)`` (``row_end > row0``, all
-    < L_q) of sample b, as ``(v_lo, v_mid, v_hi, t_mid, t_hi)``:
+    < L_q) of sample b (its row 0 at ``layout_row0`` in the layout), as ``(v_lo, v_mid, v_hi, t_mid, t_hi)``:
 
     * visual: tiles from ``v_lo`` (the sample's first visual key) up to ``v_mid`` are full, those
       from ``v_mid`` to ``v_hi`` partial; the rows' limits grow with the row, so the first row's
@@ -186,8 +234,8 @@ def _row_block_key_tiles(layout_ptr, cu_ptr, b, Lq, Lk, row0, row_end, T, BLOCK_
     """
     shift = Lk - Lq
     v_lo = tl.load(cu_ptr + b).to(tl.int32) * T
-    v_full = tl.load(layout_ptr + _layout_row(b, row0, Lq)) * T
-    v_hi = tl.load(layout_ptr + _layout_row(b, row_end - 1, Lq)) * T
+    v_full = tl.load(layout_ptr + layout_row0 + row0) * T
+    v_hi = tl.load(layout_ptr + layout_row0 + (row_end - 1)) * T
     v_mid = v_lo + ((v_full - v_lo) // BLOCK_N) * BLOCK_N
     t_mid = ((row0 + shift + 1) // BLOCK_N) * BLOCK_N
     return v_lo, v_mid, v_hi, t_mid, row_end + shift
@@ -223,7 +271,7 @@ def _row_program(pid_m, pid_bh, n_row_blocks, H):
 
 @triton.jit
 def _hyper_fwd_kernel(
-    q_ptr, k_ptr, v_ptr, kv_ptr, vv_ptr, cu_ptr, layout_ptr, gate_ptr, kpm_ptr,
+    q_ptr, k_ptr, v_ptr, kv_ptr, vv_ptr, cu_ptr, cu_q_ptr, cu_k_ptr, layout_ptr, gate_ptr, kpm_ptr,
     out_ptr, ot_ptr, ov_ptr, lse_ptr,
     Lq, Lk, H, G, T,
     stride_qb, stride_qm, stride_qh, stride_qd,
@@ -236,7 +284,7 @@ def _hyper_fwd_kernel(
     stride_ob, stride_om, stride_oh,
     stride_ls, stride_lb, stride_lh,
     qk_scale,
-    GATED: tl.constexpr, HAS_KPM: tl.constexpr, SAVE_PARTS: tl.constexpr,
+    GATED: tl.constexpr, HAS_KPM: tl.constexpr, SAVE_PARTS: tl.constexpr, VARLEN: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     """Fused forward, both modes.
@@ -256,11 +304,20 @@ def _hyper_fwd_kernel(
       the concatenated keys, the reference's ``cat([visual K ; text K])``).
 
     Writes ``lse`` (natural log, -inf for a row with no visible key, whose output is 0) and, when
-    ``SAVE_PARTS`` (gated training), ``o_t`` (and ``o_v``) for the backward.
+    ``SAVE_PARTS`` (gated training), ``o_t`` (and ``o_v``) for the backward.  ``VARLEN``: packed
+    samples; the grid's ``L_q`` is the longest one's, and row blocks past a sample's end exit.
     """
     pid_m, b, h = _row_program(tl.program_id(0), tl.program_id(1), tl.num_programs(0), H)
     hk = h // G
     b64 = b.to(tl.int64)
+    if VARLEN:
+        q0, k0, Lq, Lk = _packed_sample(cu_q_ptr, cu_k_ptr, b)
+        if pid_m * BLOCK_M >= Lq:
+            return
+    else:
+        q0 = 0
+        k0 = 0
+    layout_row0 = _layout_row0(b, Lq, q0, VARLEN)
 
     row0 = pid_m * BLOCK_M
     rows = row0 + tl.arange(0, BLOCK_M)
@@ -269,15 +326,17 @@ def _hyper_fwd_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     shift = Lk - Lq
     t = rows + shift
-    o_offs = b64 * stride_ob + h * stride_oh + rows[:, None].to(tl.int64) * stride_om + offs_d[None, :]
-    lse_offs = b64 * stride_lb + h * stride_lh + rows
+    o_offs = _sample_offset(b64, q0, stride_ob, stride_om, VARLEN) + h * stride_oh \
+        + rows[:, None].to(tl.int64) * stride_om + offs_d[None, :]
+    lse_offs = _sample_offset(b64, q0, stride_lb, 1, VARLEN) + h * stride_lh + rows
 
-    q = tl.load(q_ptr + b64 * stride_qb + h * stride_qh + rows[:, None].to(tl.int64) * stride_qm
-                + offs_d[None, :] * stride_qd, mask=row_ok[:, None], other=0.0)
+    q = tl.load(q_ptr + _sample_offset(b64, q0, stride_qb, stride_qm, VARLEN) + h * stride_qh
+                + rows[:, None].to(tl.int64) * stride_qm + offs_d[None, :] * stride_qd, mask=row_ok[:, None], other=0.0)
 
     # ---- visual keys of this sample (a per-row prefix of its images)
-    v_lo, v_mid, v_hi, t_mid, t_hi = _row_block_key_tiles(layout_ptr, cu_ptr, b, Lq, Lk, row0, row_end, T, BLOCK_N)
-    lim_v = tl.load(layout_ptr + _layout_row(b, rows, Lq), mask=row_ok, other=0) * T
+    v_lo, v_mid, v_hi, t_mid, t_hi = _row_block_key_tiles(layout_ptr, cu_ptr, b, layout_row0, Lq, Lk, row0, row_end,
+                                                          T, BLOCK_N)
+    lim_v = tl.load(layout_ptr + layout_row0 + rows, mask=row_ok, other=0) * T
     kv_base = kv_ptr + hk * stride_kvh
     vv_base = vv_ptr + hk * stride_vvh
     acc_v = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
@@ -305,9 +364,9 @@ def _hyper_fwd_kernel(
     else:
         acc_t, m_t, l_t = acc_v, m_v, l_v
     lim_t = t + 1
-    k_base = k_ptr + b64 * stride_kb + hk * stride_kh
-    v_base = v_ptr + b64 * stride_vb + hk * stride_vh
-    kpm_base = kpm_ptr + b64 * stride_kpb
+    k_base = k_ptr + _sample_offset(b64, k0, stride_kb, stride_kn, VARLEN) + hk * stride_kh
+    v_base = v_ptr + _sample_offset(b64, k0, stride_vb, stride_vn, VARLEN) + hk * stride_vh
+    kpm_base = kpm_ptr + b64 * stride_kpb   # (no padding mask with packed samples)
     acc_t, m_t, l_t = _attend_tiles(acc_t, m_t, l_t, q, k_base, v_base, stride_kn, stride_kd, stride_vn,
                                     stride_vd, 0, t_mid, lim_t, kpm_base, stride_kpn, qk_scale, offs_d,
                                     BLOCK_N, False, HAS_KPM, DOT_PRECISION)
@@ -328,9 +387,10 @@ def _hyper_fwd_kernel(
             tl.store(ot_ptr + o_offs, o_t, mask=row_ok[:, None])
         tl.debug_barrier()   # o_v was written by other threads of this program
         o_v = tl.load(ov_ptr + o_offs, mask=row_ok[:, None], other=0.0)
-        sees = tl.load(layout_ptr + _layout_row(b, rows, Lq), mask=row_ok, other=0) > v_lo // T
-        g = tl.load(gate_ptr + b64 * stride_gb + h * stride_gh + rows[:, None].to(tl.int64) * stride_gm
-                    + offs_d[None, :] * stride_gd, mask=row_ok[:, None], other=0.0)
+        sees = tl.load(layout_ptr + layout_row0 + rows, mask=row_ok, other=0) > v_lo // T
+        g = tl.load(gate_ptr + _sample_offset(b64, q0, stride_gb, stride_gm, VARLEN) + h * stride_gh
+                    + rows[:, None].to(tl.int64) * stride_gm + offs_d[None, :] * stride_gd, mask=row_ok[:, None],
+                    other=0.0)
         sg = 1.0 / (1.0 + tl.math.exp(-g.to(tl.float32)))
         o_t = o_t.to(tl.float32)
         out = tl.where(sees[:, None], o_t + sg * (o_v.to(tl.float32) - o_t), o_t)
@@ -361,7 +421,7 @@ def _lse_base2(lse):
 
 @triton.jit
 def _hyper_bwd_pre_kernel(
-    do_ptr, out_ptr, ot_ptr, ov_ptr, gate_ptr, cu_ptr, layout_ptr, lse_ptr,
+    do_ptr, out_ptr, ot_ptr, ov_ptr, gate_ptr, cu_ptr, cu_q_ptr, cu_k_ptr, layout_ptr, lse_ptr,
     dop_ptr, stats_ptr, dg_ptr,
     Lq, H,
     stride_dob, stride_dom, stride_doh, stride_dod, stride_dop,
@@ -369,7 +429,7 @@ def _hyper_bwd_pre_kernel(
     stride_ob, stride_om, stride_oh,
     stride_ls, stride_lb, stride_lh,
     stride_sp, stride_sk, stride_sb, stride_sh,
-    GATED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+    GATED: tl.constexpr, VARLEN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """Row statistics of the backward.  Grid ``(cdiv(L_q, BLOCK_M), B * H)``.
 
@@ -380,27 +440,34 @@ def _hyper_bwd_pre_kernel(
     one part, ``dO_x = dO``.  Gated: also the two part gradients ``dO_t``, ``dO_v`` (``dop[0]``,
     ``dop[1]``: ``[2, B, L_q, H, D]`` in the input dtype, each part laid out like ``out``, parts
     ``stride_dop`` apart) and the elementwise ``d(gate)`` in float32 (reduced to the gate's shape on
-    the host).
+    the host).  ``VARLEN``: packed samples (``stats [S, 2, 1, H, total_q]``, the parts
+    ``[2, 1, total_q, H, D]``); row blocks past a sample's end exit.
     """
     pid_m, b, h = _row_program(tl.program_id(0), tl.program_id(1), tl.num_programs(0), H)
     b64 = b.to(tl.int64)
+    if VARLEN:
+        q0, _, Lq, _ = _packed_sample(cu_q_ptr, cu_k_ptr, b)
+        if pid_m * BLOCK_M >= Lq:
+            return
+    else:
+        q0 = 0
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < Lq
     offs_d = tl.arange(0, BLOCK_D)
     r64 = rows[:, None].to(tl.int64)
-    do = tl.load(do_ptr + b64 * stride_dob + h * stride_doh + r64 * stride_dom + offs_d[None, :] * stride_dod,
-                 mask=row_ok[:, None], other=0.0).to(tl.float32)
-    o_offs = b64 * stride_ob + h * stride_oh + r64 * stride_om + offs_d[None, :]
-    lse_offs = b64 * stride_lb + h * stride_lh + rows
-    st_offs = b64 * stride_sb + h * stride_sh + rows
+    do = tl.load(do_ptr + _sample_offset(b64, q0, stride_dob, stride_dom, VARLEN) + h * stride_doh + r64 * stride_dom
+                 + offs_d[None, :] * stride_dod, mask=row_ok[:, None], other=0.0).to(tl.float32)
+    o_offs = _sample_offset(b64, q0, stride_ob, stride_om, VARLEN) + h * stride_oh + r64 * stride_om + offs_d[None, :]
+    lse_offs = _sample_offset(b64, q0, stride_lb, 1, VARLEN) + h * stride_lh + rows
+    st_offs = _sample_offset(b64, q0, stride_sb, 1, VARLEN) + h * stride_sh + rows
     tl.store(stats_ptr + st_offs, _lse_base2(tl.load(lse_ptr + lse_offs, mask=row_ok, other=0.0)), mask=row_ok)
     if GATED:
         tl.store(stats_ptr + stride_sp + st_offs, _lse_base2(tl.load(lse_ptr + stride_ls + lse_offs, mask=row_ok,
                                                                       other=0.0)), mask=row_ok)
         img_lo = tl.load(cu_ptr + b)
-        sees = (tl.load(layout_ptr + _layout_row(b, rows, Lq), mask=row_ok, other=0) > img_lo)[:, None]
-        g = tl.load(gate_ptr + b64 * stride_gb + h * stride_gh + r64 * stride_gm + offs_d[None, :] * stride_gd,
-                    mask=row_ok[:, None], other=0.0).to(tl.float32)
+        sees = (tl.load(layout_ptr + _layout_row0(b, Lq, q0, VARLEN) + rows, mask=row_ok, other=0) > img_lo)[:, None]
+        g = tl.load(gate_ptr + _sample_offset(b64, q0, stride_gb, stride_gm, VARLEN) + h * stride_gh + r64 * stride_gm
+                    + offs_d[None, :] * stride_gd, mask=row_ok[:, None], other=0.0).to(tl.float32)
         sg = 1.0 / (1.0 + tl.math.exp(-g))
         o_t = tl.load(ot_ptr + o_offs, mask=row_ok[:, None], other=0.0).to(tl.float32)
         o_v = tl.load(ov_ptr + o_offs, mask=row_ok[:, None], other=0.0).to(tl.float32)
@@ -535,7 +602,7 @@ def _dkv_image_block(p, T, Hkv, BLOCK_N: tl.constexpr):
 
 @triton.jit
 def _dkv_program(
-    p, q_ptr, k_ptr, v_ptr, kv_ptr, vv_ptr, layout_ptr, kpm_ptr, do_ptr, stats_ptr,
+    p, q_ptr, k_ptr, v_ptr, kv_ptr, vv_ptr, cu_q_ptr, cu_k_ptr, layout_ptr, kpm_ptr, do_ptr, stats_ptr,
     dk_ptr, dv_ptr, dkv_ptr, dvv_ptr,
     B, Lq, Lk, H, G, T, N, n_layout_rows, n_text_programs,
     stride_qb, stride_qm, stride_qh, stride_qd,
@@ -548,8 +615,8 @@ def _dkv_program(
     stride_sp, stride_sk, stride_sb, stride_sh,
     stride_dkb, stride_dkn, stride_dkh, stride_dkvn, stride_dkvh,
     qk_scale, scale,
-    GATED: tl.constexpr, HAS_KPM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_M_MASKED: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    GATED: tl.constexpr, HAS_KPM: tl.constexpr, VARLEN: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_M_MASKED: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     """dK, dV of BLOCK_N keys of one K/V head: program ``p`` loops over the G query heads sharing the
     head and over every row block (of BLOCK_M rows) that sees the keys: the full ones unmasked, the
@@ -560,26 +627,38 @@ def _dkv_program(
     H_kv + hk``): block 0 is seen by every row, so the heaviest programs start first.  The others
     take visual key blocks, image major (``p - n_text_programs = (n * cdiv(T, BN) + kb) * H_kv + hk``):
     a sample's earlier images are seen by more rows.
+
+    ``VARLEN``: packed samples; ``L_q``, ``L_k`` (the longest sample's, which size the grid) become the
+    program's sample's, and a text key block past its sample's end sees no row and stores nothing.
     """
     Hkv = H // G
     shift = Lk - Lq
+    if not VARLEN:
+        q0 = 0
+        k0 = 0
     is_text = p < n_text_programs
     # The branches only pick scalars (bases, strides, row ranges); every per-key vector is rebuilt from
     # tl.arange where it is used, so none stays live in registers across the row loops.
     if is_text:
         kb, b, hk = _dkv_text_block(p, B, Hkv)
+        if VARLEN:
+            q0, k0, Lq, Lk = _packed_sample(cu_q_ptr, cu_k_ptr, b)
+            shift = Lk - Lq
         key0 = kb * BLOCK_N
         n_keys = tl.minimum(Lk - key0, BLOCK_N)                   # valid keys of the block
         first0, first_step = key0 - shift, 1                      # causal: row r sees key j iff j <= r + shift
         row_lo, row_full = _text_key_block_rows(key0, n_keys, shift)
         b64 = b.to(tl.int64)
-        k_base = k_ptr + b64 * stride_kb + hk * stride_kh + key0 * stride_kn
-        v_base = v_ptr + b64 * stride_vb + hk * stride_vh + key0 * stride_vn
+        k_base = k_ptr + _sample_offset(b64, k0, stride_kb, stride_kn, VARLEN) + hk * stride_kh + key0 * stride_kn
+        v_base = v_ptr + _sample_offset(b64, k0, stride_vb, stride_vn, VARLEN) + hk * stride_vh + key0 * stride_vn
         stride_k, stride_v, stride_k_d, stride_v_d = stride_kn, stride_vn, stride_kd, stride_vd
         part = p * 0                                               # the text part's dO and statistics
     else:
         n, kb, hk = _dkv_image_block(p - n_text_programs, T, Hkv, BLOCK_N)
         b = tl.load(layout_ptr + n_layout_rows + N + n)
+        if VARLEN:
+            q0, k0, Lq, Lk = _packed_sample(cu_q_ptr, cu_k_ptr, b)
+            shift = Lk - Lq
         first = tl.load(layout_ptr + n_layout_rows + n)            # every row from here on sees the image
         key0 = kb * BLOCK_N
         n_keys = tl.minimum(T - key0, BLOCK_N)
@@ -602,9 +681,9 @@ def _dkv_program(
     dv = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
     r_lo, r_full, r_down, r_tail, r_up = _key_block_row_tiles(row_lo, row_full, Lq, BLOCK_M)
     h0 = hk * G                              # the group's first query head
-    q_group = q_ptr + b64 * stride_qb + h0 * stride_qh
-    do_group = do_ptr + part * stride_dop + b64 * stride_dob + h0 * stride_doh
-    stats_group = stats_ptr + part * stride_sp + b64 * stride_sb + h0 * stride_sh
+    q_group = q_ptr + _sample_offset(b64, q0, stride_qb, stride_qm, VARLEN) + h0 * stride_qh
+    do_group = do_ptr + part * stride_dop + _sample_offset(b64, q0, stride_dob, stride_dom, VARLEN) + h0 * stride_doh
+    stats_group = stats_ptr + part * stride_sp + _sample_offset(b64, q0, stride_sb, 1, VARLEN) + h0 * stride_sh
     # the partial row tiles (the boundary, and the short last tile), then the full ones
     dk, dv = _dkv_row_tiles(dk, dv, k, v, q_group, do_group, stats_group, stride_qh, stride_doh, stride_sh, stride_sk,
                             stride_qm, stride_qd, stride_dom, stride_dod, G, r_lo, r_full, r_tail, r_up, Lq, first_row,
@@ -626,8 +705,8 @@ def _dkv_program(
                            other=0) != 0
             dk = tl.where(keep[:, None], dk, 0.0)
             dv = tl.where(keep[:, None], dv, 0.0)
-        offs = b64 * stride_dkb + hk * stride_dkh + (key0 + keys_out)[:, None].to(tl.int64) * stride_dkn \
-            + cols_out[None, :]
+        offs = _sample_offset(b64, k0, stride_dkb, stride_dkn, VARLEN) + hk * stride_dkh \
+            + (key0 + keys_out)[:, None].to(tl.int64) * stride_dkn + cols_out[None, :]
         tl.store(dk_ptr + offs, dk.to(dk_ptr.dtype.element_ty), mask=store_ok[:, None])
         tl.store(dv_ptr + offs, dv.to(dv_ptr.dtype.element_ty), mask=store_ok[:, None])
     else:
@@ -641,7 +720,7 @@ def _dkv_program(
 
 @triton.jit
 def _dq_program(
-    p, q_ptr, k_ptr, v_ptr, kv_ptr, vv_ptr, cu_ptr, layout_ptr, kpm_ptr, do_ptr, stats_ptr,
+    p, q_ptr, k_ptr, v_ptr, kv_ptr, vv_ptr, cu_ptr, cu_q_ptr, cu_k_ptr, layout_ptr, kpm_ptr, do_ptr, stats_ptr,
     dq_ptr,
     B, Lq, Lk, H, G, T,
     stride_qb, stride_qm, stride_qh, stride_qd,
@@ -654,70 +733,83 @@ def _dq_program(
     stride_sp, stride_sk, stride_sb, stride_sh,
     stride_dqb, stride_dqm, stride_dqh,
     qk_scale, scale,
-    GATED: tl.constexpr, HAS_KPM: tl.constexpr,
+    GATED: tl.constexpr, HAS_KPM: tl.constexpr, VARLEN: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     """dQ of BLOCK_M rows of one query head (``p = (rb' * B + b) * H + h`` with the row blocks taken
     last first: they see the most keys).  The block walks the forward's tiles: the sample's visual
     keys (full, then partial) with the visual part's dO, lse, delta, then its causal text keys (full,
-    then the diagonal) with the text part's (both parts are the one joint softmax in joint mode)."""
+    then the diagonal) with the text part's (both parts are the one joint softmax in joint mode).
+    ``VARLEN``: packed samples; ``L_q`` (the longest sample's) sizes the grid, the program's sample's
+    own lengths replace it, and a row block past the sample's end does nothing."""
     n_rb = tl.cdiv(Lq, BLOCK_M)
     rb = n_rb - 1 - p // (B * H)
     b = (p % (B * H)) // H
     h = (p % H).to(tl.int64)
     hk = h // G
     b64 = b.to(tl.int64)
-    row0 = rb * BLOCK_M
-    rows = row0 + tl.arange(0, BLOCK_M)
-    row_ok = rows < Lq
-    row_end = tl.minimum(row0 + BLOCK_M, Lq)
-    offs_d = tl.arange(0, BLOCK_D)
-    r64 = rows[:, None].to(tl.int64)
-    shift = Lk - Lq
-    q = tl.load(q_ptr + b64 * stride_qb + h * stride_qh + r64 * stride_qm + offs_d[None, :] * stride_qd,
-                mask=row_ok[:, None], other=0.0)
-    do_offs = b64 * stride_dob + h * stride_doh + r64 * stride_dom + offs_d[None, :] * stride_dod
-    st_offs = b64 * stride_sb + h * stride_sh + rows
-    dq = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
-
-    # ---- visual keys (part 1 in gated mode)
-    if GATED:
-        stats_v, do_v = stats_ptr + stride_sp, do_ptr + stride_dop
+    if VARLEN:
+        q0, k0, Lq, Lk = _packed_sample(cu_q_ptr, cu_k_ptr, b)
+        active = rb * BLOCK_M < Lq
     else:
-        stats_v, do_v = stats_ptr, do_ptr
-    do = tl.load(do_v + do_offs, mask=row_ok[:, None], other=0.0)
-    lse2 = tl.load(stats_v + st_offs, mask=row_ok, other=float("inf"))
-    delta = tl.load(stats_v + stride_sk + st_offs, mask=row_ok, other=0.0)
-    v_lo, v_mid, v_hi, t_mid, t_hi = _row_block_key_tiles(layout_ptr, cu_ptr, b, Lq, Lk, row0, row_end, T, BLOCK_N)
-    lim_v = tl.load(layout_ptr + _layout_row(b, rows, Lq), mask=row_ok, other=0) * T
-    kv_base = kv_ptr + hk * stride_kvh
-    vv_base = vv_ptr + hk * stride_vvh
-    dq = _dq_key_tiles(dq, q, do, lse2, delta, kv_base, vv_base, stride_kvn, stride_kvd, stride_vvn, stride_vvd,
-                       v_lo, v_mid, lim_v, kpm_ptr, 0, qk_scale, offs_d, BLOCK_N, False, False, DOT_PRECISION)
-    dq = _dq_key_tiles(dq, q, do, lse2, delta, kv_base, vv_base, stride_kvn, stride_kvd, stride_vvn, stride_vvd,
-                       v_mid, v_hi, lim_v, kpm_ptr, 0, qk_scale, offs_d, BLOCK_N, True, False, DOT_PRECISION)
+        q0 = 0
+        k0 = 0
+        active = True
+    if active:
+        row0 = rb * BLOCK_M
+        rows = row0 + tl.arange(0, BLOCK_M)
+        row_ok = rows < Lq
+        row_end = tl.minimum(row0 + BLOCK_M, Lq)
+        offs_d = tl.arange(0, BLOCK_D)
+        r64 = rows[:, None].to(tl.int64)
+        shift = Lk - Lq
+        q = tl.load(q_ptr + _sample_offset(b64, q0, stride_qb, stride_qm, VARLEN) + h * stride_qh + r64 * stride_qm
+                    + offs_d[None, :] * stride_qd, mask=row_ok[:, None], other=0.0)
+        do_offs = _sample_offset(b64, q0, stride_dob, stride_dom, VARLEN) + h * stride_doh + r64 * stride_dom \
+            + offs_d[None, :] * stride_dod
+        st_offs = _sample_offset(b64, q0, stride_sb, 1, VARLEN) + h * stride_sh + rows
+        dq = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
 
-    # ---- causal text keys (part 0)
-    if GATED:
-        do = tl.load(do_ptr + do_offs, mask=row_ok[:, None], other=0.0)
-        lse2 = tl.load(stats_ptr + st_offs, mask=row_ok, other=float("inf"))
-        delta = tl.load(stats_ptr + stride_sk + st_offs, mask=row_ok, other=0.0)
-    k_base = k_ptr + b64 * stride_kb + hk * stride_kh
-    v_base = v_ptr + b64 * stride_vb + hk * stride_vh
-    kpm_base = kpm_ptr + b64 * stride_kpb
-    dq = _dq_key_tiles(dq, q, do, lse2, delta, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
-                       0, t_mid, rows + shift + 1, kpm_base, stride_kpn, qk_scale, offs_d, BLOCK_N, False, HAS_KPM,
-                       DOT_PRECISION)
-    dq = _dq_key_tiles(dq, q, do, lse2, delta, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
-                       t_mid, t_hi, rows + shift + 1, kpm_base, stride_kpn, qk_scale, offs_d, BLOCK_N,
-                       True, HAS_KPM, DOT_PRECISION)
-    tl.store(dq_ptr + b64 * stride_dqb + h * stride_dqh + r64 * stride_dqm + offs_d[None, :],
-             (dq * scale).to(dq_ptr.dtype.element_ty), mask=row_ok[:, None])
+        # ---- visual keys (part 1 in gated mode)
+        if GATED:
+            stats_v, do_v = stats_ptr + stride_sp, do_ptr + stride_dop
+        else:
+            stats_v, do_v = stats_ptr, do_ptr
+        do = tl.load(do_v + do_offs, mask=row_ok[:, None], other=0.0)
+        lse2 = tl.load(stats_v + st_offs, mask=row_ok, other=float("inf"))
+        delta = tl.load(stats_v + stride_sk + st_offs, mask=row_ok, other=0.0)
+        layout_row0 = _layout_row0(b, Lq, q0, VARLEN)
+        v_lo, v_mid, v_hi, t_mid, t_hi = _row_block_key_tiles(layout_ptr, cu_ptr, b, layout_row0, Lq, Lk, row0,
+                                                              row_end, T, BLOCK_N)
+        lim_v = tl.load(layout_ptr + layout_row0 + rows, mask=row_ok, other=0) * T
+        kv_base = kv_ptr + hk * stride_kvh
+        vv_base = vv_ptr + hk * stride_vvh
+        dq = _dq_key_tiles(dq, q, do, lse2, delta, kv_base, vv_base, stride_kvn, stride_kvd, stride_vvn, stride_vvd,
+                           v_lo, v_mid, lim_v, kpm_ptr, 0, qk_scale, offs_d, BLOCK_N, False, False, DOT_PRECISION)
+        dq = _dq_key_tiles(dq, q, do, lse2, delta, kv_base, vv_base, stride_kvn, stride_kvd, stride_vvn, stride_vvd,
+                           v_mid, v_hi, lim_v, kpm_ptr, 0, qk_scale, offs_d, BLOCK_N, True, False, DOT_PRECISION)
+
+        # ---- causal text keys (part 0)
+        if GATED:
+            do = tl.load(do_ptr + do_offs, mask=row_ok[:, None], other=0.0)
+            lse2 = tl.load(stats_ptr + st_offs, mask=row_ok, other=float("inf"))
+            delta = tl.load(stats_ptr + stride_sk + st_offs, mask=row_ok, other=0.0)
+        k_base = k_ptr + _sample_offset(b64, k0, stride_kb, stride_kn, VARLEN) + hk * stride_kh
+        v_base = v_ptr + _sample_offset(b64, k0, stride_vb, stride_vn, VARLEN) + hk * stride_vh
+        kpm_base = kpm_ptr + b64 * stride_kpb
+        dq = _dq_key_tiles(dq, q, do, lse2, delta, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
+                           0, t_mid, rows + shift + 1, kpm_base, stride_kpn, qk_scale, offs_d, BLOCK_N, False, HAS_KPM,
+                           DOT_PRECISION)
+        dq = _dq_key_tiles(dq, q, do, lse2, delta, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
+                           t_mid, t_hi, rows + shift + 1, kpm_base, stride_kpn, qk_scale, offs_d, BLOCK_N,
+                           True, HAS_KPM, DOT_PRECISION)
+        tl.store(dq_ptr + _sample_offset(b64, q0, stride_dqb, stride_dqm, VARLEN) + h * stride_dqh + r64 * stride_dqm
+                 + offs_d[None, :], (dq * scale).to(dq_ptr.dtype.element_ty), mask=row_ok[:, None])
 
 
 @triton.jit
 def _hyper_bwd_kernel(
-    q_ptr, k_ptr, v_ptr, kv_ptr, vv_ptr, cu_ptr, layout_ptr, kpm_ptr, do_ptr, stats_ptr,
+    q_ptr, k_ptr, v_ptr, kv_ptr, vv_ptr, cu_ptr, cu_q_ptr, cu_k_ptr, layout_ptr, kpm_ptr, do_ptr, stats_ptr,
     dq_ptr, dk_ptr, dv_ptr, dkv_ptr, dvv_ptr,
     B, Lq, Lk, H, G, T, N, n_layout_rows, n_text_kv_programs, n_kv_programs,
     stride_qb, stride_qm, stride_qh, stride_qd,
@@ -731,7 +823,7 @@ def _hyper_bwd_kernel(
     stride_dqb, stride_dqm, stride_dqh,
     stride_dkb, stride_dkn, stride_dkh, stride_dkvn, stride_dkvh,
     qk_scale, scale,
-    GATED: tl.constexpr, HAS_KPM: tl.constexpr,
+    GATED: tl.constexpr, HAS_KPM: tl.constexpr, VARLEN: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M_KV: tl.constexpr, BLOCK_M_KV_MASKED: tl.constexpr,
     BLOCK_N_KV: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
@@ -743,11 +835,13 @@ def _hyper_bwd_kernel(
     the dQ programs fill in behind the dK/dV ones.  ``do`` (the part gradients) and ``stats``
     (base-2 lse and delta), both from the preprocessing kernel, hold parts 0/1 = text/visual in
     gated mode, ``stride_dop``/``stride_sp`` apart; joint mode has one part, used by both key sets
-    (``do`` is then the output gradient itself).
+    (``do`` is then the output gradient itself).  ``VARLEN``: packed samples (``B`` of them, ``L_q`` and
+    ``L_k`` the longest one's; each program reads its sample's offsets).
     """
     pid = tl.program_id(0)
     if pid < n_kv_programs:
-        _dkv_program(pid, q_ptr, k_ptr, v_ptr, kv_ptr, vv_ptr, layout_ptr, kpm_ptr, do_ptr, stats_ptr,
+        _dkv_program(pid, q_ptr, k_ptr, v_ptr, kv_ptr, vv_ptr, cu_q_ptr, cu_k_ptr, layout_ptr, kpm_ptr, do_ptr,
+                     stats_ptr,
                      dk_ptr, dv_ptr, dkv_ptr, dvv_ptr,
                      B, Lq, Lk, H, G, T, N, n_layout_rows, n_text_kv_programs,
                      stride_qb, stride_qm, stride_qh, stride_qd,
@@ -759,11 +853,11 @@ def _hyper_bwd_kernel(
                      stride_dob, stride_dom, stride_doh, stride_dod, stride_dop,
                      stride_sp, stride_sk, stride_sb, stride_sh,
                      stride_dkb, stride_dkn, stride_dkh, stride_dkvn, stride_dkvh,
-                     qk_scale, scale, GATED, HAS_KPM, BLOCK_M_KV, BLOCK_M_KV_MASKED, BLOCK_N_KV, BLOCK_D,
+                     qk_scale, scale, GATED, HAS_KPM, VARLEN, BLOCK_M_KV, BLOCK_M_KV_MASKED, BLOCK_N_KV, BLOCK_D,
                      DOT_PRECISION)
     else:
-        _dq_program(pid - n_kv_programs, q_ptr, k_ptr, v_ptr, kv_ptr, vv_ptr, cu_ptr, layout_ptr, kpm_ptr,
-                    do_ptr, stats_ptr, dq_ptr,
+        _dq_program(pid - n_kv_programs, q_ptr, k_ptr, v_ptr, kv_ptr, vv_ptr, cu_ptr, cu_q_ptr, cu_k_ptr,
+                    layout_ptr, kpm_ptr, do_ptr, stats_ptr, dq_ptr,
                     B, Lq, Lk, H, G, T,
                     stride_qb, stride_qm, stride_qh, stride_qd,
                     stride_kb, stride_kn, stride_kh, stride_kd,
@@ -774,15 +868,32 @@ def _hyper_bwd_kernel(
                     stride_dob, stride_dom, stride_doh, stride_dod, stride_dop,
                     stride_sp, stride_sk, stride_sb, stride_sh,
                     stride_dqb, stride_dqm, stride_dqh,
-                    qk_scale, scale, GATED, HAS_KPM, BLOCK_M, BLOCK_N, BLOCK_D, DOT_PRECISION)
+                    qk_scale, scale, GATED, HAS_KPM, VARLEN, BLOCK_M, BLOCK_N, BLOCK_D, DOT_PRECISION)
+
+
+@triton.jit
+def _store_row_classes(out, v_lo, v_mid, v_hi, t_mid, t_hi, n_vis_tiles, n_text_tiles,
+                       BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr):
+    """One row block's classes (:func:`_row_block_key_tiles`' ranges): its visual tiles from ``v_lo``,
+    then its text tiles from key 0."""
+    for i0 in range(0, n_vis_tiles, BLOCK_T):
+        i = i0 + tl.arange(0, BLOCK_T)
+        start = v_lo + i * BLOCK_N
+        cls = tl.where(start < v_mid, 2, tl.where(start < v_hi, 1, 0))
+        tl.store(out + i, cls.to(tl.int8), mask=i < n_vis_tiles)
+    for i0 in range(0, n_text_tiles, BLOCK_T):
+        i = i0 + tl.arange(0, BLOCK_T)
+        start = i * BLOCK_N
+        cls = tl.where(start < t_mid, 2, tl.where(start < t_hi, 1, 0))
+        tl.store(out + n_vis_tiles + i, cls.to(tl.int8), mask=i < n_text_tiles)
 
 
 @triton.jit
 def _hyper_block_classes_kernel(
-    layout_ptr, cu_ptr, row_view_ptr, key_view_ptr,
+    layout_ptr, cu_ptr, cu_q_ptr, cu_k_ptr, row_view_ptr, key_view_ptr,
     B, Lq, Lk, T, N, n_layout_rows, n_row_programs, n_text_blocks, n_vis_tiles, n_text_tiles, n_row_tiles,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M_KV: tl.constexpr, BLOCK_N_KV: tl.constexpr,
-    BLOCK_T: tl.constexpr,
+    VARLEN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M_KV: tl.constexpr,
+    BLOCK_N_KV: tl.constexpr, BLOCK_T: tl.constexpr,
 ):
     """The classes (0 empty, 1 partial, 2 full) the attention kernels give their tiles, written out
     from the same rules (:func:`_row_block_key_tiles`, :func:`_key_block_row_tiles`) for tests and
@@ -793,36 +904,49 @@ def _hyper_block_classes_kernel(
     sample's first visual key, then its text key tiles.  The others write the key-block view (dK/dV,
     BLOCK_N_KV keys x BLOCK_M_KV rows): ``key_view[kb * B + b, :]`` for text key block kb of sample
     b, then ``key_view[n_text_blocks + n * cdiv(T, BLOCK_N_KV) + kb, :]`` for key block kb of image n.
+    ``VARLEN``: packed samples, each classified in its own coordinates (``L_q``, ``L_k``: the longest
+    sample's; blocks past a sample's end are empty).
     """
     pid = tl.program_id(0)
-    shift = Lk - Lq
     if pid < n_row_programs:
         n_rb = tl.cdiv(Lq, BLOCK_M)
         b = pid // n_rb
         row0 = (pid % n_rb) * BLOCK_M
-        v_lo, v_mid, v_hi, t_mid, t_hi = _row_block_key_tiles(layout_ptr, cu_ptr, b, Lq, Lk, row0,
-                                                              tl.minimum(row0 + BLOCK_M, Lq), T, BLOCK_N)
+        if VARLEN:
+            q0, _, n_rows, n_keys = _packed_sample(cu_q_ptr, cu_k_ptr, b)
+            active = row0 < n_rows
+        else:
+            q0 = 0
+            n_rows = Lq
+            n_keys = Lk
+            active = True
         out = row_view_ptr + pid.to(tl.int64) * (n_vis_tiles + n_text_tiles)
-        for i0 in range(0, n_vis_tiles, BLOCK_T):
-            i = i0 + tl.arange(0, BLOCK_T)
-            start = v_lo + i * BLOCK_N
-            cls = tl.where(start < v_mid, 2, tl.where(start < v_hi, 1, 0))
-            tl.store(out + i, cls.to(tl.int8), mask=i < n_vis_tiles)
-        for i0 in range(0, n_text_tiles, BLOCK_T):
-            i = i0 + tl.arange(0, BLOCK_T)
-            start = i * BLOCK_N
-            cls = tl.where(start < t_mid, 2, tl.where(start < t_hi, 1, 0))
-            tl.store(out + n_vis_tiles + i, cls.to(tl.int8), mask=i < n_text_tiles)
+        if active:
+            v_lo, v_mid, v_hi, t_mid, t_hi = _row_block_key_tiles(layout_ptr, cu_ptr, b,
+                                                                  _layout_row0(b, n_rows, q0, VARLEN), n_rows, n_keys,
+                                                                  row0, tl.minimum(row0 + BLOCK_M, n_rows), T, BLOCK_N)
+            _store_row_classes(out, v_lo, v_mid, v_hi, t_mid, t_hi, n_vis_tiles, n_text_tiles, BLOCK_N, BLOCK_T)
+        else:
+            _store_row_classes(out, 0, 0, 0, 0, 0, n_vis_tiles, n_text_tiles, BLOCK_N, BLOCK_T)
     else:
         kb_all = pid - n_row_programs
+        if VARLEN:
+            is_image = kb_all >= n_text_blocks
+            image = (kb_all - n_text_blocks) // tl.cdiv(T, BLOCK_N_KV)
+            b = tl.where(is_image, tl.load(layout_ptr + n_layout_rows + N + image, mask=is_image, other=0),
+                         kb_all % B)
+            _, _, n_rows, n_keys = _packed_sample(cu_q_ptr, cu_k_ptr, b)
+        else:
+            n_rows = Lq
+            n_keys = Lk
         if kb_all < n_text_blocks:
             key0 = (kb_all // B) * BLOCK_N_KV
-            row_lo, row_full = _text_key_block_rows(key0, tl.minimum(Lk - key0, BLOCK_N_KV), shift)
+            row_lo, row_full = _text_key_block_rows(key0, tl.minimum(n_keys - key0, BLOCK_N_KV), n_keys - n_rows)
         else:
             n = (kb_all - n_text_blocks) // tl.cdiv(T, BLOCK_N_KV)
             row_lo = tl.load(layout_ptr + n_layout_rows + n)
             row_full = row_lo
-        r_lo, r_full, r_down, r_tail, r_up = _key_block_row_tiles(row_lo, row_full, Lq, BLOCK_M_KV)
+        r_lo, r_full, r_down, r_tail, r_up = _key_block_row_tiles(row_lo, row_full, n_rows, BLOCK_M_KV)
         out = key_view_ptr + kb_all.to(tl.int64) * n_row_tiles
         for j0 in range(0, n_row_tiles, BLOCK_T):
             j = j0 + tl.arange(0, BLOCK_T)

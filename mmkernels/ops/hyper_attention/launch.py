@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import math
+from typing import NamedTuple
 
 import torch
 
@@ -118,21 +119,50 @@ def expand_gate(gate: torch.Tensor | None, q: torch.Tensor) -> torch.Tensor:
     return gate.expand(B, Lq, H, D)
 
 
+class Packed(NamedTuple):
+    """Packed samples (flash-attn's varlen convention): sample b's queries are rows
+    ``cu_seqlens_q[b]:cu_seqlens_q[b+1]`` of a ``[total_q, ...]`` tensor, its keys rows
+    ``cu_seqlens_k[b]:cu_seqlens_k[b+1]``; ``max_seqlen_*`` bound every sample's lengths (they size the
+    grids, so the launchers never read the offsets on the host)."""
+    cu_seqlens_q: torch.Tensor
+    cu_seqlens_k: torch.Tensor
+    max_seqlen_q: int
+    max_seqlen_k: int
+
+
+def _packed_args(packed: Packed | None, cu_images: torch.Tensor) -> tuple:
+    """The kernels' ``(cu_q_ptr, cu_k_ptr)`` arguments (any int tensor when not packed: never read)."""
+    if packed is None:
+        return cu_images, cu_images
+    return unit_stride(packed.cu_seqlens_q, packed.cu_seqlens_k)
+
+
+def _batched(packed: Packed | None, *tensors):
+    """The per-row/per-key tensors as the kernels index them: ``[B, L, H, D]`` as given, packed
+    ``[total, H, D]`` ones as ``[1, total, H, D]`` views (None stays None)."""
+    if packed is None:
+        return tensors
+    return tuple(None if t is None else t.unsqueeze(0) for t in tensors)
+
+
 def hyper_layout(image_positions: torch.Tensor, cu_images: torch.Tensor, Lq: int, Lk: int, T: int,
-                 inclusive: bool) -> torch.Tensor:
+                 inclusive: bool, packed: Packed | None = None, total_q: int | None = None) -> torch.Tensor:
     """The hyper mask's block classification data (int32 ``[B*L_q + 2*N]``, layout described in
     ``kernels.py``, "block classification"): per query row the end of its visible images, per image
     its first seeing row and its sample.  One launch, no host sync; the forward computes it once and
-    the backward reuses it."""
+    the backward reuses it.  ``packed``: packed samples (``L_q``, ``L_k`` their ``max_seqlen_*``), the
+    layout ``[total_q + 2*N]``."""
     image_positions, cu_images = unit_stride(image_positions, cu_images)
     B, N = cu_images.shape[0] - 1, image_positions.shape[0]
-    layout = new_output((B * Lq + 2 * N,), dtype=torch.int32, device=cu_images.device)
+    n_layout_rows = B * Lq if packed is None else total_q
+    layout = new_output((n_layout_rows + 2 * N,), dtype=torch.int32, device=cu_images.device)
     cfg = _config("layout", cu_images.device, torch.int32, 0)
     n_row_programs = B * cdiv(Lq, cfg["BLOCK_R"])
     grid = (n_row_programs + cdiv(N, cfg["BLOCK_I"]),)
     if grid[0]:
-        kernels._hyper_layout_kernel[grid](image_positions, cu_images, layout, B, Lq, Lk, N, B * Lq, n_row_programs,
-                                           INCLUSIVE=inclusive, **cfg)
+        kernels._hyper_layout_kernel[grid](image_positions, cu_images, *_packed_args(packed, cu_images), layout, B,
+                                           Lq, Lk, N, n_layout_rows, n_row_programs, INCLUSIVE=inclusive,
+                                           VARLEN=packed is not None, **cfg)
     return layout
 
 
@@ -140,7 +170,7 @@ BLOCK_EMPTY, BLOCK_PARTIAL, BLOCK_FULL = 0, 1, 2   # the classes block_classes r
 
 
 def block_classes(layout: torch.Tensor, cu_images: torch.Tensor, Lq: int, Lk: int, T: int, N: int,
-                  fwd: dict, bwd: dict) -> tuple[torch.Tensor, torch.Tensor]:
+                  fwd: dict, bwd: dict, packed: Packed | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The class (BLOCK_EMPTY / BLOCK_PARTIAL / BLOCK_FULL) the kernels give each of their tiles,
     computed on the device from ``layout`` (:func:`hyper_layout`) by the kernels' own rules, for
     tests and tile statistics.  ``fwd``/``bwd``: the ``"fwd"``/``"bwd"`` block configs (the dQ
@@ -149,7 +179,9 @@ def block_classes(layout: torch.Tensor, cu_images: torch.Tensor, Lq: int, Lk: in
     Returns ``(row_view int8 [B, cdiv(L_q, BM), n_vis_tiles + n_text_tiles], key_view int8
     [n_key_blocks, cdiv(L_q, BM_KV)])``: per row block, its visual key tiles (counted from the
     sample's first visual key; ``n_vis_tiles = cdiv(N*T, BN)``) then its text key tiles; per dK/dV
-    key block (text blocks ``kb * B + b`` first, then image n's blocks), its row tiles."""
+    key block (text blocks ``kb * B + b`` first, then image n's blocks), its row tiles.  ``packed``:
+    packed samples (``L_q``, ``L_k`` their ``max_seqlen_*``), each classified in its own coordinates
+    (tiles past a sample's end are empty)."""
     cu_images = unit_stride(cu_images)[0]
     B = cu_images.shape[0] - 1
     BM, BN = fwd["BLOCK_M"], fwd["BLOCK_N"]
@@ -161,48 +193,66 @@ def block_classes(layout: torch.Tensor, cu_images: torch.Tensor, Lq: int, Lk: in
     row_view = new_output((B, n_rb, n_vis + n_text), dtype=torch.int8, device=dev)
     key_view = new_output((n_key_blocks, n_rows), dtype=torch.int8, device=dev)
     grid = (B * n_rb + n_key_blocks,)
+    n_layout_rows = B * Lq if packed is None else layout.shape[0] - 2 * N
     if grid[0] and Lq:
         kernels._hyper_block_classes_kernel[grid](
-            layout, cu_images, row_view, key_view, B, Lq, Lk, T, N, B * Lq, B * n_rb, n_text_blocks, n_vis, n_text,
-            n_rows, BLOCK_M=BM, BLOCK_N=BN, BLOCK_M_KV=BM_KV, BLOCK_N_KV=BN_KV, BLOCK_T=16)
+            layout, cu_images, *_packed_args(packed, cu_images), row_view, key_view, B, Lq, Lk, T, N, n_layout_rows,
+            B * n_rb, n_text_blocks, n_vis, n_text, n_rows, VARLEN=packed is not None, BLOCK_M=BM, BLOCK_N=BN,
+            BLOCK_M_KV=BM_KV, BLOCK_N_KV=BN_KV, BLOCK_T=16)
     return row_view, key_view
 
 
+def _unbatched(packed: Packed | None, out, o_t, o_v, lse):
+    """The forward's outputs as returned: packed ones without the batch dim of one (``lse [S, H, total_q]``)."""
+    if packed is None:
+        return out, o_t, o_v, lse
+    return out[0], o_t[0] if o_t.numel() else o_t, o_v[0] if o_v.numel() else o_v, lse[:, 0]
+
+
 def hyper_forward(q, k, v, k_vis, v_vis, image_positions, cu_images, gate, key_padding_mask,
-                  gated: bool, inclusive: bool, scale: float, save_parts: bool, layout=None):
+                  gated: bool, inclusive: bool, scale: float, save_parts: bool, layout=None,
+                  packed: Packed | None = None):
     """Fused forward.  Returns ``(out, o_text, o_vis, lse)``; ``o_text``/``o_vis`` are the two gated
     partial outputs when ``save_parts`` (else zero-size tensors).  ``layout``: :func:`hyper_layout` of
-    the same metadata, or None to compute it here (the few-row decode path does not use it)."""
+    the same metadata, or None to compute it here (the few-row decode path does not use it).
+
+    ``packed``: q ``[total_q, H, D]`` and k, v ``[total_k, H_kv, D]`` hold packed samples (no padding
+    mask); the outputs are ``[total_q, H, D]`` and ``lse [S, H, total_q]``.  They always take the
+    row-block kernels (decoding stays on the ``[B, L]`` path)."""
     image_positions, cu_images = unit_stride(image_positions, cu_images)
-    B, Lq, H, D = q.shape
+    q, k, v = _batched(packed, q, k, v)
+    Bq, Lq, H, D = q.shape                     # the per-row tensors' batch and row dims
     Lk, Hkv = k.shape[1], k.shape[2]
+    B = Bq if packed is None else cu_images.shape[0] - 1
+    if packed is not None:                     # the grid's row and key counts: the longest sample's
+        Lq, Lk = packed.max_seqlen_q, packed.max_seqlen_k
     T = k_vis.shape[1]
     dev, dt = q.device, q.dtype
     S = 2 if gated else 1
-    out = new_output((B, Lq, H, D), dtype=dt, device=dev)
-    lse = new_output((S, B, H, Lq), dtype=torch.float32, device=dev)
+    out = new_output(q.shape, dtype=dt, device=dev)
+    lse = new_output((S, Bq, H, q.shape[1]), dtype=torch.float32, device=dev)
     if save_parts and gated:
-        o_t = new_output((B, Lq, H, D), dtype=dt, device=dev)
-        o_v = new_output((B, Lq, H, D), dtype=dt, device=dev)
+        o_t = new_output(q.shape, dtype=dt, device=dev)
+        o_v = new_output(q.shape, dtype=dt, device=dev)
     else:
         o_t, o_v = q.new_empty(0), q.new_empty(0)
     if out.numel() == 0:
-        return out, o_t, o_v, lse
+        return _unbatched(packed, out, o_t, o_v, lse)
     kv, vv = flat_visual(k_vis), flat_visual(v_vis)
     g = expand_gate(gate, q)
     kpm = key_padding_mask.view(torch.uint8) if key_padding_mask is not None else cu_images
-    if use_decode_path(Lq, H // Hkv):
+    if packed is None and use_decode_path(Lq, H // Hkv):
         _decode_forward(q, k, v, kv, vv, image_positions, cu_images, g, key_padding_mask, kpm, out, o_t, o_v, lse,
                         gated, inclusive, scale, save_parts, T)
         return out, o_t, o_v, lse
     if layout is None:
-        layout = hyper_layout(image_positions, cu_images, Lq, Lk, T, inclusive)
+        layout = hyper_layout(image_positions, cu_images, Lq, Lk, T, inclusive, packed, q.shape[1])
     cfg = _config("fwd", dev, dt, D)
     grid = (cdiv(Lq, cfg["BLOCK_M"]), B * H)
     # gated: the visual part goes to o_v (saved for the backward) or, at inference, to out as scratch
     ov_buf = o_v if o_v.numel() else out
     kernels._hyper_fwd_kernel[grid](
-        q, k, v, kv, vv, cu_images, layout, g, kpm,
+        q, k, v, kv, vv, cu_images, *_packed_args(packed, cu_images), layout, g, kpm,
         out, o_t if o_t.numel() else out, ov_buf, lse,
         Lq, Lk, H, H // Hkv, T,
         *q.stride(), *k.stride(), *v.stride(), *kv.stride(), *vv.stride(), *g.stride(),
@@ -210,9 +260,9 @@ def hyper_forward(q, k, v, k_vis, v_vis, image_positions, cu_images, gate, key_p
         out.stride(0), out.stride(1), out.stride(2),
         lse.stride(0), lse.stride(1), lse.stride(2),
         float(scale) * kernels.LOG2E,
-        GATED=gated, HAS_KPM=key_padding_mask is not None,
-        SAVE_PARTS=bool(save_parts and gated), BLOCK_D=D, DOT_PRECISION=_dot_precision(dt), **cfg)
-    return out, o_t, o_v, lse
+        GATED=gated, HAS_KPM=key_padding_mask is not None, SAVE_PARTS=bool(save_parts and gated),
+        VARLEN=packed is not None, BLOCK_D=D, DOT_PRECISION=_dot_precision(dt), **cfg)
+    return _unbatched(packed, out, o_t, o_v, lse)
 
 
 def backward_grid(B: int, Lq: int, Lk: int, H: int, Hkv: int, N: int, T: int, cfg: dict) -> tuple[int, int, int]:
@@ -224,13 +274,25 @@ def backward_grid(B: int, Lq: int, Lk: int, H: int, Hkv: int, N: int, T: int, cf
 
 
 def hyper_backward(grad_out, q, k, v, k_vis, v_vis, image_positions, cu_images, gate, key_padding_mask,
-                   out, o_t, o_v, lse, gated: bool, inclusive: bool, scale: float, layout=None):
+                   out, o_t, o_v, lse, gated: bool, inclusive: bool, scale: float, layout=None,
+                   packed: Packed | None = None):
     """Gradients ``(dq, dk, dv, dk_vis, dv_vis, dgate)``; ``dgate`` has the gate's shape (zero-size
     in joint mode).  Deterministic: every element is written by one program, no atomics.  ``layout``:
-    the forward's :func:`hyper_layout` (computed here when None)."""
+    the forward's :func:`hyper_layout` (computed here when None).  ``packed``: packed samples, the
+    tensors as :func:`hyper_forward` takes and returns them."""
     image_positions, cu_images = unit_stride(image_positions, cu_images)
-    B, Lq, H, D = q.shape
+    q_shape, k_shape = q.shape, k.shape
+    grad_out, q, k, v, out, o_t, o_v = _batched(packed, grad_out, q, k, v, out, o_t if o_t.numel() else None,
+                                                o_v if o_v.numel() else None)
+    o_t = q.new_empty(0) if o_t is None else o_t
+    o_v = q.new_empty(0) if o_v is None else o_v
+    if packed is not None:
+        lse = lse.unsqueeze(1)
+    Bq, Lq, H, D = q.shape
     Lk, Hkv = k.shape[1], k.shape[2]
+    B = Bq if packed is None else cu_images.shape[0] - 1
+    if packed is not None:
+        Lq, Lk = packed.max_seqlen_q, packed.max_seqlen_k
     N, T = k_vis.shape[0], k_vis.shape[1]
     G = H // Hkv
     dev, dt = q.device, q.dtype
@@ -241,17 +303,17 @@ def hyper_backward(grad_out, q, k, v, k_vis, v_vis, image_positions, cu_images, 
     dk_vis = new_output(k_vis.shape, dtype=dt, device=dev)
     dv_vis = new_output(v_vis.shape, dtype=dt, device=dev)
     dgate = q.new_empty(0)
-    if Lq == 0 or B == 0 or H == 0:
+    if q.shape[1] == 0 or Lq == 0 or B == 0 or H == 0:
         for t in (dq, dk, dv, dk_vis, dv_vis):
             t.zero_()
         if gated:
             dgate = torch.zeros_like(gate)
-        return dq, dk, dv, dk_vis, dv_vis, dgate
+        return dq.view(q_shape), dk.view(k_shape), dv.view(k_shape), dk_vis, dv_vis, dgate
     if gated and (o_t.numel() == 0 or o_v.numel() == 0):
         raise RuntimeError("the gated backward needs the forward's partial outputs: call hyper_attention_fwd "
                            "with save_parts=True when gradients are required")
     if layout is None:
-        layout = hyper_layout(image_positions, cu_images, Lq, Lk, T, inclusive)
+        layout = hyper_layout(image_positions, cu_images, Lq, Lk, T, inclusive, packed, q.shape[1])
     kv, vv = flat_visual(k_vis), flat_visual(v_vis)
     dkv, dvv = flat_visual(dk_vis), flat_visual(dv_vis)
     g = expand_gate(gate if gated else None, q)
@@ -260,23 +322,24 @@ def hyper_backward(grad_out, q, k, v, k_vis, v_vis, image_positions, cu_images, 
     kpm_strides = key_padding_mask.stride() if has_kpm else (0, 0)
 
     # 1. row statistics: base-2 lse and delta per part (and the gated part gradients + elementwise d(gate))
-    stats = new_output((S, 2, B, H, Lq), dtype=torch.float32, device=dev)
+    stats = new_output((S, 2, Bq, H, q.shape[1]), dtype=torch.float32, device=dev)
     if gated:   # the two part gradients dO_t, dO_v, one buffer (parts selected by an offset in the kernels)
-        do_parts = new_output((2, B, Lq, H, D), dtype=dt, device=dev)
+        do_parts = new_output((2, *q.shape), dtype=dt, device=dev)
         do_strides = (*do_parts.stride()[1:], do_parts.stride(0))
-        dg_full = new_output((B, Lq, H, D), dtype=torch.float32, device=dev)
+        dg_full = new_output(q.shape, dtype=torch.float32, device=dev)
     else:
         do_parts = grad_out
         do_strides = (*grad_out.stride(), 0)
         dg_full = stats
     cfg = _config("bwd_pre", dev, dt, D)
     o_ref = out if not gated else o_t
+    cu_q, cu_k = _packed_args(packed, cu_images)
     kernels._hyper_bwd_pre_kernel[(cdiv(Lq, cfg["BLOCK_M"]), B * H)](
-        grad_out, o_ref, o_t if gated else out, o_v if gated else out, g, cu_images, layout, lse,
+        grad_out, o_ref, o_t if gated else out, o_v if gated else out, g, cu_images, cu_q, cu_k, layout, lse,
         do_parts, stats, dg_full,
         Lq, H, *grad_out.stride(), do_strides[4], *g.stride(), o_ref.stride(0), o_ref.stride(1), o_ref.stride(2),
         lse.stride(0), lse.stride(1), lse.stride(2), *stats.stride()[:4],
-        GATED=gated, BLOCK_D=D, **cfg)
+        GATED=gated, VARLEN=packed is not None, BLOCK_D=D, **cfg)
     if gated:
         dgate = dg_full.sum_to_size(expand_gate_shape(gate, q)).reshape(gate.shape).to(gate.dtype)
 
@@ -284,14 +347,15 @@ def hyper_backward(grad_out, q, k, v, k_vis, v_vis, image_positions, cu_images, 
     cfg = _config("bwd", dev, dt, D)
     n_text, n_kv, n_all = backward_grid(B, Lq, Lk, H, Hkv, N, T, cfg)
     kernels._hyper_bwd_kernel[(n_all,)](
-        q, k, v, kv, vv, cu_images, layout, kpm, do_parts, stats, dq, dk, dv, dkv, dvv,
-        B, Lq, Lk, H, G, T, N, B * Lq, n_text, n_kv,
+        q, k, v, kv, vv, cu_images, cu_q, cu_k, layout, kpm, do_parts, stats, dq, dk, dv, dkv, dvv,
+        B, Lq, Lk, H, G, T, N, Bq * q.shape[1], n_text, n_kv,
         *q.stride(), *k.stride(), *v.stride(), *kv.stride(), *vv.stride(), *kpm_strides, *do_strides,
         *stats.stride()[:4], dq.stride(0), dq.stride(1), dq.stride(2),
         dk.stride(0), dk.stride(1), dk.stride(2), dkv.stride(0), dkv.stride(1),
         float(scale) * kernels.LOG2E, float(scale),
-        GATED=gated, HAS_KPM=has_kpm, BLOCK_D=D, DOT_PRECISION=_dot_precision(dt), **cfg)
-    return dq, dk, dv, dk_vis, dv_vis, dgate
+        GATED=gated, HAS_KPM=has_kpm, VARLEN=packed is not None, BLOCK_D=D, DOT_PRECISION=_dot_precision(dt),
+        **cfg)
+    return dq.view(q_shape), dk.view(k_shape), dv.view(k_shape), dk_vis, dv_vis, dgate
 
 
 def expand_gate_shape(gate: torch.Tensor, q: torch.Tensor) -> tuple:

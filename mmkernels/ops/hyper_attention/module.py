@@ -8,7 +8,8 @@ from torch import nn
 
 from ..._utils import autocast_dtype
 from ..._validation import check_float, check_int, check_tensor
-from .function import hyper_attention, text_rope, visual_kv
+from .function import INDEX_DTYPES, _check_offsets, hyper_attention, hyper_attention_varlen, text_rope, visual_kv
+from .packing import cu_seqlens_from_starts, positions_from_cu_seqlens, sample_starts
 from .reference import MODES, VISIBILITIES
 
 
@@ -150,7 +151,30 @@ class HyperAttention(nn.Module):
       one host sync) and trusts the cached one on decode steps; True always checks, False never
       (see :func:`mmkernels.hyper_attention`).
 
-    Returns ``(output [B, L, hidden], cache or None)``.
+    Packed samples (keyword-only ``packed``, ``cu_seqlens``, ``max_seqlen``): ``hidden_states [1, total,
+    hidden]`` holds several samples one after the other, each attended on its own (causal within the
+    sample, its rows see only its own earlier images), as :func:`mmkernels.hyper_attention_varlen` does:
+
+    * ``cu_seqlens`` int ``[S+1]``: sample s is tokens ``cu_seqlens[s]:cu_seqlens[s+1]`` (may be empty);
+      ``position_ids`` may then be None (each sample's positions from 0);
+    * or ``packed=True`` without ``cu_seqlens``: the samples are read from ``position_ids`` ``[1, total]``
+      (or ``[total]``) that restart at each sample, as transformers' ``DataCollatorWithFlattening``
+      makes them (a sample starts wherever a position is not the previous one plus 1).  The offsets are
+      derived on the device; the number of samples S is ``cu_images.shape[0] - 1`` when images are
+      given, and is read from the device (one host sync) otherwise;
+    * ``max_seqlen``: the longest sample's length, or any larger bound.  It sizes the kernels' grid:
+      without it the bound is ``total`` (no host sync, but the grid then has about ``total / longest``
+      times the programs it needs, the extra ones exiting at once), unless ``check_metadata`` reads the
+      offsets anyway, which then gives the exact value;
+    * images per sample: ``image_embeds [N, T, hidden]`` sample-major, ``image_positions`` in each
+      sample's own coordinates, ``cu_images [S+1]``;
+    * the text RoPE uses ``position_ids`` as given: pass each sample's own positions (restarting);
+    * a packed forward keeps no cache: ``use_cache``, ``past_key_value`` and ``key_padding_mask`` raise
+      ValueError (decode on padded ``[B, L]`` batches);
+    * ``check_metadata`` None or True checks the packed layout's values (the number of samples, the
+      offsets, the images inside their samples); False trusts them (no host sync when images are given).
+
+    Returns ``(output [B, L, hidden], cache or None)`` (packed: ``([1, total, hidden], None)``).
     """
 
     def __init__(self, hidden_size: int, num_heads: int, num_kv_heads: int, head_dim: int | None = None,
@@ -220,6 +244,108 @@ class HyperAttention(nn.Module):
             raise ValueError(f"position_ids must have shape (B={B}, L={L}), (1, L) or (L,) to match hidden_states, "
                              f"got {shape}")
         return position_ids
+
+    @staticmethod
+    def _packed_position_ids(position_ids, total: int, device) -> torch.Tensor:
+        """A packed row's ``position_ids`` (``[1, total]`` or ``[total]``) as ``[total]``."""
+        check_tensor("position_ids", position_ids)
+        if position_ids.is_floating_point() or position_ids.is_complex() or position_ids.dtype == torch.bool:
+            raise TypeError(f"position_ids must be an integer tensor, got {position_ids.dtype}")
+        if position_ids.device != device:
+            raise ValueError(f"position_ids is on {position_ids.device} but hidden_states is on {device}")
+        if tuple(position_ids.shape) not in ((total,), (1, total)):
+            raise ValueError(f"position_ids of a packed batch must have shape (1, total={total}) or (total,), "
+                             f"got {tuple(position_ids.shape)}")
+        return position_ids.reshape(total)
+
+    @staticmethod
+    def _count_samples(starts: torch.Tensor) -> tuple[int, int]:
+        """``(number of samples, longest sample)`` of a packed row's sample starts (one host sync)."""
+        if starts.shape[0] == 0:
+            return 0, 0
+        sample_of_token = torch.cumsum(starts, 0) - 1
+        lengths = torch.zeros_like(sample_of_token).scatter_add_(0, sample_of_token, torch.ones_like(sample_of_token))
+        found, longest = torch.stack([starts.sum(), lengths.max()]).tolist()
+        return int(found), int(longest)
+
+    def _packed_forward(self, hidden_states, position_ids, image_embeds, image_positions, cu_images, past_key_value,
+                        use_cache, key_padding_mask, norm_weight, check_metadata, cu_seqlens, max_seqlen):
+        """``forward`` on a packed row (see the class docstring): ``(output [1, total, hidden], None)``."""
+        B, total, _ = hidden_states.shape
+        H, Hkv, D = self.num_heads, self.num_key_value_heads, self.head_dim
+        dev = hidden_states.device
+        if B != 1:
+            raise ValueError(f"a packed batch is one row holding every sample: hidden_states must have shape "
+                             f"(1, total, hidden), got {tuple(hidden_states.shape)}")
+        if past_key_value is not None or use_cache:
+            raise ValueError("a packed forward keeps no cache (use_cache=True and past_key_value are not supported "
+                             "with packed samples); decode on a padded [B, L] batch")
+        if key_padding_mask is not None:
+            raise ValueError("key_padding_mask cannot be combined with packed samples: a packed row has no "
+                             "padding (leave the padding tokens out of it)")
+        if image_embeds is None and (image_positions is not None or cu_images is not None):
+            raise ValueError("image_positions and cu_images describe image_embeds: pass image_embeds with them")
+        if image_embeds is not None:
+            if image_positions is None or cu_images is None:
+                raise ValueError("image_embeds needs image_positions [N] and cu_images [S+1] (the images of each "
+                                 "packed sample, positions in the sample's own coordinates)")
+            check_tensor("cu_images", cu_images, ndim=1, dtypes=INDEX_DTYPES)
+        if max_seqlen is not None:
+            max_seqlen = check_int("max_seqlen", max_seqlen, low=0)
+        check = True if check_metadata is None else bool(check_metadata)
+        if cu_seqlens is not None:
+            check_tensor("cu_seqlens", cu_seqlens, ndim=1, dtypes=INDEX_DTYPES)
+            if cu_seqlens.shape[0] < 1 or cu_seqlens.device != dev:
+                raise ValueError(f"cu_seqlens must be a [S+1] tensor of sample offsets on {dev}, got shape "
+                                 f"{tuple(cu_seqlens.shape)} on {cu_seqlens.device}")
+            S = cu_seqlens.shape[0] - 1
+            if check and dev.type != "meta" and not torch.compiler.is_compiling():
+                # named for this argument (the op checks them again as cu_seqlens_q/k)
+                offsets = cu_seqlens.detach().to("cpu", torch.int64)
+                _check_offsets("cu_seqlens", offsets, total, f"total={total} (hidden_states.shape[1])")
+                longest = int(offsets.diff().max()) if S else 0
+                if max_seqlen is not None and max_seqlen < longest:
+                    raise ValueError(f"max_seqlen={max_seqlen} must be at least the longest sample's length, "
+                                     f"{longest}")
+                max_seqlen = longest if max_seqlen is None else max_seqlen
+            if position_ids is None:      # each sample's own positions, from 0
+                position_ids = positions_from_cu_seqlens(cu_seqlens, total)
+            else:
+                position_ids = self._packed_position_ids(position_ids, total, dev)
+        else:
+            if position_ids is None:
+                raise ValueError("a packed batch needs cu_seqlens, or position_ids that restart at each sample")
+            position_ids = self._packed_position_ids(position_ids, total, dev)
+            starts = sample_starts(position_ids)
+            S = None if cu_images is None else cu_images.shape[0] - 1   # the images fix it: no host sync
+            if S is None and dev.type == "meta":
+                raise ValueError("on the meta device the number of packed samples cannot be read from "
+                                 "position_ids: pass cu_seqlens (or images with cu_images)")
+            if S is None or (check and dev.type != "meta"):
+                # the number of samples and the longest one, in one host sync
+                found, longest = self._count_samples(starts)
+                if S is not None and found != S:
+                    raise ValueError(f"position_ids restart {found} time(s) (a sample starts wherever a position is "
+                                     f"not the previous one plus 1) but cu_images has {S} samples "
+                                     f"(shape {tuple(cu_images.shape)})")
+                S = found
+                if max_seqlen is None:
+                    max_seqlen = longest
+            cu_seqlens = cu_seqlens_from_starts(starts, S)
+        if max_seqlen is None:
+            max_seqlen = total                # a bound that needs no host sync (see the class docstring)
+        q, k, v = self._qkv(hidden_states, position_ids[None], None)
+        if image_embeds is not None:
+            k_vis, v_vis = self.visual_kv(image_embeds, image_positions, norm_weight)
+        else:
+            k_vis = v_vis = q.new_zeros((0, 1, Hkv, D))
+            image_positions = torch.zeros(0, dtype=torch.int32, device=dev)
+            cu_images = torch.zeros(S + 1, dtype=torch.int32, device=dev)
+        o = hyper_attention_varlen(q[0], k[0], v[0], k_vis, v_vis, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen,
+                                   image_positions, cu_images, mode=self.mode,
+                                   gate=self.gate.to(q.dtype) if self.mode == "gated" else None,
+                                   visibility=self.visibility, check_metadata=check)
+        return self.o_proj(o.reshape(1, total, H * D)), None
 
     def _check_cache(self, cache, B: int, hidden_states: torch.Tensor) -> None:
         """A cache from this layer for this batch: its text K/V and visual K/V shapes, dtype and device."""
@@ -318,11 +444,12 @@ class HyperAttention(nn.Module):
         cache.filled += 1
         return out, cache
 
-    def forward(self, hidden_states: torch.Tensor, position_ids: torch.Tensor, image_embeds: torch.Tensor | None = None,
-                image_positions: torch.Tensor | None = None, cu_images: torch.Tensor | None = None,
-                past_key_value: HyperAttentionCache | None = None, use_cache: bool = False,
-                key_padding_mask: torch.Tensor | None = None, norm_weight: torch.Tensor | None = None,
-                check_metadata: bool | None = None):
+    def forward(self, hidden_states: torch.Tensor, position_ids: torch.Tensor | None,
+                image_embeds: torch.Tensor | None = None, image_positions: torch.Tensor | None = None,
+                cu_images: torch.Tensor | None = None, past_key_value: HyperAttentionCache | None = None,
+                use_cache: bool = False, key_padding_mask: torch.Tensor | None = None,
+                norm_weight: torch.Tensor | None = None, check_metadata: bool | None = None, *,
+                packed: bool | None = None, cu_seqlens: torch.Tensor | None = None, max_seqlen: int | None = None):
         check_tensor("hidden_states", hidden_states, ndim=3)
         B, L, hidden = hidden_states.shape
         H, Hkv, D = self.num_heads, self.num_key_value_heads, self.head_dim
@@ -336,6 +463,17 @@ class HyperAttention(nn.Module):
         if hidden_states.dtype != weight.dtype and autocast_dtype(hidden_states.device) is None:
             raise TypeError(f"hidden_states has dtype {hidden_states.dtype} but the layer's parameters have "
                             f"{weight.dtype} (convert one, or run under torch.autocast)")
+        if packed is None:
+            packed = cu_seqlens is not None
+        elif not isinstance(packed, bool):
+            raise TypeError(f"packed must be a bool or None, got {type(packed).__name__}")
+        if packed:
+            return self._packed_forward(hidden_states, position_ids, image_embeds, image_positions, cu_images,
+                                        past_key_value, use_cache, key_padding_mask, norm_weight, check_metadata,
+                                        cu_seqlens, max_seqlen)
+        if cu_seqlens is not None or max_seqlen is not None:
+            raise ValueError("cu_seqlens and max_seqlen describe a packed batch: they cannot be combined with "
+                             "packed=False")
         position_ids = self._position_ids(position_ids, B, L, hidden_states.device)
         if past_key_value is not None:
             self._check_cache(past_key_value, B, hidden_states)

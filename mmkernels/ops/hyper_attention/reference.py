@@ -182,3 +182,37 @@ def hyper_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         lse = torch.stack(lses, 1) if B else q.new_empty((S, 0, H, Lq), dtype=torch.float32)
         return out, lse
     return out
+
+
+def hyper_attention_varlen_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_vis: torch.Tensor,
+                                     v_vis: torch.Tensor, cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor,
+                                     max_seqlen_q: int, max_seqlen_k: int, image_positions: torch.Tensor,
+                                     cu_images: torch.Tensor, *, mode: str = "gated", gate: torch.Tensor | None = None,
+                                     visibility: str = "strict", scale: float | None = None) -> torch.Tensor:
+    """Reference of :func:`mmkernels.hyper_attention_varlen` (packed samples, shapes as there): each
+    sample ``s`` run on its own through :func:`hyper_attention_reference`.
+
+    Its queries ``q[cu_seqlens_q[s]:cu_seqlens_q[s+1]]`` are the last rows of its keys
+    ``k[cu_seqlens_k[s]:cu_seqlens_k[s+1]]``, its images ``cu_images[s]:cu_images[s+1]`` with their
+    positions in the sample's own coordinates; the gate (a ``[H*D]`` vector or broadcastable to
+    ``[total_q, H, D]``) is taken at the sample's rows.  ``max_seqlen_*`` are accepted for the same
+    signature and not needed here.  Returns ``[total_q, H, D]``.
+    """
+    total_q, H, D = q.shape
+    if gate is not None:
+        gate = gate.view(H, D) if (gate.dim() == 1 and gate.numel() == H * D) else gate
+        gate = gate.expand(total_q, H, D)
+    cq, ck, ci = (x.detach().to("cpu", torch.int64).tolist() for x in (cu_seqlens_q, cu_seqlens_k, cu_images))
+    outs = []
+    for s in range(len(cq) - 1):
+        rows, keys, imgs = slice(cq[s], cq[s + 1]), slice(ck[s], ck[s + 1]), slice(ci[s], ci[s + 1])
+        cu = torch.tensor([0, ci[s + 1] - ci[s]], dtype=torch.int64)
+        outs.append(hyper_attention_reference(
+            q[None, rows], k[None, keys], v[None, keys], k_vis[imgs], v_vis[imgs], image_positions[imgs], cu,
+            mode=mode, gate=None if gate is None else gate[None, rows], visibility=visibility, scale=scale)[0])
+    out = torch.cat(outs) if outs else q.new_zeros(q.shape)
+    # every floating input stays in the graph (zero gradients where it cannot matter), as on the kernels
+    for x in (q, k, v, k_vis, v_vis, gate):
+        if x is not None and x.requires_grad:
+            out = out + x.reshape(-1)[:0].sum().to(out.dtype)
+    return out
