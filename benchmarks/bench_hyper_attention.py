@@ -803,22 +803,34 @@ def varlen_inputs(mix: list[tuple[int, int]], model: dict, mode: str, device, dt
 
 def run_varlen(model: dict, spec: dict, device, dtype, timer, log=print, on_progress=None) -> list[dict]:
     """Forward+backward of the mix packed (``hyper_attention_varlen``) and padded (``hyper_attention`` on
-    ``[S, L_max]``), both modes, tokens/s counting the real text tokens; in joint mode beside
-    FlexAttention with a document mask combined with the hyper mask and, when flash-attn is
-    installed, its varlen causal attention over the text alone (no image).  Every call with
-    ``check_metadata=False`` (no host sync)."""
+    ``[S, L_max]``), both modes, tokens/s counting the real text tokens; then, in joint mode, the peers:
+    FlexAttention with a document mask combined with the hyper mask and, when flash-attn is installed,
+    its varlen causal attention over the text alone (no image).  Every call with ``check_metadata=False``
+    (no host sync).  ``on_progress(rows)`` after each mode and each peer (the packed-vs-padded rows
+    come first: a run cut short keeps them)."""
     import mmkernels
 
     from . import hyper_peers as P
 
     mix = varlen_mix(spec)
     T = model["T"]
-    rows = []
+    rows: list[dict] = []
+
+    def add(mode, fl, name, t, note, **extra):
+        tokens = fl["tokens"]
+        rows.append(dict(_peer_row("varlen", mode, name, tokens, fl["images"], T, "fwd+bwd", t, note, dtype),
+                         samples=fl["samples"], tokens_per_s=(tokens / t[0] * 1e3) if t else None, **extra))
+        log(f"  varlen {mode:<5} {fl['samples']} samples, {tokens} tokens, {fl['images']} images  {name:<20} "
+            + (f"{t[0]:.3f}ms {rows[-1]['tokens_per_s']:.4g} tokens/s" if t else note), flush=True)
+        if on_progress is not None:
+            on_progress(rows)
+        return rows[-1]
+
+    joint = None
     for mode in MODES:
         vis = "strict" if mode == "gated" else "inclusive"
         x = varlen_inputs(mix, model, mode, device, dtype)
         fl = varlen_flops(mix, model, vis)
-        tokens = fl["tokens"]
         q, k, v, kv, vv = x["packed"][:5]
         qp, kp, vp = x["padded"][:3]
         gate = x["gate"]
@@ -827,48 +839,48 @@ def run_varlen(model: dict, spec: dict, device, dtype, timer, log=print, on_prog
         dyp[x["rows"]] = dy
         leaves = [t.requires_grad_() for t in (q, k, v, kv, vv, gate, qp, kp, vp) if t is not None]
 
-        def packed_fb():
-            mmkernels.hyper_attention_varlen(q, k, v, kv, vv, *x["packed"][5:], mode=mode, gate=gate, visibility=vis,
+        def packed_fb(x=x, mode=mode, vis=vis, dy=dy):
+            mmkernels.hyper_attention_varlen(*x["packed"], mode=mode, gate=x["gate"], visibility=vis,
                                              check_metadata=False).backward(dy)
 
-        def padded_fb():
-            mmkernels.hyper_attention(qp, kp, vp, kv, vv, *x["padded"][5:], mode=mode, gate=gate, visibility=vis,
+        def padded_fb(x=x, mode=mode, vis=vis, dyp=dyp):
+            mmkernels.hyper_attention(*x["padded"], mode=mode, gate=x["gate"], visibility=vis,
                                       check_metadata=False).backward(dyp)
 
-        timed = {"packed": _measure(timer, packed_fb, grad=True, leaves=leaves),
-                 "padded": _measure(timer, padded_fb, grad=True, leaves=leaves)}
+        packed, padded = (_measure(timer, packed_fb, grad=True, leaves=leaves),
+                          _measure(timer, padded_fb, grad=True, leaves=leaves))
+        speed = (padded[0][0] / packed[0][0]) if (packed[0] and padded[0]) else None
+        row = add(mode, fl, "packed", *packed, speedup_vs_padded=speed, speedup_vs_flex_document=None,
+                  flops_saved=fl["flops_saved"])
+        add(mode, fl, "padded", *padded)
         if mode == "joint":
-            cu_q, cu_k, max_q, max_k, pos, cu_img = x["packed"][5:]
-            peers = [("flex_document", lambda: P.DocumentFlexPeer(cu_q, cu_k, pos, cu_img, T, visibility=vis,
-                                                                  device=device, needs_grad=True), (q, k, v, kv, vv)),
-                     ("flash_varlen_causal", lambda: P.FlashVarlenCausalPeer(cu_q, cu_k, max_q, max_k), (q, k, v))]
-            for name, build, args in peers:
-                try:
-                    peer = build()
-                    if peer.unavailable:
-                        raise RuntimeError(peer.unavailable)
-                    prep = peer.prepare(*[a.detach().requires_grad_() for a in args], detach=True)
-                    dy_peer = dy if name == "flash_varlen_causal" else dy.transpose(0, 1)[None].contiguous()
+            joint = (x, dy, fl, vis, row)
+        del x, leaves, qp, kp, vp, dyp
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
 
-                    def fn(peer=peer, prep=prep, dy_peer=dy_peer):
-                        peer.run(*prep).backward(dy_peer)
-                    fn()                                                   # compiles here
-                    timed[name] = _measure(timer, fn, grad=True, leaves=list(prep))
-                except Exception as e:
-                    timed[name] = (None, _not_measured(e))
-        base = {name: t[0][0] if t[0] else None for name, t in timed.items()}
-        for name, (t, note) in timed.items():
-            extra = dict(speedup_vs_padded=(base["padded"] / t[0]) if (t and base["padded"]) else None,
-                         speedup_vs_flex_document=(base["flex_document"] / t[0])
-                         if (t and base.get("flex_document")) else None) if name == "packed" else {}
-            rows.append(dict(_peer_row("varlen", mode, name, fl["tokens"], fl["images"], T, "fwd+bwd", t, note, dtype),
-                             samples=fl["samples"], tokens_per_s=(tokens / t[0] * 1e3) if t else None,
-                             flops_saved=fl["flops_saved"] if name == "packed" else None, **extra))
-            r = rows[-1]
-            log(f"  varlen {mode:<5} {fl['samples']} samples, {tokens} tokens, {fl['images']} images  {name:<20} "
-                + (f"{r['ms']:.3f}ms {r['tokens_per_s']:.4g} tokens/s" if t else note), flush=True)
-        if on_progress is not None:
-            on_progress(rows)
+    x, dy, fl, vis, packed_row = joint
+    q, k, v, kv, vv, cu_q, cu_k, max_q, max_k, pos, cu_img = x["packed"]
+    peers = [("flex_document", lambda: P.DocumentFlexPeer(cu_q, cu_k, pos, cu_img, T, visibility=vis, device=device,
+                                                          needs_grad=True), (q, k, v, kv, vv)),
+             ("flash_varlen_causal", lambda: P.FlashVarlenCausalPeer(cu_q, cu_k, max_q, max_k), (q, k, v))]
+    for name, build, args in peers:
+        try:
+            peer = build()
+            if peer.unavailable:
+                raise RuntimeError(peer.unavailable)
+            prep = peer.prepare(*[a.detach().requires_grad_() for a in args], detach=True)
+            dy_peer = dy if name == "flash_varlen_causal" else dy.transpose(0, 1)[None].contiguous()
+
+            def fn(peer=peer, prep=prep, dy_peer=dy_peer):
+                peer.run(*prep).backward(dy_peer)
+            fn()                                                   # compiles here
+            t, note = _measure(timer, fn, grad=True, leaves=list(prep))
+        except Exception as e:
+            t, note = None, _not_measured(e)
+        if name == "flex_document" and t and packed_row.get("ms"):
+            packed_row["speedup_vs_flex_document"] = t[0] / packed_row["ms"]
+        add("joint", fl, name, t, note)
     return rows
 
 

@@ -386,7 +386,10 @@ class DocumentFlexPeer(_Peer):
             text = (k_doc[j] == s) & (k_pos[j] <= t)
             return torch.where(kv_idx < NV, vis, text)
 
-        self.block_mask = create_block_mask(mask_mod, 1, None, total_q, NV + total_k, device=device)
+        # on CUDA the mask is built compiled: a packed training batch's [total_q, N*T + total_k] mask
+        # (tens of thousands squared) would not fit in memory materialised, as the eager path does
+        self.block_mask = create_block_mask(mask_mod, 1, None, total_q, NV + total_k, device=device,
+                                            _compile=device.type == "cuda")
         self.fn = _flex_fn(device, compiled)
 
     def prepare(self, q, k, v, k_vis, v_vis, *, detach: bool = False):
