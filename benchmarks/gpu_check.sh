@@ -11,11 +11,11 @@
 #
 #   2 [120] beside 2b 110                                   ->  120 s
 #   G1 90, then `mmkernels info` 30                         ->  120 s
-#   2d [240] beside H1 40, H2 30, 2c 60, 3 150              ->  280 s (the wait for 2d: none)
+#   2d [240] beside H1 60, H2 30, 2c 60, 3 150              ->  300 s (the wait for 2d: none)
 #   H3 100, H5 90, 4 150, H4 45                             ->  385 s
 #   G3 10 and the summary                                   ->   15 s (kept)
 #
-# 920 s if every step ran to its limit: the budget cuts the last steps instead (the tile sweep H4 first,
+# 940 s if every step ran to its limit: the budget cuts the last steps instead (the tile sweep H4 first,
 # then the general benchmarks), so the run always ends within RUN_BUDGET plus a few seconds of kill
 # grace.
 #
@@ -61,7 +61,7 @@
 #        SKIP_PROFILE=1, SKIP_TESTS=1, SKIP_BENCH=1, SKIP_GEMM_TUNE=1, SKIP_CODEGEN=1, SKIP_HYPER=1,
 #        GEMM_TUNE_TIMEOUT (90), GEMM_ROLES (all; comma-separated), CODEGEN_TIMEOUT (240),
 #        BUILD_TIMEOUT (120), TUNE_TIMEOUT (110), PROFILE_TIMEOUT (60), TESTS_TIMEOUT (150),
-#        BENCH_TIMEOUT (150), TORCH_CUDA_ARCH_LIST (9.0a), HYPER_TESTS_TIMEOUT (40),
+#        BENCH_TIMEOUT (150), TORCH_CUDA_ARCH_LIST (9.0a), HYPER_TESTS_TIMEOUT (60),
 #        HYPER_PROFILE_TIMEOUT (30), HYPER_BENCH_TIMEOUT (100), HYPER_TUNE_TIMEOUT (45), HYPER_VARLEN_TIMEOUT (90),
 #        BENCH_OPS ("plora moe ..."; default all, or "plora moe" with the hyper block), PROFILE_CASES
 #        ("moe plora hyper_joint hyper_gated"; default all, or "moe plora" with the hyper block),
@@ -111,7 +111,7 @@ limit() {  # step limit: sets LIMIT to min(limit, what is left of RUN_BUDGET bef
 }
 
 # hyper attention runs in its own steps (H1-H4): the general ones leave it out
-HYPER_TESTS="tests/test_hyper_attention.py tests/test_hyper_attention_hardening.py tests/test_hyper_attention_static_cache.py tests/test_hyper_attention_decode.py"
+HYPER_TESTS="tests/test_hyper_attention.py tests/test_hyper_attention_hardening.py tests/test_hyper_attention_static_cache.py tests/test_hyper_attention_decode.py tests/test_hyper_attention_varlen.py"
 if [ "${SKIP_HYPER:-0}" != "1" ]; then
   PROFILE_CASES="${PROFILE_CASES:-moe plora}"
   BENCH_OPS="${BENCH_OPS:-plora moe}"
@@ -232,7 +232,7 @@ wait_codegen() {  # the codegen table is finished before the timed benchmarks st
 }
 
 # ---------------------------------------------------------------- H1, H2. hyper attention: GPU tests, profile
-if hyper_step h-tests "${HYPER_TESTS_TIMEOUT:-40}" hyper_tests.log -- \
+if hyper_step h-tests "${HYPER_TESTS_TIMEOUT:-60}" hyper_tests.log -- \
     "$PY" -m pytest -q -x -p no:cacheprovider $HYPER_TESTS -m gpu; then
   record h-tests "$HYPER_RC" "$HYPER_T" "$(grep -E '[0-9]+ (passed|failed|error)' "$OUT/hyper_tests.log" | tail -n 1)"
 fi

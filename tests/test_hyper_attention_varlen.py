@@ -444,3 +444,31 @@ def test_meta_tensors_give_the_shape():
     out = hyper_attention_varlen(q, k, v, kv, vv, *meta, p.max_q, p.max_k, p.pos.to("meta"), p.cu_img.to("meta"),
                                  gate=torch.zeros(4 * 16, device="meta"))
     assert out.device.type == "meta" and out.shape == p.q.shape
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="host synchronisation is a CUDA matter")
+def test_no_host_sync_with_check_metadata_false():
+    """With check_metadata=False the packed forward and backward never wait for the GPU: max_seqlen_*
+    size the grids, the offsets are read by the kernels only (gated mode: it launches every kernel the
+    joint mode does, and the gate's reduction)."""
+    mode = "gated"
+    H, Hkv, D, T = 4, 2, 64, 9
+    p = packed_case([33, 1, 0, 70], H, Hkv, D, T, torch.bfloat16, "cuda", chunked=True, n_images=[2, 1, 0, 3])
+    leaves = [t.requires_grad_() for t in (p.q, p.k, p.v, p.k_vis, p.v_vis)]
+    gate = torch.randn(H * D, device="cuda", dtype=torch.bfloat16, requires_grad=True) if mode == "gated" else None
+    dout = torch.randn_like(p.q)
+
+    def step():
+        with use_backend("triton"):
+            out = hyper_attention_varlen(*leaves, *p.args[5:], mode=mode, gate=gate, check_metadata=False)
+        out.backward(dout)
+        return out
+    want = step()                                  # compiles the kernels
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        got = step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert torch.equal(got, want)
