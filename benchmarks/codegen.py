@@ -150,17 +150,23 @@ HYPER_VARLEN = {"varlen": ("joint", 2048, 8, 512, 32), "varlen_gated": ("gated",
 
 
 def _hyper_varlen_layer(mode, total, samples, max_len, images, device="meta"):
-    """One packed training step's launches (as :func:`_hyper_layer`)."""
+    """One packed training step's launches (as :func:`_hyper_layer`).  The offsets are valid (equal samples
+    of ``total // samples`` tokens, ``images // samples`` images each), so the launches can run on a GPU."""
     from mmkernels.ops.hyper_attention import launch
     gated = mode == "gated"
     H, Hkv, D, T = HYPER_7B
 
     def new(*shape, dtype=torch.bfloat16):
         return _meta(*shape, dtype=dtype, device=device)
+
+    def steps(n, step):
+        return torch.arange(n, dtype=torch.int32, device=device) * step
     q, k, v = new(total, H, D), new(total, Hkv, D), new(total, Hkv, D)
     kv, vv = new(images, T, Hkv, D), new(images, T, Hkv, D)
-    pos, cu = new(images, dtype=torch.int32), new(samples + 1, dtype=torch.int32)
-    packed = launch.Packed(new(samples + 1, dtype=torch.int32), new(samples + 1, dtype=torch.int32), max_len, max_len)
+    per_sample = images // samples
+    pos, cu = steps(images, 1) % per_sample * (total // samples // per_sample), steps(samples + 1, per_sample)
+    cu_seq = steps(samples + 1, total // samples)
+    packed = launch.Packed(cu_seq, cu_seq, max_len, max_len)
     gate = new(H * D) if gated else None
     layout = launch.hyper_layout(pos, cu, max_len, max_len, T, not gated, packed, total)
     out, o_t, o_v, lse = launch.hyper_forward(q, k, v, kv, vv, pos, cu, gate, None, gated, not gated, D ** -0.5,
