@@ -45,7 +45,15 @@ Sections:
    far) is rewritten and, once the section completes, removed -- a run cut short by a timeout keeps
    what it measured.  ``--quick`` keeps only the target shapes (prefill 1k+8 and 2k+32, causal 4k,
    decode after 2k with 32 images); FlexAttention compiles once per shape, which dominates a full sweep.
-4. GPU targets (printed as MET / NOT MET on CUDA only; the results JSON's ``"targets"`` list of
+4. Packed samples (``hyper_attention_varlen``) against the same samples padded to the longest
+   (``hyper_attention`` on ``[S, L_max]``): a batch of :data:`VARLEN_GPU` (16 samples, 256-4096 text
+   tokens and 1-8 images of 729 tokens each, fixed seed) on the 7B layer.  The forward FLOPs over
+   visible pairs, packed and padded, are counted on any machine (also for the tiny CPU mix); on a GPU
+   (full run, or ``python -m benchmarks.bench_hyper_attention --varlen``, the prepared GPU run's step)
+   fwd+bwd tokens/s of both, both modes, and in joint mode beside FlexAttention with a document mask
+   combined with the hyper mask (:class:`benchmarks.hyper_peers.DocumentFlexPeer`) and flash-attn's
+   varlen causal attention over the text alone when flash-attn is installed.
+5. GPU targets (printed as MET / NOT MET on CUDA only; the results JSON's ``"targets"`` list of
    ``{id, value, goal, better, met, target}``, ``value`` the worst case over the stated shapes).
 """
 from __future__ import annotations
@@ -729,14 +737,197 @@ def peer_targets(rows: list[dict]) -> list[dict]:
     return [dict(t, note="not measured") if t["value"] is None else t for t in out]
 
 
+# --------------------------------------------------------------------------- packed samples (varlen)
+
+# The length mix of a packed training batch: ``samples`` samples, text lengths drawn uniformly from
+# ``text`` and ``images`` images each (of the model's T tokens), with a fixed seed.  GPU: the 7B layer;
+# CPU: the same construction at tiny sizes, FLOPs only.
+VARLEN_GPU = dict(samples=16, text=(256, 4096), images=(1, 8), seed=0)
+VARLEN_CPU = dict(samples=4, text=(16, 64), images=(1, 3), seed=0)
+TARGET_VARLEN_VS_PADDED = 1.5     # hyper.varlen_tokens_per_s_vs_padded: fwd+bwd tokens/s, packed / padded
+TARGET_VARLEN_VS_FLEX = 1.25      # hyper.varlen_fwd_bwd_vs_flex_document: FlexAttention (document mask) / packed
+
+
+def varlen_mix(spec: dict) -> list[tuple[int, int]]:
+    """The ``(text length, images)`` of each sample of ``spec`` (:data:`VARLEN_GPU`), drawn with its seed."""
+    g = torch.Generator().manual_seed(spec["seed"])
+    (lo, hi), (n_lo, n_hi) = spec["text"], spec["images"]
+    lengths = torch.randint(lo, hi + 1, (spec["samples"],), generator=g).tolist()
+    counts = torch.randint(n_lo, n_hi + 1, (spec["samples"],), generator=g).tolist()
+    return list(zip(lengths, counts))
+
+
+def varlen_flops(mix: list[tuple[int, int]], model: dict, visibility: str) -> dict:
+    """Forward FLOPs (visible pairs, :func:`attention_flops`) of the mix packed against the same samples
+    padded to the longest one (a ``[S, L_max]`` batch computes every row of ``L_max``; each sample's
+    images at the same positions, :func:`image_positions_for` of its own length)."""
+    T, Hq, D = model["T"], model["heads"], model["head_dim"]
+    L_max = max(L for L, _ in mix)
+    packed = sum(visible_pairs(L, L, image_positions_for(L, n), T, visibility) for L, n in mix)
+    padded = sum(visible_pairs(L_max, L_max, image_positions_for(L, n), T, visibility) for L, n in mix)
+    fp, fd = attention_flops(packed, Hq, D), attention_flops(padded, Hq, D)
+    return dict(samples=len(mix), tokens=sum(L for L, _ in mix), padded_tokens=L_max * len(mix),
+                images=sum(n for _, n in mix), packed_gflop=fp / 1e9, padded_gflop=fd / 1e9,
+                flops_saved=1.0 - fp / fd if fd else 0.0)
+
+
+def varlen_inputs(mix: list[tuple[int, int]], model: dict, mode: str, device, dtype, seed: int = 0) -> dict:
+    """The mix as ``hyper_attention_varlen`` takes it (``packed``: q, k, v, k_vis, v_vis, cu_seqlens_q/k,
+    max_seqlen_q/k, image_positions, cu_images; ``gate`` in gated mode) and the same samples right-padded
+    to ``[S, L_max]`` for ``hyper_attention`` (``padded``; a padding row sees only earlier keys, so the
+    real rows need no key mask); ``rows``: the padded batch's real rows, as a boolean ``[S, L_max]``."""
+    g = torch.Generator(device=device).manual_seed(seed)
+    Hq, Hkv, D, T = model["heads"], model["kv_heads"], model["head_dim"], model["T"]
+    S, L_max, total = len(mix), max(L for L, _ in mix), sum(L for L, _ in mix)
+    N = sum(n for _, n in mix)
+
+    def r(*shape):
+        return torch.randn(*shape, generator=g, device=device, dtype=dtype)
+    q, k, v, kv, vv = r(total, Hq, D), r(total, Hkv, D), r(total, Hkv, D), r(N, T, Hkv, D), r(N, T, Hkv, D)
+    i32 = dict(dtype=torch.int32, device=device)
+    cu = torch.tensor([0] + torch.tensor([L for L, _ in mix]).cumsum(0).tolist(), **i32)
+    cu_img = torch.tensor([0] + torch.tensor([n for _, n in mix]).cumsum(0).tolist(), **i32)
+    pos = torch.tensor([p for L, n in mix for p in image_positions_for(L, n)], **i32)
+    rows = torch.zeros(S, L_max, dtype=torch.bool, device=device)
+    for s, (L, _) in enumerate(mix):
+        rows[s, :L] = True
+
+    def pad(x):
+        out = x.new_zeros((S, L_max, *x.shape[1:]))
+        out[rows] = x
+        return out
+    gate = r(Hq * D) if mode == "gated" else None
+    return dict(packed=(q, k, v, kv, vv, cu, cu, L_max, L_max, pos, cu_img), gate=gate, rows=rows,
+                padded=(pad(q), pad(k), pad(v), kv, vv, pos, cu_img))
+
+
+def run_varlen(model: dict, spec: dict, device, dtype, timer, log=print, on_progress=None) -> list[dict]:
+    """Forward+backward of the mix packed (``hyper_attention_varlen``) and padded (``hyper_attention`` on
+    ``[S, L_max]``), both modes, tokens/s counting the real text tokens; then, in joint mode, the peers:
+    FlexAttention with a document mask combined with the hyper mask and, when flash-attn is installed,
+    its varlen causal attention over the text alone (no image).  Every call with ``check_metadata=False``
+    (no host sync).  ``on_progress(rows)`` after each mode and each peer (the packed-vs-padded rows
+    come first: a run cut short keeps them)."""
+    import mmkernels
+
+    from . import hyper_peers as P
+
+    mix = varlen_mix(spec)
+    T = model["T"]
+    rows: list[dict] = []
+
+    def add(mode, fl, name, t, note, **extra):
+        tokens = fl["tokens"]
+        rows.append(dict(_peer_row("varlen", mode, name, tokens, fl["images"], T, "fwd+bwd", t, note, dtype),
+                         samples=fl["samples"], tokens_per_s=(tokens / t[0] * 1e3) if t else None, **extra))
+        log(f"  varlen {mode:<5} {fl['samples']} samples, {tokens} tokens, {fl['images']} images  {name:<20} "
+            + (f"{t[0]:.3f}ms {rows[-1]['tokens_per_s']:.4g} tokens/s" if t else note), flush=True)
+        if on_progress is not None:
+            on_progress(rows)
+        return rows[-1]
+
+    joint = None
+    for mode in MODES:
+        vis = "strict" if mode == "gated" else "inclusive"
+        x = varlen_inputs(mix, model, mode, device, dtype)
+        fl = varlen_flops(mix, model, vis)
+        q, k, v, kv, vv = x["packed"][:5]
+        qp, kp, vp = x["padded"][:3]
+        gate = x["gate"]
+        dy = torch.randn_like(q)
+        dyp = dy.new_zeros(qp.shape)
+        dyp[x["rows"]] = dy
+        leaves = [t.requires_grad_() for t in (q, k, v, kv, vv, gate, qp, kp, vp) if t is not None]
+
+        def packed_fb(x=x, mode=mode, vis=vis, dy=dy):
+            mmkernels.hyper_attention_varlen(*x["packed"], mode=mode, gate=x["gate"], visibility=vis,
+                                             check_metadata=False).backward(dy)
+
+        def padded_fb(x=x, mode=mode, vis=vis, dyp=dyp):
+            mmkernels.hyper_attention(*x["padded"], mode=mode, gate=x["gate"], visibility=vis,
+                                      check_metadata=False).backward(dyp)
+
+        packed, padded = (_measure(timer, packed_fb, grad=True, leaves=leaves),
+                          _measure(timer, padded_fb, grad=True, leaves=leaves))
+        speed = (padded[0][0] / packed[0][0]) if (packed[0] and padded[0]) else None
+        row = add(mode, fl, "packed", *packed, speedup_vs_padded=speed, speedup_vs_flex_document=None,
+                  flops_saved=fl["flops_saved"])
+        add(mode, fl, "padded", *padded)
+        if mode == "joint":
+            joint = (x, dy, fl, vis, row)
+        del x, leaves, qp, kp, vp, dyp
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    x, dy, fl, vis, packed_row = joint
+    q, k, v, kv, vv, cu_q, cu_k, max_q, max_k, pos, cu_img = x["packed"]
+    peers = [("flex_document", lambda: P.DocumentFlexPeer(cu_q, cu_k, pos, cu_img, T, visibility=vis, device=device,
+                                                          needs_grad=True), (q, k, v, kv, vv)),
+             ("flash_varlen_causal", lambda: P.FlashVarlenCausalPeer(cu_q, cu_k, max_q, max_k), (q, k, v))]
+    for name, build, args in peers:
+        try:
+            peer = build()
+            if peer.unavailable:
+                raise RuntimeError(peer.unavailable)
+            prep = peer.prepare(*[a.detach().requires_grad_() for a in args], detach=True)
+            dy_peer = dy if name == "flash_varlen_causal" else dy.transpose(0, 1)[None].contiguous()
+
+            def fn(peer=peer, prep=prep, dy_peer=dy_peer):
+                peer.run(*prep).backward(dy_peer)
+            fn()                                                   # compiles here
+            t, note = _measure(timer, fn, grad=True, leaves=list(prep))
+        except Exception as e:
+            t, note = None, _not_measured(e)
+        if name == "flex_document" and t and packed_row.get("ms"):
+            packed_row["speedup_vs_flex_document"] = t[0] / packed_row["ms"]
+        add("joint", fl, name, t, note)
+    return rows
+
+
+VARLEN_COLUMNS = [("case", "case", None), ("mode", "mode", None), ("samples", "samples", None),
+                  ("L", "text tokens", None), ("images", "images", None), ("provider", "provider", None),
+                  ("ms", "fwd+bwd ms", ".3f"), ("tokens_per_s", "tokens/s", ".4g"),
+                  ("speedup_vs_padded", "vs padded", ".2f"), ("speedup_vs_flex_document", "vs flex document", ".2f"),
+                  ("note", "note", None)]
+VARLEN_FLOP_COLUMNS = [("shapes", "shapes", None), ("samples", "samples", None), ("tokens", "text tokens", None),
+                       ("padded_tokens", "padded tokens", None), ("images", "images", None),
+                       ("visibility", "visibility", None), ("packed_gflop", "packed GFLOP (fwd)", ".4g"),
+                       ("padded_gflop", "padded GFLOP (fwd)", ".4g"), ("flops_saved", "FLOPs saved", ".1%")]
+
+
+def varlen_flop_rows(include_gpu_mix: bool = True) -> list[dict]:
+    """The FLOPs saved by packing, computed (no run): the tiny CPU mix and the 7B layer's mix."""
+    sets = [("tiny CPU shapes", CPU_MODEL, VARLEN_CPU)] + ([("7B layer mix", GPU_MODEL, VARLEN_GPU)]
+                                                          if include_gpu_mix else [])
+    return [dict(shapes=label, visibility=vis, **varlen_flops(varlen_mix(spec), model, vis))
+            for label, model, spec in sets for vis in ("strict", "inclusive")]
+
+
+def varlen_targets(rows: list[dict]) -> list[dict]:
+    """The packed-sample targets from :func:`run_varlen`'s rows (None -- not met -- when not measured)."""
+    mk = [r for r in rows if r["case"] == "varlen" and r["provider"] == "packed"]
+    t1 = H.target("hyper.varlen_tokens_per_s_vs_padded", H.worst([r.get("speedup_vs_padded") for r in mk], "higher"),
+                  TARGET_VARLEN_VS_PADDED, "higher",
+                  f"fwd+bwd tokens/s packed >= {TARGET_VARLEN_VS_PADDED}x padded, {VARLEN_GPU['samples']} samples "
+                  f"of {VARLEN_GPU['text'][0]}-{VARLEN_GPU['text'][1]} text tokens and {VARLEN_GPU['images'][0]}-"
+                  f"{VARLEN_GPU['images'][1]} images, both modes")
+    sel = [r for r in mk if r["mode"] == "joint"]
+    t2 = H.target("hyper.varlen_fwd_bwd_vs_flex_document",
+                  H.worst([r.get("speedup_vs_flex_document") for r in sel], "higher"), TARGET_VARLEN_VS_FLEX, "higher",
+                  f"fwd+bwd >= {TARGET_VARLEN_VS_FLEX}x FlexAttention with a document mask combined with the hyper "
+                  "mask, the same mix, joint mode")
+    return [dict(t, note="not measured") if t["value"] is None else t for t in (t1, t2)]
+
+
 # --------------------------------------------------------------------------- targets
 
-def evaluate_targets(rows: list[dict], on_cuda: bool, peer_rows: list[dict] | None = None) -> list[dict]:
+def evaluate_targets(rows: list[dict], on_cuda: bool, peer_rows: list[dict] | None = None,
+                     varlen_rows: list[dict] | None = None) -> list[dict]:
     """The targets against the mPLUG-Owl3 baseline (layer sweep) and, from ``peer_rows``, the peer
     targets (:func:`peer_targets`).  Without a GPU the peer targets still keep their ids in the results
     JSON, each "not measured"."""
     if not on_cuda:
-        return [dict(t, note="not measured: no CUDA GPU in this run") for t in peer_targets([])]
+        return [dict(t, note="not measured: no CUDA GPU in this run") for t in peer_targets([]) + varlen_targets([])]
     targets = []
     for n, want in TARGET_PREFILL_SPEEDUP.items():
         sel = [r for r in rows if r["case"] == "prefill" and r["provider"] == "mmkernels" and r["images"] == n]
@@ -771,6 +962,8 @@ def evaluate_targets(rows: list[dict], on_cuda: bool, peer_rows: list[dict] | No
                                    f"{worst['gbps']:.0f} GB/s)"))
     if peer_rows is not None:
         targets += peer_targets(peer_rows)
+    if varlen_rows is not None:
+        targets += varlen_targets(varlen_rows)
     return targets
 
 
@@ -819,7 +1012,23 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         peer_rows = cpu_decode_steps(device, cfg)
         H.print_table(f"{OP} decode step (the op and the module's cached step on the reference path; "
                       "SDPA over all the K/V as a reference point)", peer_rows, PEER_COLUMNS)
-    targets = evaluate_targets(rows, on_cuda, peer_rows)
+    print(f"\n### {OP}: packed samples (hyper_attention_varlen) against the same samples padded to the longest; "
+          "forward FLOPs over visible pairs, counted (no run)", flush=True)
+    flop_rows = varlen_flop_rows()
+    H.print_table(f"{OP} packed vs padded: FLOPs", flop_rows, VARLEN_FLOP_COLUMNS)
+    varlen_rows = []
+    if on_cuda and not quick:   # the prepared GPU run times it in its own step (python -m benchmarks.bench_hyper_attention)
+        m7 = GPU_MODEL
+        print(f"\n### {OP}: packed vs padded, fwd+bwd, {H.dtype_name(GPU_PEERS['dtype'])}, 7B layer (H {m7['heads']}/"
+              f"{m7['kv_heads']}, D {m7['head_dim']}, T {m7['T']}), {VARLEN_GPU['samples']} samples of "
+              f"{VARLEN_GPU['text'][0]}-{VARLEN_GPU['text'][1]} text tokens, {VARLEN_GPU['images'][0]}-"
+              f"{VARLEN_GPU['images'][1]} images each (seed {VARLEN_GPU['seed']})", flush=True)
+        varlen_rows = run_varlen(m7, VARLEN_GPU, device, GPU_PEERS["dtype"], H.time_ms)
+        H.print_table(f"{OP} packed vs padded", varlen_rows, VARLEN_COLUMNS)
+    else:
+        print(f"{OP} packed vs padded: tokens/s are measured on a GPU (full run, or python -m "
+              "benchmarks.bench_hyper_attention --varlen); the FLOPs above are counted", flush=True)
+    targets = evaluate_targets(rows, on_cuda, peer_rows, varlen_rows if on_cuda and not quick else None)
     H.print_targets(OP, targets, on_cuda, "CPU timings compare the reference path with the mPLUG-Owl3-style baseline")
     plot = H.plot_sweep(
         OP, [r for r in rows if r["provider"] in ("mmkernels", "owl3_baseline")], panel_keys=("case", "mode", "L"),
@@ -833,6 +1042,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "verification": ver_rows,
         "rows": rows,
         "peer_rows": peer_rows or [],
+        "varlen_flops": flop_rows,
+        "varlen_rows": varlen_rows,
         "targets": targets,
         "ceilings": ceil,
         "config": {"quick": quick, "timing_dtype": cfg["dtype"], "model": m, "text": list(cfg["text"]),
@@ -843,3 +1054,40 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                    "flop_convention": f"visible (query, key) pairs only; fwd 4*H*D FLOPs per pair; fwd+bwd "
                                       f"{FWD_BWD_FLOP_FACTOR}x fwd (backward 2.5x: five matmuls vs two)"},
     }
+
+
+def varlen_main(argv=None) -> dict[str, Any]:
+    """``python -m benchmarks.bench_hyper_attention --varlen [--out DIR]``: the packed-vs-padded section alone
+    (FLOPs; on a GPU the fwd+bwd timing and its two targets), written to
+    ``hyper_attention_varlen-<card>-latest.json`` after each mode (a run cut short keeps what it measured)."""
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.bench_hyper_attention",
+                                     description="packed samples against padded ones (hyper_attention_varlen)")
+    parser.add_argument("--varlen", action="store_true", required=True, help="run the packed-vs-padded section")
+    parser.add_argument("--out", default=None, help="output folder (default benchmarks/results)")
+    args = parser.parse_args(argv)
+    from .run import _prepare_interpreter
+
+    _prepare_interpreter()
+    device = H.default_device()
+    on_cuda = device.type == "cuda"
+    flop_rows = varlen_flop_rows()
+    H.print_table(f"{OP} packed vs padded: FLOPs (fwd, visible pairs, counted)", flop_rows, VARLEN_FLOP_COLUMNS)
+    op = f"{OP}_varlen"
+    rows: list[dict] = []
+
+    def save(rows_so_far):
+        targets = varlen_targets(rows_so_far) if on_cuda else [
+            dict(t, note="not measured: no CUDA GPU in this run") for t in varlen_targets([])]
+        H.write_results(op, {"varlen_flops": flop_rows, "varlen_rows": rows_so_far, "targets": targets},
+                        args.out, keep_timestamped=False)
+        return targets
+    if on_cuda:
+        rows = run_varlen(GPU_MODEL, VARLEN_GPU, device, GPU_PEERS["dtype"], H.time_ms, on_progress=save)
+        H.print_table(f"{OP} packed vs padded", rows, VARLEN_COLUMNS)
+    targets = save(rows)
+    H.print_targets(op, targets, on_cuda, "tokens/s need a GPU; the FLOPs are counted")
+    return {"varlen_flops": flop_rows, "varlen_rows": rows, "targets": targets}
+
+
+if __name__ == "__main__":
+    varlen_main()

@@ -144,6 +144,37 @@ def _hyper_layer(mode, L, images, device="meta"):
                           not gated, D ** -0.5, layout)
 
 
+# packed samples (hyper_attention_varlen): the same 7B layer, 2k text tokens in 8 samples of at most 512,
+# and 32 images; the kernels are the dense ones compiled with VARLEN (the offsets read from cu_seqlens)
+HYPER_VARLEN = {"varlen": ("joint", 2048, 8, 512, 32), "varlen_gated": ("gated", 2048, 8, 512, 32)}
+
+
+def _hyper_varlen_layer(mode, total, samples, max_len, images, device="meta"):
+    """One packed training step's launches (as :func:`_hyper_layer`).  The offsets are valid (equal samples
+    of ``total // samples`` tokens, ``images // samples`` images each), so the launches can run on a GPU."""
+    from mmkernels.ops.hyper_attention import launch
+    gated = mode == "gated"
+    H, Hkv, D, T = HYPER_7B
+
+    def new(*shape, dtype=torch.bfloat16):
+        return _meta(*shape, dtype=dtype, device=device)
+
+    def steps(n, step):
+        return torch.arange(n, dtype=torch.int32, device=device) * step
+    q, k, v = new(total, H, D), new(total, Hkv, D), new(total, Hkv, D)
+    kv, vv = new(images, T, Hkv, D), new(images, T, Hkv, D)
+    per_sample = images // samples
+    pos, cu = steps(images, 1) % per_sample * (total // samples // per_sample), steps(samples + 1, per_sample)
+    cu_seq = steps(samples + 1, total // samples)
+    packed = launch.Packed(cu_seq, cu_seq, max_len, max_len)
+    gate = new(H * D) if gated else None
+    layout = launch.hyper_layout(pos, cu, max_len, max_len, T, not gated, packed, total)
+    out, o_t, o_v, lse = launch.hyper_forward(q, k, v, kv, vv, pos, cu, gate, None, gated, not gated, D ** -0.5,
+                                              True, layout, packed)
+    launch.hyper_backward(new(total, H, D), q, k, v, kv, vv, pos, cu, gate, None, out, o_t, o_v, lse, gated,
+                          not gated, D ** -0.5, layout, packed)
+
+
 def _hyper_decode():
     from mmkernels.ops.hyper_attention import launch
     (H, Hkv, D, T), L, images = HYPER_7B, 2048, 32
@@ -198,6 +229,11 @@ CASES = [
          lambda: _hyper_layer(*HYPER_TRAINING["gated"]), _HYPER_ROLES),
     Case("hyper_attention", "causal4k", "dense causal attention (no image), 4k tokens, fwd+bwd",
          lambda: _hyper_layer(*HYPER_TRAINING["causal4k"]), _HYPER_ROLES),
+    Case("hyper_attention", "varlen", "packed samples (hyper_attention_varlen): the joint case's 2k text in 8 "
+         "samples of at most 512, 32 images, fwd+bwd", lambda: _hyper_varlen_layer(*HYPER_VARLEN["varlen"]),
+         _HYPER_ROLES),
+    Case("hyper_attention", "varlen_gated", "the same in gated mode",
+         lambda: _hyper_varlen_layer(*HYPER_VARLEN["varlen_gated"]), _HYPER_ROLES),
     Case("hyper_attention", "decode", "one query row after 2k text + 32 images (gated, inference)", _hyper_decode,
          {"_hyper_decode_split_kernel": ("split",), "_hyper_decode_merge_kernel": ("merge",)}),
     Case("hyper_attention", "producer", "the elementwise producers: MI-RoPE of 32 images' K/V (with RMSNorm scale "

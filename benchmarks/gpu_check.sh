@@ -11,11 +11,11 @@
 #
 #   2 [120] beside 2b 110                                   ->  120 s
 #   G1 90, then `mmkernels info` 30                         ->  120 s
-#   2d [240] beside H1 40, H2 30, 2c 60, 3 150              ->  280 s (the wait for 2d: none)
-#   H3 100, 4 150, H4 45                                    ->  295 s
+#   2d [240] beside H1 60, H2 30, 2c 60, 3 150              ->  300 s (the wait for 2d: none)
+#   H3 100, H5 90, 4 150, H4 45                             ->  385 s
 #   G3 10 and the summary                                   ->   15 s (kept)
 #
-# 830 s if every step ran to its limit: the budget cuts the last steps instead (the tile sweep H4 first,
+# 940 s if every step ran to its limit: the budget cuts the last steps instead (the tile sweep H4 first,
 # then the general benchmarks), so the run always ends within RUN_BUDGET plus a few seconds of kill
 # grace.
 #
@@ -40,6 +40,9 @@
 #      H2 profile of one training step (joint + gated)      -> $OUT/hyper_profile.{log,txt,json}
 #      H3 benchmarks (bench_hyper_attention, quick shapes)  -> $OUT/hyper_bench.log, hyper_attention-<dev>-latest.json
 #      H4 tile sweep (benchmarks.tune_hyper)                -> $OUT/hyper_tune.log, hyper_tune.json
+#      H5 packed samples vs padded (bench_hyper_attention --varlen: 16 samples of 256-4096 text tokens,
+#         1-8 images; FlexAttention document-mask peer)    -> $OUT/hyper_varlen.log,
+#                                                             hyper_attention_varlen-<dev>-latest.json
 #   2c. profile: one fwd+bwd step per operator under torch.profiler (benchmarks.profile_step: MoE phi-2
 #      16k tokens dropless, PLoRA wqkv 8k 50 % visual), kernels by self CUDA time
 #                                                          -> $OUT/profile.log, profile.txt, profile.json
@@ -51,7 +54,7 @@
 #   G3. GEMM-family targets from the bench JSONs (benchmarks.targets: measured or "not measured")
 #                                                          -> $OUT/gemm_targets.txt
 #   5. summary table                                       -> stdout
-# Run order: 1, 2 + 2b, G1, 2d (background), H1, H2, 2c, 3, (codegen wait), H3, 4, H4, G3, 5.
+# Run order: 1, 2 + 2b, G1, 2d (background), H1, H2, 2c, 3, (codegen wait), H3, H5, 4, H4, G3, 5.
 # $OUT stays flat (about 30 small files, summary.txt among them).
 #
 # A machine that hands back only a few files of a run (a lent GPU, say) gets the whole output as one
@@ -64,8 +67,8 @@
 #        SKIP_PROFILE=1, SKIP_TESTS=1, SKIP_BENCH=1, SKIP_GEMM_TUNE=1, SKIP_CODEGEN=1, SKIP_HYPER=1,
 #        GEMM_TUNE_TIMEOUT (90), GEMM_ROLES (all; comma-separated), CODEGEN_TIMEOUT (240),
 #        BUILD_TIMEOUT (120), TUNE_TIMEOUT (110), PROFILE_TIMEOUT (60), TESTS_TIMEOUT (150),
-#        BENCH_TIMEOUT (150), TORCH_CUDA_ARCH_LIST (9.0a), HYPER_TESTS_TIMEOUT (40),
-#        HYPER_PROFILE_TIMEOUT (30), HYPER_BENCH_TIMEOUT (100), HYPER_TUNE_TIMEOUT (45),
+#        BENCH_TIMEOUT (150), TORCH_CUDA_ARCH_LIST (9.0a), HYPER_TESTS_TIMEOUT (60),
+#        HYPER_PROFILE_TIMEOUT (30), HYPER_BENCH_TIMEOUT (100), HYPER_TUNE_TIMEOUT (45), HYPER_VARLEN_TIMEOUT (90),
 #        BENCH_OPS ("plora moe ..."; default all, or "plora moe" with the hyper block), PROFILE_CASES
 #        ("moe plora hyper_joint hyper_gated"; default all, or "moe plora" with the hyper block),
 #        TEST_PATHS (default tests).
@@ -114,7 +117,7 @@ limit() {  # step limit: sets LIMIT to min(limit, what is left of RUN_BUDGET bef
 }
 
 # hyper attention runs in its own steps (H1-H4): the general ones leave it out
-HYPER_TESTS="tests/test_hyper_attention.py tests/test_hyper_attention_hardening.py tests/test_hyper_attention_static_cache.py tests/test_hyper_attention_decode.py"
+HYPER_TESTS="tests/test_hyper_attention.py tests/test_hyper_attention_hardening.py tests/test_hyper_attention_static_cache.py tests/test_hyper_attention_decode.py tests/test_hyper_attention_varlen.py"
 if [ "${SKIP_HYPER:-0}" != "1" ]; then
   PROFILE_CASES="${PROFILE_CASES:-moe plora}"
   BENCH_OPS="${BENCH_OPS:-plora moe}"
@@ -235,7 +238,7 @@ wait_codegen() {  # the codegen table is finished before the timed benchmarks st
 }
 
 # ---------------------------------------------------------------- H1, H2. hyper attention: GPU tests, profile
-if hyper_step h-tests "${HYPER_TESTS_TIMEOUT:-40}" hyper_tests.log -- \
+if hyper_step h-tests "${HYPER_TESTS_TIMEOUT:-60}" hyper_tests.log -- \
     "$PY" -m pytest -q -x -p no:cacheprovider $HYPER_TESTS -m gpu; then
   record h-tests "$HYPER_RC" "$HYPER_T" "$(grep -E '[0-9]+ (passed|failed|error)' "$OUT/hyper_tests.log" | tail -n 1)"
 fi
@@ -276,6 +279,14 @@ if hyper_step h-bench "${HYPER_BENCH_TIMEOUT:-100}" hyper_bench.log -- \
   find "$OUT" -maxdepth 1 -name 'hyper_attention-*-[0-9]*-[0-9]*.json' -delete 2>/dev/null
   record h-bench "$HYPER_RC" "$HYPER_T" "$(grep -cE 'NOT MET' "$OUT/hyper_bench.log") NOT MET, $(grep -cE '\[ *MET\]' "$OUT/hyper_bench.log") MET targets"
   HYPER_TARGETS="$(grep -E '^[[:space:]]*\[( *MET|NOT MET)\]' "$OUT/hyper_bench.log" 2>/dev/null)"
+fi
+
+# ---------------------------------------------------------------- H5. hyper attention: packed samples vs padded
+if hyper_step h-varlen "${HYPER_VARLEN_TIMEOUT:-90}" hyper_varlen.log -- \
+    "$PY" -m benchmarks.bench_hyper_attention --varlen --out "$OUT"; then
+  record h-varlen "$HYPER_RC" "$HYPER_T" "$(grep -cE 'NOT MET' "$OUT/hyper_varlen.log") NOT MET, $(grep -cE '\[ *MET\]' "$OUT/hyper_varlen.log") MET targets"
+  HYPER_TARGETS="${HYPER_TARGETS:-}${HYPER_TARGETS:+
+}$(grep -E '^[[:space:]]*\[( *MET|NOT MET)\]' "$OUT/hyper_varlen.log" 2>/dev/null)"
 fi
 
 # ---------------------------------------------------------------- 4. benchmarks

@@ -8,6 +8,10 @@
   the rows that see an image (finite visual lse), ``o_text`` elsewhere: the math of mmkernels' gated mode.
 * :class:`DenseCausalPeer` -- dense causal SDPA over the text alone (zero images): the practical ceiling,
   with torch's default backend choice or pinned to one backend (``"flash"``, ``"cudnn"``).
+* :class:`DocumentFlexPeer` -- packed samples (``hyper_attention_varlen``), joint mode: one FlexAttention
+  call over all visual and packed text keys with a document mask combined with the hyper mask.
+* :class:`FlashVarlenCausalPeer` -- flash-attn's ``flash_attn_varlen_func`` on the packed text alone
+  (causal, no image): the text-only packed reference point, when flash-attn is installed.
 
 Each peer is built once per image layout (the block mask is made at construction, outside any timed
 region) and used as ``peer.prepare(...)`` -> tensors in the peer's own layout (``[B, H, L, D]``,
@@ -319,3 +323,114 @@ class DenseCausalPeer(_Peer):
 
         with sdpa_kernel([getattr(SDPBackend, SDPA_BACKENDS[self.backend])]):
             return _causal_sdpa(q, k, v, self.text_mask, self.scale)
+
+
+# --------------------------------------------------------------------------- packed samples (varlen)
+
+def _packed_index(cu_seqlens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``[S+1]`` offsets -> per packed row ``(sample, index in its sample)`` (int64, on the offsets' device)."""
+    cu = cu_seqlens.to(torch.int64)
+    lengths = cu.diff()
+    sample = torch.repeat_interleave(torch.arange(lengths.numel(), device=cu.device), lengths)
+    return sample, torch.arange(sample.numel(), device=cu.device) - cu[sample]
+
+
+def flash_varlen_unavailable() -> str | None:
+    """None when flash-attn's ``flash_attn_varlen_func`` can be imported, else the reason."""
+    try:
+        from flash_attn import flash_attn_varlen_func  # noqa: F401
+    except Exception as e:
+        return f"flash-attn is not installed ({type(e).__name__}: {e})"
+    return None
+
+
+class DocumentFlexPeer(_Peer):
+    """Packed samples in joint mode (:func:`mmkernels.hyper_attention_varlen`): one FlexAttention call over
+    ``[all visual keys ; all packed text keys]`` with a document mask combined with the hyper mask:
+    row ``t`` of sample ``s`` (its position in its own sample) sees a text key of sample ``s`` at
+    position ``<= t`` and image ``n`` of sample ``s`` iff ``p_n < t`` (strict) or ``p_n <= t``
+    (inclusive).  Inputs and output as ``hyper_attention_varlen`` takes and returns them
+    (``[total_q, H, D]``)."""
+
+    name = "flex_document"
+
+    def __init__(self, cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor, image_positions: torch.Tensor,
+                 cu_images: torch.Tensor, T: int, *, visibility: str = "inclusive", scale: float | None = None,
+                 device=None, compiled: bool | None = None, needs_grad: bool = False):
+        device = torch.device(device or cu_seqlens_q.device)
+        self.unavailable = flex_unavailable(device, needs_grad)
+        self.scale = scale
+        if self.unavailable:
+            return
+        from torch.nn.attention.flex_attention import create_block_mask
+
+        q_doc, q_pos = _packed_index(cu_seqlens_q.to(device))
+        k_doc, k_pos = _packed_index(cu_seqlens_k.to(device))
+        lq, lk = cu_seqlens_q.to(device, torch.int64).diff(), cu_seqlens_k.to(device, torch.int64).diff()
+        q_pos = q_pos + (lk - lq)[q_doc]                      # the rows are the last L_q of each sample's L_k
+        img_doc, _ = _packed_index(cu_images.to(device))
+        img_pos = image_positions.to(device, torch.int64)
+        N, total_q, total_k = img_pos.numel(), q_doc.numel(), k_doc.numel()
+        NV, inclusive, n_clamp, k_clamp = N * T, visibility == "inclusive", max(N - 1, 0), max(total_k - 1, 0)
+        if N == 0:   # index tensors of one (never-selected) entry keep the lookups in range
+            img_doc, img_pos = torch.full((1,), -1, device=device), torch.zeros(1, dtype=torch.int64, device=device)
+        if total_k == 0:
+            k_doc, k_pos = torch.full((1,), -1, device=device), torch.zeros(1, dtype=torch.int64, device=device)
+
+        def mask_mod(b, h, q_idx, kv_idx):
+            s, t = q_doc[q_idx], q_pos[q_idx]
+            n = torch.clamp(kv_idx // max(T, 1), max=n_clamp)
+            p = img_pos[n]
+            vis = (img_doc[n] == s) & ((p <= t) if inclusive else (p < t))
+            j = torch.clamp(kv_idx - NV, min=0, max=k_clamp)
+            text = (k_doc[j] == s) & (k_pos[j] <= t)
+            return torch.where(kv_idx < NV, vis, text)
+
+        # on CUDA the mask is built compiled: a packed training batch's [total_q, N*T + total_k] mask
+        # (tens of thousands squared) would not fit in memory materialised, as the eager path does
+        self.block_mask = create_block_mask(mask_mod, 1, None, total_q, NV + total_k, device=device,
+                                            _compile=device.type == "cuda")
+        self.fn = _flex_fn(device, compiled)
+
+    def prepare(self, q, k, v, k_vis, v_vis, *, detach: bool = False):
+        """``q [total_q, H, D]``, ``k, v [total_k, H_kv, D]``, ``k_vis, v_vis [N, T, H_kv, D]`` ->
+        ``[1, H, total_q, D]`` and the concatenated keys/values ``[1, H_kv, N*T + total_k, D]``."""
+        self.dtype = q.dtype
+        Hkv, D = k.shape[1], k.shape[2]
+
+        def keys(vis, text):
+            return torch.cat([vis.reshape(-1, Hkv, D), text]).transpose(0, 1).unsqueeze(0).contiguous()
+        return _detached((q.transpose(0, 1).unsqueeze(0).contiguous(), keys(k_vis, k), keys(v_vis, v)), detach)
+
+    def run(self, q, k, v):
+        return _flex_call(self.fn, q, k, v, self.block_mask, self.scale, want_lse=False)[0]
+
+    def output(self, o: torch.Tensor) -> torch.Tensor:
+        return o[0].transpose(0, 1).to(self.dtype)
+
+
+class FlashVarlenCausalPeer(_Peer):
+    """flash-attn's ``flash_attn_varlen_func`` on the packed text alone (causal within each sample,
+    bottom-right aligned when ``L_q < L_k``; no image): what a text-only packed batch costs with the
+    library the ``cu_seqlens`` convention comes from.  Inputs as ``hyper_attention_varlen`` takes them."""
+
+    name = "flash_varlen_causal"
+
+    def __init__(self, cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor, max_seqlen_q: int,
+                 max_seqlen_k: int, *, scale: float | None = None):
+        self.unavailable = flash_varlen_unavailable()
+        self.cu_q, self.cu_k = cu_seqlens_q.to(torch.int32), cu_seqlens_k.to(torch.int32)
+        self.max_q, self.max_k, self.scale = max_seqlen_q, max_seqlen_k, scale
+
+    def prepare(self, q, k, v, *, detach: bool = False):
+        self.dtype = q.dtype
+        return _detached((q, k, v), detach)
+
+    def run(self, q, k, v):
+        from flash_attn import flash_attn_varlen_func
+
+        return flash_attn_varlen_func(q, k, v, self.cu_q, self.cu_k, self.max_q, self.max_k,
+                                      softmax_scale=self.scale, causal=True)
+
+    def output(self, o: torch.Tensor) -> torch.Tensor:
+        return o.to(self.dtype)

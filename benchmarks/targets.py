@@ -1,4 +1,4 @@
-"""The GPU targets of the GEMM family, read from results JSONs: measured (met or not) or not measured.
+"""The GPU targets of the GEMM family (and of packed hyper attention), read from results JSONs: measured (met or not) or not measured.
 
     python -m benchmarks.targets [DIR ...] [--card h200]
 
@@ -26,6 +26,12 @@ GEMM_TARGETS = (
     ("plora", "plora.fwd_bwd_vs_xcomposer"),
     ("plora", "plora.all_text_vs_base"),
 )
+# packed samples through hyper attention (bench_hyper_attention.py --varlen)
+HYPER_VARLEN_TARGETS = (
+    ("hyper_attention", "hyper.varlen_tokens_per_s_vs_padded"),
+    ("hyper_attention", "hyper.varlen_fwd_bwd_vs_flex_document"),
+)
+TARGETS = GEMM_TARGETS + HYPER_VARLEN_TARGETS
 
 
 def collect(dirs, card: str | None = None) -> list[dict]:
@@ -46,7 +52,7 @@ def collect(dirs, card: str | None = None) -> list[dict]:
                 if isinstance(t, dict) and t.get("id") and t.get("value") is not None:
                     found[t["id"]] = dict(t, commit=doc.get("commit"), card=file_card, file=str(path))
     rows = []
-    for op, tid in GEMM_TARGETS:
+    for op, tid in TARGETS:
         t = found.get(tid)
         if t is None:
             rows.append(dict(op=op, id=tid, status="not measured", value=None, goal=None, better=None, met=False,
@@ -66,7 +72,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     rows = collect(args.dirs, args.card)
     width = max(len(r["id"]) for r in rows)
-    print("== GEMM-family GPU targets ==")
+    print("== GEMM-family and packed hyper attention GPU targets ==")
     for r in rows:
         if r["status"] == "not measured":
             print(f"  {r['id']:<{width}}  not measured")

@@ -159,3 +159,76 @@ def test_cpu_decode_step_rows():
         rows = cpu_decode_steps(torch.device("cpu"), cfg, log=lambda *a, **k: None)
     assert [(r["mode"], r["provider"]) for r in rows] == [(m, p) for m in MODES for p in CPU_DECODE_STEP_PROVIDERS]
     assert all(r["us"] and r["us"] > 0 and r["L"] == 11 and r["images"] == 2 for r in rows), rows
+
+
+# --------------------------------------------------------------------------- packed samples (varlen)
+
+def test_varlen_mix_and_flops():
+    """The length mix is fixed by its seed and within its ranges; packing never computes more than padding
+    (the same when every sample has the longest length)."""
+    from .bench_hyper_attention import VARLEN_CPU, VARLEN_GPU, varlen_flop_rows, varlen_flops, varlen_mix
+
+    mix = varlen_mix(VARLEN_GPU)
+    assert mix == varlen_mix(VARLEN_GPU) and len(mix) == 16
+    assert all(256 <= L <= 4096 and 1 <= n <= 8 for L, n in mix)
+    model = TINY["model"]
+    fl = varlen_flops(varlen_mix(VARLEN_CPU), model, "strict")
+    assert 0 < fl["packed_gflop"] < fl["padded_gflop"] and 0 < fl["flops_saved"] < 1
+    assert fl["tokens"] == sum(L for L, _ in varlen_mix(VARLEN_CPU))
+    same = varlen_flops([(9, 2), (9, 1)], model, "inclusive")
+    assert same["flops_saved"] == 0.0 and same["padded_tokens"] == same["tokens"] == 18
+    rows = varlen_flop_rows()
+    assert {r["shapes"] for r in rows} == {"tiny CPU shapes", "7B layer mix"}
+    assert all(r["flops_saved"] > 0 for r in rows)
+
+
+def test_varlen_inputs_pad_the_same_samples():
+    """The padded batch holds the packed samples' rows, and the padded run's real rows equal the packed run."""
+    from .bench_hyper_attention import varlen_inputs
+
+    model = dict(TINY["model"], T=3)
+    mix = [(5, 1), (1, 0), (7, 2)]
+    x = varlen_inputs(mix, model, "gated", torch.device("cpu"), torch.float32)
+    q, k = x["packed"][:2]
+    qp, kp = x["padded"][:2]
+    assert torch.equal(qp[x["rows"]], q) and torch.equal(kp[x["rows"]], k) and int(x["rows"].sum()) == 13
+    with mmkernels.use_backend("reference"):
+        packed = mmkernels.hyper_attention_varlen(*x["packed"], mode="gated", gate=x["gate"])
+        padded = mmkernels.hyper_attention(*x["padded"], mode="gated", gate=x["gate"])
+    torch.testing.assert_close(padded[x["rows"]], packed)
+
+
+def test_varlen_section_runs_on_cpu_and_targets():
+    """The packed-vs-padded rows at tiny shapes on CPU (the peers say why they cannot run: no CPU FlexAttention
+    backward, flash-attn missing or CUDA-only), and the targets: the worst mode, "not measured" without rows."""
+    from .bench_hyper_attention import run_varlen, varlen_targets
+
+    model = dict(TINY["model"], T=3)
+    spec = dict(samples=3, text=(2, 6), images=(0, 2), seed=1)
+    def one_ms(fn, grad_to_none=None):   # runs the case once; every provider "takes" 1 ms
+        fn()
+        return H.Timing(1.0, 1.0, 1.0, 1.0, 1, 1)
+    with mmkernels.use_backend("reference"):
+        rows = run_varlen(model, spec, torch.device("cpu"), torch.float32, one_ms, log=lambda *a, **k: None)
+    by = {(r["mode"], r["provider"]): r for r in rows}
+    assert by[("gated", "packed")]["speedup_vs_padded"] == 1.0 and by[("joint", "packed")]["tokens_per_s"] > 0
+    assert by[("joint", "flex_document")]["ms"] is None and "not measured" in by[("joint", "flex_document")]["note"]
+    assert by[("joint", "flash_varlen_causal")]["ms"] is None
+    t = {x["id"]: x for x in varlen_targets(rows)}
+    assert t["hyper.varlen_tokens_per_s_vs_padded"]["value"] == 1.0
+    assert t["hyper.varlen_fwd_bwd_vs_flex_document"]["value"] is None
+    rows[0]["speedup_vs_padded"] = 1.7
+    rows[[r["provider"] for r in rows].index("packed", 1)].update(speedup_vs_padded=1.6, speedup_vs_flex_document=1.3)
+    t = {x["id"]: x for x in varlen_targets(rows)}
+    assert t["hyper.varlen_tokens_per_s_vs_padded"]["value"] == 1.6 and t["hyper.varlen_tokens_per_s_vs_padded"]["met"]
+    assert t["hyper.varlen_fwd_bwd_vs_flex_document"]["met"]
+    empty = varlen_targets([])
+    assert [x["id"] for x in empty] == ["hyper.varlen_tokens_per_s_vs_padded", "hyper.varlen_fwd_bwd_vs_flex_document"]
+    assert all(x["value"] is None and x["note"] == "not measured" for x in empty)
+
+
+def test_varlen_targets_in_the_cpu_schema():
+    from .bench_hyper_attention import evaluate_targets
+
+    ids = [t["id"] for t in evaluate_targets([], on_cuda=False)]
+    assert ids[-2:] == ["hyper.varlen_tokens_per_s_vs_padded", "hyper.varlen_fwd_bwd_vs_flex_document"]

@@ -73,3 +73,32 @@ def test_unavailable_reason():
     assert peer.unavailable and "backward" in peer.unavailable
     with pytest.raises(RuntimeError, match="backward"):
         peer(*_inputs(torch.float32, 4, 4, [1], [0, 1])[:5])
+
+
+def test_document_flex_peer_matches_varlen_reference():
+    """Packed samples (one empty, one without images, one chunked: L_q < L_k): the document-mask peer
+    equals hyper_attention_varlen's reference, both visibility rules."""
+    from mmkernels import hyper_attention_varlen_reference
+
+    g = torch.Generator().manual_seed(2)
+    len_q, len_k, n_img = [4, 0, 6, 3], [7, 0, 6, 3], [2, 0, 0, 1]
+    i32 = dict(dtype=torch.int32)
+    cu_q = torch.tensor([0, 4, 4, 10, 13], **i32)
+    cu_k = torch.tensor([0, 7, 7, 13, 16], **i32)
+    pos, cu_img = torch.tensor([1, 5, 2], **i32), torch.tensor([0, 2, 2, 2, 3], **i32)
+    r = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64)  # noqa: E731
+    q, k, v = r(sum(len_q), H, D), r(sum(len_k), HKV, D), r(sum(len_k), HKV, D)
+    kv, vv = r(sum(n_img), T, HKV, D), r(sum(n_img), T, HKV, D)
+    for visibility in ("strict", "inclusive"):
+        ref = hyper_attention_varlen_reference(q, k, v, kv, vv, cu_q, cu_k, 6, 7, pos, cu_img, mode="joint",
+                                               visibility=visibility)
+        peer = P.DocumentFlexPeer(cu_q, cu_k, pos, cu_img, T, visibility=visibility)
+        torch.testing.assert_close(peer(q, k, v, kv, vv), ref, **TOL[torch.float64])
+
+
+def test_flash_varlen_peer_says_why_it_cannot_run():
+    cu = torch.tensor([0, 3], dtype=torch.int32)
+    peer = P.FlashVarlenCausalPeer(cu, cu, 3, 3)
+    if P.flash_varlen_unavailable() is None:
+        pytest.skip("flash-attn is installed (it runs on CUDA only)")
+    assert peer.unavailable and "flash-attn" in peer.unavailable

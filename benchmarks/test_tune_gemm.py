@@ -53,7 +53,7 @@ def test_tune_gemm_budget_leaves_roles_unswept(tmp_path):
 def test_targets_report_not_measured_and_measured(tmp_path, capsys):
     assert targets.main([str(tmp_path)]) == 0
     out = capsys.readouterr().out
-    assert out.count("not measured") == len(targets.GEMM_TARGETS)
+    assert out.count("not measured") == len(targets.TARGETS)
     doc = {"op": "moe", "commit": "f" * 40, "targets": [
         {"id": "moe.wgrad_tflops", "value": 612.0, "goal": 500.0, "better": "higher", "met": True, "target": "..."},
         {"id": "moe.layer_fwd_vs_torch", "value": None, "goal": 1.2, "better": "higher", "met": False}]}

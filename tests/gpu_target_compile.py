@@ -91,7 +91,8 @@ def _plora_record(arch, dtypes):
 
 def hyper_attention_calls():
     """Hyper Attention launches: the benchmark shapes; with the GPU block table at small odd shapes,
-    every kernel (gated mode, strict, padding mask; the block classification and its class map) in bf16
+    every kernel (gated mode, strict, padding mask; the block classification and its class map; packed
+    samples, VARLEN, forward, backward and class map) in bf16
     at D = 128 (the model's shapes), the joint forward, and the forward in fp32 at D = 128 (the largest
     shared-memory footprint), for sm_90; the bf16 and fp32 forwards for sm_80.  Kept small: each compile
     takes seconds on a CPU."""
@@ -128,6 +129,17 @@ def _hyper_attention_record(full):
                                   True, False, D ** -0.5)
             launch.block_classes(launch.hyper_layout(pos, cu, L, L, T, False), cu, L, L, T, N,
                                  launch._config("fwd", None, dtype, D), launch._config("bwd", None, dtype, D))
+            # packed samples (VARLEN): 7 and 33 rows of one [40, ...] row, gated, saved parts, backward, class map
+            cu_seq = torch.tensor([0, 7, 40], dtype=torch.int32)
+            packed = launch.Packed(cu_seq, cu_seq, 33, 33)
+            pq, pk, pv = q[0], k[0], v[0]
+            layout = launch.hyper_layout(pos, cu, 33, 33, T, False, packed, L)
+            out, o_t, o_v, lse = launch.hyper_forward(pq, pk, pv, kv, vv, pos, cu, gate, None, True, False, D ** -0.5,
+                                                      True, layout, packed)
+            launch.hyper_backward(torch.randn_like(pq), pq, pk, pv, kv, vv, pos, cu, gate, None, out, o_t, o_v, lse,
+                                  True, False, D ** -0.5, layout, packed)
+            launch.block_classes(layout, cu, 33, 33, T, N, launch._config("fwd", None, dtype, D),
+                                 launch._config("bwd", None, dtype, D), packed)
             inv_freq = torch.rand(D // 2)
             kvis, vvis = launch.visual_kv_rope(torch.randn(N * T, 2 * Hkv * D, dtype=dtype), torch.rand(N * T),
                                                torch.randn(2 * Hkv * D, dtype=dtype), pos, inv_freq, T, Hkv, 1)

@@ -189,7 +189,7 @@ def test_device_row():
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_hyper_attention_compiled_on_this_gpu():
-    """The hyper attention training steps of the codegen cases (the 7B layer), launched with real tensors
+    """The hyper attention training steps of the codegen cases (the 7B layer, dense and packed), launched with real tensors
     on this GPU, compiled for it and loaded by its driver: no kernel spills (the driver's count) and no
     dot is replicated across warps -- the targets hyper.no_spills and hyper.dup1 on the GPU's own
     compile, beside the offline table."""
@@ -198,6 +198,8 @@ def test_hyper_attention_compiled_on_this_gpu():
     with recording() as launches:
         for mode, L, images in codegen.HYPER_TRAINING.values():
             codegen._hyper_layer(mode, L, images, device="cuda")
+        for args in codegen.HYPER_VARLEN.values():   # packed samples: the VARLEN kernels
+            codegen._hyper_varlen_layer(*args, device="cuda")
     rows = codegen.device_rows(launches)
     assert {r["kernel"] for r in rows} >= {"_hyper_layout_kernel", "_hyper_fwd_kernel", "_hyper_bwd_pre_kernel",
                                             "_hyper_bwd_kernel"}

@@ -13,7 +13,7 @@ from mmkernels import (hyper_attention, hyper_attention_reference, hyper_attenti
                        hyper_attention_varlen_reference, use_backend)
 from mmkernels.testing import assert_close
 
-from conftest import BACKEND_DEVICES
+from conftest import BACKEND_DEVICES, KERNEL_DEVICES
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 DT_IDS = ["float32", "float16", "bfloat16"]
@@ -148,7 +148,7 @@ CASES = [("gated", "strict", "vector", False), ("gated", "inclusive", "token", T
 def test_packed_equals_per_sample(backend, device, dtype, mode, visibility, gate_kind, chunked):
     """Five samples (one of length 1, one without images, random lengths and image positions), GQA 2;
     in the chunked cases each sample's queries are a random number of its last positions."""
-    H, Hkv, D, T = 4, 2, 16, 5
+    H, Hkv, D, T = 2, 1, 16, 5
     p = packed_case(random_lengths(5), H, Hkv, D, T, dtype, device, chunked=chunked, n_images=[2, 0, 3, 1, 2])
     gate = make_gate(gate_kind, p.q.shape[0], H, D, dtype, device) if mode == "gated" else None
     check_packed_against_per_sample(p, gate, mode, visibility, backend, dtype)
@@ -222,7 +222,8 @@ BAD_INPUTS = [
     ("v shape", lambda a: a.update(v=a["v"][:-1]), ValueError, "v must"),
     ("vis head dim", lambda a: a.update(k_vis=a["k_vis"][..., :8]), ValueError, "k_vis"),
     ("cu_seqlens_k length", lambda a: a.update(cu_seqlens_k=a["cu_seqlens_k"][:3]), ValueError, "cu_seqlens_k"),
-    ("cu_images length", lambda a: a.update(cu_images=a["cu_images"][:3]), ValueError, r"cu_images must have shape \(4,\)"),
+    ("cu_images length", lambda a: a.update(cu_images=a["cu_images"][:3]), ValueError,
+     r"cu_images must have shape \(4,\)"),
     ("cu_seqlens_q empty", lambda a: a.update(cu_seqlens_q=_cu([])), ValueError, "cu_seqlens_q"),
     ("cu_seqlens_q float", lambda a: a.update(cu_seqlens_q=a["cu_seqlens_q"].float()), TypeError, "cu_seqlens_q"),
     ("cu_seqlens_q start", lambda a: a.update(cu_seqlens_q=_cu([1, 5, 8, 12])), ValueError,
@@ -279,3 +280,195 @@ def test_check_metadata_false_skips_the_value_checks():
         hyper_attention_varlen(*positional, **args, check_metadata=False)
         with pytest.raises(ValueError, match="increasing"):
             hyper_attention_varlen(*positional, **args)
+
+
+# --------------------------------------------------------------------------- the kernels
+
+@pytest.mark.parametrize("device", KERNEL_DEVICES)
+@pytest.mark.parametrize("mode,Hkv", [("gated", 1), ("joint", 2)])
+def test_packed_is_bitwise_the_dense_kernels(device, mode, Hkv):
+    """Each packed sample runs exactly the tiles and arithmetic of the same sample in a batch of one:
+    output and every gradient are bitwise equal to the dense kernels' (d(gate), summed over the rows in
+    another order, is close).  Queries of at least 17 rows, so that the dense runs take the same row-block
+    kernels (not the split-K decode); GQA 4 and 2; chunked prefill."""
+    H, D, T = 4, 16, 6
+    len_k = [int(x) for x in torch.randint(17, 45, (3,))]
+    p = packed_case(len_k, H, Hkv, D, T, torch.float16, device, n_images=[2, 0, 3])
+    p.cu_q = _offsets([len_k[0], 17, len_k[2] - 3], device)         # sample 1: its last 17 rows, sample 2: 3 fewer
+    p.q = torch.randn(int(p.cu_q[-1]), H, D, device=device).half()
+    gate = torch.randn(H * D, device=device).half() if mode == "gated" else None
+    dout = torch.randn(p.q.shape, device=device).half()
+    out, grads = run_packed(p, gate, mode, "strict", "triton", dout)
+    out_dense, grads_dense = run_per_sample(p, gate, mode, "strict", "triton", dout)
+    assert torch.equal(out, out_dense)
+    for name, a, b in zip(GRAD_NAMES, grads, grads_dense):
+        if name == "dgate":
+            torch.testing.assert_close(a, b, rtol=2e-3, atol=2e-3)
+        else:
+            assert torch.equal(a, b), name
+
+
+@pytest.mark.parametrize("device", KERNEL_DEVICES)
+@pytest.mark.parametrize("visibility", ["strict", "inclusive"])
+def test_block_classification_is_per_sample(device, visibility):
+    """The block classes of a packed batch are, sample by sample, those of the sample alone (the dense
+    classification, checked against the dense mask in test_hyper_attention.py), in both views; the
+    blocks past a sample's end are empty."""
+    from mmkernels.ops.hyper_attention import launch
+    from mmkernels.ops.hyper_attention.function import hyper_attention_layout_op, hyper_attention_varlen_layout_op
+
+    T = 7
+    p = packed_case([37, 1, 20, 0, 29], 2, 1, 16, T, torch.float32, device, chunked=True, n_images=[3, 1, 0, 0, 2])
+    inclusive = visibility == "inclusive"
+    fwd = launch._config("fwd", torch.device(device), torch.float32, 16)
+    bwd = launch._config("bwd", torch.device(device), torch.float32, 16)
+    packed = launch.Packed(p.cu_q, p.cu_k, p.max_q, p.max_k)
+    layout = hyper_attention_varlen_layout_op(p.pos, p.cu_img, p.cu_q, p.cu_k, p.q.shape[0], p.max_q, p.max_k,
+                                              inclusive)
+    N = p.pos.shape[0]
+    rows, keys = launch.block_classes(layout, p.cu_img, p.max_q, p.max_k, T, N, fwd, bwd, packed)
+    BN, BN_KV = fwd["BLOCK_N"], bwd["BLOCK_N_KV"]
+    S = len(p.samples())
+    n_vis = -(-N * T // BN)
+    n_text_blocks = -(-p.max_k // BN_KV) * S
+    per_image = -(-T // BN_KV)
+    for s, (r, k, imgs) in enumerate(p.samples()):
+        Lq, Lk, n_s = r.stop - r.start, k.stop - k.start, imgs.stop - imgs.start
+        cu = torch.tensor([0, n_s], **INT, device=device)
+        pos = p.pos[imgs]
+        dense_layout = hyper_attention_layout_op(pos, cu, Lq, Lk, T, inclusive)
+        d_rows, d_keys = launch.block_classes(dense_layout, cu, Lq, Lk, T, n_s, fwd, bwd)
+        want = torch.zeros_like(rows[s])
+        nv, nt = -(-n_s * T // BN), -(-Lk // BN)
+        want[:d_rows.shape[1], :nv] = d_rows[0, :, :nv]
+        want[:d_rows.shape[1], n_vis:n_vis + nt] = d_rows[0, :, nv:]
+        assert torch.equal(rows[s], want), f"sample {s}: row blocks"
+        for kb in range(-(-p.max_k // BN_KV)):
+            want = torch.zeros_like(keys[0])
+            if kb < -(-Lk // BN_KV):
+                want[:d_keys.shape[1]] = d_keys[kb]
+            assert torch.equal(keys[kb * S + s], want), f"sample {s}: text key block {kb}"
+        for j in range(n_s):
+            for kb in range(per_image):
+                got = keys[n_text_blocks + (imgs.start + j) * per_image + kb]
+                want = torch.zeros_like(got)
+                want[:d_keys.shape[1]] = d_keys[-(-Lk // BN_KV) + j * per_image + kb]
+                assert torch.equal(got, want), f"sample {s}: image {j} key block {kb}"
+
+
+@pytest.mark.parametrize("device", KERNEL_DEVICES)
+@pytest.mark.parametrize("mode", ["gated", "joint"])
+def test_gpu_like_tiles(device, mode, monkeypatch):
+    """The GPU's tile geometry at interpreter scale (32-row forward and dQ blocks, dK/dV blocks of 32 keys x
+    32 rows with the partial rows in steps of 16): sample boundaries fall inside blocks of every kind."""
+    from mmkernels.ops.hyper_attention import launch
+
+    real = launch._config
+
+    def config(name, dev, dt, head_dim):
+        cfg = real(name, dev, dt, head_dim)
+        if name == "fwd":
+            cfg.update(BLOCK_M=32)
+        if name == "bwd":
+            cfg.update(BLOCK_M=32, BLOCK_N=16, BLOCK_N_KV=32, BLOCK_M_KV=32, BLOCK_M_KV_MASKED=16)
+        return cfg
+    monkeypatch.setattr(launch, "_config", config)
+    H, Hkv, D, T = 4, 2, 16, 19
+    p = packed_case(random_lengths(4, 20, 70), H, Hkv, D, T, torch.float32, device, chunked=True,
+                    n_images=[3, 1, 0, 2])
+    gate = torch.randn(H * D, device=device) if mode == "gated" else None
+    check_packed_against_per_sample(p, gate, mode, "inclusive", "triton", torch.float32)
+
+
+@pytest.mark.parametrize("device", KERNEL_DEVICES)
+def test_layout_computed_once_per_training_step(device, monkeypatch):
+    """The block classification of every sample is computed once; the backward reuses the forward's."""
+    from mmkernels.ops.hyper_attention import launch
+
+    calls = []
+    real = launch.hyper_layout
+    monkeypatch.setattr(launch, "hyper_layout", lambda *a: calls.append(a) or real(*a))
+    p = packed_case([9, 4], 2, 1, 16, 3, torch.float32, device, n_images=[1, 1])
+    run_packed(p, None, "joint", "strict", "triton", torch.randn(p.q.shape, device=device))
+    assert len(calls) == 1
+
+
+@pytest.mark.parametrize("device", KERNEL_DEVICES)
+def test_opcheck(device):
+    p = packed_case([11, 1, 6], 2, 1, 16, 4, torch.float32, device, chunked=True, n_images=[2, 0, 1])
+    q, k, v, kv, vv = [t.requires_grad_() for t in (p.q, p.k, p.v, p.k_vis, p.v_vis)]
+    gate = torch.randn(2 * 16, device=device, requires_grad=True)
+    meta = (p.cu_q, p.cu_k, p.max_q, p.max_k, p.pos, p.cu_img)
+    layout = torch.ops.mmkernels.hyper_attention_varlen_layout.default(p.pos, p.cu_img, p.cu_q, p.cu_k, q.shape[0],
+                                                                        p.max_q, p.max_k, False)
+    torch.library.opcheck(torch.ops.mmkernels.hyper_attention_varlen_layout.default,
+                          (p.pos, p.cu_img, p.cu_q, p.cu_k, q.shape[0], p.max_q, p.max_k, True))
+    op = torch.ops.mmkernels.hyper_attention_varlen_fwd.default
+    for args in ((q, k, v, kv, vv, *meta, None, False, True, 0.3, False),
+                 (q, k, v, kv, vv, *meta, gate, True, False, 16 ** -0.5, True, layout)):
+        torch.library.opcheck(op, args)
+
+
+@pytest.mark.parametrize("device", KERNEL_DEVICES)
+def test_torch_compile_dynamic_total(device):
+    """torch.compile(fullgraph=True) with dynamic shapes: a second packing with other totals and lengths
+    reuses the compiled graph; outputs and gradients equal eager mode."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    H, Hkv, D, T = 2, 1, 16, 4
+
+    def fn(q, k, v, kv, vv, cu_q, cu_k, max_q, max_k, pos, cu_img, gate):
+        return hyper_attention_varlen(q, k, v, kv, vv, cu_q, cu_k, max_q, max_k, pos, cu_img, gate=gate) * 2
+
+    counter = CompileCounterWithBackend("inductor")
+    compiled = torch.compile(fn, fullgraph=True, dynamic=True, backend=counter)
+    for len_k, n_images in (([13, 6, 9], [1, 0, 2]), ([7, 20, 3], [2, 1, 0])):
+        p = packed_case(len_k, H, Hkv, D, T, torch.float32, device, chunked=True, n_images=n_images)
+        gate = torch.randn(H * D, device=device)
+        results = []
+        for f in (fn, compiled):
+            leaves = [t.detach().clone().requires_grad_() for t in (p.q, p.k, p.v, p.k_vis, p.v_vis, gate)]
+            with use_backend("triton"):
+                out = f(*leaves[:5], *p.args[5:], leaves[5])
+            out.backward(torch.ones_like(out))
+            results.append([out] + [t.grad for t in leaves])
+        for a, b in zip(*results):
+            torch.testing.assert_close(a, b)
+    assert counter.frame_count == 1
+
+
+def test_meta_tensors_give_the_shape():
+    p = packed_case([5, 3], 4, 2, 16, 3, torch.float32, "cpu", n_images=[1, 1])
+    q, k, v, kv, vv = (t.to("meta") for t in (p.q, p.k, p.v, p.k_vis, p.v_vis))
+    meta = [t.to("meta") for t in (p.cu_q, p.cu_k)]
+    out = hyper_attention_varlen(q, k, v, kv, vv, *meta, p.max_q, p.max_k, p.pos.to("meta"), p.cu_img.to("meta"),
+                                 gate=torch.zeros(4 * 16, device="meta"))
+    assert out.device.type == "meta" and out.shape == p.q.shape
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="host synchronisation is a CUDA matter")
+def test_no_host_sync_with_check_metadata_false():
+    """With check_metadata=False the packed forward and backward never wait for the GPU: max_seqlen_*
+    size the grids, the offsets are read by the kernels only (gated mode: it launches every kernel the
+    joint mode does, and the gate's reduction)."""
+    mode = "gated"
+    H, Hkv, D, T = 4, 2, 64, 9
+    p = packed_case([33, 1, 0, 70], H, Hkv, D, T, torch.bfloat16, "cuda", chunked=True, n_images=[2, 1, 0, 3])
+    leaves = [t.requires_grad_() for t in (p.q, p.k, p.v, p.k_vis, p.v_vis)]
+    gate = torch.randn(H * D, device="cuda", dtype=torch.bfloat16, requires_grad=True) if mode == "gated" else None
+    dout = torch.randn_like(p.q)
+
+    def step():
+        with use_backend("triton"):
+            out = hyper_attention_varlen(*leaves, *p.args[5:], mode=mode, gate=gate, check_metadata=False)
+        out.backward(dout)
+        return out
+    want = step()                                  # compiles the kernels
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        got = step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert torch.equal(got, want)

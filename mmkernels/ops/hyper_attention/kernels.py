@@ -43,6 +43,9 @@ import triton
 import triton.language as tl
 
 LOG2E = 1.4426950408889634
+# rows of slack after each head's packed backward statistics (>= the largest BLOCK_M_KV, checked by the
+# launcher): the masked dK/dV loop reads a sample's last row tile unmasked (see ``_dkv_row_tiles``)
+PACKED_STATS_PAD = 128
 LN2 = 0.6931471805599453
 # the same constants as kernel-side constexprs (a plain global float cannot be read inside a kernel)
 _LOG2E_K = tl.constexpr(LOG2E)
@@ -126,7 +129,7 @@ def _attend_tiles(acc, m_i, l_i, q, k_base, v_base, stride_kn, stride_kd, stride
 # keep their rows in their own coordinates: the same numbers as each sample alone, so the classes
 # are per sample.
 #
-# ``_layout_row0``, ``_sample_offset``, ``_packed_sample`` and the program mappings (``_row_program``,
+# ``_layout_row0``, ``_sample_offset``, ``_stats_offset``, ``_packed_sample`` and the program mappings (``_row_program``,
 # ``_dkv_program``, ``_dq_program``) are the only places that turn a sample index into row numbers.
 
 @triton.jit
@@ -147,6 +150,19 @@ def _sample_offset(b64, row0, stride_b, stride_m, VARLEN: tl.constexpr):
         return row0.to(tl.int64) * stride_m
     else:
         return b64 * stride_b
+
+
+@triton.jit
+def _stats_offset(b64, q0, stride_sb, VARLEN: tl.constexpr):
+    """Element offset of sample b's first row in the backward's row statistics: ``b * stride_sb`` in a
+    ``[B, L]`` batch; packed, ``16 * (cdiv(q0, 16) + b)`` (:func:`launch.packed_stats_len`): each
+    sample starts 64-byte aligned, so the dK/dV loops load its lse and delta as vectors.  Every head's
+    rows end with ``PACKED_STATS_PAD`` more, so the masked dK/dV loop may read a last row tile of
+    any sample unmasked."""
+    if VARLEN:
+        return ((q0 + 15) // 16 + b64) * 16
+    else:
+        return b64 * stride_sb
 
 
 @triton.jit
@@ -204,18 +220,18 @@ def _hyper_layout_kernel(
             ends = tl.load(cu_ptr + 1 + i, mask=i < B, other=2147483647).to(tl.int32)
             sample += tl.sum((ends[None, :] <= n[:, None]).to(tl.int32), axis=1)
         if VARLEN:   # the image's own sample's lengths
-            q0 = tl.load(cu_q_ptr + sample, mask=n_ok, other=0).to(tl.int32)
-            k0 = tl.load(cu_k_ptr + sample, mask=n_ok, other=0).to(tl.int32)
-            n_rows = tl.load(cu_q_ptr + sample + 1, mask=n_ok, other=0).to(tl.int32) - q0
-            shift_n = tl.load(cu_k_ptr + sample + 1, mask=n_ok, other=0).to(tl.int32) - k0 - n_rows
+            img_q0 = tl.load(cu_q_ptr + sample, mask=n_ok, other=0).to(tl.int32)
+            img_k0 = tl.load(cu_k_ptr + sample, mask=n_ok, other=0).to(tl.int32)
+            img_rows = tl.load(cu_q_ptr + sample + 1, mask=n_ok, other=0).to(tl.int32) - img_q0
+            img_shift = tl.load(cu_k_ptr + sample + 1, mask=n_ok, other=0).to(tl.int32) - img_k0 - img_rows
         else:
-            n_rows = Lq
-            shift_n = shift
+            img_rows = Lq
+            img_shift = shift
         if INCLUSIVE:
-            first = p - shift_n
+            first = p - img_shift
         else:
-            first = p + 1 - shift_n
-        first = tl.minimum(tl.maximum(first, 0), n_rows)
+            first = p + 1 - img_shift
+        first = tl.minimum(tl.maximum(first, 0), img_rows)
         tl.store(layout_ptr + n_layout_rows + n, first, mask=n_ok)
         tl.store(layout_ptr + n_layout_rows + N + n, sample, mask=n_ok)
 
@@ -440,7 +456,8 @@ def _hyper_bwd_pre_kernel(
     one part, ``dO_x = dO``.  Gated: also the two part gradients ``dO_t``, ``dO_v`` (``dop[0]``,
     ``dop[1]``: ``[2, B, L_q, H, D]`` in the input dtype, each part laid out like ``out``, parts
     ``stride_dop`` apart) and the elementwise ``d(gate)`` in float32 (reduced to the gate's shape on
-    the host).  ``VARLEN``: packed samples (``stats [S, 2, 1, H, total_q]``, the parts
+    the host).  ``VARLEN``: packed samples (``stats [S, 2, 1, H, packed_stats_len]``, each sample's rows from
+    ``_stats_offset``; the parts
     ``[2, 1, total_q, H, D]``); row blocks past a sample's end exit.
     """
     pid_m, b, h = _row_program(tl.program_id(0), tl.program_id(1), tl.num_programs(0), H)
@@ -459,7 +476,7 @@ def _hyper_bwd_pre_kernel(
                  + offs_d[None, :] * stride_dod, mask=row_ok[:, None], other=0.0).to(tl.float32)
     o_offs = _sample_offset(b64, q0, stride_ob, stride_om, VARLEN) + h * stride_oh + r64 * stride_om + offs_d[None, :]
     lse_offs = _sample_offset(b64, q0, stride_lb, 1, VARLEN) + h * stride_lh + rows
-    st_offs = _sample_offset(b64, q0, stride_sb, 1, VARLEN) + h * stride_sh + rows
+    st_offs = _stats_offset(b64, q0, stride_sb, VARLEN) + h * stride_sh + rows
     tl.store(stats_ptr + st_offs, _lse_base2(tl.load(lse_ptr + lse_offs, mask=row_ok, other=0.0)), mask=row_ok)
     if GATED:
         tl.store(stats_ptr + stride_sp + st_offs, _lse_base2(tl.load(lse_ptr + stride_ls + lse_offs, mask=row_ok,
@@ -529,7 +546,7 @@ def _dq_key_tiles(dq, q, do, lse2, delta, k_base, v_base, stride_kn, stride_kd, 
 def _dkv_row_tiles(dk, dv, k, v, q_group, do_group, stats_group, stride_qh, stride_doh, stride_sh, stride_sk,
                    stride_qm, stride_qd, stride_dom, stride_dod, G, lo, gap_lo, gap_hi, hi, Lq, first_row, qk_scale,
                    offs_d, BLOCK_M: tl.constexpr, MASKED: tl.constexpr, NUM_STAGES: tl.constexpr,
-                   DOT_PRECISION: tl.constexpr):
+                   VARLEN: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """``dk += dS^T Q``, ``dv += P^T dO`` over the query rows ``[lo, gap_lo)`` and ``[gap_hi, hi)``
     (multiples of BLOCK_M; ``gap_lo <= gap_hi``) of each of the G query heads of the group
     (``*_group`` point at its first head; ``stats`` holds the base-2 lse, and ``stride_sk`` further
@@ -541,7 +558,12 @@ def _dkv_row_tiles(dk, dv, k, v, q_group, do_group, stats_group, stride_qh, stri
     tiles and the last, short row tile): the rule above, and rows from L_q on are not loaded (their
     lse reads as +inf, so their P and dS are 0).  ``NUM_STAGES``: the pipeline depth; the masked
     loop, which runs few tiles, takes 2 so that the program stays within 255 registers unspilled
-    (with 3, Triton 3.6 spills a few bytes at the 7B causal shape; 3.8 does not).
+    (with 3, Triton 3.6 spills a few bytes at the 7B causal shape; 3.8 does not).  ``VARLEN``: the
+    sample's L_q is read from memory (no known divisibility), so a masked load of lse and delta would
+    be split into single floats; they are loaded unmasked (the packed statistics have room past every
+    sample's rows, see ``_stats_offset``, and are zero-initialised: every value read is finite), the
+    lse of the rows from L_q on is then set to +inf, so their P and dS are 0 whatever their delta (a
+    select less than the dense loop: with it, Triton 3.6 spills 4 bytes).
     """
     n_tiles = (tl.maximum(gap_lo - lo, 0) + tl.maximum(hi - gap_hi, 0)) // BLOCK_M
     first = tl.where(lo < gap_lo, lo, gap_hi)       # the first tile (the first range may be empty)
@@ -562,8 +584,12 @@ def _dkv_row_tiles(dk, dv, k, v, q_group, do_group, stats_group, stride_qh, stri
                          other=0.0)
             do = tl.load(do_base + r64[:, None] * stride_dom + offs_d[None, :] * stride_dod, mask=row_ok[:, None],
                          other=0.0)
-            lse2 = tl.load(lse_base + rows, mask=row_ok, other=float("inf"))
-            delta = tl.load(delta_base + rows, mask=row_ok, other=0.0)
+            if VARLEN:
+                lse2 = tl.where(row_ok, tl.load(lse_base + rows), float("inf"))
+                delta = tl.load(delta_base + rows)   # finite; its rows' P and dS are 0
+            else:
+                lse2 = tl.load(lse_base + rows, mask=row_ok, other=float("inf"))
+                delta = tl.load(delta_base + rows, mask=row_ok, other=0.0)
         else:
             qT = tl.load(q_base + r64[None, :] * stride_qm + offs_d[:, None] * stride_qd)
             do = tl.load(do_base + r64[:, None] * stride_dom + offs_d[None, :] * stride_dod)
@@ -683,20 +709,22 @@ def _dkv_program(
     h0 = hk * G                              # the group's first query head
     q_group = q_ptr + _sample_offset(b64, q0, stride_qb, stride_qm, VARLEN) + h0 * stride_qh
     do_group = do_ptr + part * stride_dop + _sample_offset(b64, q0, stride_dob, stride_dom, VARLEN) + h0 * stride_doh
-    stats_group = stats_ptr + part * stride_sp + _sample_offset(b64, q0, stride_sb, 1, VARLEN) + h0 * stride_sh
+    stats_group = stats_ptr + part * stride_sp + _stats_offset(b64, q0, stride_sb, VARLEN) + h0 * stride_sh
     # the partial row tiles (the boundary, and the short last tile), then the full ones
     dk, dv = _dkv_row_tiles(dk, dv, k, v, q_group, do_group, stats_group, stride_qh, stride_doh, stride_sh, stride_sk,
                             stride_qm, stride_qd, stride_dom, stride_dod, G, r_lo, r_full, r_tail, r_up, Lq, first_row,
-                            qk_scale, offs_d, BLOCK_M_MASKED, True, 2, DOT_PRECISION)
+                            qk_scale, offs_d, BLOCK_M_MASKED, True, 2, VARLEN, DOT_PRECISION)
     dk, dv = _dkv_row_tiles(dk, dv, k, v, q_group, do_group, stats_group, stride_qh, stride_doh, stride_sh, stride_sk,
                             stride_qm, stride_qd, stride_dom, stride_dod, G, r_full, r_down, r_down, r_down, Lq,
-                            first_row, qk_scale, offs_d, BLOCK_M, False, 3, DOT_PRECISION)
+                            first_row, qk_scale, offs_d, BLOCK_M, False, 3, VARLEN, DOT_PRECISION)
     # The output addresses are decoded from p again (not kept in registers through the loops).
     dk = dk * scale
     keys_out = tl.arange(0, BLOCK_N)
     cols_out = tl.arange(0, BLOCK_D)
     if is_text:
         kb, b, hk = _dkv_text_block(p, B, Hkv)
+        if VARLEN:   # (read again too: a register less through the loops)
+            _, k0, _, Lk = _packed_sample(cu_q_ptr, cu_k_ptr, b)
         b64 = b.to(tl.int64)
         key0 = kb * BLOCK_N
         store_ok = keys_out < Lk - key0
@@ -767,7 +795,7 @@ def _dq_program(
                     + offs_d[None, :] * stride_qd, mask=row_ok[:, None], other=0.0)
         do_offs = _sample_offset(b64, q0, stride_dob, stride_dom, VARLEN) + h * stride_doh + r64 * stride_dom \
             + offs_d[None, :] * stride_dod
-        st_offs = _sample_offset(b64, q0, stride_sb, 1, VARLEN) + h * stride_sh + rows
+        st_offs = _stats_offset(b64, q0, stride_sb, VARLEN) + h * stride_sh + rows
         dq = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
 
         # ---- visual keys (part 1 in gated mode)
@@ -913,18 +941,19 @@ def _hyper_block_classes_kernel(
         b = pid // n_rb
         row0 = (pid % n_rb) * BLOCK_M
         if VARLEN:
-            q0, _, n_rows, n_keys = _packed_sample(cu_q_ptr, cu_k_ptr, b)
-            active = row0 < n_rows
+            q0, _, rb_rows, rb_keys = _packed_sample(cu_q_ptr, cu_k_ptr, b)
+            active = row0 < rb_rows
         else:
             q0 = 0
-            n_rows = Lq
-            n_keys = Lk
+            rb_rows = Lq
+            rb_keys = Lk
             active = True
         out = row_view_ptr + pid.to(tl.int64) * (n_vis_tiles + n_text_tiles)
         if active:
             v_lo, v_mid, v_hi, t_mid, t_hi = _row_block_key_tiles(layout_ptr, cu_ptr, b,
-                                                                  _layout_row0(b, n_rows, q0, VARLEN), n_rows, n_keys,
-                                                                  row0, tl.minimum(row0 + BLOCK_M, n_rows), T, BLOCK_N)
+                                                                  _layout_row0(b, rb_rows, q0, VARLEN), rb_rows,
+                                                                  rb_keys, row0, tl.minimum(row0 + BLOCK_M, rb_rows), T,
+                                                                  BLOCK_N)
             _store_row_classes(out, v_lo, v_mid, v_hi, t_mid, t_hi, n_vis_tiles, n_text_tiles, BLOCK_N, BLOCK_T)
         else:
             _store_row_classes(out, 0, 0, 0, 0, 0, n_vis_tiles, n_text_tiles, BLOCK_N, BLOCK_T)
@@ -933,20 +962,20 @@ def _hyper_block_classes_kernel(
         if VARLEN:
             is_image = kb_all >= n_text_blocks
             image = (kb_all - n_text_blocks) // tl.cdiv(T, BLOCK_N_KV)
-            b = tl.where(is_image, tl.load(layout_ptr + n_layout_rows + N + image, mask=is_image, other=0),
-                         kb_all % B)
-            _, _, n_rows, n_keys = _packed_sample(cu_q_ptr, cu_k_ptr, b)
+            kb_sample = tl.where(is_image, tl.load(layout_ptr + n_layout_rows + N + image, mask=is_image, other=0),
+                                 kb_all % B)
+            _, _, kb_rows, kb_keys = _packed_sample(cu_q_ptr, cu_k_ptr, kb_sample)
         else:
-            n_rows = Lq
-            n_keys = Lk
+            kb_rows = Lq
+            kb_keys = Lk
         if kb_all < n_text_blocks:
             key0 = (kb_all // B) * BLOCK_N_KV
-            row_lo, row_full = _text_key_block_rows(key0, tl.minimum(n_keys - key0, BLOCK_N_KV), n_keys - n_rows)
+            row_lo, row_full = _text_key_block_rows(key0, tl.minimum(kb_keys - key0, BLOCK_N_KV), kb_keys - kb_rows)
         else:
             n = (kb_all - n_text_blocks) // tl.cdiv(T, BLOCK_N_KV)
             row_lo = tl.load(layout_ptr + n_layout_rows + n)
             row_full = row_lo
-        r_lo, r_full, r_down, r_tail, r_up = _key_block_row_tiles(row_lo, row_full, n_rows, BLOCK_M_KV)
+        r_lo, r_full, r_down, r_tail, r_up = _key_block_row_tiles(row_lo, row_full, kb_rows, BLOCK_M_KV)
         out = key_view_ptr + kb_all.to(tl.int64) * n_row_tiles
         for j0 in range(0, n_row_tiles, BLOCK_T):
             j = j0 + tl.arange(0, BLOCK_T)

@@ -273,6 +273,14 @@ def backward_grid(B: int, Lq: int, Lk: int, H: int, Hkv: int, N: int, T: int, cf
     return n_text, n_kv, n_kv + cdiv(Lq, cfg["BLOCK_M"]) * B * H
 
 
+def packed_stats_len(total_q: int, n_samples: int) -> int:
+    """Rows of the backward's per-row statistics for packed samples: sample b's start at
+    ``16 * (cdiv(q0, 16) + b)`` (``q0`` its first packed row), so every start is 16-aligned and the
+    samples do not overlap; a multiple of 16, so every head's rows start aligned too; and
+    ``kernels.PACKED_STATS_PAD`` more rows, read (and discarded) by the dK/dV loop's last row tile."""
+    return 16 * (cdiv(total_q, 16) + n_samples) + kernels.PACKED_STATS_PAD
+
+
 def hyper_backward(grad_out, q, k, v, k_vis, v_vis, image_positions, cu_images, gate, key_padding_mask,
                    out, o_t, o_v, lse, gated: bool, inclusive: bool, scale: float, layout=None,
                    packed: Packed | None = None):
@@ -322,7 +330,10 @@ def hyper_backward(grad_out, q, k, v, k_vis, v_vis, image_positions, cu_images, 
     kpm_strides = key_padding_mask.stride() if has_kpm else (0, 0)
 
     # 1. row statistics: base-2 lse and delta per part (and the gated part gradients + elementwise d(gate))
-    stats = new_output((S, 2, Bq, H, q.shape[1]), dtype=torch.float32, device=dev)
+    if packed is None:
+        stats = new_output((S, 2, Bq, H, q.shape[1]), dtype=torch.float32, device=dev)
+    else:   # each sample's rows start 16-aligned; the gaps are read (and discarded): zeros, not poison
+        stats = torch.zeros((S, 2, Bq, H, packed_stats_len(q.shape[1], B)), dtype=torch.float32, device=dev)
     if gated:   # the two part gradients dO_t, dO_v, one buffer (parts selected by an offset in the kernels)
         do_parts = new_output((2, *q.shape), dtype=dt, device=dev)
         do_strides = (*do_parts.stride()[1:], do_parts.stride(0))
@@ -345,6 +356,7 @@ def hyper_backward(grad_out, q, k, v, k_vis, v_vis, image_positions, cu_images, 
 
     # 2. dK/dV (text keys, visual keys) and dQ, one launch
     cfg = _config("bwd", dev, dt, D)
+    assert packed is None or cfg["BLOCK_M_KV"] <= kernels.PACKED_STATS_PAD, "packed statistics too short"
     n_text, n_kv, n_all = backward_grid(B, Lq, Lk, H, Hkv, N, T, cfg)
     kernels._hyper_bwd_kernel[(n_all,)](
         q, k, v, kv, vv, cu_images, cu_q, cu_k, layout, kpm, do_parts, stats, dq, dk, dv, dkv, dvv,
