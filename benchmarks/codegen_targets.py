@@ -126,7 +126,8 @@ KNOWN_GAPS = [
     # hyper attention backward: the dK/dV programs' loop over partial row tiles (the boundary tiles and
     # the short last tile, in 32-row steps) keeps 2 stages, so the 128-key tile's two fp32 accumulators
     # still fit the registers; the full-tile loop (wait 4) and every dQ loop (wait 2) have 3 buffers.
-    # With 3 stages there the loop meets the target, but the causal case spills 4 B under Triton 3.6
+    # With 3 stages there (KV_STAGES_MASKED in the "bwd" table entry) the loop meets the target, but the
+    # causal case spills 4 B under Triton 3.6
     ("hyper.bwd_pipelined", "hyper_attention/*/bwd", "cp.async, bufs 2, wait 0 (MMA loop 0 of 6: dK/dV partial)"),
 ]
 

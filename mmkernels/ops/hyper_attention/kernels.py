@@ -642,12 +642,14 @@ def _dkv_program(
     stride_dkb, stride_dkn, stride_dkh, stride_dkvn, stride_dkvh,
     qk_scale, scale,
     GATED: tl.constexpr, HAS_KPM: tl.constexpr, VARLEN: tl.constexpr, BLOCK_M: tl.constexpr,
-    BLOCK_M_MASKED: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M_MASKED: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, STAGES: tl.constexpr,
+    STAGES_MASKED: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     """dK, dV of BLOCK_N keys of one K/V head: program ``p`` loops over the G query heads sharing the
     head and over every row block (of BLOCK_M rows) that sees the keys: the full ones unmasked, the
     partial ones masked, in tiles of BLOCK_M_MASKED rows (a divisor of BLOCK_M; the masked loop needs
-    more registers beside the dK/dV accumulators).
+    more registers beside the dK/dV accumulators).  ``STAGES`` / ``STAGES_MASKED``: the pipeline depth
+    of the full and the masked row-tile loops.
 
     Programs ``p < n_text_programs`` take text key blocks, key block major (``p = (kb * B + b) *
     H_kv + hk``): block 0 is seen by every row, so the heaviest programs start first.  The others
@@ -713,10 +715,10 @@ def _dkv_program(
     # the partial row tiles (the boundary, and the short last tile), then the full ones
     dk, dv = _dkv_row_tiles(dk, dv, k, v, q_group, do_group, stats_group, stride_qh, stride_doh, stride_sh, stride_sk,
                             stride_qm, stride_qd, stride_dom, stride_dod, G, r_lo, r_full, r_tail, r_up, Lq, first_row,
-                            qk_scale, offs_d, BLOCK_M_MASKED, True, 2, VARLEN, DOT_PRECISION)
+                            qk_scale, offs_d, BLOCK_M_MASKED, True, STAGES_MASKED, VARLEN, DOT_PRECISION)
     dk, dv = _dkv_row_tiles(dk, dv, k, v, q_group, do_group, stats_group, stride_qh, stride_doh, stride_sh, stride_sk,
                             stride_qm, stride_qd, stride_dom, stride_dod, G, r_full, r_down, r_down, r_down, Lq,
-                            first_row, qk_scale, offs_d, BLOCK_M, False, 3, VARLEN, DOT_PRECISION)
+                            first_row, qk_scale, offs_d, BLOCK_M, False, STAGES, VARLEN, DOT_PRECISION)
     # The output addresses are decoded from p again (not kept in registers through the loops).
     dk = dk * scale
     keys_out = tl.arange(0, BLOCK_N)
@@ -853,7 +855,8 @@ def _hyper_bwd_kernel(
     qk_scale, scale,
     GATED: tl.constexpr, HAS_KPM: tl.constexpr, VARLEN: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M_KV: tl.constexpr, BLOCK_M_KV_MASKED: tl.constexpr,
-    BLOCK_N_KV: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_N_KV: tl.constexpr, BLOCK_D: tl.constexpr, KV_STAGES: tl.constexpr, KV_STAGES_MASKED: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
 ):
     """The whole backward after the row statistics, in one launch of two kinds of program.
 
@@ -882,7 +885,7 @@ def _hyper_bwd_kernel(
                      stride_sp, stride_sk, stride_sb, stride_sh,
                      stride_dkb, stride_dkn, stride_dkh, stride_dkvn, stride_dkvh,
                      qk_scale, scale, GATED, HAS_KPM, VARLEN, BLOCK_M_KV, BLOCK_M_KV_MASKED, BLOCK_N_KV, BLOCK_D,
-                     DOT_PRECISION)
+                     KV_STAGES, KV_STAGES_MASKED, DOT_PRECISION)
     else:
         _dq_program(pid - n_kv_programs, q_ptr, k_ptr, v_ptr, kv_ptr, vv_ptr, cu_ptr, cu_q_ptr, cu_k_ptr,
                     layout_ptr, kpm_ptr, do_ptr, stats_ptr, dq_ptr,

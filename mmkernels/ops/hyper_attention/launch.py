@@ -22,15 +22,20 @@ from . import kernels
 # partial row tiles in steps of BLOCK_M_KV_MASKED rows, a divisor).  The tiles put distinct rows on
 # each warpgroup (a 64-row tile on 8 warps would make both warpgroups compute the same S and dP), so
 # 8 warps take 128-row tiles and 4 warps 64-row ones.
+# The dK/dV programs' two row-tile loops set their own pipeline depth (num_stages sets the dQ loops'):
+# the full tiles 3, the masked partial tiles 2 (with 3 that loop keeps the two fp32 accumulators of a
+# 128-key tile only by spilling under Triton 3.6; kernels._dkv_row_tiles).  The same for every dtype and
+# head dim: the interpreter ignores them.
+_DKV_STAGES = dict(KV_STAGES=3, KV_STAGES_MASKED=2)
 _GPU_HALF = {
     "fwd": {64: dict(BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=3),
             128: dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3)},
     "bwd_pre": {64: dict(BLOCK_M=64, num_warps=4),
                 128: dict(BLOCK_M=64, num_warps=8)},
     "bwd": {64: dict(BLOCK_M=64, BLOCK_N=64, BLOCK_N_KV=64, BLOCK_M_KV=64, BLOCK_M_KV_MASKED=32, num_warps=4,
-                     num_stages=3),
+                     num_stages=3, **_DKV_STAGES),
             128: dict(BLOCK_M=128, BLOCK_N=64, BLOCK_N_KV=128, BLOCK_M_KV=64, BLOCK_M_KV_MASKED=32, num_warps=8,
-                      num_stages=3)},
+                      num_stages=3, **_DKV_STAGES)},
     # decode split: bandwidth-bound.  One 64-row wgmma tile (all G * L_q rows of a K/V head) and a
     # 3-stage K/V pipeline in <= 76 KB of shared memory, so DECODE_CTAS_PER_SM programs share an SM.
     "decode": {64: dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3),
@@ -39,7 +44,7 @@ _GPU_HALF = {
 _INTERPRETER = {
     "fwd": dict(BLOCK_M=16, BLOCK_N=16),
     "bwd_pre": dict(BLOCK_M=16),
-    "bwd": dict(BLOCK_M=16, BLOCK_N=16, BLOCK_N_KV=16, BLOCK_M_KV=16, BLOCK_M_KV_MASKED=16),
+    "bwd": dict(BLOCK_M=16, BLOCK_N=16, BLOCK_N_KV=16, BLOCK_M_KV=16, BLOCK_M_KV_MASKED=16, **_DKV_STAGES),
     "decode": dict(BLOCK_M=16, BLOCK_N=16),
 }
 # Element-wise launches (the block classification, the producer's rotation, the text RoPE, the decode
