@@ -164,24 +164,19 @@ def keep_bits_zero(x, words):
     :func:`pack_keep_bits`) is 0 set to +0 (unscaled).  The bits become all-zero / all-one masks ANDed
     into x's bits: fewer instructions than a select on an i1 mask, and no arithmetic in bfloat16
     (which the CPU interpreter cannot do)."""
-    ones = _unpack_keep_bits(words, x.shape[1])
+    keep = keep_bits_mask(words, x.shape[1])
     if tl.constexpr(x.dtype.primitive_bitwidth) == 16:
-        return (x.to(tl.int16, bitcast=True) & (-ones).to(tl.int16)).to(x.dtype, bitcast=True)
+        return (x.to(tl.int16, bitcast=True) & -keep.to(tl.int16)).to(x.dtype, bitcast=True)
     else:
-        return (x.to(tl.int32, bitcast=True) & -ones).to(x.dtype, bitcast=True)
+        return (x.to(tl.int32, bitcast=True) & -keep.to(tl.int32)).to(x.dtype, bitcast=True)
 
 
 @triton.jit
 def keep_bits_mask(words, COLS: tl.constexpr):
-    """The bool ``[R, COLS]`` keep-mask packed in ``words`` (``[R, COLS // 32]``, :func:`pack_keep_bits`)."""
-    return _unpack_keep_bits(words, COLS) != 0
-
-
-@triton.jit
-def _unpack_keep_bits(words, COLS: tl.constexpr):
-    """``[R, COLS // 32]`` int32 words -> ``[R, COLS]`` int32 of 0 / 1 (bit j of word w is column 32 w + j)."""
-    bits = (words[:, :, None] >> tl.arange(0, KEEP_BITS)[None, None, :]) & 1
-    return tl.reshape(bits, (words.shape[0], COLS))
+    """The bool ``[R, COLS]`` keep-mask packed in ``words`` (``[R, COLS // 32]``, :func:`pack_keep_bits`):
+    each element tests its bit against a constant (no per-element shift)."""
+    bit = tl.full((KEEP_BITS,), 1, tl.int32) << tl.arange(0, KEEP_BITS)
+    return tl.reshape((words[:, :, None] & bit[None, None, :]) != 0, (words.shape[0], COLS))
 
 
 @triton.jit

@@ -45,15 +45,16 @@ def _plora_shrink_kernel(
     M, K, R, n_flags,
     stride_xm, stride_xk, stride_ar, stride_ak, stride_sm, stride_sr, stride_keep,
     keep_scale,
-    HAS_DROPOUT: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr, EVEN_K: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
     FLAG_ROWS: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     """S = (dropout(x) @ A.T) on visual rows; 0 on text rows.
 
     Grid: (cdiv(M, BLOCK_M), cdiv(R, BLOCK_R)); program (i, j) owns S[i*BM:(i+1)*BM, j*BR:(j+1)*BR]
-    and runs the K loop.  A tile with no visual row stores zeros and stops.  With dropout the x tile's
-    keep bits (``keep_bits [M, stride_keep]``, :func:`_dropout_bits_kernel`) are read beside it.
+    and runs the K loop (rows of A past R wrap: they feed columns of S that are never stored; with
+    ``EVEN_K`` no load has a column mask).  A tile with no visual row stores zeros and stops.  With
+    dropout the x tile's keep bits (``keep_bits [M, stride_keep]``, :func:`_dropout_bits_kernel`) are read beside it.
     """
     pid_m = tl.program_id(0)
     pid_r = tl.program_id(1)
@@ -64,19 +65,26 @@ def _plora_shrink_kernel(
     s_ptrs = s_ptr + rows[:, None].to(tl.int64) * stride_sm + rcols[None, :] * stride_sr
     acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
     if any_row_flag(flags_ptr, n_flags, pid_m * BLOCK_M, BLOCK_M, FLAG_ROWS):
-        visual = tl.load(mask_ptr + rows, mask=row_ok, other=0) != 0
+        row_sel = (tl.load(mask_ptr + rows, mask=row_ok, other=0) != 0)[:, None]   # visual rows (< M)
+        rs64 = tl.max_contiguous(tl.multiple_of(rcols % R, BLOCK_R), BLOCK_R).to(tl.int64)
         for k0 in range(0, K, BLOCK_K):
             ks = k0 + tl.arange(0, BLOCK_K)
-            k_ok = ks < K
-            x = tl.load(x_ptr + rows[:, None].to(tl.int64) * stride_xm + ks[None, :].to(tl.int64) * stride_xk,
-                        mask=(visual & row_ok)[:, None] & k_ok[None, :], other=0.0)
+            x_ptrs = x_ptr + rows[:, None].to(tl.int64) * stride_xm + ks[None, :].to(tl.int64) * stride_xk
+            a_ptrs = a_ptr + rs64[None, :] * stride_ar + ks[:, None].to(tl.int64) * stride_ak
+            if EVEN_K:    # (no column mask: every load of the loop is masked by rows only)
+                x = tl.load(x_ptrs, mask=row_sel, other=0.0)
+                a = tl.load(a_ptrs)
+            else:
+                x = tl.load(x_ptrs, mask=row_sel & (ks < K)[None, :], other=0.0)
+                a = tl.load(a_ptrs, mask=(ks < K)[:, None], other=0.0)
             if HAS_DROPOUT:
                 words = k0 // KEEP_BITS + tl.arange(0, BLOCK_K // KEEP_BITS)
-                keep = tl.load(keep_bits_ptr + rows[:, None].to(tl.int64) * stride_keep + words[None, :],
-                               mask=(visual & row_ok)[:, None] & (words < stride_keep)[None, :], other=0)
+                keep_ptrs = keep_bits_ptr + rows[:, None].to(tl.int64) * stride_keep + words[None, :]
+                if EVEN_K:
+                    keep = tl.load(keep_ptrs, mask=row_sel, other=0)
+                else:
+                    keep = tl.load(keep_ptrs, mask=row_sel & (words < stride_keep)[None, :], other=0)
                 x = keep_bits_zero(x, keep)
-            a = tl.load(a_ptr + rcols[None, :].to(tl.int64) * stride_ar + ks[:, None].to(tl.int64) * stride_ak,
-                        mask=(rcols[None, :] < R) & k_ok[:, None], other=0.0)
             acc = tl.dot(x, a, acc, input_precision=DOT_PRECISION)
         if HAS_DROPOUT:
             acc = acc * keep_scale    # the kept elements' 1 / (1 - p), once per output element

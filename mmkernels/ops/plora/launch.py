@@ -171,7 +171,8 @@ def plora_forward(x, weight, bias, lora_a, lora_b, im_mask, flags, scaling, drop
             M, K, R, flags.numel(),
             x.stride(0), x.stride(1), lora_a.stride(0), lora_a.stride(1), s.stride(0), s.stride(1),
             bits.stride(0) if has_dropout else 0, _keep_scale(dropout_p),
-            HAS_DROPOUT=has_dropout, FLAG_ROWS=FLAG_ROWS, DOT_PRECISION=dot_precision(x.dtype), **cfg)
+            HAS_DROPOUT=has_dropout, EVEN_K=K % cfg["BLOCK_K"] == 0, FLAG_ROWS=FLAG_ROWS,
+            DOT_PRECISION=dot_precision(x.dtype), **cfg)
     if N > 0:
         # y = x @ W0.T + b0, the LoRA expand first on the tiles with a visual row (a zero-trip loop on
         # the others, whose rows are then exactly the base linear's)
