@@ -1,10 +1,15 @@
 """The PLoRA custom ops, their autograd formula, and the public functional API.
 
-Two ops in the ``mmkernels`` namespace (Triton kernels on CUDA, the Triton interpreter on CPU):
+Three ops in the ``mmkernels`` namespace (Triton kernels on CUDA, the Triton interpreter on CPU):
 
 * ``plora_forward(x, weight, bias, lora_a, lora_b, im_mask, tile_flags, scaling, dropout_p,
-  dropout_seed, check_metadata=True) -> (y, lora_hidden)`` with ``x [M, K]`` and ``im_mask [M]``;
-* ``plora_backward(...) -> (dx, dW0, db0, dA, dB)``.
+  dropout_seed, check_metadata=True, dropout_keep_bits=None) -> (y, lora_hidden)`` with ``x [M, K]``
+  and ``im_mask [M]``;
+* ``plora_backward(..., check_metadata=True, dropout_keep_bits=None) -> (dx, dW0, db0, dA, dB)``;
+* ``plora_dropout_keep_bits(im_mask, tile_flags, dropout_seed, in_features, dropout_p)``: the dropout
+  keep-mask of the visual rows, drawn once per step and packed (int32 ``[M, cdiv(K, 32)]``,
+  :func:`launch.dropout_keep_bits`); the forward reads it and the autograd formula saves it for the
+  backward.  Where the ops get no bits, they draw the same ones themselves.
 
 :class:`PLoRAFunction` is the single statement of the gradient; it is registered as the autograd
 formula of ``plora_forward`` so the op differentiates the same way in eager mode and under
