@@ -175,6 +175,7 @@ def keep_bits_zero(x, words):
 def keep_bits_mask(words, COLS: tl.constexpr):
     """The bool ``[R, COLS]`` keep-mask packed in ``words`` (``[R, COLS // 32]``, :func:`pack_keep_bits`):
     each element tests its bit against a constant (no per-element shift)."""
+    tl.static_assert(COLS % 32 == 0, "keep bits come in words of 32 columns: the block must be a multiple of 32")
     bit = tl.full((KEEP_BITS,), 1, tl.int32) << tl.arange(0, KEEP_BITS)
     return tl.reshape((words[:, :, None] & bit[None, None, :]) != 0, (words.shape[0], COLS))
 
