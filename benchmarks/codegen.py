@@ -110,10 +110,13 @@ def _plora_wqkv(dropout_p=0.0):
     x, w, a, b = _meta(M, K), _meta(N, K), _meta(R, K), _meta(N, R)
     mask = _meta(M, dtype=torch.bool)
     flags = launch.tile_flags(mask)
-    seed = _meta(1, dtype=torch.int64) if dropout_p else None
-    y, s = launch.plora_forward(x, w, None, a, b, mask, flags, 2.0, dropout_p, seed)
+    seed = keep_bits = None
+    if dropout_p:    # the keep-mask, drawn once (as plora_linear does) and read by the shrink, dX and dA
+        seed = _meta(1, dtype=torch.int64)
+        keep_bits = launch.dropout_keep_bits(mask, flags, seed, M, K, dropout_p)
+    y, s = launch.plora_forward(x, w, None, a, b, mask, flags, 2.0, dropout_p, seed, keep_bits)
     launch.plora_backward(_meta(M, N), x, w, a, b, s, mask, flags, 2.0, dropout_p, seed,
-                          [True, True, False, True, True])
+                          [True, True, False, True, True], keep_bits)
 
 
 # hyper attention's cases: the 7B layer (heads, K/V heads, head dim, tokens per image) and its training
@@ -219,8 +222,9 @@ CASES = [
           "_plora_visual_tiles_kernel": ("visual_tiles", None), "_plora_bwd_dlora_a_kernel": ("dA",),
           "_plora_bwd_dlora_b_kernel": ("dB",)}),
     Case("plora", "dropout", "the same in training with the models' LoRA dropout 0.05 (the launches that differ: "
-         "the shrink, dX and dA draw the dropout mask)", lambda: _plora_wqkv(dropout_p=0.05),
-         {"_plora_shrink_kernel": ("shrink",), "_gemm_kernel": (None, None, "dX"), "_plora_bwd_dw_kernel": (None,),
+         "the keep-mask drawn once, packed in bits, which the shrink, dX and dA read)",
+         lambda: _plora_wqkv(dropout_p=0.05),
+         {"_dropout_bits_kernel": ("keep_bits",), "_plora_shrink_kernel": ("shrink",), "_gemm_kernel": (None, None, "dX"), "_plora_bwd_dw_kernel": (None,),
           "_plora_visual_tiles_kernel": (None, None), "_plora_bwd_dlora_a_kernel": ("dA",),
           "_plora_bwd_dlora_b_kernel": (None,)}),
     Case("hyper_attention", "joint", "7B layer (H 28, H_kv 4, D 128, T 729), joint mode, 2k text + 32 images, "

@@ -103,6 +103,7 @@ def _setups(device, small: bool):
     _, sp = plora.plora_forward(xp, wp, None, ap, lbp, mask, flags, 1.0, 0.0, None)
     dyp = rand(M_p, N_p)
     seed = torch.tensor([1234], dtype=torch.int64, device=device)
+    keep_bits = plora.dropout_keep_bits(mask, flags, seed, M_p, K_p, 0.05)   # drawn once per step, outside dX
     gg_a, gg_b, gg_dc = xs, w1, dz
 
     mm = 2.0 * M
@@ -125,7 +126,8 @@ def _setups(device, small: bool):
         "plora.dx": (lambda: plora.plora_backward(dyp, xp, wp, ap, lbp, sp, mask, flags, 1.0, 0.0, None,
                                                   [True, False, False, False, False]), 2.0 * M_p * N_p * K_p),
         "plora.dx_dropout": (lambda: plora.plora_backward(dyp, xp, wp, ap, lbp, sp, mask, flags, 1.0, 0.05, seed,
-                                                          [True, False, False, False, False]), 2.0 * M_p * N_p * K_p),
+                                                          [True, False, False, False, False], keep_bits),
+                             2.0 * M_p * N_p * K_p),
         "plora.ds": (lambda: plora.plora_backward(dyp, xp, wp, ap, lbp, sp, mask, flags, 1.0, 0.0, None,
                                                   [False, False, False, True, False]), 2.0 * M_p * N_p * R_p / 2),
     }

@@ -1,4 +1,4 @@
-"""Block-size sweep for the PLoRA kernels outside the GEMM core (shrink, dW0, dA, dB) on one
+"""Block-size sweep for the PLoRA kernels outside the GEMM core (shrink, dW0, dA, dB, the dropout mask) on one
 InternLM2-7B shape (GPU; a tiny CPU smoke mode).  The forward, dX and dS GEMMs are roles of the shared
 core: ``benchmarks/tune_gemm.py`` sweeps them.
 
@@ -29,12 +29,16 @@ CANDIDATES = {
                 dict(BLOCK_R=64, BLOCK_K=128, BLOCK_M=64, **W4S4), dict(BLOCK_R=128, BLOCK_K=128, BLOCK_M=64, **W8S3)],
     "dlora_b": [dict(BLOCK_N=128, BLOCK_R=64, BLOCK_M=64, **W4S3), dict(BLOCK_N=128, BLOCK_R=128, BLOCK_M=64, **W8S3),
                 dict(BLOCK_N=64, BLOCK_R=64, BLOCK_M=64, **W4S4), dict(BLOCK_N=64, BLOCK_R=128, BLOCK_M=64, **W4S3)],
-    # with LoRA dropout 0.05 (the draws of the mask bound these): the tiles without dropout are candidates
+    # with LoRA dropout 0.05 (unpacking the keep bits of x adds to these loops; BLOCK_K a multiple of 32):
+    # the tiles without dropout are candidates, and dA over all of R (half the grid at r 256)
     "shrink_dropout": [dict(BLOCK_M=64, BLOCK_R=256, BLOCK_K=64, **W4S4), dict(BLOCK_M=64, BLOCK_R=128, BLOCK_K=64, **W4S4),
-                       dict(BLOCK_M=128, BLOCK_R=256, BLOCK_K=64, **W8S3)],
+                       dict(BLOCK_M=128, BLOCK_R=256, BLOCK_K=64, **W8S4)],
     "dlora_a_dropout": [dict(BLOCK_R=128, BLOCK_K=64, BLOCK_M=128, **W4S4),
                         dict(BLOCK_R=64, BLOCK_K=64, BLOCK_M=128, **W4S3),
-                        dict(BLOCK_R=128, BLOCK_K=32, BLOCK_M=128, **W4S4)],
+                        dict(BLOCK_R=256, BLOCK_K=64, BLOCK_M=64, **W4S4)],
+    # the keep-mask drawn once per step (Philox, no MMA)
+    "dropout_bits": [dict(BLOCK_M=64, BLOCK_K=128, num_warps=4), dict(BLOCK_M=32, BLOCK_K=128, num_warps=4),
+                     dict(BLOCK_M=64, BLOCK_K=256, num_warps=8)],
 }
 
 
@@ -78,17 +82,21 @@ def main(argv=None):
     def fwd():
         launch.plora_forward(x, w, None, a, b, mask, flags, 1.0, 0.0, None)
 
-    def bwd(mask5, p=0.0):
-        return lambda: launch.plora_backward(dy, x, w, a, b, s, mask, flags, 1.0, p, seed if p else None, mask5)
+    def bwd(mask5, p=0.0):   # (with dropout: the keep bits drawn once, outside the timed launcher)
+        return lambda: launch.plora_backward(dy, x, w, a, b, s, mask, flags, 1.0, p, seed if p else None, mask5,
+                                             keep_bits if p else None)
 
     seed = torch.tensor([1234], dtype=torch.int64, device=device)
+    keep_bits = launch.dropout_keep_bits(mask, flags, seed, M, K, 0.05)
     runs = {"shrink": fwd, "dw": bwd([False, True, False, False, False]),
             "dlora_a": bwd([False, False, False, True, False]), "dlora_b": bwd([False, False, False, False, True]),
-            "shrink_dropout": lambda: launch.plora_forward(x, w, None, a, b, mask, flags, 1.0, 0.05, seed),
-            "dlora_a_dropout": bwd([False, False, False, True, False], 0.05)}
+            "shrink_dropout": lambda: launch.plora_forward(x, w, None, a, b, mask, flags, 1.0, 0.05, seed, keep_bits),
+            "dlora_a_dropout": bwd([False, False, False, True, False], 0.05),
+            "dropout_bits": lambda: launch.dropout_keep_bits(mask, flags, seed, M, K, 0.05)}
     flops = {"dw": 2.0 * M * N * K, "shrink": 2.0 * M * K * r / 2, "dlora_a": 2.0 * M * K * r / 2,
              "dlora_b": 2.0 * M * N * r / 2}
     flops.update(shrink_dropout=flops["shrink"], dlora_a_dropout=flops["dlora_a"])
+    draws = {"dropout_bits": M * K / 2}   # the keep-mask of the visual rows (half of them)
     if device.type == "cuda":
         cublas = {"dw": bench(lambda: dy.t() @ x)}
         print(f"device {torch.cuda.get_device_name()}  M={M} K={K} N={N} r={r} bf16, 50% visual span")
@@ -116,8 +124,9 @@ def main(argv=None):
                     print(f"  {name} {cand}: failed {type(e).__name__}: {str(e)[:100]}")
                     continue
                 rows.append(dict(kernel=name, config=cand, ms=ms))
-                print(f"  {name} {cand}: {ms:.3f} ms ({flops[name] / ms / 1e9:.0f} TFLOP/s of its own FLOPs, "
-                      f"launcher total)", flush=True)
+                rate = (f"{flops[name] / ms / 1e9:.0f} TFLOP/s of its own FLOPs" if name in flops
+                        else f"{draws[name] / ms / 1e6:.0f} G elements/s")
+                print(f"  {name} {cand}: {ms:.3f} ms ({rate}, launcher total)", flush=True)
                 if best is None or ms < best[0]:
                     best = (ms, cand)
             if best is None:

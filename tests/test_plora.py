@@ -150,6 +150,62 @@ def test_dropout_statistics(device):
     assert not torch.equal(y1[mask], y2[mask])
 
 
+@pytest.mark.parametrize("device", KERNEL_DEVICES)
+@pytest.mark.parametrize("p", [0.05, 0.5])
+def test_dropout_keep_bits_match_keep_mask(device, p):
+    """The packed keep bits (drawn once per step) hold ``dropout_keep_mask`` on visual rows, 0 on text rows
+    and past K; M and K are not multiples of 32 or of the block sizes."""
+    for M, K in ((53, 75), (37, 33), (1, 5)):
+        mask = make_mask("scattered", (M,)).to(device)
+        seed = torch.randint(0, 2**31 - 1, (1,), dtype=torch.int64, device=device)
+        bits = launch.dropout_keep_bits(mask, launch.tile_flags(mask), seed, M, K, p)
+        assert bits.dtype == torch.int32 and bits.shape == (M, (K + 31) // 32)
+        cols = torch.arange(bits.shape[1] * 32, device=device)
+        unpacked = ((bits[:, cols // 32] >> (cols % 32)) & 1).bool()
+        assert not unpacked[:, K:].any()
+        assert torch.equal(unpacked[:, :K], launch.dropout_keep_mask(seed, M, K, p) & mask[:, None])
+
+
+@pytest.mark.parametrize("device", KERNEL_DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
+def test_dropout_mask_drawn_once_per_step(device, dtype, monkeypatch):
+    """plora_linear draws the keep-mask once (one launch of the mask kernel) for its forward and backward, and
+    the result equals the reference under the mask of the seed it drew."""
+    from mmkernels.ops.plora import kernels
+    launches = []
+    bits_kernel = kernels._dropout_bits_kernel
+
+    class Counting:
+        def __getitem__(self, grid):
+            launches.append(grid)
+            return bits_kernel[grid]
+
+    monkeypatch.setattr(kernels, "_dropout_bits_kernel", Counting())
+    M, K, N, r, p = 45, 71, 36, 16, 0.3
+    x, w, b, a, lb = make_inputs((M,), K, N, r, dtype, device)
+    mask = make_mask("span", (M,)).to(device)
+    leaves = [t.clone().requires_grad_() for t in (x, w, b, a, lb)]
+    state = torch.random.get_rng_state() if device == "cpu" else torch.cuda.get_rng_state()
+    with use_backend("triton"):
+        y = plora_linear(*leaves, mask, scaling=0.5, dropout_p=p, training=True)
+    gy = torch.randn_like(y)
+    y.backward(gy)
+    assert len(launches) == 1
+    # the seed plora_linear drew: the same draw from the same generator state
+    if device == "cpu":
+        torch.random.set_rng_state(state)
+    else:
+        torch.cuda.set_rng_state(state)
+    seed = torch.randint(0, 2**31 - 1, (1,), dtype=torch.int64, device=device)
+    keep = launch.dropout_keep_mask(seed, M, K, p)
+    refs = [t.detach().double().requires_grad_() for t in (x, w, b, a, lb)]
+    y_ref = plora_linear_reference(*refs, mask, scaling=0.5, dropout_p=p, training=True, dropout_mask=keep)
+    y_ref.backward(gy.double())
+    assert_close("y", y, y_ref, dtype)
+    for name, got, ref in zip(("dx", "dW0", "db0", "dA", "dB"), leaves, refs):
+        assert_close(name, got.grad, ref.grad, dtype)
+
+
 def test_reference_gradcheck_float64():
     x, w, b, a, lb = make_inputs((2, 5), 6, 4, 3, torch.float64, "cpu")
     mask = torch.tensor([[1, 0, 1, 1, 0], [0, 0, 1, 0, 1]], dtype=torch.bool)
@@ -177,8 +233,10 @@ def test_opcheck(device):
     for args in (
         (*base, mask, flags, 0.5, 0.0, None),
         (base[0], permuted_w, None, base[3], base[4], mask, flags, 1.0, 0.2, seed),
+        (*base, mask, flags, 0.5, 0.2, seed, True, launch.dropout_keep_bits(mask, flags, seed, 40, 32, 0.2)),
     ):
         torch.library.opcheck(torch.ops.mmkernels.plora_forward.default, args)
+    torch.library.opcheck(torch.ops.mmkernels.plora_dropout_keep_bits.default, (mask, flags, seed, 32, 0.2))
 
 
 @pytest.mark.parametrize("device", KERNEL_DEVICES)
@@ -191,6 +249,22 @@ def test_torch_compile_fullgraph(device):
         eager = layer(x, mask)
         compiled = torch.compile(layer, fullgraph=True)(x, mask)
     torch.testing.assert_close(compiled, eager)
+    compiled.sum().backward()
+    assert layer.Plora_A.weight.grad is not None and x.grad is not None
+
+
+@pytest.mark.parametrize("device", KERNEL_DEVICES)
+def test_torch_compile_fullgraph_with_dropout(device):
+    """Training with LoRA dropout compiles in one graph (the packed keep-mask op and its fake included);
+    text rows equal eager's exactly, visual rows get a fresh mask."""
+    layer = PLoRALinear(32, 24, bias=True, lora_r=16, lora_alpha=8, lora_dropout=0.25, device=device).train()
+    nn.init.normal_(layer.Plora_B.weight)
+    x = torch.randn(2, 20, 32, device=device, requires_grad=True)
+    mask = make_mask("span", (2, 20)).to(device)
+    with use_backend("triton"):
+        eager = layer(x, mask)
+        compiled = torch.compile(layer, fullgraph=True)(x, mask)
+    torch.testing.assert_close(compiled[~mask], eager[~mask])
     compiled.sum().backward()
     assert layer.Plora_A.weight.grad is not None and x.grad is not None
 

@@ -558,3 +558,18 @@ def test_functional_plora_linear_under_autocast(backend):
     assert_close("y", y, expected, torch.bfloat16)
     y.float().sum().backward()
     assert x.grad.dtype == torch.float32 and w.grad.dtype == torch.float32
+
+
+def test_ops_reject_keep_bits_of_the_wrong_shape_or_dtype():
+    """The packed dropout keep-mask the ops trust must be launch.dropout_keep_bits's int32 [M, cdiv(K, 32)]."""
+    x, w, a, lb = torch.randn(20, 40), torch.randn(12, 40), torch.randn(4, 40), torch.randn(12, 4)
+    mask = torch.zeros(20, dtype=torch.bool)
+    mask[3:9] = True
+    flags, seed = launch.tile_flags(mask), torch.tensor([5], dtype=torch.int64)
+    bits = launch.dropout_keep_bits(mask, flags, seed, 20, 40, 0.2)
+    y, s = plora_forward_op(x, w, None, a, lb, mask, flags, 1.0, 0.2, seed, True, bits)
+    for bad in (bits[:, :1], bits.to(torch.int64), bits[:-1]):
+        with pytest.raises((ValueError, TypeError), match="dropout_keep_bits"):
+            plora_forward_op(x, w, None, a, lb, mask, flags, 1.0, 0.2, seed, True, bad)
+        with pytest.raises((ValueError, TypeError), match="dropout_keep_bits"):
+            plora_backward_op(torch.randn(20, 12), x, w, a, lb, s, mask, flags, 1.0, 0.2, seed, [True] * 5, True, bad)

@@ -46,8 +46,10 @@ zero-trip for a tile with no masked row (read from ``tile_flags``), so such a ti
 plain GEMM (its rows are bit-identical to it) -- and it is a loop, not an ``if``: a conditionally
 defined accumulator makes ptxas serialize every wgmma of the kernel (warning C7515).  ``LORA == 2``
 (dropout): the same, except that the LoRA product is multiplied element by element by
-``keep_scale`` times the seeded dropout keep-mask (:func:`dropout_keep`) instead of a scale; the
-product and the Philox draws sit in a loop that is zero-trip on a tile without masked rows.
+``keep_scale`` times the dropout keep-mask instead of a scale: the mask the PLoRA forward drew once
+(:func:`dropout_keep`), read as packed bits ``keep_bits [M, stride_keep]`` (int32 words of 32 columns,
+:func:`pack_keep_bits`); the product and the bit reads sit in a loop that is zero-trip on a tile
+without masked rows.
 ``TILE_FLAGS`` alone (``LORA == 0``) skips a whole tile without masked rows (zero-trip main loop).
 
 **Row-reduction GEMM** (:func:`_wgrad_kernel`): the weight gradient of ``C = A @ B[e].T``::
@@ -143,19 +145,39 @@ def dropout_keep(seed, rows, col0, keep_threshold, COLS: tl.constexpr):
     return _interleave4(k0, k1, k2, k3)
 
 
+KEEP_BITS = tl.constexpr(32)  # columns per int32 word of a packed keep-mask
+
+
 @triton.jit
-def dropout_zero(x, seed, rows, col0, keep_threshold):
-    """``x`` (the ``[len(rows), COLS]`` elements (rows, col0 + j) of an ``[M, K]`` matrix) with the
-    elements :func:`dropout_keep` drops set to +0 (unscaled).  The keep decisions become all-zero /
-    all-one masks ANDed into x's bits: fewer instructions than a select on an interleaved i1 mask, and
-    no arithmetic in bfloat16 (which the CPU interpreter cannot do)."""
-    k0, k1, k2, k3 = _dropout_draws(seed, rows, col0, keep_threshold, x.shape[1])
+def pack_keep_bits(keep):
+    """Pack a ``[R, C]`` keep-mask (C a multiple of 32) into ``[R, C // 32]`` int32 words: column
+    ``32 w + j`` is bit ``j`` of word ``w``."""
+    R: tl.constexpr = keep.shape[0]
+    W: tl.constexpr = keep.shape[1] // KEEP_BITS
+    bits = tl.reshape(keep.to(tl.uint32), (R, W, KEEP_BITS)) << tl.arange(0, KEEP_BITS).to(tl.uint32)[None, None, :]
+    return tl.sum(bits, axis=2).to(tl.int32, bitcast=True)     # (distinct bits: the sum is their OR)
+
+
+@triton.jit
+def keep_bits_zero(x, words):
+    """``x`` (``[R, C]``) with the elements whose bit in ``words`` (``[R, C // 32]``, packed by
+    :func:`pack_keep_bits`) is 0 set to +0 (unscaled).  The bits become all-zero / all-one masks ANDed
+    into x's bits: fewer instructions than a select on an i1 mask, and no arithmetic in bfloat16
+    (which the CPU interpreter cannot do)."""
+    keep = keep_bits_mask(words, x.shape[1])
     if tl.constexpr(x.dtype.primitive_bitwidth) == 16:
-        bits = _interleave4(-k0.to(tl.int16), -k1.to(tl.int16), -k2.to(tl.int16), -k3.to(tl.int16))
-        return (x.to(tl.int16, bitcast=True) & bits).to(x.dtype, bitcast=True)
+        return (x.to(tl.int16, bitcast=True) & -keep.to(tl.int16)).to(x.dtype, bitcast=True)
     else:
-        bits = _interleave4(-k0.to(tl.int32), -k1.to(tl.int32), -k2.to(tl.int32), -k3.to(tl.int32))
-        return (x.to(tl.int32, bitcast=True) & bits).to(x.dtype, bitcast=True)
+        return (x.to(tl.int32, bitcast=True) & -keep.to(tl.int32)).to(x.dtype, bitcast=True)
+
+
+@triton.jit
+def keep_bits_mask(words, COLS: tl.constexpr):
+    """The bool ``[R, COLS]`` keep-mask packed in ``words`` (``[R, COLS // 32]``, :func:`pack_keep_bits`):
+    each element tests its bit against a constant (no per-element shift)."""
+    tl.static_assert(COLS % 32 == 0, "keep bits come in words of 32 columns: the block must be a multiple of 32")
+    bit = tl.full((KEEP_BITS,), 1, tl.int32) << tl.arange(0, KEEP_BITS)
+    return tl.reshape((words[:, :, None] & bit[None, None, :]) != 0, (words.shape[0], COLS))
 
 
 @triton.jit
@@ -274,15 +296,15 @@ def _gemm_kernel(
     # outputs and epilogue inputs
     c_ptr, c_desc, z_ptr, c_idx_ptr, y_ptr, w_ptr,
     # grouping and the LoRA term
-    offs_ptr, l_ptr, lb_ptr, row_mask_ptr, flags_ptr, seed_ptr,
+    offs_ptr, l_ptr, lb_ptr, row_mask_ptr, flags_ptr, keep_bits_ptr,
     # sizes
     M, N, K, E, R, n_flags, half_n,
     # strides
     stride_am, stride_ak, stride_be, stride_bn, stride_bk, stride_biase, stride_biasn,
     stride_cm, stride_cn, stride_zm, stride_zn, stride_ym, stride_yn,
-    stride_lm, stride_lr, stride_lbn, stride_lbr,
+    stride_lm, stride_lr, stride_lbn, stride_lbr, stride_keep,
     # scalars
-    lora_scale, out_scale, keep_threshold, keep_scale,
+    lora_scale, out_scale, keep_scale,
     # what to compute
     GROUPED: tl.constexpr, A_GATHER: tl.constexpr, A_DIV: tl.constexpr, A_TMA: tl.constexpr,
     B_TMA: tl.constexpr, B_KMAJOR: tl.constexpr, EVEN_K: tl.constexpr,
@@ -338,14 +360,17 @@ def _gemm_kernel(
             if LORA_SCALE:  # (a tile without masked rows keeps its exact zeros)
                 acc = tl.where(flagged, acc * lora_scale, acc)
         if LORA == 2:
-            # with dropout each element of the term is multiplied by its keep-mask element; all of it
-            # sits in a loop that is zero-trip on a tile without masked rows (no Philox draws there),
-            # not under an ``if`` (C7515)
+            # with dropout each element of the term is multiplied by its keep-mask element (read from the
+            # packed keep bits the forward drew); all of it sits in a loop that is zero-trip on a tile
+            # without masked rows, not under an ``if`` (C7515)
             lmask = (tl.load(row_mask_ptr + rows, mask=row_ok, other=0) != 0) & row_ok
             for _ in range(0, tl.where(flagged, 1, 0)):
                 acc = _lora_product(acc, l_ptr, lb_ptr, rows, lmask, cols64, col_ok, ks0, R, R,
                                     stride_lm, stride_lr, stride_lbn, stride_lbr, LB_KMAJOR, BLOCK_K, DOT_PRECISION)
-                keep = dropout_keep(tl.load(seed_ptr), rows, n0, keep_threshold, BLOCK_N) & lmask[:, None]
+                words = n0 // KEEP_BITS + tl.arange(0, BLOCK_N // KEEP_BITS)
+                keep_words = tl.load(keep_bits_ptr + rows.to(tl.int64)[:, None] * stride_keep + words[None, :],
+                                     mask=lmask[:, None] & (words < stride_keep)[None, :], other=0)
+                keep = keep_bits_mask(keep_words, BLOCK_N)
                 acc = tl.where(keep, acc * keep_scale, 0.0)
 
         # main loop

@@ -90,15 +90,15 @@ def dropout_threshold(p: float) -> int:
 class LoRATerm:
     """The PLoRA term of a row GEMM (:mod:`.kernels`, ``LORA``): ``l [M, R]`` (rows masked by
     ``row_mask``), ``lb`` as ``[N, R]`` (``lb_kmajor``) or ``[R, N]``, and either a ``scale`` of the
-    prologue or a dropout ``seed`` (the term times ``keep_scale`` and the keep-mask of ``dropout_p``).
+    prologue or a dropout keep-mask ``keep_bits`` (int32 ``[M, cdiv(N, 32)]``, bit j of word w is column
+    ``32 w + j``, as ``plora.launch.dropout_keep_bits`` draws it; the term times ``keep_scale`` and the mask).
     The launch's ``tile_flags`` say which tiles have masked rows."""
     l: torch.Tensor
     lb: torch.Tensor
     lb_kmajor: bool
     row_mask: torch.Tensor          # uint8 [M]
     scale: Optional[float] = None   # multiply the accumulator by it after the prologue
-    seed: Optional[torch.Tensor] = None
-    dropout_p: float = 0.0
+    keep_bits: Optional[torch.Tensor] = None
     keep_scale: float = 1.0
 
 
@@ -146,7 +146,7 @@ def row_gemm(role: str, a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, *, M:
     c_desc = TensorDescriptor(c, list(c.shape), list(c.stride()), [BM, BN]) if c_tma else c
     lora_mode = LORA_NONE
     if lora is not None:
-        lora_mode = LORA_DROPOUT if lora.seed is not None else LORA_PROLOGUE
+        lora_mode = LORA_DROPOUT if lora.keep_bits is not None else LORA_PROLOGUE
     num_m = cdiv(M, BM) + (E if grouped else 0)
     tiles = num_m * cdiv(N, BN)
     grid = (max(1, min(tiles, config.num_sms(dev) * cfg.ctas_per_sm)),)
@@ -163,7 +163,7 @@ def row_gemm(role: str, a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, *, M:
         l_ptr=lora.l if lora is not None else c, lb_ptr=lora.lb if lora is not None else c,
         row_mask_ptr=lora.row_mask if lora is not None else dummy_i,
         flags_ptr=tile_flags if tile_flags is not None else dummy_i,
-        seed_ptr=lora.seed if lora is not None and lora.seed is not None else dummy_i,
+        keep_bits_ptr=lora.keep_bits if lora is not None and lora.keep_bits is not None else dummy_i,
         M=M, N=N, K=K, E=E, R=R, n_flags=tile_flags.numel() if tile_flags is not None else 0, half_n=half_n,
         stride_am=a.stride(0), stride_ak=a.stride(1), stride_be=sbe, stride_bn=sbn, stride_bk=sbk,
         stride_biase=bias.stride(0) if bias is not None and bias.dim() == 2 else 0,
@@ -173,9 +173,9 @@ def row_gemm(role: str, a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, *, M:
         stride_lm=lora.l.stride(0) if lora is not None else 0, stride_lr=lora.l.stride(1) if lora is not None else 0,
         stride_lbn=(lora.lb.stride(0) if lora.lb_kmajor else lora.lb.stride(1)) if lora is not None else 0,
         stride_lbr=(lora.lb.stride(1) if lora.lb_kmajor else lora.lb.stride(0)) if lora is not None else 0,
+        stride_keep=lora.keep_bits.stride(0) if lora is not None and lora.keep_bits is not None else 0,
         lora_scale=float(lora.scale) if lora is not None and lora.scale is not None else 1.0,
         out_scale=float(out_scale),
-        keep_threshold=dropout_threshold(lora.dropout_p) if lora is not None else 0,
         keep_scale=float(lora.keep_scale) if lora is not None else 1.0,
         GROUPED=grouped, A_GATHER=a_idx is not None, A_DIV=a_div, A_TMA=a_tma, B_TMA=b_tma, B_KMAJOR=b_kmajor,
         EVEN_K=K % BK == 0, LORA=lora_mode, LB_KMAJOR=lora.lb_kmajor if lora is not None else True,

@@ -1,10 +1,15 @@
 """The PLoRA custom ops, their autograd formula, and the public functional API.
 
-Two ops in the ``mmkernels`` namespace (Triton kernels on CUDA, the Triton interpreter on CPU):
+Three ops in the ``mmkernels`` namespace (Triton kernels on CUDA, the Triton interpreter on CPU):
 
 * ``plora_forward(x, weight, bias, lora_a, lora_b, im_mask, tile_flags, scaling, dropout_p,
-  dropout_seed, check_metadata=True) -> (y, lora_hidden)`` with ``x [M, K]`` and ``im_mask [M]``;
-* ``plora_backward(...) -> (dx, dW0, db0, dA, dB)``.
+  dropout_seed, check_metadata=True, dropout_keep_bits=None) -> (y, lora_hidden)`` with ``x [M, K]``
+  and ``im_mask [M]``;
+* ``plora_backward(..., check_metadata=True, dropout_keep_bits=None) -> (dx, dW0, db0, dA, dB)``;
+* ``plora_dropout_keep_bits(im_mask, tile_flags, dropout_seed, in_features, dropout_p)``: the dropout
+  keep-mask of the visual rows, drawn once per step and packed (int32 ``[M, cdiv(K, 32)]``,
+  :func:`launch.dropout_keep_bits`); the forward reads it and the autograd formula saves it for the
+  backward.  Where the ops get no bits, they draw the same ones themselves.
 
 :class:`PLoRAFunction` is the single statement of the gradient; it is registered as the autograd
 formula of ``plora_forward`` so the op differentiates the same way in eager mode and under
@@ -76,27 +81,41 @@ def _check_tile_flags_values(im_mask, tile_flags):
                          f"{FLAG_ROWS}-row group, the number of visual rows)")
 
 
+def _check_keep_bits(x, dropout_keep_bits):
+    """The packed keep-mask a caller passes must have the shape :func:`launch.dropout_keep_bits` gives."""
+    if dropout_keep_bits is not None:
+        M, K = x.shape
+        check_tensor("dropout_keep_bits", dropout_keep_bits, ndim=2, dtypes=(torch.int32,))
+        check_shape("dropout_keep_bits", dropout_keep_bits, (M, cdiv(K, 32)),
+                    f"launch.dropout_keep_bits(...): [M={M}, cdiv(K={K}, 32)]")
+        if dropout_keep_bits.numel() and dropout_keep_bits.stride(1) != 1:
+            raise ValueError("dropout_keep_bits must have contiguous rows (stride 1 along its words)")
+        check_same_device([("x", x), ("dropout_keep_bits", dropout_keep_bits)])
+
+
 def _forward_impl(x, weight, bias, lora_a, lora_b, im_mask, tile_flags, scaling, dropout_p, dropout_seed,
-                  check_metadata=True):
+                  check_metadata=True, dropout_keep_bits=None):
     require_triton(x.device, x.dtype)  # the op *is* the Triton path
     if check_metadata:
         _check_op_args(x, weight, bias, lora_a, lora_b, im_mask, tile_flags, dropout_p, dropout_seed)
+        _check_keep_bits(x, dropout_keep_bits)
         _check_tile_flags_values(im_mask, tile_flags)
     return launch.plora_forward(x, weight, bias, lora_a, lora_b, im_mask, tile_flags, scaling, dropout_p,
-                                dropout_seed)
+                                dropout_seed, dropout_keep_bits)
 
 
 def _forward_fake(x, weight, bias, lora_a, lora_b, im_mask, tile_flags, scaling, dropout_p, dropout_seed,
-                  check_metadata=True):
+                  check_metadata=True, dropout_keep_bits=None):
     M = x.shape[0]
     return x.new_empty((M, weight.shape[0])), x.new_empty((M, lora_a.shape[0]))
 
 
 def _backward_impl(grad_y, x, weight, lora_a, lora_b, lora_hidden, im_mask, tile_flags, scaling, dropout_p,
-                   dropout_seed, output_mask, check_metadata=True):
+                   dropout_seed, output_mask, check_metadata=True, dropout_keep_bits=None):
     require_triton(x.device, x.dtype)  # the op *is* the Triton path
     if check_metadata:
         _check_op_args(x, weight, None, lora_a, lora_b, im_mask, tile_flags, dropout_p, dropout_seed)
+        _check_keep_bits(x, dropout_keep_bits)
         M, N, R = x.shape[0], weight.shape[0], lora_a.shape[0]
         check_tensor("grad_y", grad_y, ndim=2, dtypes=(x.dtype,))
         check_shape("grad_y", grad_y, (M, N), "the forward output y [M, N]")
@@ -105,11 +124,11 @@ def _backward_impl(grad_y, x, weight, lora_a, lora_b, lora_hidden, im_mask, tile
         check_same_device([("x", x), ("grad_y", grad_y), ("lora_hidden", lora_hidden)])
         _check_tile_flags_values(im_mask, tile_flags)
     return launch.plora_backward(grad_y, x, weight, lora_a, lora_b, lora_hidden, im_mask, tile_flags, scaling,
-                                 dropout_p, dropout_seed, output_mask)
+                                 dropout_p, dropout_seed, output_mask, dropout_keep_bits)
 
 
 def _backward_fake(grad_y, x, weight, lora_a, lora_b, lora_hidden, im_mask, tile_flags, scaling, dropout_p,
-                   dropout_seed, output_mask, check_metadata=True):
+                   dropout_seed, output_mask, check_metadata=True, dropout_keep_bits=None):
     def maybe(flag, shape):
         return x.new_empty(shape) if flag else x.new_empty(0)
 
@@ -122,22 +141,40 @@ def _backward_fake(grad_y, x, weight, lora_a, lora_b, lora_hidden, im_mask, tile
 plora_forward_op = define_op(
     "plora_forward",
     "(Tensor x, Tensor weight, Tensor? bias, Tensor lora_a, Tensor lora_b, Tensor im_mask, "
-    "Tensor tile_flags, float scaling, float dropout_p, Tensor? dropout_seed, bool check_metadata=True) "
-    "-> (Tensor, Tensor)",
+    "Tensor tile_flags, float scaling, float dropout_p, Tensor? dropout_seed, bool check_metadata=True, "
+    "Tensor? dropout_keep_bits=None) -> (Tensor, Tensor)",
     _forward_impl, _forward_fake)
 
 plora_backward_op = define_op(
     "plora_backward",
     "(Tensor grad_y, Tensor x, Tensor weight, Tensor lora_a, Tensor lora_b, Tensor lora_hidden, "
     "Tensor im_mask, Tensor tile_flags, float scaling, float dropout_p, Tensor? dropout_seed, "
-    "bool[5] output_mask, bool check_metadata=True) -> (Tensor, Tensor, Tensor, Tensor, Tensor)",
+    "bool[5] output_mask, bool check_metadata=True, Tensor? dropout_keep_bits=None) "
+    "-> (Tensor, Tensor, Tensor, Tensor, Tensor)",
     _backward_impl, _backward_fake, backward_of="plora_linear")
+
+
+def _keep_bits_impl(im_mask, tile_flags, dropout_seed, in_features, dropout_p):
+    require_triton(im_mask.device, torch.float16)
+    return launch.dropout_keep_bits(im_mask, tile_flags, dropout_seed, im_mask.shape[0], in_features, dropout_p)
+
+
+def _keep_bits_fake(im_mask, tile_flags, dropout_seed, in_features, dropout_p):
+    return im_mask.new_empty((im_mask.shape[0], cdiv(in_features, 32)), dtype=torch.int32)
+
+
+# the dropout keep-mask of the visual rows, drawn once per training step and packed (32 columns per
+# int32 word); the forward reads it and saves it for the backward (its inputs are plora_linear's own)
+plora_dropout_keep_bits_op = define_op(
+    "plora_dropout_keep_bits",
+    "(Tensor im_mask, Tensor tile_flags, Tensor dropout_seed, int in_features, float dropout_p) -> Tensor",
+    _keep_bits_impl, _keep_bits_fake)
 
 
 class PLoRAFunction(torch.autograd.Function):
     """Autograd for the fused PLoRA forward (math in ``kernels.py``)::
 
-        S   = dropout(x[m]) @ A.T                 (saved; dropout redrawn from its seed)
+        S   = dropout(x[m]) @ A.T                 (saved; the keep-mask too, as packed bits)
         dB  = s * dY[m].T @ S
         dS  = s * dY[m] @ B
         dA  = dS.T @ dropout(x[m])
@@ -147,9 +184,9 @@ class PLoRAFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(x, weight, bias, lora_a, lora_b, im_mask, tile_flags, scaling, dropout_p, dropout_seed,
-                check_metadata=True):
+                check_metadata=True, dropout_keep_bits=None):
         return plora_forward_op(x, weight, bias, lora_a, lora_b, im_mask, tile_flags, scaling, dropout_p,
-                                dropout_seed, check_metadata)
+                                dropout_seed, check_metadata, dropout_keep_bits)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -158,23 +195,26 @@ class PLoRAFunction(torch.autograd.Function):
         # S is an auxiliary output kept for the backward; the formula below has no term for a
         # gradient flowing into it, so it is marked non-differentiable rather than silently dropped.
         ctx.mark_non_differentiable(lora_hidden)
-        ctx.save_for_backward(x, weight, lora_a, lora_b, lora_hidden, im_mask, tile_flags, dropout_seed)
+        # the packed keep-mask the forward read (None where the caller left the forward to draw it: the
+        # backward then draws it again, bit-identically)
+        keep_bits = inputs[11] if len(inputs) > 11 else None
+        ctx.save_for_backward(x, weight, lora_a, lora_b, lora_hidden, im_mask, tile_flags, dropout_seed, keep_bits)
         ctx.scaling = scaling
         ctx.dropout_p = dropout_p
         ctx.has_bias = bias is not None
 
     @staticmethod
     def backward(ctx, grad_y, grad_hidden):
-        x, weight, lora_a, lora_b, lora_hidden, im_mask, tile_flags, dropout_seed = ctx.saved_tensors
+        x, weight, lora_a, lora_b, lora_hidden, im_mask, tile_flags, dropout_seed, keep_bits = ctx.saved_tensors
         need = ctx.needs_input_grad
         output_mask = [need[0], need[1], bool(need[2] and ctx.has_bias), need[3], need[4]]
         if not any(output_mask):
-            return (None,) * 11
+            return (None,) * 12
         dx, dw, db, da, dlb = plora_backward_op(grad_y, x, weight, lora_a, lora_b, lora_hidden, im_mask,
                                                 tile_flags, ctx.scaling, ctx.dropout_p, dropout_seed,
-                                                output_mask, False)  # the forward's own (checked) inputs
+                                                output_mask, False, keep_bits)  # the forward's own (checked) inputs
         grads = [g if flag else None for g, flag in zip((dx, dw, db, da, dlb), output_mask)]
-        return (*grads, None, None, None, None, None, None)
+        return (*grads, None, None, None, None, None, None, None)
 
 
 torch.library.register_autograd("mmkernels::plora_forward", PLoRAFunction.backward,
@@ -234,9 +274,9 @@ def plora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
     Under ``torch.autocast`` the floating-point arguments are cast to the autocast dtype first, as the
     original's ``nn.Linear`` calls are.  Returns ``[..., N]``.  Text rows equal the base linear exactly;
     with no visual row the gradients of ``lora_a``/``lora_b`` are zero tensors.  The Triton backend draws its dropout mask from torch's
-    generator (one seed per call) and redraws it in the backward instead of storing it: a Philox
-    stream keyed by that seed with one counter per (row, group of four columns), so masks never
-    repeat across rows.
+    generator (one seed per call), once per call: a Philox stream keyed by that seed with one counter
+    per (row, group of four columns), so masks never repeat across rows; it keeps the mask for the
+    backward as bits (``M * K / 8`` bytes).
     Tensors on the ``meta`` device only infer the output shape (any backend; no data-dependent op).
 
     Example::
@@ -266,8 +306,10 @@ def plora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
     mask = im_mask.reshape(-1).contiguous()
     flags = launch.tile_flags(mask)
     p = float(dropout_p) if training else 0.0
-    seed = None
+    seed = keep_bits = None
     if p > 0:
         seed = torch.randint(0, 2**31 - 1, (1,), dtype=torch.int64, device=x.device)
-    y, _ = plora_forward_op(x2, weight, bias, lora_a, lora_b, mask, flags, float(scaling), p, seed, False)
+        keep_bits = plora_dropout_keep_bits_op(mask, flags, seed, K, p)
+    y, _ = plora_forward_op(x2, weight, bias, lora_a, lora_b, mask, flags, float(scaling), p, seed, False,
+                            keep_bits)
     return y.view(*x.shape[:-1], N)

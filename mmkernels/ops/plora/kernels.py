@@ -20,11 +20,13 @@ masked with the per-row mask; no kernel relies on what another kernel wrote to a
 
 Dropout is seeded: ``keep[m, k] = uniform(word k % 4 of Philox4x32-10(key=seed, counter=(k // 4,
 m_lo, m_hi, 0))) >= p`` (:func:`mmkernels.ops._gemm.kernels.dropout_keep`; one Philox call draws four
-neighbouring columns), drawn in the forward shrink and redrawn, bit-identically, in the backward (dA
-here, dX on the core).  The row and the column group are separate counter words, so no two elements
-of any ``[M, K]`` matrix share a draw.  The shrink and dA zero the dropped elements of x and scale
-their accumulator by ``1 / (1 - p)`` once at the end.  :func:`_dropout_mask_kernel` materialises the
-same mask for tests.
+neighbouring columns).  The row and the column group are separate counter words, so no two elements
+of any ``[M, K]`` matrix share a draw.  The mask is drawn once per training step, by
+:func:`_dropout_bits_kernel`, into packed bits ``keep_bits [M, cdiv(K, 32)]`` (int32; bit ``j`` of word
+``w`` is column ``32 w + j``; 0 on text rows); the forward saves them, and the shrink, dA (here) and
+dX (on the core) read them.  The shrink and dA zero the dropped elements of x and scale their
+accumulator by ``1 / (1 - p)`` once at the end.  :func:`_dropout_mask_kernel` materialises the same
+mask, unpacked, for tests.
 
 Offsets: every ``index * stride`` product that can reach 2**31 (rows, and columns/K indices of
 inputs that may be transposed or strided views) is formed in int64, and so are pointer steps.
@@ -32,25 +34,27 @@ inputs that may be transposed or strided views) is formed in int64, and so are p
 import triton
 import triton.language as tl
 
-from .._gemm.kernels import any_row_flag, dropout_keep, dropout_zero
+from .._gemm.kernels import KEEP_BITS, any_row_flag, dropout_keep, keep_bits_zero, pack_keep_bits
 
 FLAG_ROWS = 16  # rows per tile flag; every BLOCK_M is a multiple of it
 
 
 @triton.jit
 def _plora_shrink_kernel(
-    x_ptr, a_ptr, s_ptr, mask_ptr, flags_ptr, seed_ptr,
+    x_ptr, a_ptr, s_ptr, mask_ptr, flags_ptr, keep_bits_ptr,
     M, K, R, n_flags,
-    stride_xm, stride_xk, stride_ar, stride_ak, stride_sm, stride_sr,
-    keep_threshold, keep_scale,
-    HAS_DROPOUT: tl.constexpr,
+    stride_xm, stride_xk, stride_ar, stride_ak, stride_sm, stride_sr, stride_keep,
+    keep_scale,
+    HAS_DROPOUT: tl.constexpr, EVEN_K: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
     FLAG_ROWS: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     """S = (dropout(x) @ A.T) on visual rows; 0 on text rows.
 
     Grid: (cdiv(M, BLOCK_M), cdiv(R, BLOCK_R)); program (i, j) owns S[i*BM:(i+1)*BM, j*BR:(j+1)*BR]
-    and runs the K loop.  A tile with no visual row stores zeros and stops.
+    and runs the K loop (rows of A past R wrap: they feed columns of S that are never stored; with
+    ``EVEN_K`` no load has a column mask).  A tile with no visual row stores zeros and stops.  With
+    dropout the x tile's keep bits (``keep_bits [M, stride_keep]``, :func:`_dropout_bits_kernel`) are read beside it.
     """
     pid_m = tl.program_id(0)
     pid_r = tl.program_id(1)
@@ -61,18 +65,26 @@ def _plora_shrink_kernel(
     s_ptrs = s_ptr + rows[:, None].to(tl.int64) * stride_sm + rcols[None, :] * stride_sr
     acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
     if any_row_flag(flags_ptr, n_flags, pid_m * BLOCK_M, BLOCK_M, FLAG_ROWS):
-        visual = tl.load(mask_ptr + rows, mask=row_ok, other=0) != 0
-        if HAS_DROPOUT:
-            seed = tl.load(seed_ptr)
+        row_sel = (tl.load(mask_ptr + rows, mask=row_ok, other=0) != 0)[:, None]   # visual rows (< M)
+        rs64 = tl.max_contiguous(tl.multiple_of(rcols % R, BLOCK_R), BLOCK_R).to(tl.int64)
         for k0 in range(0, K, BLOCK_K):
             ks = k0 + tl.arange(0, BLOCK_K)
-            k_ok = ks < K
-            x = tl.load(x_ptr + rows[:, None].to(tl.int64) * stride_xm + ks[None, :].to(tl.int64) * stride_xk,
-                        mask=(visual & row_ok)[:, None] & k_ok[None, :], other=0.0)
+            x_ptrs = x_ptr + rows[:, None].to(tl.int64) * stride_xm + ks[None, :].to(tl.int64) * stride_xk
+            a_ptrs = a_ptr + rs64[None, :] * stride_ar + ks[:, None].to(tl.int64) * stride_ak
+            if EVEN_K:    # (no column mask: every load of the loop is masked by rows only)
+                x = tl.load(x_ptrs, mask=row_sel, other=0.0)
+                a = tl.load(a_ptrs)
+            else:
+                x = tl.load(x_ptrs, mask=row_sel & (ks < K)[None, :], other=0.0)
+                a = tl.load(a_ptrs, mask=(ks < K)[:, None], other=0.0)
             if HAS_DROPOUT:
-                x = dropout_zero(x, seed, rows, k0, keep_threshold)
-            a = tl.load(a_ptr + rcols[None, :].to(tl.int64) * stride_ar + ks[:, None].to(tl.int64) * stride_ak,
-                        mask=(rcols[None, :] < R) & k_ok[:, None], other=0.0)
+                words = k0 // KEEP_BITS + tl.arange(0, BLOCK_K // KEEP_BITS)
+                keep_ptrs = keep_bits_ptr + rows[:, None].to(tl.int64) * stride_keep + words[None, :]
+                if EVEN_K:
+                    keep = tl.load(keep_ptrs, mask=row_sel, other=0)
+                else:
+                    keep = tl.load(keep_ptrs, mask=row_sel & (words < stride_keep)[None, :], other=0)
+                x = keep_bits_zero(x, keep)
             acc = tl.dot(x, a, acc, input_precision=DOT_PRECISION)
         if HAS_DROPOUT:
             acc = acc * keep_scale    # the kept elements' 1 / (1 - p), once per output element
@@ -181,10 +193,10 @@ def _plora_bwd_dlora_b_kernel(
 
 @triton.jit
 def _plora_bwd_dlora_a_kernel(
-    ds_ptr, x_ptr, da_ptr, mask_ptr, run_start_ptr, run_end_ptr, part_ptr, counts_ptr, seed_ptr,
+    ds_ptr, x_ptr, da_ptr, mask_ptr, run_start_ptr, run_end_ptr, part_ptr, counts_ptr, keep_bits_ptr,
     M, K, R,
-    stride_dsm, stride_dsr, stride_xm, stride_xk, stride_dar, stride_dak,
-    keep_threshold, keep_scale,
+    stride_dsm, stride_dsr, stride_xm, stride_xk, stride_dar, stride_dak, stride_keep,
+    keep_scale,
     HAS_DROPOUT: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_M: tl.constexpr, DOT_PRECISION: tl.constexpr,
     PART_STAGES: tl.constexpr,
@@ -193,8 +205,9 @@ def _plora_bwd_dlora_a_kernel(
 
     Grid: (cdiv(R, BLOCK_R), cdiv(K, BLOCK_K)); the listed M-tiles as in :func:`_plora_bwd_dlora_b_kernel`
     (the visual tiles with text rows, masked out of both operands, then the runs of all-visual tiles
-    unmasked; ``PART_STAGES`` as there); the forward's dropout mask is redrawn for each (rows, k)
-    block.  Column indices wrap.
+    unmasked; ``PART_STAGES`` as there); with dropout the forward's keep bits of each (rows, k) block
+    are read beside x.  Column indices wrap (the keep words past K read as 0: those columns are never
+    stored).
     """
     pid_r = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -205,8 +218,9 @@ def _plora_bwd_dlora_a_kernel(
     ms = tl.arange(0, BLOCK_M)
     ds_step = tl.cast(stride_dsm, tl.int64) * BLOCK_M
     x_step = tl.cast(stride_xm, tl.int64) * BLOCK_M
-    if HAS_DROPOUT:
-        seed = tl.load(seed_ptr)
+    words = pid_k * (BLOCK_K // KEEP_BITS) + tl.arange(0, BLOCK_K // KEEP_BITS)
+    words_ok = words < stride_keep
+    keep_step = tl.cast(stride_keep, tl.int64) * BLOCK_M
     acc = tl.zeros((BLOCK_R, BLOCK_K), dtype=tl.float32)
     for i in tl.range(0, tl.load(counts_ptr + 1), num_stages=PART_STAGES):
         rows = tl.load(part_ptr + i) * BLOCK_M + ms
@@ -216,20 +230,24 @@ def _plora_bwd_dlora_a_kernel(
                        mask=visual[None, :], other=0.0)
         x = tl.load(x_ptr + rows64[:, None] * stride_xm + ks64[None, :] * stride_xk, mask=visual[:, None], other=0.0)
         if HAS_DROPOUT:
-            x = dropout_zero(x, seed, rows, pid_k * BLOCK_K, keep_threshold)
+            keep = tl.load(keep_bits_ptr + rows64[:, None] * stride_keep + words[None, :],
+                           mask=visual[:, None] & words_ok[None, :], other=0)
+            x = keep_bits_zero(x, keep)
         acc = tl.dot(ds_t, x, acc, input_precision=DOT_PRECISION)
     for j in range(0, tl.load(counts_ptr)):
         t_start = tl.load(run_start_ptr + j)
         rows64 = (t_start * BLOCK_M + ms).to(tl.int64)
         ds_ptrs = ds_ptr + rows64[None, :] * stride_dsm + rs64[:, None] * stride_dsr
         x_ptrs = x_ptr + rows64[:, None] * stride_xm + ks64[None, :] * stride_xk
+        keep_ptrs = keep_bits_ptr + rows64[:, None] * stride_keep + words[None, :]
         for t in range(t_start, tl.load(run_end_ptr + j)):
             x = tl.load(x_ptrs)
             if HAS_DROPOUT:
-                x = dropout_zero(x, seed, t * BLOCK_M + ms, pid_k * BLOCK_K, keep_threshold)
+                x = keep_bits_zero(x, tl.load(keep_ptrs, mask=words_ok[None, :], other=0))
             acc = tl.dot(tl.load(ds_ptrs), x, acc, input_precision=DOT_PRECISION)
             ds_ptrs += ds_step
             x_ptrs += x_step
+            keep_ptrs += keep_step
     if HAS_DROPOUT:
         acc = acc * keep_scale
     tl.store(da_ptr + rcols[:, None] * stride_dar + ks[None, :] * stride_dak,
@@ -287,6 +305,32 @@ def _plora_bwd_dw_kernel(
     if HAS_DBIAS:
         if pid_k == 0:
             tl.store(dbias_ptr + ns, bias_acc.to(dbias_ptr.dtype.element_ty), mask=n_ok)
+
+
+@triton.jit
+def _dropout_bits_kernel(seed_ptr, keep_bits_ptr, mask_ptr, flags_ptr, M, K, n_flags, stride_keep, keep_threshold,
+                         BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, FLAG_ROWS: tl.constexpr):
+    """Draw the dropout keep-mask of the visual rows once, packed: bit ``j`` of
+    ``keep_bits[m, w]`` (int32 ``[M, stride_keep]``, ``stride_keep = cdiv(K, 32)``) is ``keep[m, 32 w + j]``
+    (:func:`dropout_keep`) on visual rows, 0 on text rows and past K.
+
+    Grid: (cdiv(M, BLOCK_M), cdiv(K, BLOCK_K)); program (i, j) writes the words of rows
+    ``[i*BM, (i+1)*BM)`` and columns ``[j*BK, (j+1)*BK)``.  A tile with no visual row draws nothing and
+    stores zeros.
+    """
+    pid_m = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    words = pid_k * (BLOCK_K // KEEP_BITS) + tl.arange(0, BLOCK_K // KEEP_BITS)
+    row_ok = rows < M
+    packed = tl.zeros((BLOCK_M, BLOCK_K // KEEP_BITS), dtype=tl.int32)
+    if any_row_flag(flags_ptr, n_flags, pid_m * BLOCK_M, BLOCK_M, FLAG_ROWS):
+        visual = tl.load(mask_ptr + rows, mask=row_ok, other=0) != 0
+        ks = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+        keep = dropout_keep(tl.load(seed_ptr), rows, pid_k * BLOCK_K, keep_threshold, BLOCK_K)
+        packed = pack_keep_bits(keep & visual[:, None] & (ks < K)[None, :])
+    tl.store(keep_bits_ptr + rows[:, None].to(tl.int64) * stride_keep + words[None, :], packed,
+             mask=row_ok[:, None] & (words < stride_keep)[None, :])
 
 
 @triton.jit

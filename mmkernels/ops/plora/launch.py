@@ -32,9 +32,11 @@ _GPU_HALF = {
     "dlora_b": dict(BLOCK_N=128, BLOCK_R=64, BLOCK_M=64, num_warps=4, num_stages=3),
     "dlora_a": dict(BLOCK_R=64, BLOCK_K=128, BLOCK_M=64, num_warps=4, num_stages=3),
     "dw": dict(BLOCK_N=128, BLOCK_K=128, BLOCK_M=64, num_warps=8, num_stages=3),
+    # the dropout keep-mask, drawn once per step (Philox, no MMA): 8192 draws per program
+    "dropout_bits": dict(BLOCK_M=64, BLOCK_K=128, num_warps=4),
 }
-# With LoRA dropout the shrink and dA draw the mask (Philox) in their main loops, so they have entries
-# of their own ("<kernel>_dropout"); elsewhere they are the kernels' entries.
+# With LoRA dropout the shrink and dA read the packed keep bits beside x in their main loops, so they
+# have entries of their own ("<kernel>_dropout"); elsewhere they are the kernels' entries.
 _GPU_HALF.update(shrink_dropout=_GPU_HALF["shrink"], dlora_a_dropout=_GPU_HALF["dlora_a"])
 _GPU_FP32 = {k: dict(v, num_stages=2, **({"BLOCK_K": 32} if k.startswith("shrink") else {}))
              for k, v in _GPU_HALF.items()}
@@ -47,11 +49,11 @@ _GPU_HALF_SM90 = {  # winners of benchmarks/tune_plora.py on an H200 (benchmarks
     # instructions per tensor-core clock (the H200 sweep re-measures both)
     "dlora_a": dict(BLOCK_R=64, BLOCK_K=64, BLOCK_M=128, num_warps=4, num_stages=3),
     "dlora_b": dict(BLOCK_N=64, BLOCK_R=128, BLOCK_M=64, num_warps=4, num_stages=3),
-    # With dropout the Philox draws of the x tile, not the MMA, bound the main loop: the whole of R
-    # (256 in the models) per program draws each element of x once, not R / BLOCK_R times (the
-    # measured 64x128 tile drew it twice; 1.31 instructions per tensor-core clock against 2.36 at
-    # sm_90, offline); dA's 128 rows of R draw it twice instead of four times (2.2 against 4.1).
-    # Defaults, not timed: benchmarks/tune_plora.py sweeps them against the no-dropout tiles.
+    "dropout_bits": _GPU_HALF["dropout_bits"],
+    # With dropout the unpacking of the x tile's keep bits adds to the main loop: the whole of R (256
+    # in the models) per program unpacks each element of x once, not R / BLOCK_R times; dA's 128 rows
+    # of R unpack it twice instead of four times.  Defaults, not timed: benchmarks/tune_plora.py
+    # sweeps them against the no-dropout tiles.
     "shrink_dropout": dict(BLOCK_M=64, BLOCK_R=256, BLOCK_K=64, num_warps=4, num_stages=4),
     "dlora_a_dropout": dict(BLOCK_R=128, BLOCK_K=64, BLOCK_M=128, num_warps=4, num_stages=4),
 }
@@ -60,8 +62,11 @@ _INTERPRETER = {
     "dlora_b": dict(BLOCK_N=32, BLOCK_R=16, BLOCK_M=16),
     "dlora_a": dict(BLOCK_R=16, BLOCK_K=32, BLOCK_M=16),
     "dw": dict(BLOCK_N=32, BLOCK_K=32, BLOCK_M=16),
+    "dropout_bits": dict(BLOCK_M=16, BLOCK_K=32),
+    # (the keep bits come in words of 32 columns: BLOCK_K a multiple of 32)
+    "shrink_dropout": dict(BLOCK_M=32, BLOCK_R=16, BLOCK_K=32),
 }
-_INTERPRETER.update(shrink_dropout=_INTERPRETER["shrink"], dlora_a_dropout=_INTERPRETER["dlora_a"])
+_INTERPRETER.update(dlora_a_dropout=_INTERPRETER["dlora_a"])
 # the GEMM-core roles of PLoRA (their blocks: mmkernels/ops/_gemm/config.py)
 CORE_ROLES = {"fwd": "plora.fwd", "dx": "plora.dx", "ds": "plora.ds"}   # dX with dropout: plora.dx_dropout
 
@@ -128,8 +133,25 @@ def _keep_scale(dropout_p: float) -> float:
     return 0.0 if dropout_p >= 1.0 else 1.0 / (1.0 - dropout_p)
 
 
-def plora_forward(x, weight, bias, lora_a, lora_b, im_mask, flags, scaling, dropout_p, dropout_seed):
-    """Fused forward.  ``x [M, K]``, ``im_mask [M]`` bool contiguous.  Returns ``(y [M, N], S [M, R])``."""
+def dropout_keep_bits(im_mask, flags, dropout_seed, M: int, K: int, dropout_p: float) -> torch.Tensor:
+    """The dropout keep-mask of the visual rows of an ``[M, K]`` input, drawn once from ``dropout_seed``
+    (:func:`kernels._dropout_bits_kernel`): int32 ``[M, cdiv(K, 32)]``, bit ``j`` of word ``w`` the keep
+    decision of column ``32 w + j`` (0 on text rows), M * K / 8 bytes.  The shrink, dA and dX read it."""
+    n_words = cdiv(K, gemm.KEEP_BITS)
+    keep_bits = new_output((M, n_words), dtype=torch.int32, device=im_mask.device)
+    if M and K:
+        cfg = _config("dropout_bits", im_mask.device, torch.float16)   # (no float operand: the half entry)
+        grid = (cdiv(M, cfg["BLOCK_M"]), cdiv(K, cfg["BLOCK_K"]))
+        kernels._dropout_bits_kernel[grid](dropout_seed, keep_bits, im_mask.view(torch.uint8), flags, M, K,
+                                           flags.numel(), n_words, dropout_threshold(dropout_p),
+                                           FLAG_ROWS=FLAG_ROWS, **cfg)
+    return keep_bits
+
+
+def plora_forward(x, weight, bias, lora_a, lora_b, im_mask, flags, scaling, dropout_p, dropout_seed,
+                  keep_bits=None):
+    """Fused forward.  ``x [M, K]``, ``im_mask [M]`` bool contiguous.  Returns ``(y [M, N], S [M, R])``.
+    With dropout the shrink reads ``keep_bits`` (:func:`dropout_keep_bits`; drawn here when None)."""
     M, K = x.shape
     N, R = weight.shape[0], lora_a.shape[0]
     y = new_output((M, N), dtype=x.dtype, device=x.device)
@@ -138,16 +160,19 @@ def plora_forward(x, weight, bias, lora_a, lora_b, im_mask, flags, scaling, drop
         return y, s
     mask_u8 = im_mask.view(torch.uint8)
     has_dropout = dropout_seed is not None and dropout_p > 0
-    seed = dropout_seed if has_dropout else mask_u8
     if R > 0:
+        if has_dropout and keep_bits is None:
+            keep_bits = dropout_keep_bits(im_mask, flags, dropout_seed, M, K, dropout_p)
+        bits = keep_bits if has_dropout else flags
         cfg = _config("shrink_dropout" if has_dropout else "shrink", x.device, x.dtype)
         grid = (cdiv(M, cfg["BLOCK_M"]), cdiv(R, cfg["BLOCK_R"]))
         kernels._plora_shrink_kernel[grid](
-            x, lora_a, s, mask_u8, flags, seed,
+            x, lora_a, s, mask_u8, flags, bits,
             M, K, R, flags.numel(),
             x.stride(0), x.stride(1), lora_a.stride(0), lora_a.stride(1), s.stride(0), s.stride(1),
-            dropout_threshold(dropout_p), _keep_scale(dropout_p),
-            HAS_DROPOUT=has_dropout, FLAG_ROWS=FLAG_ROWS, DOT_PRECISION=dot_precision(x.dtype), **cfg)
+            bits.stride(0) if has_dropout else 0, _keep_scale(dropout_p),
+            HAS_DROPOUT=has_dropout, EVEN_K=K % cfg["BLOCK_K"] == 0, FLAG_ROWS=FLAG_ROWS,
+            DOT_PRECISION=dot_precision(x.dtype), **cfg)
     if N > 0:
         # y = x @ W0.T + b0, the LoRA expand first on the tiles with a visual row (a zero-trip loop on
         # the others, whose rows are then exactly the base linear's)
@@ -178,9 +203,10 @@ def visual_tiles(flags: torch.Tensor, M: int, block_m: int):
 
 
 def plora_backward(grad_y, x, weight, lora_a, lora_b, lora_hidden, im_mask, flags, scaling,
-                   dropout_p, dropout_seed, output_mask):
+                   dropout_p, dropout_seed, output_mask, keep_bits=None):
     """Gradients ``(dx, dW0, db0, dA, dB)``; an entry whose ``output_mask`` is False comes back as a
-    zero-size tensor (the op schema has fixed arity)."""
+    zero-size tensor (the op schema has fixed arity).  With dropout dA and dX read the forward's
+    ``keep_bits`` (:func:`dropout_keep_bits`; drawn here again when None)."""
     need_dx, need_dw, need_dbias, need_da, need_db = (bool(v) for v in output_mask)
     M, K = x.shape
     N, R = weight.shape[0], lora_a.shape[0]
@@ -188,9 +214,10 @@ def plora_backward(grad_y, x, weight, lora_a, lora_b, lora_hidden, im_mask, flag
     grad_y = grad_y.contiguous() if grad_y.stride(-1) != 1 else grad_y
     mask_u8 = im_mask.view(torch.uint8)
     has_dropout = dropout_seed is not None and dropout_p > 0
-    seed = dropout_seed if has_dropout else mask_u8
     keep_scale = _keep_scale(dropout_p)
     precision = dot_precision(dt)
+    if has_dropout and keep_bits is None and (need_dx or need_da) and M > 0 and R > 0:
+        keep_bits = dropout_keep_bits(im_mask, flags, dropout_seed, M, K, dropout_p)
 
     def empty():  # a fresh zero-size tensor per unrequested output (outputs must not alias)
         return x.new_empty(0)
@@ -211,8 +238,7 @@ def plora_backward(grad_y, x, weight, lora_a, lora_b, lora_hidden, im_mask, flag
             lora = None
             if ds is not None:
                 lora = gemm_launch.LoRATerm(l=ds, lb=lora_a, lb_kmajor=False, row_mask=mask_u8,
-                                            seed=dropout_seed if has_dropout else None, dropout_p=float(dropout_p),
-                                            keep_scale=keep_scale)
+                                            keep_bits=keep_bits if has_dropout else None, keep_scale=keep_scale)
             role = "plora.dx_dropout" if lora is not None and has_dropout else "plora.dx"
             gemm_launch.row_gemm(role, grad_y, weight.unsqueeze(0), dx, M=M, N=K, K=N, b_kmajor=False,
                                  lora=lora, tile_flags=flags if lora is not None else None, flag_rows=FLAG_ROWS)
@@ -249,10 +275,11 @@ def plora_backward(grad_y, x, weight, lora_a, lora_b, lora_hidden, im_mask, flag
             else:
                 cfg = _config("dlora_a_dropout" if has_dropout else "dlora_a", dev, dt)
                 grid = (cdiv(R, cfg["BLOCK_R"]), cdiv(K, cfg["BLOCK_K"]))
+                bits = keep_bits if has_dropout else flags
                 kernels._plora_bwd_dlora_a_kernel[grid](
-                    ds, x, da, mask_u8, *listed(cfg["BLOCK_M"]), seed, M, K, R,
+                    ds, x, da, mask_u8, *listed(cfg["BLOCK_M"]), bits, M, K, R,
                     ds.stride(0), ds.stride(1), x.stride(0), x.stride(1), da.stride(0), da.stride(1),
-                    dropout_threshold(dropout_p), keep_scale,
+                    bits.stride(0) if has_dropout else 0, keep_scale,
                     HAS_DROPOUT=has_dropout, DOT_PRECISION=precision, PART_STAGES=_part_stages(cfg), **cfg)
 
     dlb = empty()
