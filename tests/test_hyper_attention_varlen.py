@@ -292,7 +292,7 @@ def test_packed_is_bitwise_the_dense_kernels(device, mode, Hkv):
     another order, is close).  Queries of at least 17 rows, so that the dense runs take the same row-block
     kernels (not the split-K decode); GQA 4 and 2; chunked prefill."""
     H, D, T = 4, 16, 6
-    len_k = [int(x) for x in torch.randint(17, 45, (3,))]
+    len_k = [int(x) for x in torch.randint(20, 45, (3,))]     # sample 2's L_q = L_k - 3 >= 17
     p = packed_case(len_k, H, Hkv, D, T, torch.float16, device, n_images=[2, 0, 3])
     p.cu_q = _offsets([len_k[0], 17, len_k[2] - 3], device)         # sample 1: its last 17 rows, sample 2: 3 fewer
     p.q = torch.randn(int(p.cu_q[-1]), H, D, device=device).half()
@@ -394,8 +394,14 @@ def test_layout_computed_once_per_training_step(device, monkeypatch):
 
 
 @pytest.mark.parametrize("device", KERNEL_DEVICES)
-def test_opcheck(device):
+@pytest.mark.parametrize("queries", ["chunked", "none"])
+def test_opcheck(device, queries):
+    """The ops against their fakes, autograd formula included; ``none``: no sample has a query row (the
+    saved gated parts are then empty ``[0, H, D]`` tensors, as the fake says)."""
     p = packed_case([11, 1, 6], 2, 1, 16, 4, torch.float32, device, chunked=True, n_images=[2, 0, 1])
+    if queries == "none":
+        p.cu_q, p.max_q = torch.zeros_like(p.cu_q), 0
+        p.q = p.q[:0].clone()
     q, k, v, kv, vv = [t.requires_grad_() for t in (p.q, p.k, p.v, p.k_vis, p.v_vis)]
     gate = torch.randn(2 * 16, device=device, requires_grad=True)
     meta = (p.cu_q, p.cu_k, p.max_q, p.max_k, p.pos, p.cu_img)

@@ -208,10 +208,11 @@ def block_classes(layout: torch.Tensor, cu_images: torch.Tensor, Lq: int, Lk: in
 
 
 def _unbatched(packed: Packed | None, out, o_t, o_v, lse):
-    """The forward's outputs as returned: packed ones without the batch dim of one (``lse [S, H, total_q]``)."""
+    """The forward's outputs as returned: packed ones without the batch dim of one (``lse [S, H, total_q]``;
+    the parts not saved stay zero-size 1-D tensors, the saved ones lose that dim even when empty)."""
     if packed is None:
         return out, o_t, o_v, lse
-    return out[0], o_t[0] if o_t.numel() else o_t, o_v[0] if o_v.numel() else o_v, lse[:, 0]
+    return out[0], o_t[0] if o_t.dim() == 4 else o_t, o_v[0] if o_v.dim() == 4 else o_v, lse[:, 0]
 
 
 def hyper_forward(q, k, v, k_vis, v_vis, image_positions, cu_images, gate, key_padding_mask,
