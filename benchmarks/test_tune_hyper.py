@@ -1,22 +1,10 @@
 """The hyper attention tile sweep (benchmarks.tune_hyper) on CPU: the smoke run writes its rows and verdicts."""
 import json
 
-import pytest
-import torch
-
 from .tune_hyper import main as tune_main
 
 
-def test_tune_smoke_run_writes_rows_and_verdicts(tmp_path):
-    """The sweep times the launchers themselves, so without a GPU it needs Triton's interpreter, which
-    must be on before mmkernels is first imported (``make test`` runs tests/conftest.py first)."""
-    from .run import _prepare_interpreter
-
-    _prepare_interpreter()
-    import mmkernels
-
-    if not (torch.cuda.is_available() or mmkernels.interpreter_enabled()):
-        pytest.skip("mmkernels was imported without TRITON_INTERPRET=1 in this process")
+def test_tune_smoke_run_writes_rows_and_verdicts(tmp_path, launcher_kernels):
     out = tmp_path / "hyper_tune.json"
     result = tune_main(["--kernel", "fwd", "--out", str(out)])
     saved = json.loads(out.read_text())

@@ -1,22 +1,10 @@
 """The PLoRA block-size sweep (benchmarks.tune_plora) on CPU: the smoke run writes its winners and rows."""
 import json
 
-import pytest
-import torch
-
 from .tune_plora import main as tune_main
 
 
-def test_tune_smoke_run_writes_winners_and_rows(tmp_path):
-    """The sweep times the launchers themselves, so without a GPU it needs Triton's interpreter, which
-    must be on before mmkernels is first imported (``make test`` runs tests/conftest.py first)."""
-    from .run import _prepare_interpreter
-
-    _prepare_interpreter()
-    import mmkernels
-
-    if not (torch.cuda.is_available() or mmkernels.interpreter_enabled()):
-        pytest.skip("mmkernels was imported without TRITON_INTERPRET=1 in this process")
+def test_tune_smoke_run_writes_winners_and_rows(tmp_path, launcher_kernels):
     out = tmp_path / "plora_configs.json"
     chosen = tune_main(["--kernel", "shrink", "--out", str(out)])
     assert json.loads(out.read_text()) == chosen and set(chosen) == {"shrink"}

@@ -107,6 +107,17 @@ def test_no_visual_rows_gives_zero_lora_grads(backend):
         assert t.grad is not None and torch.count_nonzero(t.grad) == 0
 
 
+def _assert_dropout_reference(y, gy, leaves, inputs, mask, p, keep, dtype):
+    """``y`` (scaling 0.5, dropout ``p``) and its leaves' gradients after ``y.backward(gy)`` against the
+    float64 reference given the keep-mask ``keep``."""
+    refs = [t.detach().double().requires_grad_() for t in inputs]
+    y_ref = plora_linear_reference(*refs, mask, scaling=0.5, dropout_p=p, training=True, dropout_mask=keep)
+    y_ref.backward(gy.double())
+    assert_close("y", y, y_ref, dtype)
+    for name, got, ref in zip(("dx", "dW0", "db0", "dA", "dB"), leaves, refs):
+        assert_close(name, got.grad, ref.grad, dtype)
+
+
 @pytest.mark.parametrize("device", KERNEL_DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
 def test_dropout_matches_reference_with_shared_mask(device, dtype):
@@ -121,12 +132,7 @@ def test_dropout_matches_reference_with_shared_mask(device, dtype):
     y, _ = plora_forward_op(leaves[0], leaves[1], leaves[2], leaves[3], leaves[4], mask, flags, 0.5, p, seed)
     gy = torch.randn_like(y)
     y.backward(gy)
-    refs = [t.detach().double().requires_grad_() for t in (x, w, b, a, lb)]
-    y_ref = plora_linear_reference(*refs, mask, scaling=0.5, dropout_p=p, training=True, dropout_mask=keep)
-    y_ref.backward(gy.double())
-    assert_close("y", y, y_ref, dtype)
-    for name, got, ref in zip(("dx", "dW0", "db0", "dA", "dB"), leaves, refs):
-        assert_close(name, got.grad, ref.grad, dtype)
+    _assert_dropout_reference(y, gy, leaves, (x, w, b, a, lb), mask, p, keep, dtype)
 
 
 @pytest.mark.parametrize("device", KERNEL_DEVICES)
@@ -198,12 +204,7 @@ def test_dropout_mask_drawn_once_per_step(device, dtype, monkeypatch):
         torch.cuda.set_rng_state(state)
     seed = torch.randint(0, 2**31 - 1, (1,), dtype=torch.int64, device=device)
     keep = launch.dropout_keep_mask(seed, M, K, p)
-    refs = [t.detach().double().requires_grad_() for t in (x, w, b, a, lb)]
-    y_ref = plora_linear_reference(*refs, mask, scaling=0.5, dropout_p=p, training=True, dropout_mask=keep)
-    y_ref.backward(gy.double())
-    assert_close("y", y, y_ref, dtype)
-    for name, got, ref in zip(("dx", "dW0", "db0", "dA", "dB"), leaves, refs):
-        assert_close(name, got.grad, ref.grad, dtype)
+    _assert_dropout_reference(y, gy, leaves, (x, w, b, a, lb), mask, p, keep, dtype)
 
 
 def test_reference_gradcheck_float64():
